@@ -1,0 +1,135 @@
+"""ONNX Runtime backend (``model.onnx``): CPU by default, CUDA / TensorRT providers on request.
+
+Reads Triton's onnxruntime-backend parameter names from the config (``intra_op_thread_count``,
+``inter_op_thread_count``, ``execution_mode``, ``enable_mem_arena``, ``enable_mem_pattern``) and
+``optimization.graph.level`` with Triton's meaning: -1 basic, 1 extended, 2 none, unset all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rapidserve.engines.base import EngineOptions, TensorSpec, missing_extra
+
+__all__ = ["OnnxRuntimeEngine", "load"]
+
+# ONNX tensor element types (as ORT names them) -> v2 datatypes
+_ORT_TYPES = {
+    "tensor(bool)": "BOOL",
+    "tensor(uint8)": "UINT8",
+    "tensor(uint16)": "UINT16",
+    "tensor(uint32)": "UINT32",
+    "tensor(uint64)": "UINT64",
+    "tensor(int8)": "INT8",
+    "tensor(int16)": "INT16",
+    "tensor(int32)": "INT32",
+    "tensor(int64)": "INT64",
+    "tensor(float16)": "FP16",
+    "tensor(float)": "FP32",
+    "tensor(double)": "FP64",
+    "tensor(bfloat16)": "BF16",
+    "tensor(string)": "BYTES",
+}
+_GRAPH_LEVELS = {-1: "ORT_ENABLE_BASIC", 1: "ORT_ENABLE_EXTENDED", 2: "ORT_DISABLE_ALL"}
+
+
+def _import_ort() -> Any:
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise missing_extra("onnxruntime", "cpu") from exc
+    return onnxruntime
+
+
+def load(path: Path, options: EngineOptions) -> OnnxRuntimeEngine:
+    return OnnxRuntimeEngine(path, options)
+
+
+class OnnxRuntimeEngine:
+    def __init__(self, path: Path, options: EngineOptions) -> None:
+        ort = _import_ort()
+        self._session = ort.InferenceSession(
+            str(path), sess_options=_session_options(ort, options), providers=_providers(ort, options)
+        )
+        self._inputs = tuple(_spec(arg) for arg in self._session.get_inputs())
+        self._outputs = tuple(_spec(arg) for arg in self._session.get_outputs())
+        self._string_inputs = {spec.name for spec in self._inputs if spec.datatype == "BYTES"}
+
+    @property
+    def inputs(self) -> Sequence[TensorSpec]:
+        return self._inputs
+
+    @property
+    def outputs(self) -> Sequence[TensorSpec]:
+        return self._outputs
+
+    @property
+    def providers(self) -> list[str]:
+        return list(self._session.get_providers())
+
+    def infer(
+        self, inputs: Mapping[str, np.ndarray[Any, Any]], outputs: Sequence[str]
+    ) -> dict[str, np.ndarray[Any, Any]]:
+        feed = {name: _as_ort_string(arr) if name in self._string_inputs else arr for name, arr in inputs.items()}
+        results = self._session.run(list(outputs), feed)
+        return dict(zip(outputs, results, strict=True))
+
+    def close(self) -> None:
+        del self._session
+
+
+def _spec(arg: Any) -> TensorSpec:
+    datatype = _ORT_TYPES.get(arg.type)
+    if datatype is None:
+        raise ValueError(f"tensor '{arg.name}' has ONNX type {arg.type}, which rapidserve cannot serve")
+    shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in arg.shape)
+    return TensorSpec(arg.name, datatype, shape)
+
+
+def _as_ort_string(array: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """ORT string tensors take ``str`` elements; BYTES arrives as ``bytes``."""
+    decode = np.vectorize(lambda b: b.decode("utf-8") if isinstance(b, bytes) else str(b), otypes=[object])
+    return decode(array) if array.size else array
+
+
+def _session_options(ort: Any, options: EngineOptions) -> Any:
+    params = options.parameters
+    so = ort.SessionOptions()
+    if "intra_op_thread_count" in params:
+        so.intra_op_num_threads = int(params["intra_op_thread_count"])
+    if "inter_op_thread_count" in params:
+        so.inter_op_num_threads = int(params["inter_op_thread_count"])
+    if params.get("execution_mode", "0") == "1":
+        so.execution_mode = ort.ExecutionMode.ORT_PARALLEL
+    if "enable_mem_arena" in params:
+        so.enable_cpu_mem_arena = params["enable_mem_arena"] in ("1", "true")
+    if "enable_mem_pattern" in params:
+        so.enable_mem_pattern = params["enable_mem_pattern"] in ("1", "true")
+    if options.graph_level is not None and options.graph_level in _GRAPH_LEVELS:
+        so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _GRAPH_LEVELS[options.graph_level])
+    so.log_severity_level = 3  # errors only: ORT's warnings would otherwise flood the server log
+    return so
+
+
+def _providers(ort: Any, options: EngineOptions) -> list[Any]:
+    if not options.device.startswith("cuda"):
+        return ["CPUExecutionProvider"]
+    available = set(ort.get_available_providers())
+    if "CUDAExecutionProvider" not in available:
+        raise RuntimeError(
+            "the model asks for a GPU (instance_group KIND_GPU) but this onnxruntime has no CUDA provider; "
+            "install onnxruntime-gpu instead of onnxruntime: pip install 'rapidserve[gpu]'"
+        )
+    device_id = int(options.device.partition(":")[2] or 0)
+    providers: list[Any] = []
+    if "tensorrt" in options.gpu_accelerators:
+        if "TensorrtExecutionProvider" not in available:
+            raise RuntimeError("the config asks for the TensorRT accelerator but ONNX Runtime has no TensorRT provider")
+        providers.append(("TensorrtExecutionProvider", {"device_id": device_id}))
+    providers.append(("CUDAExecutionProvider", {"device_id": device_id}))
+    providers.append("CPUExecutionProvider")
+    return providers

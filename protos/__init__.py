@@ -1,0 +1,75 @@
+"""rapidserve's protobuf classes for package ``inference``, held in a private descriptor pool.
+
+tritonclient registers its own ``inference.*`` messages in protobuf's default pool; keeping ours in a
+separate pool lets both live in one process. The wire format is identical, so messages serialize to
+the same bytes either way.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
+
+from rapidserve.protos._descriptor_set import DESCRIPTOR_SET
+
+POOL = descriptor_pool.DescriptorPool()
+for _file in descriptor_pb2.FileDescriptorSet.FromString(DESCRIPTOR_SET).file:
+    POOL.Add(_file)
+
+SERVICE_NAME = "inference.GRPCInferenceService"
+SERVICE = POOL.FindServiceByName(SERVICE_NAME)
+
+
+def message_class(descriptor: Any) -> Any:
+    return message_factory.GetMessageClass(descriptor)
+
+
+def _message(name: str) -> Any:
+    return message_class(POOL.FindMessageTypeByName(f"inference.{name}"))
+
+
+DataType = EnumTypeWrapper(POOL.FindEnumTypeByName("inference.DataType"))
+
+# model_config.proto
+ModelConfig = _message("ModelConfig")
+ModelInput = _message("ModelInput")
+ModelOutput = _message("ModelOutput")
+ModelInstanceGroup = _message("ModelInstanceGroup")
+ModelVersionPolicy = _message("ModelVersionPolicy")
+ModelDynamicBatching = _message("ModelDynamicBatching")
+ModelWarmup = _message("ModelWarmup")
+
+# grpc_service.proto
+ServerLiveRequest = _message("ServerLiveRequest")
+ServerLiveResponse = _message("ServerLiveResponse")
+ServerReadyRequest = _message("ServerReadyRequest")
+ServerReadyResponse = _message("ServerReadyResponse")
+ModelReadyRequest = _message("ModelReadyRequest")
+ModelReadyResponse = _message("ModelReadyResponse")
+ServerMetadataRequest = _message("ServerMetadataRequest")
+ServerMetadataResponse = _message("ServerMetadataResponse")
+ModelMetadataRequest = _message("ModelMetadataRequest")
+ModelMetadataResponse = _message("ModelMetadataResponse")
+InferParameter = _message("InferParameter")
+InferTensorContents = _message("InferTensorContents")
+ModelInferRequest = _message("ModelInferRequest")
+ModelInferResponse = _message("ModelInferResponse")
+ModelStreamInferResponse = _message("ModelStreamInferResponse")
+ModelConfigRequest = _message("ModelConfigRequest")
+ModelConfigResponse = _message("ModelConfigResponse")
+ModelStatisticsRequest = _message("ModelStatisticsRequest")
+ModelStatisticsResponse = _message("ModelStatisticsResponse")
+ModelStatistics = _message("ModelStatistics")
+RepositoryIndexRequest = _message("RepositoryIndexRequest")
+RepositoryIndexResponse = _message("RepositoryIndexResponse")
+RepositoryModelLoadRequest = _message("RepositoryModelLoadRequest")
+RepositoryModelLoadResponse = _message("RepositoryModelLoadResponse")
+RepositoryModelUnloadRequest = _message("RepositoryModelUnloadRequest")
+RepositoryModelUnloadResponse = _message("RepositoryModelUnloadResponse")
+
+
+def method_path(rpc: str) -> str:
+    """The gRPC path of one RPC of GRPCInferenceService, e.g. ``/inference.GRPCInferenceService/ModelInfer``."""
+    return f"/{SERVICE_NAME}/{SERVICE.methods_by_name[rpc].name}"

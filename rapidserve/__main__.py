@@ -1,0 +1,3 @@
+from rapidserve.cli import main
+
+raise SystemExit(main())

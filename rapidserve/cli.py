@@ -1,0 +1,173 @@
+"""The ``rapidserve`` command: ``serve`` and ``infer``.
+
+Every option can also come from an environment variable named ``RAPIDSERVE_`` + the option's name in
+upper case with dashes as underscores (``--grpc-port`` -> ``RAPIDSERVE_GRPC_PORT``); a flag on the
+command line wins. List options take comma-separated values from the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main"]
+
+log = logging.getLogger("rapidserve")
+
+
+def _env(name: str, default: Any = None, *, many: bool = False) -> Any:
+    value = os.environ.get("RAPIDSERVE_" + name.upper().replace("-", "_"))
+    if value is None:
+        return default
+    return [v for v in value.split(",") if v] if many else value
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rapidserve", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="serve a model repository over gRPC (KServe v2, Triton-compatible)")
+    serve.add_argument("--model-repository", action="append", default=_env("model-repository", many=True),
+                       help="Triton-layout model repository (repeatable); without one, the built-in demo")
+    serve.add_argument("--host", default=_env("host", "0.0.0.0"))
+    serve.add_argument("--grpc-port", type=int, default=int(_env("grpc-port", 8001)))
+    serve.add_argument("--model-control-mode", choices=("none", "explicit", "poll"),
+                       default=_env("model-control-mode", "none"))
+    serve.add_argument("--load-model", action="append", default=_env("load-model", [], many=True),
+                       help="model to load at start in explicit mode (repeatable; '*' = all)")
+    serve.add_argument("--repository-poll-secs", type=float, default=float(_env("repository-poll-secs", 15)))
+    serve.add_argument("--model-load-thread-count", type=int, default=int(_env("model-load-thread-count", 4)))
+    serve.add_argument("--grpc-max-message-bytes", type=int, default=int(_env("grpc-max-message-bytes", 2**31 - 1)))
+    serve.add_argument("--exit-timeout-secs", type=float, default=float(_env("exit-timeout-secs", 30)),
+                       help="on SIGTERM/SIGINT, how long in-flight requests may take to finish")
+    serve.add_argument("--log-level", default=_env("log-level", "INFO"),
+                       choices=("DEBUG", "INFO", "WARNING", "ERROR", "debug", "info", "warning", "error"))
+
+    infer = commands.add_parser("infer", help="send one request and print the outputs")
+    infer.add_argument("model")
+    infer.add_argument("--url", default=_env("url", "localhost:8001"))
+    infer.add_argument("--model-version", default="")
+    infer.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy",
+                       help="an input from a .npy file (repeatable)")
+    infer.add_argument("--inputs", type=Path, metavar="FILE.npz", help="inputs from an .npz, one array per input")
+    infer.add_argument("--batch-size", type=int, default=1, help="batch size of generated random inputs")
+    infer.add_argument("--output", action="append", default=[], help="output to request (repeatable; default all)")
+    infer.add_argument("--timeout-s", type=float, default=None)
+    infer.add_argument("--seed", type=int, default=0)
+    infer.add_argument("--log-level", default=_env("log-level", "WARNING"))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "serve":
+        return asyncio.run(_serve(args))
+    return _infer(args)
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    from rapidserve.server.app import InferenceServer
+    from rapidserve.server.settings import ServerSettings
+
+    demo = not args.model_repository
+    if demo:
+        from rapidserve.server.demo import demo_repository
+
+        repositories: tuple[Path, ...] = (demo_repository(),)
+    else:
+        repositories = tuple(Path(p) for p in args.model_repository)
+    settings = ServerSettings(
+        model_repositories=repositories,
+        host=args.host,
+        grpc_port=args.grpc_port,
+        model_control_mode=args.model_control_mode,
+        load_models=tuple(args.load_model),
+        repository_poll_secs=args.repository_poll_secs,
+        model_load_threads=args.model_load_thread_count,
+        grpc_max_message_bytes=args.grpc_max_message_bytes,
+        grace_period_s=args.exit_timeout_secs,
+    )
+    server = InferenceServer(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    if demo:
+        host = "localhost" if args.host in ("0.0.0.0", "::") else args.host
+        log.info("serving the demo model 'digits' (8x8 digit images, 64 FP32 pixels 0..16 -> label). Try:\n"
+                 "  rapidserve infer --url %s:%d digits --batch-size 4\n"
+                 "  python -c \"from rapidserve import Client; import numpy as np; "
+                 "print(Client('%s:%d').infer('digits', {'pixels': np.zeros((1, 64), np.float32)}))\"",
+                 host, server.port, host, server.port)  # fmt: skip
+    await stop.wait()
+    log.info("shutting down: finishing in-flight requests (up to %.0f s)", settings.grace_period_s)
+    await server.stop()
+    return 0
+
+
+def _infer(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from rapidserve.clients.client import Client, InferenceServerError
+
+    with Client(args.url, timeout_s=args.timeout_s) as client:
+        try:
+            inputs = _read_inputs(args)
+            if not inputs:
+                inputs = _random_inputs(client.model_metadata(args.model, args.model_version), args)
+            outputs = client.infer(args.model, inputs, args.output, version=args.model_version)
+        except InferenceServerError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    with np.printoptions(precision=4, suppress=True, threshold=200):
+        for name, array in outputs.items():
+            print(f"{name} {array.dtype} {list(array.shape)}\n{array}")
+    return 0
+
+
+def _read_inputs(args: argparse.Namespace) -> dict[str, Any]:
+    import numpy as np
+
+    inputs: dict[str, Any] = {}
+    if args.inputs:
+        with np.load(args.inputs, allow_pickle=False) as data:
+            inputs.update({name: data[name] for name in data.files})
+    for item in args.input:
+        name, sep, file = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--input expects NAME=FILE.npy, got {item!r}")
+        inputs[name] = np.load(file, allow_pickle=False)
+    return inputs
+
+
+def _random_inputs(metadata: Any, args: argparse.Namespace) -> dict[str, Any]:
+    import numpy as np
+
+    from rapidserve.server.datatypes import numpy_dtype
+
+    rng = np.random.default_rng(args.seed)
+    inputs = {}
+    for spec in metadata.inputs:
+        shape = tuple(args.batch_size if (i == 0 and d < 0) else (1 if d < 0 else d) for i, d in enumerate(spec.shape))
+        dtype = numpy_dtype(spec.datatype)
+        if spec.datatype == "BYTES":
+            array = np.array([str(v).encode() for v in rng.integers(0, 100, int(np.prod(shape)))], dtype=object)
+            inputs[spec.name] = array.reshape(shape)
+        elif dtype.kind == "f" or spec.datatype == "BF16":
+            inputs[spec.name] = (rng.random(shape, dtype=np.float32) * 16).astype(dtype)
+        else:
+            inputs[spec.name] = rng.integers(0, 2 if dtype.kind == "b" else 16, shape).astype(dtype)
+    return inputs
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,255 @@
+"""Tensor codec: ModelInferRequest/Response protobufs <-> numpy, with strict checks.
+
+Raw inputs become zero-copy ``np.frombuffer`` views of the request bytes; numeric outputs always go
+out in ``raw_output_contents`` (tritonclient reads only that). Every check raises ``InvalidRequest``
+with a message saying what was expected and what came.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+from rapidserve import protos
+from rapidserve.server.datatypes import BYTES, CONTENTS_FIELD, DATATYPES, datatype_of
+from rapidserve.server.errors import InvalidRequest
+from rapidserve.server.types import InferRequest, InferResponse, ParamValue
+
+__all__ = [
+    "decode_parameters",
+    "decode_request",
+    "decode_response",
+    "deserialize_bytes",
+    "encode_request",
+    "encode_response",
+    "serialize_bytes",
+    "tensor_to_raw",
+]
+
+_MAX_ELEMENTS = 2**40  # far beyond any message gRPC accepts; stops absurd shapes before arithmetic
+_LENGTH = struct.Struct("<I")
+_SHARED_MEMORY_PARAMS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
+
+
+def decode_request(msg: Any, deadline: float | None = None) -> InferRequest:
+    """Decode a ``ModelInferRequest`` into numpy arrays, checking it is well formed.
+
+    Checks against the model itself (names, datatypes, shapes) happen in ``ModelSpec.validate``.
+    """
+    raw = msg.raw_input_contents
+    if raw:
+        if len(raw) != len(msg.inputs):
+            raise InvalidRequest(
+                f"raw_input_contents has {len(raw)} entries but the request has {len(msg.inputs)} inputs; "
+                "expected one raw entry per input, in input order"
+            )
+        for tensor in msg.inputs:
+            if tensor.HasField("contents"):
+                raise InvalidRequest(
+                    f"input '{tensor.name}': contents must not be set when raw_input_contents is used "
+                    "(send every input raw, or every input typed)"
+                )
+    inputs: dict[str, np.ndarray[Any, Any]] = {}
+    for index, tensor in enumerate(msg.inputs):
+        name = tensor.name
+        if name in inputs:
+            raise InvalidRequest(f"input '{name}' appears more than once in the request")
+        for key in _SHARED_MEMORY_PARAMS:
+            if key in tensor.parameters:
+                raise InvalidRequest(f"input '{name}': shared memory is not supported; send the data inline")
+        dtype = DATATYPES.get(tensor.datatype)
+        if dtype is None:
+            raise InvalidRequest(
+                f"input '{name}': unknown datatype '{tensor.datatype}'; expected one of {', '.join(DATATYPES)}"
+            )
+        shape = _checked_shape(name, tensor.shape)
+        if raw:
+            inputs[name] = _from_raw(name, tensor.datatype, dtype, shape, raw[index])
+        else:
+            inputs[name] = _from_contents(name, tensor, dtype, shape)
+    outputs: list[str] = []
+    for requested in msg.outputs:
+        if requested.name in outputs:
+            raise InvalidRequest(f"output '{requested.name}' is requested more than once")
+        if "classification" in requested.parameters:
+            raise InvalidRequest(f"output '{requested.name}': the classification extension is not supported")
+        for key in _SHARED_MEMORY_PARAMS:
+            if key in requested.parameters:
+                raise InvalidRequest(f"output '{requested.name}': shared memory is not supported")
+        outputs.append(requested.name)
+    return InferRequest(
+        model_name=msg.model_name,
+        model_version=msg.model_version,
+        inputs=inputs,
+        outputs=tuple(outputs),
+        id=msg.id,
+        parameters=decode_parameters(msg.parameters),
+        deadline=deadline,
+    )
+
+
+def encode_response(response: InferResponse) -> Any:
+    """Build a ``ModelInferResponse``; every output travels in ``raw_output_contents``."""
+    msg = protos.ModelInferResponse(
+        model_name=response.model_name, model_version=response.model_version, id=response.id
+    )
+    _add_tensors(msg.outputs, msg.raw_output_contents, response.outputs)
+    return msg
+
+
+def encode_request(
+    model_name: str,
+    inputs: dict[str, np.ndarray[Any, Any]],
+    outputs: Iterable[str] = (),
+    *,
+    model_version: str = "",
+    request_id: str = "",
+    parameters: dict[str, ParamValue] | None = None,
+) -> Any:
+    """Build a ``ModelInferRequest`` with raw inputs (the client side of the codec)."""
+    msg = protos.ModelInferRequest(model_name=model_name, model_version=model_version, id=request_id)
+    _add_tensors(msg.inputs, msg.raw_input_contents, inputs)
+    for name in outputs:
+        msg.outputs.add(name=name)
+    for key, value in (parameters or {}).items():
+        _set_parameter(msg.parameters[key], value)
+    return msg
+
+
+def decode_response(msg: Any) -> dict[str, np.ndarray[Any, Any]]:
+    """Numpy outputs of a ``ModelInferResponse`` (raw or typed contents), in response order."""
+    raw = msg.raw_output_contents
+    outputs: dict[str, np.ndarray[Any, Any]] = {}
+    for index, tensor in enumerate(msg.outputs):
+        dtype = DATATYPES.get(tensor.datatype)
+        if dtype is None:
+            raise InvalidRequest(f"output '{tensor.name}': unknown datatype '{tensor.datatype}'")
+        shape = _checked_shape(tensor.name, tensor.shape)
+        if index < len(raw):
+            outputs[tensor.name] = _from_raw(tensor.name, tensor.datatype, dtype, shape, raw[index])
+        else:
+            outputs[tensor.name] = _from_contents(tensor.name, tensor, dtype, shape)
+    return outputs
+
+
+def decode_parameters(params: Any) -> dict[str, ParamValue]:
+    decoded: dict[str, ParamValue] = {}
+    for key, param in params.items():
+        choice = param.WhichOneof("parameter_choice")
+        if choice is not None:
+            decoded[key] = getattr(param, choice)
+    return decoded
+
+
+def tensor_to_raw(array: np.ndarray[Any, Any], datatype: str) -> bytes:
+    """Flattened row-major little-endian bytes of a tensor (one copy, made by ``tobytes``)."""
+    if datatype == BYTES:
+        return serialize_bytes(array)
+    if array.dtype.byteorder == ">":
+        array = array.astype(array.dtype.newbyteorder("<"))
+    return array.tobytes()
+
+
+def serialize_bytes(array: np.ndarray[Any, Any]) -> bytes:
+    """BYTES elements as 4-byte little-endian length + data, concatenated (str is sent as UTF-8)."""
+    parts: list[bytes] = []
+    for item in array.reshape(-1):
+        data = item if isinstance(item, bytes) else str(item).encode("utf-8")
+        parts.append(_LENGTH.pack(len(data)))
+        parts.append(data)
+    return b"".join(parts)
+
+
+def deserialize_bytes(name: str, buffer: bytes, count: int) -> np.ndarray[Any, Any]:
+    """Split a serialized BYTES tensor into an object array of ``count`` bytes elements."""
+    out = np.empty(count, dtype=object)
+    view = memoryview(buffer)
+    size = len(buffer)
+    pos = 0
+    for index in range(count):
+        if pos + 4 > size:
+            raise InvalidRequest(
+                f"input '{name}': BYTES data ends after {index} of {count} elements; "
+                "each element needs a 4-byte little-endian length prefix"
+            )
+        (length,) = _LENGTH.unpack_from(buffer, pos)
+        pos += 4
+        if pos + length > size:
+            raise InvalidRequest(
+                f"input '{name}': BYTES element {index} claims {length} bytes but only {size - pos} remain"
+            )
+        out[index] = bytes(view[pos : pos + length])
+        pos += length
+    if pos != size:
+        raise InvalidRequest(f"input '{name}': {size - pos} bytes left over after {count} BYTES elements")
+    return out
+
+
+def _checked_shape(name: str, dims: Iterable[int]) -> tuple[int, ...]:
+    shape = tuple(dims)
+    if any(d < 0 for d in shape):
+        raise InvalidRequest(f"input '{name}': shape {list(shape)} has a negative dimension")
+    if math.prod(shape) > _MAX_ELEMENTS:
+        raise InvalidRequest(f"input '{name}': shape {list(shape)} is too large")
+    return shape
+
+
+def _from_raw(
+    name: str, datatype: str, dtype: np.dtype[Any], shape: tuple[int, ...], buffer: bytes
+) -> np.ndarray[Any, Any]:
+    count = math.prod(shape)
+    if datatype == BYTES:
+        return deserialize_bytes(name, buffer, count).reshape(shape)
+    expected = count * dtype.itemsize
+    if len(buffer) != expected:
+        raise InvalidRequest(
+            f"input '{name}': raw data has {len(buffer)} bytes, expected {expected} "
+            f"for {datatype} with shape {list(shape)}"
+        )
+    return np.frombuffer(buffer, dtype=dtype).reshape(shape)
+
+
+def _from_contents(name: str, tensor: Any, dtype: np.dtype[Any], shape: tuple[int, ...]) -> np.ndarray[Any, Any]:
+    datatype = tensor.datatype
+    field = CONTENTS_FIELD.get(datatype)
+    if field is None:
+        raise InvalidRequest(f"input '{name}': {datatype} data can only be sent in raw_input_contents")
+    values = getattr(tensor.contents, field)
+    count = math.prod(shape)
+    if len(values) != count:
+        raise InvalidRequest(
+            f"input '{name}': {field} has {len(values)} elements, expected {count} for shape {list(shape)}"
+        )
+    if datatype == BYTES:
+        array = np.empty(count, dtype=object)
+        array[:] = list(values)
+        return array.reshape(shape)
+    wide = np.asarray(values)  # the container type: int32/uint32/int64/uint64/float/double/bool
+    if dtype.kind in "iu" and wide.size and dtype.itemsize < wide.dtype.itemsize:
+        info = np.iinfo(dtype)
+        if wide.min() < info.min or wide.max() > info.max:
+            raise InvalidRequest(f"input '{name}': a value is out of range for {datatype}")
+    return wide.astype(dtype, copy=False).reshape(shape)
+
+
+def _add_tensors(tensors: Any, raw: Any, arrays: dict[str, np.ndarray[Any, Any]]) -> None:
+    for name, array in arrays.items():
+        datatype = datatype_of(array.dtype)
+        tensor = tensors.add(name=name, datatype=datatype)
+        tensor.shape.extend(array.shape)
+        raw.append(tensor_to_raw(array, datatype))
+
+
+def _set_parameter(param: Any, value: ParamValue) -> None:
+    if isinstance(value, bool):
+        param.bool_param = value
+    elif isinstance(value, int):
+        param.int64_param = value
+    elif isinstance(value, float):
+        param.double_param = value
+    else:
+        param.string_param = str(value)

@@ -1,0 +1,276 @@
+"""Model configs: ``config.pbtxt`` parsing (Triton's text format of our ``ModelConfig``), completion
+from what the model file describes, and the resolved ``ModelSpec`` that requests are checked against."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from google.protobuf import json_format, text_format
+
+from rapidserve import protos
+from rapidserve.engines.base import TensorSpec
+from rapidserve.server.datatypes import config_type_to_datatype, datatype_of, datatype_to_config_type
+from rapidserve.server.errors import InvalidRequest, ModelLoadError
+from rapidserve.server.types import InferRequest
+
+__all__ = ["DEFAULT_MAX_BATCH_SIZE", "ModelSpec", "complete_config", "parse_config", "unsupported_fields"]
+
+log = logging.getLogger(__name__)
+
+# max_batch_size given to a model whose config does not set one but whose inputs and outputs all
+# have a dynamic first dimension (Triton's onnxruntime backend uses 4; we serve batches up to 32).
+DEFAULT_MAX_BATCH_SIZE = 32
+
+# Config fields rapidserve honours; "x.*" covers everything below x. Anything else set in a
+# config.pbtxt is named in a warning (Triton fields we do not model are skipped by the parser).
+_SUPPORTED = {
+    "name", "platform", "backend", "max_batch_size", "default_model_filename",
+    "input", "input.name", "input.data_type", "input.dims",
+    "output", "output.name", "output.data_type", "output.dims",
+    "version_policy.*", "instance_group", "instance_group.name", "instance_group.count",
+    "instance_group.kind", "instance_group.gpus",
+    "dynamic_batching", "dynamic_batching.max_queue_delay_microseconds",
+    "dynamic_batching.preferred_batch_size", "dynamic_batching.priority_levels",
+    "dynamic_batching.default_priority_level", "dynamic_batching.default_queue_policy",
+    "dynamic_batching.default_queue_policy.default_timeout_microseconds",
+    "dynamic_batching.default_queue_policy.allow_timeout_override",
+    "dynamic_batching.default_queue_policy.max_queue_size",
+    "response_cache", "response_cache.enable", "model_warmup.*", "parameters.*",
+    "optimization", "optimization.graph", "optimization.graph.level", "optimization.cuda",
+    "optimization.cuda.graphs", "optimization.execution_accelerators",
+    "optimization.execution_accelerators.gpu_execution_accelerator.*",
+    "model_transaction_policy", "model_transaction_policy.decoupled",
+}  # fmt: skip
+
+
+def parse_config(text: str, source: str = "config.pbtxt") -> Any:
+    """Parse config text into a ``ModelConfig``, warning about every field we do not honour.
+
+    Fields Triton has and our subset lacks (sequence batching, ensembles, ...) are dropped before
+    parsing: protobuf's own unknown-field skipping cannot step over every text-format construct.
+    """
+    paths: list[str] = []
+    try:
+        known = _known_tokens(text_format.Tokenizer(text.splitlines()), _CONFIG, "", paths, closing=None)
+        config = text_format.Parse(" ".join(known), protos.ModelConfig())
+    except text_format.ParseError as exc:
+        raise ModelLoadError(f"{source}: {exc}") from None
+    ignored = _unsupported(paths)
+    if ignored:
+        log.warning("%s: ignoring config fields rapidserve does not support: %s", source, ", ".join(ignored))
+    return config
+
+
+def parse_config_json(text: str, source: str) -> Any:
+    """A ``ModelConfig`` from JSON (the ``config`` parameter of RepositoryModelLoad)."""
+    config = protos.ModelConfig()
+    try:
+        json_format.Parse(text, config)
+    except json_format.ParseError as exc:
+        raise ModelLoadError(f"{source}: {exc}") from None
+    return config
+
+
+def unsupported_fields(text: str) -> list[str]:
+    """Dotted paths of the fields set in config text that rapidserve does not honour."""
+    paths: list[str] = []
+    _known_tokens(text_format.Tokenizer(text.splitlines()), _CONFIG, "", paths, closing=None)
+    return _unsupported(paths)
+
+
+def _unsupported(paths: list[str]) -> list[str]:
+    """The unsupported paths, each reported once and without the children of an unsupported field."""
+    found: list[str] = []
+    for path in dict.fromkeys(paths):
+        if not _is_supported(path) and not any(path.startswith(parent + ".") for parent in found):
+            found.append(path)
+    return found
+
+
+_CONFIG = protos.ModelConfig.DESCRIPTOR
+
+
+def _is_supported(path: str) -> bool:
+    if path in _SUPPORTED:
+        return True
+    parts = path.split(".")
+    return any(".".join(parts[:i]) + ".*" in _SUPPORTED for i in range(1, len(parts) + 1))
+
+
+def _known_tokens(tok: Any, desc: Any, prefix: str, paths: list[str], closing: str | None) -> list[str]:
+    """Walk the fields of one message in text format, recording every field path in ``paths``, and
+    return the tokens of the fields ``desc`` knows (dropping the rest with their values)."""
+    kept: list[str] = []
+    while not (tok.AtEnd() if closing is None else tok.TryConsume(closing)):
+        if tok.AtEnd():
+            raise tok.ParseError(f"expected '{closing}'")
+        name = tok.ConsumeIdentifierOrNumber()
+        field = desc.fields_by_name.get(name) if desc is not None else None
+        path = prefix + name
+        paths.append(path)
+        tokens = [name, ":"] if tok.TryConsume(":") else [name]
+        tokens += _value_tokens(tok, field.message_type if field is not None else None, path + ".", paths)
+        if not tok.TryConsume(","):
+            tok.TryConsume(";")
+        if field is not None:
+            kept += tokens
+    return kept
+
+
+def _value_tokens(tok: Any, desc: Any, prefix: str, paths: list[str]) -> list[str]:
+    if tok.TryConsume("["):
+        tokens = ["["]
+        while not tok.TryConsume("]"):
+            tokens += _value_tokens(tok, desc, prefix, paths)
+            if tok.TryConsume(","):
+                tokens.append(",")
+        return [*tokens, "]"]
+    for opening, closing in (("{", "}"), ("<", ">")):
+        if tok.TryConsume(opening):
+            return ["{", *_known_tokens(tok, desc, prefix, paths, closing), "}"]
+    tokens = [tok.token]
+    tok.NextToken()
+    while tok.token[:1] in ("'", '"'):  # adjacent string literals concatenate
+        tokens.append(tok.token)
+        tok.NextToken()
+    return tokens
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    """A model's resolved interface. With ``max_batch_size > 0`` every tensor has a leading batch
+    dimension that ``dims`` leaves out (Triton's convention)."""
+
+    name: str
+    platform: str
+    max_batch_size: int
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    def full_shape(self, spec: TensorSpec) -> tuple[int, ...]:
+        dims = spec.shape or ()
+        return (-1, *dims) if self.max_batch_size > 0 else dims
+
+    def validate(self, request: InferRequest) -> None:
+        """Check a decoded request against the model; raise ``InvalidRequest`` saying what is wrong."""
+        expected = {spec.name: spec for spec in self.inputs}
+        for name in request.inputs:
+            if name not in expected:
+                raise InvalidRequest(
+                    f"unexpected input '{name}' for model '{self.name}'; it takes: {', '.join(expected)}"
+                )
+        batch: int | None = None
+        for spec in self.inputs:
+            array = request.inputs.get(spec.name)
+            if array is None:
+                raise InvalidRequest(f"missing input '{spec.name}' for model '{self.name}'")
+            datatype = datatype_of(array.dtype)
+            if datatype != spec.datatype:
+                raise InvalidRequest(
+                    f"input '{spec.name}': datatype {datatype} does not match the model's {spec.datatype}"
+                )
+            batch = self._check_shape(spec, array.shape, batch)
+        names = {spec.name for spec in self.outputs}
+        for name in request.outputs:
+            if name not in names:
+                raise InvalidRequest(
+                    f"unknown output '{name}' requested from model '{self.name}'; it has: {', '.join(names)}"
+                )
+
+    def _check_shape(self, spec: TensorSpec, shape: tuple[int, ...], batch: int | None) -> int | None:
+        want = self.full_shape(spec)
+        if len(shape) != len(want) or any(w != -1 and w != s for w, s in zip(want, shape, strict=True)):
+            raise InvalidRequest(
+                f"input '{spec.name}': shape {list(shape)} does not match the model's {list(want)} (-1 = any size)"
+            )
+        if self.max_batch_size == 0:
+            return batch
+        size = shape[0]
+        if size > self.max_batch_size:
+            raise InvalidRequest(
+                f"input '{spec.name}': batch size {size} exceeds the model's max_batch_size {self.max_batch_size}"
+            )
+        if batch is not None and size != batch:
+            raise InvalidRequest(f"input '{spec.name}': batch size {size} differs from the other inputs' {batch}")
+        return size
+
+
+def complete_config(
+    config: Any, engine_inputs: tuple[TensorSpec, ...], engine_outputs: tuple[TensorSpec, ...]
+) -> ModelSpec:
+    """Fill the config's I/O and ``max_batch_size`` from the engine where it is silent, check the two
+    agree where both speak, and return the resolved spec. Mutates ``config``."""
+    if not config.input and not config.output and config.max_batch_size == 0 and _batchable(
+        engine_inputs + engine_outputs
+    ):
+        config.max_batch_size = DEFAULT_MAX_BATCH_SIZE
+    if config.max_batch_size < 0:
+        raise ModelLoadError(f"max_batch_size must be >= 0, got {config.max_batch_size}")
+    inputs = _resolve(config, config.input, engine_inputs, "input")
+    outputs = _resolve(config, config.output, engine_outputs, "output")
+    return ModelSpec(config.name, config.platform, config.max_batch_size, inputs, outputs)
+
+
+def _batchable(specs: tuple[TensorSpec, ...]) -> bool:
+    return bool(specs) and all(spec.shape and spec.shape[0] == -1 for spec in specs)
+
+
+def _resolve(config: Any, declared: Any, engine: tuple[TensorSpec, ...], kind: str) -> tuple[TensorSpec, ...]:
+    batching = config.max_batch_size > 0
+    by_name = {spec.name: spec for spec in engine}
+    if not declared:
+        for spec in engine:
+            if spec.datatype is None or spec.shape is None:
+                raise ModelLoadError(
+                    f"the model file does not describe {kind} '{spec.name}'; "
+                    f"give its data_type and dims in config.pbtxt"
+                )
+            if batching and (not spec.shape or spec.shape[0] not in (-1,)):
+                raise ModelLoadError(
+                    f"{kind} '{spec.name}' has shape {list(spec.shape)} with no dynamic batch dimension, "
+                    f"but max_batch_size is {config.max_batch_size}"
+                )
+            entry = declared.add(name=spec.name, data_type=datatype_to_config_type(spec.datatype))
+            entry.dims.extend(spec.shape[1:] if batching else spec.shape)
+    missing = set(by_name) - {entry.name for entry in declared}
+    if kind == "input" and missing:
+        raise ModelLoadError(f"config.pbtxt lacks input(s) the model needs: {', '.join(sorted(missing))}")
+    resolved = []
+    for entry in declared:
+        datatype = config_type_to_datatype(entry.data_type)
+        dims = tuple(entry.dims)
+        found = by_name.get(entry.name)
+        if found is None:
+            raise ModelLoadError(
+                f"config {kind} '{entry.name}' is not in the model, which has: {', '.join(by_name) or 'none'}"
+            )
+        if found.datatype is not None and found.datatype != datatype:
+            raise ModelLoadError(
+                f"config {kind} '{entry.name}' has data_type {datatype} but the model has {found.datatype}"
+            )
+        full = ((-1, *dims) if batching else dims)
+        if found.shape is not None and not _compatible(full, found.shape):
+            raise ModelLoadError(
+                f"config {kind} '{entry.name}' has shape {list(full)} (batch included) "
+                f"but the model has {list(found.shape)}"
+            )
+        resolved.append(TensorSpec(entry.name, datatype, dims))
+    return tuple(resolved)
+
+
+def _compatible(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
+    return len(a) == len(b) and all(x == y or x == -1 or y == -1 for x, y in zip(a, b, strict=True))
+
+
+def read_config(model_dir: Path) -> Any:
+    """The model's config from ``config.pbtxt`` if present, else an empty one named after the dir."""
+    path = model_dir / "config.pbtxt"
+    config = parse_config(path.read_text(), str(path)) if path.is_file() else protos.ModelConfig()
+    if not config.name:
+        config.name = model_dir.name
+    elif config.name != model_dir.name:
+        raise ModelLoadError(f"{path}: name '{config.name}' does not match the directory name '{model_dir.name}'")
+    return config

@@ -1,0 +1,52 @@
+"""Transport-neutral errors of the serving core. The gRPC edge maps them to status codes in one table
+(``rapidserve.server.servicer.STATUS_OF``); nothing below the servicer knows about gRPC."""
+
+from __future__ import annotations
+
+__all__ = [
+    "DeadlineExceeded",
+    "EngineError",
+    "InvalidRequest",
+    "ModelLoadError",
+    "ModelNotFound",
+    "NotAllowed",
+    "Overloaded",
+    "RapidServeError",
+    "Unavailable",
+]
+
+
+class RapidServeError(Exception):
+    """Base class: the message is what the caller sees, so it says what was expected and what came."""
+
+
+class InvalidRequest(RapidServeError):
+    """The request is malformed or does not fit the model (INVALID_ARGUMENT)."""
+
+
+class ModelNotFound(RapidServeError):
+    """No such model, or no such version of it (NOT_FOUND)."""
+
+
+class Overloaded(RapidServeError):
+    """The model's queue is full (RESOURCE_EXHAUSTED)."""
+
+
+class DeadlineExceeded(RapidServeError):
+    """The request's timeout or the client's deadline passed before it ran (DEADLINE_EXCEEDED)."""
+
+
+class Unavailable(RapidServeError):
+    """The model exists but is not ready, or the server is shutting down (UNAVAILABLE)."""
+
+
+class EngineError(RapidServeError):
+    """The backend failed while running a request (INTERNAL)."""
+
+
+class ModelLoadError(RapidServeError):
+    """A model in the repository could not be loaded: bad config, missing file, engine failure."""
+
+
+class NotAllowed(RapidServeError):
+    """The operation is not allowed in the server's current mode (FAILED_PRECONDITION)."""

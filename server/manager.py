@@ -1,0 +1,259 @@
+"""The model manager: which models and versions are served, and their lifecycle.
+
+Control modes follow Triton: ``none`` loads everything at start and refuses load/unload calls;
+``explicit`` loads the ``--load-model`` names at start and takes load/unload calls; ``poll`` rescans
+the repository every ``poll_secs`` and loads, reloads or unloads what changed. A (re)load builds the
+new versions completely (engines and warm-up) before they replace the old ones, which finish their
+queued and running requests before their engines are released.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import tempfile
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rapidserve.server.config import parse_config_json
+from rapidserve.server.errors import ModelLoadError, ModelNotFound, NotAllowed, Unavailable
+from rapidserve.server.model import ModelVersion, build_version
+from rapidserve.server.repository import fingerprint, list_models, read_source
+
+__all__ = ["ControlMode", "IndexEntry", "ModelManager"]
+
+log = logging.getLogger(__name__)
+
+ControlMode = str  # "none" | "explicit" | "poll"
+READY, LOADING, UNLOADING, UNAVAILABLE = "READY", "LOADING", "UNLOADING", "UNAVAILABLE"
+
+
+@dataclass(frozen=True, slots=True)
+class IndexEntry:
+    name: str
+    version: str
+    state: str
+    reason: str = ""
+
+
+@dataclass(slots=True)
+class _Model:
+    versions: dict[int, ModelVersion] = field(default_factory=dict)
+    state: str = UNAVAILABLE
+    reason: str = ""
+    fingerprint: str = ""
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+class ModelManager:
+    def __init__(
+        self,
+        repositories: list[Path],
+        *,
+        control_mode: ControlMode = "none",
+        load_models: tuple[str, ...] = (),
+        poll_secs: float = 15.0,
+        load_threads: int = 4,
+    ) -> None:
+        if control_mode not in ("none", "explicit", "poll"):
+            raise ValueError(f"model control mode must be none, explicit or poll, not {control_mode!r}")
+        self.repositories = repositories
+        self.control_mode = control_mode
+        self._load_models = load_models
+        self._poll_secs = poll_secs
+        self._models: dict[str, _Model] = {}
+        self._startup: set[str] = set()
+        self._started = False
+        self._loader = ThreadPoolExecutor(max_workers=load_threads, thread_name_prefix="rs-load")
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._poller: asyncio.Task[None] | None = None
+        self._uploads = tempfile.TemporaryDirectory(prefix="rapidserve-uploads-")
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load the startup models (all of them unless explicit), then start polling if asked."""
+        available = list_models(self.repositories)
+        if self.control_mode == "explicit":
+            names = list(available) if "*" in self._load_models else list(self._load_models)
+        else:
+            names = list(available)
+        self._startup = set(names)
+        await asyncio.gather(*(self._load_quietly(name) for name in names))
+        self._started = True
+        if self.control_mode == "poll":
+            self._poller = asyncio.create_task(self._poll(), name="rapidserve-poll")
+
+    async def stop(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
+        await asyncio.gather(*(self._unload(name, "server stopping") for name in list(self._models)))
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._loader.shutdown(wait=True)
+        self._uploads.cleanup()
+
+    @property
+    def ready(self) -> bool:
+        """True once every model loaded at startup is ready (strict readiness, like Triton)."""
+        return self._started and all(self._is_ready(name) for name in self._startup)
+
+    # -- lookups -------------------------------------------------------------------------------
+
+    def get(self, name: str, version: str = "") -> ModelVersion:
+        """The version that serves a request; ``""`` picks the highest loaded version."""
+        model = self._models.get(name)
+        if model is None:
+            raise ModelNotFound(f"unknown model '{name}'")
+        if not model.versions:
+            if model.state == LOADING:
+                raise Unavailable(f"model '{name}' is loading")
+            raise ModelNotFound(f"model '{name}' is not loaded ({model.reason or 'not loaded'})")
+        if not version:
+            return model.versions[max(model.versions)]
+        if not version.isdigit() or int(version) not in model.versions:
+            raise ModelNotFound(
+                f"model '{name}' has no version '{version}'; loaded: {', '.join(map(str, sorted(model.versions)))}"
+            )
+        return model.versions[int(version)]
+
+    def is_ready(self, name: str, version: str = "") -> bool:
+        try:
+            self.get(name, version)
+        except (ModelNotFound, Unavailable):
+            return False
+        return True
+
+    def loaded(self) -> list[ModelVersion]:
+        return [v for model in self._models.values() for _, v in sorted(model.versions.items())]
+
+    def index(self, ready_only: bool = False) -> list[IndexEntry]:
+        """Every model in the repositories and every loaded one, with its state (RepositoryIndex)."""
+        names = set(self._models)
+        with contextlib.suppress(ModelLoadError):
+            names |= set(list_models(self.repositories))
+        entries: list[IndexEntry] = []
+        for name in sorted(names):
+            model = self._models.get(name)
+            if model is not None and model.versions:
+                entries += [IndexEntry(name, str(v), model.state) for v in sorted(model.versions)]
+            elif not ready_only:
+                state = model.state if model is not None else UNAVAILABLE
+                reason = model.reason if model is not None else "not loaded"
+                entries.append(IndexEntry(name, "", state, reason))
+        return [e for e in entries if e.state == READY] if ready_only else entries
+
+    # -- control -------------------------------------------------------------------------------
+
+    async def load(self, name: str, *, config_json: str = "", files: Mapping[str, bytes] | None = None) -> None:
+        """Load or reload a model (RepositoryModelLoad); ``files`` maps ``<version>/<file>`` to bytes."""
+        if self.control_mode != "explicit":
+            raise NotAllowed(f"loading models is not allowed in model control mode '{self.control_mode}'; "
+                             "start the server with --model-control-mode explicit")
+        config = parse_config_json(config_json, f"config for '{name}'") if config_json else None
+        directory = None
+        if files:
+            if config is None:
+                raise ModelLoadError("loading model files requires the 'config' parameter too")
+            directory = self._write_upload(name, files)
+        await self._load(name, config=config, directory=directory)
+
+    async def unload(self, name: str) -> None:
+        if self.control_mode != "explicit":
+            raise NotAllowed(f"unloading models is not allowed in model control mode '{self.control_mode}'")
+        if name not in self._models or not self._models[name].versions:
+            raise ModelNotFound(f"model '{name}' is not loaded")
+        await self._unload(name, "unloaded")
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _is_ready(self, name: str) -> bool:
+        model = self._models.get(name)
+        return model is not None and model.state == READY and bool(model.versions)
+
+    async def _load_quietly(self, name: str) -> None:
+        try:
+            await self._load(name)
+        except (ModelLoadError, ModelNotFound) as exc:
+            log.error("%s", exc)
+
+    async def _load(self, name: str, *, config: Any = None, directory: Path | None = None) -> None:
+        model = self._models.setdefault(name, _Model())
+        async with model.lock:
+            previous_state = model.state
+            model.state = LOADING if not model.versions else model.state
+            try:
+                if directory is None:
+                    available = list_models(self.repositories)
+                    if name not in available:
+                        raise ModelNotFound(f"model '{name}' is not in the model repository")
+                    directory = available[name]
+                loop = asyncio.get_running_loop()
+                stamp = fingerprint(directory)
+                source = await loop.run_in_executor(self._loader, read_source, directory, config)
+                loaded = await asyncio.gather(
+                    *(loop.run_in_executor(self._loader, build_version, source, v) for v in source.files)
+                )
+            except (ModelLoadError, ModelNotFound) as exc:
+                model.reason = str(exc)
+                model.state = previous_state if model.versions else UNAVAILABLE
+                raise
+            old = model.versions
+            model.versions = {lv.version: ModelVersion(name, lv) for lv in loaded}
+            model.state, model.reason, model.fingerprint = READY, "", stamp
+            versions = ", ".join(str(v) for v in sorted(model.versions))
+            log.info("model '%s' ready (versions %s, backend %s)", name, versions, source.backend)
+        self._retire(old.values())
+
+    async def _unload(self, name: str, reason: str) -> None:
+        model = self._models.get(name)
+        if model is None:
+            return
+        async with model.lock:
+            old = model.versions
+            model.versions = {}
+            model.state, model.reason = UNAVAILABLE, reason
+        await asyncio.gather(*(version.close() for version in old.values()))
+        log.info("model '%s' unloaded", name)
+
+    def _retire(self, versions: Any) -> None:
+        """Close replaced versions in the background once their in-flight requests are done."""
+        for version in versions:
+            task = asyncio.create_task(version.close(), name=f"retire-{version.name}/{version.version}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self._poll_secs)
+            try:
+                await self._rescan()
+            except Exception:
+                log.exception("repository poll failed")
+
+    async def _rescan(self) -> None:
+        available = list_models(self.repositories)
+        for name in [n for n, m in self._models.items() if m.versions and n not in available]:
+            await self._unload(name, "removed from the repository")
+        for name, directory in available.items():
+            model = self._models.get(name)
+            if model is None or fingerprint(directory) != model.fingerprint:
+                await self._load_quietly(name)
+                model = self._models[name]
+                model.fingerprint = fingerprint(directory)  # a failed load is not retried until edited
+
+    def _write_upload(self, name: str, files: Mapping[str, bytes]) -> Path:
+        directory = Path(self._uploads.name) / name
+        for relative, data in files.items():
+            target = (directory / relative).resolve()
+            if directory.resolve() not in target.parents:
+                raise ModelLoadError(f"file parameter 'file:{relative}' escapes the model directory")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+        return directory

@@ -1,0 +1,180 @@
+"""A loaded model version: its engine instances, the scheduler in front of them, its statistics.
+
+``build_version`` does the blocking part (engines, config completion, warm-up) in a loader thread;
+``ModelVersion`` is the event-loop side that requests go through.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rapidserve.engines.base import Engine, EngineOptions
+from rapidserve.engines.registry import load_engine
+from rapidserve.server.config import ModelSpec, complete_config
+from rapidserve.server.datatypes import BYTES, config_type_to_datatype, numpy_dtype
+from rapidserve.server.errors import ModelLoadError, RapidServeError
+from rapidserve.server.repository import ModelSource
+from rapidserve.server.scheduler import DirectScheduler, Scheduler
+from rapidserve.server.stats import ModelStats
+from rapidserve.server.types import InferRequest, InferResponse
+
+__all__ = ["LoadedVersion", "ModelVersion", "build_version"]
+
+log = logging.getLogger(__name__)
+
+KIND_GPU, KIND_CPU = 1, 2
+
+
+@dataclass(slots=True)
+class LoadedVersion:
+    """The result of a loader thread's work, before it is wired into the event loop."""
+
+    version: int
+    config: Any
+    spec: ModelSpec
+    engines: list[Engine]
+    load_seconds: float
+
+
+def build_version(source: ModelSource, version: int) -> LoadedVersion:
+    """Load every instance of one version, complete its config and run its warm-up (blocking)."""
+    start = time.monotonic()
+    config = type(source.config)()
+    config.CopyFrom(source.config)
+    path = source.files[version]
+    engines: list[Engine] = []
+    try:
+        if config.model_transaction_policy.decoupled:
+            raise ModelLoadError(f"model '{config.name}': decoupled models are not supported")
+        for device in _instance_devices(config):
+            engines.append(load_engine(source.backend, path, _engine_options(config, device)))
+        spec = complete_config(config, tuple(engines[0].inputs), tuple(engines[0].outputs))
+        requests = _warmup_requests(config, spec, source.directory)
+        for engine in engines:
+            for inputs, count in requests:
+                for _ in range(count):
+                    engine.infer(inputs, [o.name for o in spec.outputs])
+    except Exception as exc:
+        for engine in engines:
+            engine.close()
+        if isinstance(exc, ModelLoadError):
+            raise
+        raise ModelLoadError(f"model '{config.name}' version {version} failed to load: {exc}") from exc
+    return LoadedVersion(version, config, spec, engines, time.monotonic() - start)
+
+
+class ModelVersion:
+    """Serves one version. Created on the event loop from a ``LoadedVersion``."""
+
+    def __init__(self, name: str, loaded: LoadedVersion) -> None:
+        self.name = name
+        self.version = loaded.version
+        self.config = loaded.config
+        self.spec = loaded.spec
+        self.load_seconds = loaded.load_seconds
+        self.stats = ModelStats()
+        self._output_names = tuple(spec.name for spec in loaded.spec.outputs)
+        self._scheduler: Scheduler = DirectScheduler(
+            f"{name}/{loaded.version}", loaded.engines, self.stats, batching=loaded.spec.max_batch_size > 0
+        )
+
+    async def infer(self, request: InferRequest) -> InferResponse:
+        start = time.monotonic_ns()
+        try:
+            self.spec.validate(request)
+            outputs = request.outputs or self._output_names
+            arrays = await self._scheduler.submit(request, outputs)
+        except RapidServeError:
+            self.stats.fail.add(time.monotonic_ns() - start)
+            raise
+        self.stats.success.add(time.monotonic_ns() - start)
+        return InferResponse(self.name, str(self.version), {n: arrays[n] for n in outputs}, request.id)
+
+    async def close(self) -> None:
+        """Let queued and running requests finish, then release the engines."""
+        await self._scheduler.close()
+
+
+def _instance_devices(config: Any) -> list[str]:
+    """One device string per instance from ``instance_group`` (default: one CPU instance)."""
+    if not config.instance_group:
+        config.instance_group.add(name=config.name, kind=KIND_CPU, count=1)
+    devices: list[str] = []
+    for group in config.instance_group:
+        if group.count == 0:
+            group.count = 1
+        if group.kind == KIND_GPU:
+            gpus = list(group.gpus) or [0]
+            devices += [f"cuda:{gpu}" for gpu in gpus for _ in range(group.count)]
+        else:
+            group.kind = KIND_CPU
+            devices += ["cpu"] * group.count
+    return devices
+
+
+def _engine_options(config: Any, device: str) -> EngineOptions:
+    optimization = config.optimization
+    return EngineOptions(
+        device=device,
+        parameters={key: value.string_value for key, value in config.parameters.items()},
+        graph_level=optimization.graph.level if optimization.HasField("graph") else None,
+        gpu_accelerators=tuple(
+            acc.name for acc in optimization.execution_accelerators.gpu_execution_accelerator
+        ),
+        cuda_graphs=optimization.cuda.graphs,
+        input_names=tuple(entry.name for entry in config.input),
+        output_names=tuple(entry.name for entry in config.output),
+    )
+
+
+def _warmup_requests(config: Any, spec: ModelSpec, directory: Path) -> list[tuple[dict[str, Any], int]]:
+    """(inputs, repeat count) per warm-up entry; without entries, one zero-filled batch-1 request."""
+    batching = spec.max_batch_size > 0
+    if not config.model_warmup:
+        inputs = {}
+        for tensor in spec.inputs:
+            dims = tuple(1 if d < 0 else d for d in spec.full_shape(tensor))
+            inputs[tensor.name] = _fill(tensor.datatype or "FP32", dims, "zero", None)
+        return [(inputs, 1)]
+    requests = []
+    rng = np.random.default_rng(0)
+    for entry in config.model_warmup:
+        inputs = {}
+        for name, tensor in entry.inputs.items():
+            dims = tuple(tensor.dims)
+            if batching:
+                dims = (max(entry.batch_size, 1), *dims)
+            kind = tensor.WhichOneof("input_data_type") or "zero_data"
+            file = directory / "warmup" / tensor.input_data_file if kind == "input_data_file" else None
+            inputs[name] = _fill(config_type_to_datatype(tensor.data_type), dims, kind.split("_")[0], file, rng)
+        missing = {t.name for t in spec.inputs} - set(inputs)
+        if missing:
+            raise ModelLoadError(f"warm-up '{entry.name}' lacks input(s): {', '.join(sorted(missing))}")
+        requests.append((inputs, max(entry.count, 1)))
+    return requests
+
+
+def _fill(
+    datatype: str, dims: tuple[int, ...], kind: str, file: Path | None, rng: np.random.Generator | None = None
+) -> np.ndarray[Any, Any]:
+    dtype = numpy_dtype(datatype)
+    count = int(np.prod(dims))
+    if datatype == BYTES:
+        array = np.empty(count, dtype=object)
+        array[:] = [b"0"] * count
+        return array.reshape(dims)
+    if kind == "input" and file is not None:
+        return np.frombuffer(file.read_bytes(), dtype=dtype, count=count).reshape(dims)
+    if kind == "random" and rng is not None:
+        if dtype.kind == "f" or datatype == "BF16":
+            return rng.random(dims, dtype=np.float32).astype(dtype)
+        if dtype.kind == "b":
+            return rng.integers(0, 2, dims).astype(dtype)
+        return rng.integers(0, 100, dims).astype(dtype)
+    return np.zeros(dims, dtype=dtype)

@@ -1,0 +1,232 @@
+"""The gRPC edge: KServe v2 RPCs as thin translations between protobuf and the model manager.
+
+Errors raised below are transport-neutral; ``STATUS_OF`` is the one table that maps them to gRPC
+status codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from rapidserve import __version__, protos
+from rapidserve.server import codec
+from rapidserve.server.errors import (
+    DeadlineExceeded,
+    EngineError,
+    InvalidRequest,
+    ModelLoadError,
+    ModelNotFound,
+    NotAllowed,
+    Overloaded,
+    RapidServeError,
+    Unavailable,
+)
+from rapidserve.server.manager import ModelManager
+from rapidserve.server.model import ModelVersion
+from rapidserve.server.stats import Duration
+
+__all__ = ["STATUS_OF", "InferenceServicer", "status_of"]
+
+log = logging.getLogger(__name__)
+
+STATUS_OF: dict[type[RapidServeError], grpc.StatusCode] = {
+    InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    ModelLoadError: grpc.StatusCode.INVALID_ARGUMENT,
+    ModelNotFound: grpc.StatusCode.NOT_FOUND,
+    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
+    EngineError: grpc.StatusCode.INTERNAL,
+    NotAllowed: grpc.StatusCode.FAILED_PRECONDITION,
+}
+
+EXTENSIONS = ("model_repository", "model_configuration", "statistics", "parameters")
+
+Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
+
+
+def status_of(exc: RapidServeError) -> grpc.StatusCode:
+    for cls in type(exc).__mro__:
+        if cls in STATUS_OF:
+            return STATUS_OF[cls]  # type: ignore[index]
+    return grpc.StatusCode.INTERNAL
+
+
+def _rpc(handler: Handler) -> Handler:
+    """Turn rapidserve errors into gRPC statuses; anything unexpected is logged and INTERNAL."""
+
+    @functools.wraps(handler)
+    async def wrapper(self: InferenceServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await handler(self, request, context)
+        except RapidServeError as exc:
+            await context.abort(status_of(exc), str(exc))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("unexpected error in %s", handler.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+
+    return wrapper  # type: ignore[return-value]
+
+
+class InferenceServicer:
+    """Implements ``inference.GRPCInferenceService``; one method per RPC."""
+
+    def __init__(self, manager: ModelManager, *, server_name: str = "rapidserve") -> None:
+        self._manager = manager
+        self._server_name = server_name
+
+    @_rpc
+    async def ServerLive(self, request: Any, context: Any) -> Any:
+        return protos.ServerLiveResponse(live=True)
+
+    @_rpc
+    async def ServerReady(self, request: Any, context: Any) -> Any:
+        return protos.ServerReadyResponse(ready=self._manager.ready)
+
+    @_rpc
+    async def ModelReady(self, request: Any, context: Any) -> Any:
+        return protos.ModelReadyResponse(ready=self._manager.is_ready(request.name, request.version))
+
+    @_rpc
+    async def ServerMetadata(self, request: Any, context: Any) -> Any:
+        return protos.ServerMetadataResponse(name=self._server_name, version=__version__, extensions=EXTENSIONS)
+
+    @_rpc
+    async def ModelMetadata(self, request: Any, context: Any) -> Any:
+        model = self._manager.get(request.name, request.version)
+        spec = model.spec
+        versions = [str(v.version) for v in self._manager.loaded() if v.name == request.name]
+        response = protos.ModelMetadataResponse(name=spec.name, versions=versions, platform=spec.platform)
+        for tensors, specs in ((response.inputs, spec.inputs), (response.outputs, spec.outputs)):
+            for tensor in specs:
+                tensors.add(name=tensor.name, datatype=tensor.datatype, shape=spec.full_shape(tensor))
+        return response
+
+    @_rpc
+    async def ModelConfig(self, request: Any, context: Any) -> Any:
+        return protos.ModelConfigResponse(config=self._manager.get(request.name, request.version).config)
+
+    @_rpc
+    async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return await self._infer(request, _deadline(context))
+
+    async def ModelStreamInfer(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        """Answer each request as it completes; an error answers that request, not the stream."""
+        responses: asyncio.Queue[Any] = asyncio.Queue()
+        pending: set[asyncio.Task[None]] = set()
+
+        async def answer(request: Any) -> None:
+            try:
+                result = protos.ModelStreamInferResponse(infer_response=await self._infer(request, None))
+            except RapidServeError as exc:
+                result = _stream_error(request, status_of(exc), str(exc))
+            except Exception as exc:
+                log.exception("unexpected error in ModelStreamInfer")
+                result = _stream_error(request, grpc.StatusCode.INTERNAL, f"internal error: {exc}")
+            responses.put_nowait(result)
+
+        async def read() -> None:
+            async for request in requests:
+                task = asyncio.create_task(answer(request))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+            while pending:
+                await asyncio.gather(*list(pending))
+            responses.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (item := await responses.get()) is not None:
+                yield item
+            await reader
+        finally:
+            for task in (reader, *pending):
+                task.cancel()
+
+    @_rpc
+    async def ModelStatistics(self, request: Any, context: Any) -> Any:
+        if request.name:
+            versions = [self._manager.get(request.name, request.version)] if request.version else [
+                v for v in self._manager.loaded() if v.name == request.name
+            ]
+            if not versions:
+                raise ModelNotFound(f"unknown model '{request.name}'")
+        else:
+            versions = self._manager.loaded()
+        return protos.ModelStatisticsResponse(model_stats=[_statistics(v) for v in versions])
+
+    @_rpc
+    async def RepositoryIndex(self, request: Any, context: Any) -> Any:
+        response = protos.RepositoryIndexResponse()
+        for entry in self._manager.index(ready_only=request.ready):
+            response.models.add(name=entry.name, version=entry.version, state=entry.state, reason=entry.reason)
+        return response
+
+    @_rpc
+    async def RepositoryModelLoad(self, request: Any, context: Any) -> Any:
+        config_json = ""
+        files: dict[str, bytes] = {}
+        for key, param in request.parameters.items():
+            if key == "config":
+                config_json = param.string_param
+            elif key.startswith("file:"):
+                files[key.removeprefix("file:")] = param.bytes_param
+            else:
+                raise InvalidRequest(f"unknown load parameter '{key}'; expected 'config' or 'file:<version>/<name>'")
+        await self._manager.load(request.model_name, config_json=config_json, files=files)
+        return protos.RepositoryModelLoadResponse()
+
+    @_rpc
+    async def RepositoryModelUnload(self, request: Any, context: Any) -> Any:
+        await self._manager.unload(request.model_name)
+        return protos.RepositoryModelUnloadResponse()
+
+    async def _infer(self, request: Any, deadline: float | None) -> Any:
+        model: ModelVersion = self._manager.get(request.model_name, request.model_version)
+        decoded = codec.decode_request(request, deadline)
+        return codec.encode_response(await model.infer(decoded))
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+def _stream_error(request: Any, code: grpc.StatusCode, message: str) -> Any:
+    response = protos.ModelStreamInferResponse(error_message=message)
+    inner = response.infer_response
+    inner.id, inner.model_name, inner.model_version = request.id, request.model_name, request.model_version
+    inner.parameters["grpc_code"].int64_param = code.value[0]
+    return response
+
+
+def _duration(target: Any, source: Duration) -> None:
+    target.count, target.ns = source.count, source.ns
+
+
+def _statistics(version: ModelVersion) -> Any:
+    stats = version.stats
+    message = protos.ModelStatistics(
+        name=version.name,
+        version=str(version.version),
+        last_inference=stats.last_inference_ms,
+        inference_count=stats.inference_count,
+        execution_count=stats.execution_count,
+    )
+    inference = message.inference_stats
+    for name in ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output"):
+        _duration(getattr(inference, name), getattr(stats, name))
+    for size, batch in sorted(stats.batches.items()):
+        entry = message.batch_stats.add(batch_size=size)
+        for name in ("compute_input", "compute_infer", "compute_output"):
+            _duration(getattr(entry, name), getattr(batch, name))
+    return message
