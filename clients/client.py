@@ -187,7 +187,7 @@ class AsyncClient:
         if not self._streaming:
             return codec.decode_response(await self._call("ModelInfer", request, timeout))
         if self._stream is None or self._stream.broken:
-            self._stream = _Multiplexer(self._stubs["ModelStreamInfer"]())
+            self._stream = _Multiplexer(self._stubs["ModelStreamInfer"])
         return codec.decode_response(await self._stream.send(request, timeout))
 
     async def is_server_live(self) -> bool:
@@ -219,8 +219,10 @@ class _Multiplexer:
     stream breaks, every waiting call fails with the stream's status and the next call opens a new one.
     """
 
-    def __init__(self, call: Any) -> None:
-        self._call = call
+    def __init__(self, stub: Any) -> None:
+        # gRPC allows one outstanding write per stream: requests queue up and gRPC pulls them
+        self._outbox: asyncio.Queue[Any] = asyncio.Queue()
+        self._call = stub(self._requests())
         self._waiting: dict[str, asyncio.Future[Any]] = {}
         self._ids = itertools.count()
         self._reader = asyncio.create_task(self._read())
@@ -238,13 +240,11 @@ class _Multiplexer:
         request.id = wire_id
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._waiting[wire_id] = future
+        self._outbox.put_nowait(request)
         try:
-            await self._call.write(request)
             response = await asyncio.wait_for(future, timeout_s)
         except asyncio.TimeoutError:
             raise InferenceServerError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded") from None
-        except grpc.RpcError as exc:
-            raise _error(exc) from None
         finally:
             self._waiting.pop(wire_id, None)
         if response.error_message:
@@ -253,6 +253,10 @@ class _Multiplexer:
             raise InferenceServerError(status, response.error_message)
         response.infer_response.id = caller_id
         return response.infer_response
+
+    async def _requests(self) -> Any:
+        while (request := await self._outbox.get()) is not None:
+            yield request
 
     async def _read(self) -> None:
         try:
@@ -269,8 +273,8 @@ class _Multiplexer:
                 future.set_exception(self._broken)
 
     async def close(self) -> None:
-        with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
-            await self._call.done_writing()
+        self._outbox.put_nowait(None)  # ends the request stream
+        self._call.cancel()
         self._reader.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._reader

@@ -7,10 +7,12 @@ Reads Triton's onnxruntime-backend parameter names from the config (``intra_op_t
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from rapidserve.engines.base import EngineOptions, TensorSpec, missing_extra
@@ -58,6 +60,11 @@ class OnnxRuntimeEngine:
         self._inputs = tuple(_spec(arg) for arg in self._session.get_inputs())
         self._outputs = tuple(_spec(arg) for arg in self._session.get_outputs())
         self._string_inputs = {spec.name for spec in self._inputs if spec.datatype == "BYTES"}
+        self._ort = ort
+        # ORT's Python API has no numpy bfloat16: such models go through OrtValues instead
+        self._bf16 = any(spec.datatype == "BF16" for spec in self._inputs + self._outputs)
+        if self._bf16 and any(spec.datatype == "BYTES" for spec in self._inputs + self._outputs):
+            raise ValueError("ONNX Runtime's Python API cannot run a model with both BF16 and string tensors")
 
     @property
     def inputs(self) -> Sequence[TensorSpec]:
@@ -75,8 +82,17 @@ class OnnxRuntimeEngine:
         self, inputs: Mapping[str, np.ndarray[Any, Any]], outputs: Sequence[str]
     ) -> dict[str, np.ndarray[Any, Any]]:
         feed = {name: _as_ort_string(arr) if name in self._string_inputs else arr for name, arr in inputs.items()}
+        if self._bf16:
+            return self._infer_bf16(feed, outputs)
         results = self._session.run(list(outputs), feed)
         return dict(zip(outputs, results, strict=True))
+
+    def _infer_bf16(
+        self, feed: dict[str, np.ndarray[Any, Any]], outputs: Sequence[str]
+    ) -> dict[str, np.ndarray[Any, Any]]:
+        values = {name: _to_ort_value(self._ort, arr) for name, arr in feed.items()}
+        results = self._session.run_with_ort_values(list(outputs), values)
+        return {name: _from_ort_value(value) for name, value in zip(outputs, results, strict=True)}
 
     def close(self) -> None:
         del self._session
@@ -94,6 +110,26 @@ def _as_ort_string(array: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
     """ORT string tensors take ``str`` elements; BYTES arrives as ``bytes``."""
     decode = np.vectorize(lambda b: b.decode("utf-8") if isinstance(b, bytes) else str(b), otypes=[object])
     return decode(array) if array.size else array
+
+
+_ONNX_BFLOAT16 = 16  # TensorProto.BFLOAT16
+
+
+def _to_ort_value(ort: Any, array: np.ndarray[Any, Any]) -> Any:
+    if array.dtype == ml_dtypes.bfloat16:
+        bits = np.ascontiguousarray(array).view(np.uint16)
+        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(bits, onnx_element_type=_ONNX_BFLOAT16)
+    return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array))
+
+
+def _from_ort_value(value: Any) -> np.ndarray[Any, Any]:
+    if value.data_type() != "tensor(bfloat16)":
+        result: np.ndarray[Any, Any] = value.numpy()
+        return result
+    shape = tuple(value.shape())
+    count = int(np.prod(shape))
+    buffer = (ctypes.c_uint16 * count).from_address(value.data_ptr()) if count else []
+    return np.array(buffer, dtype=np.uint16).view(ml_dtypes.bfloat16).reshape(shape)
 
 
 def _session_options(ort: Any, options: EngineOptions) -> Any:

@@ -1,0 +1,188 @@
+"""Shared fixtures: small models the tests build themselves, and a real server on a free port."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from rapidserve.server.app import InferenceServer
+from rapidserve.server.settings import ServerSettings
+
+ONNX_TYPES = {
+    "BOOL": 9, "UINT8": 2, "UINT16": 4, "UINT32": 12, "UINT64": 13, "INT8": 3, "INT16": 5, "INT32": 6,
+    "INT64": 7, "FP16": 10, "FP32": 1, "FP64": 11, "BF16": 16, "BYTES": 8,
+}  # fmt: skip
+
+
+def write_model(repo: Path, name: str, graph: Any, config: str | None = None, version: int = 1) -> Path:
+    """Save an ONNX graph as ``repo/name/version/model.onnx`` (plus config.pbtxt when given)."""
+    import onnx
+    from onnx import helper
+
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    directory = repo / name / str(version)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "model.onnx").write_bytes(model.SerializeToString())
+    if config is not None:
+        (repo / name / "config.pbtxt").write_text(config)
+    return repo / name
+
+
+def add_sub_graph(width: int = 16) -> Any:
+    """INPUT0, INPUT1 (FP32 [batch, width]) -> OUTPUT0 = sum, OUTPUT1 = difference."""
+    from onnx import TensorProto, helper
+
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", width]) for n in ("INPUT0", "INPUT1")]
+    out = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", width]) for n in ("OUTPUT0", "OUTPUT1")]
+    nodes = [
+        helper.make_node("Add", ["INPUT0", "INPUT1"], ["OUTPUT0"]),
+        helper.make_node("Sub", ["INPUT0", "INPUT1"], ["OUTPUT1"]),
+    ]
+    return helper.make_graph(nodes, "add_sub", io, out)
+
+
+def identity_graph(datatypes: list[str]) -> Any:
+    """One Identity per datatype: ``in_<TYPE>`` -> ``out_<TYPE>``, shape [batch, 3]."""
+    from onnx import helper
+
+    inputs = [helper.make_tensor_value_info(f"in_{t}", ONNX_TYPES[t], ["batch", 3]) for t in datatypes]
+    outputs = [helper.make_tensor_value_info(f"out_{t}", ONNX_TYPES[t], ["batch", 3]) for t in datatypes]
+    nodes = [helper.make_node("Identity", [f"in_{t}"], [f"out_{t}"]) for t in datatypes]
+    return helper.make_graph(nodes, "identity", inputs, outputs)
+
+
+def scale_graph(name: str, onnx_type: int, factor: float | int) -> Any:
+    """x (any numeric type, [batch, 4]) -> y = x * factor, same type."""
+    from onnx import helper, numpy_helper
+
+    from rapidserve.server.datatypes import numpy_dtype
+
+    datatype = next(k for k, v in ONNX_TYPES.items() if v == onnx_type)
+    factor_tensor = numpy_helper.from_array(np.array(factor, dtype=numpy_dtype(datatype)), "factor")
+    return helper.make_graph(
+        [helper.make_node("Mul", ["x", "factor"], ["y"])],
+        name,
+        [helper.make_tensor_value_info("x", onnx_type, ["batch", 4])],
+        [helper.make_tensor_value_info("y", onnx_type, ["batch", 4])],
+        [factor_tensor],
+    )
+
+
+def slow_graph(size: int = 384, repeats: int = 24) -> Any:
+    """x FP32 [batch, size] -> y after ``repeats`` size x size matmuls: a few tens of ms per call."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.eye(size, dtype=np.float32), "w")
+    nodes, prev = [], "x"
+    for i in range(repeats):
+        nodes.append(helper.make_node("MatMul", [prev, "w"], [f"h{i}"]))
+        prev = f"h{i}"
+    nodes.append(helper.make_node("Identity", [prev], ["y"]))
+    return helper.make_graph(
+        nodes, "slow",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", size])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", size])],
+        [weight],
+    )  # fmt: skip
+
+
+ALL_DATATYPES = list(ONNX_TYPES)
+ADD_SUB_CONFIG = """
+name: "add_sub"
+backend: "onnxruntime"
+max_batch_size: 8
+input [ { name: "INPUT0", data_type: TYPE_FP32, dims: [ 16 ] }, { name: "INPUT1", data_type: TYPE_FP32, dims: [ 16 ] } ]
+output [ { name: "OUTPUT0", data_type: TYPE_FP32, dims: [ 16 ] }, { name: "OUTPUT1", data_type: TYPE_FP32, dims: [ 16 ] } ]
+parameters { key: "intra_op_thread_count" value: { string_value: "1" } }
+"""
+
+
+def build_repository(repo: Path) -> Path:
+    """The standard test repository: add_sub (with config), identity (every datatype, no config),
+    fp16 / int64 scalers, and a no-batching BYTES model."""
+    write_model(repo, "add_sub", add_sub_graph(), ADD_SUB_CONFIG)
+    # ORT's Python API cannot mix BF16 and string tensors in one model, so BF16 gets its own
+    write_model(repo, "identity", identity_graph([t for t in ALL_DATATYPES if t != "BF16"]))
+    write_model(repo, "identity_bf16", identity_graph(["BF16", "FP32"]))
+    write_model(repo, "fp16_double", scale_graph("fp16_double", ONNX_TYPES["FP16"], 2.0))
+    write_model(repo, "int64_triple", scale_graph("int64_triple", ONNX_TYPES["INT64"], 3))
+    from onnx import TensorProto, helper
+
+    strings = helper.make_graph(
+        [helper.make_node("Identity", ["text"], ["echo"])],
+        "strings",
+        [helper.make_tensor_value_info("text", TensorProto.STRING, [-1])],
+        [helper.make_tensor_value_info("echo", TensorProto.STRING, [-1])],
+    )
+    write_model(repo, "strings", strings, 'max_batch_size: 0\ninput [{ name: "text" data_type: TYPE_STRING dims: [-1] }]\n'
+                'output [{ name: "echo" data_type: TYPE_STRING dims: [-1] }]\n')  # fmt: skip
+    return repo
+
+
+@pytest.fixture(scope="session")
+def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_repository(tmp_path_factory.mktemp("repo"))
+
+
+class ServerThread:
+    """A real rapidserve gRPC server on a free port, its event loop in a background thread, so tests
+    can use blocking clients (ours and tritonclient) against it."""
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.server = InferenceServer(settings)
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"127.0.0.1:{self.server.port}"
+
+    def run(self, coro: Any, timeout: float = 60) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def start(self) -> ServerThread:
+        self._thread.start()
+        self.run(self.server.start())
+        return self
+
+    def stop(self, grace_s: float = 5) -> None:
+        self.run(self.server.stop(grace_s))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.loop.close()
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[..., ServerThread]]:
+    """Start servers with ``serve(repo, **settings)``; all are stopped at the end of the test."""
+    started: list[ServerThread] = []
+
+    def start(*repos: Path, **settings: Any) -> ServerThread:
+        settings.setdefault("host", "127.0.0.1")
+        settings.setdefault("grpc_port", 0)
+        thread = ServerThread(ServerSettings(model_repositories=tuple(repos), **settings)).start()
+        started.append(thread)
+        return thread
+
+    yield start
+    for thread in started:
+        with contextlib.suppress(Exception):
+            thread.stop()
+
+
+@pytest.fixture(scope="module")
+def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    """One server over the standard repository, shared by a test module."""
+    repo = build_repository(tmp_path_factory.mktemp("shared-repo"))
+    thread = ServerThread(ServerSettings(model_repositories=(repo,), host="127.0.0.1", grpc_port=0)).start()
+    yield thread
+    thread.stop()

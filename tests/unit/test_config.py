@@ -1,0 +1,108 @@
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+
+from rapidserve import protos
+from rapidserve.engines.base import TensorSpec
+from rapidserve.server.config import DEFAULT_MAX_BATCH_SIZE, complete_config, parse_config, unsupported_fields
+from rapidserve.server.errors import InvalidRequest, ModelLoadError
+from rapidserve.server.types import InferRequest
+
+TRITON_CONFIG = """
+name: "densenet"
+platform: "onnxruntime_onnx"
+max_batch_size: 8
+input [ { name: "x", data_type: TYPE_FP32, format: FORMAT_NCHW, dims: [ 3, 4 ] } ]
+output [ { name: "y", data_type: TYPE_FP32, dims: [ 2 ], label_filename: "labels.txt" } ]
+sequence_batching { max_sequence_idle_microseconds: 5000000
+  control_input [ { name: "START" control [ { kind: CONTROL_SEQUENCE_START fp32_false_true: [ 0, 1 ] } ] } ] }
+dynamic_batching { max_queue_delay_microseconds: 100 preserve_ordering: true }
+instance_group [ { count: 2, kind: KIND_CPU } ]
+parameters { key: "intra_op_thread_count" value: { string_value: "1" } }
+model_warmup [ { name: "w" batch_size: 2 inputs { key: "x" value: { data_type: TYPE_FP32 dims: [ 3, 4 ] zero_data: true } } } ]
+"""
+
+
+def test_triton_config_parses_and_unsupported_fields_are_named(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        config = parse_config(TRITON_CONFIG, "densenet/config.pbtxt")
+    assert config.name == "densenet" and config.max_batch_size == 8
+    assert config.instance_group[0].count == 2
+    assert config.dynamic_batching.max_queue_delay_microseconds == 100
+    assert config.parameters["intra_op_thread_count"].string_value == "1"
+    assert config.model_warmup[0].inputs["x"].zero_data
+    warning = caplog.records[-1].getMessage()
+    for field in ("input.format", "output.label_filename", "sequence_batching", "dynamic_batching.preserve_ordering"):
+        assert field in warning
+    assert "control_input" not in warning  # children of an unsupported field are not listed again
+
+
+def test_unknown_field_names_are_reported_not_misread() -> None:
+    assert unsupported_fields('max_batch_sze: 4\nname: "m"') == ["max_batch_sze"]
+
+
+def test_malformed_config_is_a_load_error_naming_the_file() -> None:
+    with pytest.raises(ModelLoadError, match="m/config.pbtxt"):
+        parse_config('name: "m" max_batch_size: "many"', "m/config.pbtxt")
+    with pytest.raises(ModelLoadError, match="expected '}'"):
+        parse_config('input { name: "a" ', "m/config.pbtxt")
+
+
+ENGINE_IN = (TensorSpec("x", "FP32", (-1, 3)),)
+ENGINE_OUT = (TensorSpec("y", "INT64", (-1,)),)
+
+
+def test_config_is_completed_from_the_model_with_default_batching() -> None:
+    config = protos.ModelConfig(name="m")
+    spec = complete_config(config, ENGINE_IN, ENGINE_OUT)
+    assert config.max_batch_size == DEFAULT_MAX_BATCH_SIZE
+    assert [(i.name, i.data_type, list(i.dims)) for i in config.input] == [("x", protos.DataType.Value("TYPE_FP32"), [3])]
+    assert spec.inputs == (TensorSpec("x", "FP32", (3,)),)
+    assert spec.full_shape(spec.outputs[0]) == (-1,)
+
+
+def test_fixed_first_dim_means_no_batching() -> None:
+    config = protos.ModelConfig(name="m")
+    spec = complete_config(config, (TensorSpec("x", "FP32", (2, 3)),), (TensorSpec("y", "FP32", (2,)),))
+    assert spec.max_batch_size == 0 and spec.inputs[0].shape == (2, 3)
+
+
+def test_config_that_disagrees_with_the_model_fails_to_load() -> None:
+    config = parse_config('max_batch_size: 4 input [{ name: "x" data_type: TYPE_FP64 dims: [3] }]')
+    with pytest.raises(ModelLoadError, match="has data_type FP64 but the model has FP32"):
+        complete_config(config, ENGINE_IN, ENGINE_OUT)
+    config = parse_config('max_batch_size: 4 input [{ name: "x" data_type: TYPE_FP32 dims: [5] }]')
+    with pytest.raises(ModelLoadError, match=r"has shape \[-1, 5\]"):
+        complete_config(config, ENGINE_IN, ENGINE_OUT)
+    config = parse_config('input [{ name: "z" data_type: TYPE_FP32 dims: [3] }]')
+    with pytest.raises(ModelLoadError, match="lacks input"):
+        complete_config(config, ENGINE_IN, ENGINE_OUT)
+
+
+def test_model_file_without_io_description_needs_a_config() -> None:
+    with pytest.raises(ModelLoadError, match="give its data_type and dims"):
+        complete_config(protos.ModelConfig(name="m"), (TensorSpec("x", None, None),), ())
+
+
+def _request(**inputs: np.ndarray) -> InferRequest:
+    return InferRequest("m", "", inputs)
+
+
+def test_spec_validation_messages() -> None:
+    spec = complete_config(parse_config("max_batch_size: 4"), ENGINE_IN, ENGINE_OUT)
+    spec.validate(_request(x=np.zeros((2, 3), np.float32)))
+    cases = [
+        (_request(), "missing input 'x'"),
+        (_request(x=np.zeros((2, 3), np.float32), z=np.zeros(1)), "unexpected input 'z'"),
+        (_request(x=np.zeros((2, 3), np.float64)), "datatype FP64 does not match the model's FP32"),
+        (_request(x=np.zeros((2, 4), np.float32)), r"shape \[2, 4\] does not match the model's \[-1, 3\]"),
+        (_request(x=np.zeros((5, 3), np.float32)), "batch size 5 exceeds the model's max_batch_size 4"),
+    ]
+    for request, message in cases:
+        with pytest.raises(InvalidRequest, match=message):
+            spec.validate(request)
+    with pytest.raises(InvalidRequest, match="unknown output 'nope'"):
+        spec.validate(InferRequest("m", "", {"x": np.zeros((1, 3), np.float32)}, outputs=("nope",)))
