@@ -77,10 +77,12 @@ def _error(exc: grpc.RpcError) -> InferenceServerError:
     return InferenceServerError(exc.code(), exc.details() or "")
 
 
-def _load_request(model: str, config_json: str | None) -> Any:
+def _load_request(model: str, config_json: str | None, files: Mapping[str, bytes] | None) -> Any:
     request = protos.RepositoryModelLoadRequest(model_name=model)
     if config_json:
         request.parameters["config"].string_param = config_json
+    for path, data in (files or {}).items():
+        request.parameters[f"file:{path}"].bytes_param = data
     return request
 
 
@@ -141,8 +143,10 @@ class Client:
     def repository_index(self, ready_only: bool = False) -> Any:
         return self._call("RepositoryIndex", protos.RepositoryIndexRequest(ready=ready_only)).models
 
-    def load_model(self, model: str, config_json: str | None = None) -> None:
-        self._call("RepositoryModelLoad", _load_request(model, config_json))
+    def load_model(self, model: str, config_json: str | None = None, files: Mapping[str, bytes] | None = None) -> None:
+        """Load or reload a model; ``files`` maps ``<version>/<file name>`` to model file bytes
+        (``config_json`` is then required), like tritonclient's ``load_model``."""
+        self._call("RepositoryModelLoad", _load_request(model, config_json, files))
 
     def unload_model(self, model: str) -> None:
         self._call("RepositoryModelUnload", protos.RepositoryModelUnloadRequest(model_name=model))
@@ -205,8 +209,10 @@ class AsyncClient:
     async def model_config(self, model: str, version: str = "") -> Any:
         return (await self._call("ModelConfig", protos.ModelConfigRequest(name=model, version=version))).config
 
-    async def load_model(self, model: str, config_json: str | None = None) -> None:
-        await self._call("RepositoryModelLoad", _load_request(model, config_json))
+    async def load_model(
+        self, model: str, config_json: str | None = None, files: Mapping[str, bytes] | None = None
+    ) -> None:
+        await self._call("RepositoryModelLoad", _load_request(model, config_json, files))
 
     async def unload_model(self, model: str) -> None:
         await self._call("RepositoryModelUnload", protos.RepositoryModelUnloadRequest(model_name=model))

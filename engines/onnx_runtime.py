@@ -147,7 +147,7 @@ def _session_options(ort: Any, options: EngineOptions) -> Any:
         so.enable_mem_pattern = params["enable_mem_pattern"] in ("1", "true")
     if options.graph_level is not None and options.graph_level in _GRAPH_LEVELS:
         so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _GRAPH_LEVELS[options.graph_level])
-    so.log_severity_level = 3  # errors only: ORT's warnings would otherwise flood the server log
+    so.log_severity_level = 4  # fatal only: run-time errors reach the caller (and our log) as exceptions
     return so
 
 

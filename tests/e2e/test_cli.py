@@ -1,0 +1,184 @@
+"""The real CLI as a subprocess, driven by NVIDIA's tritonclient as an outside application would."""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as tc
+from testmodels import ADD_SUB_CONFIG, add_sub_graph, build_repository, slow_graph, write_model
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
+
+
+class RemoteServer:
+    """``rapidserve serve`` in a subprocess on a free port; stopped with SIGTERM -> wait -> kill."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        self.log = ""
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "rapidserve", "serve", "--host", "127.0.0.1", "--grpc-port", "0", *args],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})},
+        )  # fmt: skip
+        self.port = self._wait_for_port()
+        self.url = f"127.0.0.1:{self.port}"
+
+    def _wait_for_port(self, timeout_s: float = 60) -> int:
+        deadline = time.monotonic() + timeout_s
+        assert self.proc.stdout is not None
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"server exited with {self.proc.wait()}:\n{self.log}")
+            self.log += line
+            match = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
+            if match:
+                return int(match.group(1))
+        raise TimeoutError(self.log)
+
+    def wait_ready(self, client: tc.InferenceServerClient, timeout_s: float = 60) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not client.is_server_ready():
+            assert self.proc.poll() is None, "server exited"
+            assert time.monotonic() < deadline, "server not ready in time"
+            time.sleep(0.1)
+
+    def stop(self) -> int:
+        if self.proc.stdout is None or self.proc.stdout.closed:
+            return self.proc.wait()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.log += self.proc.stdout.read()
+        self.proc.stdout.close()
+        return self.proc.wait()
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[RemoteServer]:
+    repo = build_repository(tmp_path / "repo")
+    remote = RemoteServer("--model-repository", str(repo))
+    yield remote
+    remote.stop()
+
+
+def triton_input(name: str, array: np.ndarray, datatype: str) -> tc.InferInput:
+    tensor = tc.InferInput(name, list(array.shape), datatype)
+    tensor.set_data_from_numpy(array)
+    return tensor
+
+
+def test_tritonclient_end_to_end_matches_in_process_onnxruntime(server: RemoteServer, tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    client = tc.InferenceServerClient(server.url)
+    server.wait_ready(client)
+    assert client.is_server_live() and client.is_model_ready("add_sub")
+    assert client.get_model_metadata("add_sub").platform == "onnxruntime_onnx"
+    assert client.get_model_config("add_sub").config.max_batch_size == 8
+
+    a = np.random.default_rng(0).standard_normal((4, 16)).astype(np.float32)
+    b = np.random.default_rng(1).standard_normal((4, 16)).astype(np.float32)
+    session = ort.InferenceSession(str(tmp_path / "repo" / "add_sub" / "1" / "model.onnx"))
+    expected = dict(zip(["OUTPUT0", "OUTPUT1"], session.run(None, {"INPUT0": a, "INPUT1": b}), strict=True))
+    inputs = [triton_input("INPUT0", a, "FP32"), triton_input("INPUT1", b, "FP32")]
+
+    result = client.infer("add_sub", inputs)
+    for name, value in expected.items():
+        np.testing.assert_array_equal(result.as_numpy(name), value)
+
+    answers: queue.Queue = queue.Queue()
+    client.async_infer("add_sub", inputs, callback=lambda result, error: answers.put((result, error)))
+    result, error = answers.get(timeout=30)
+    assert error is None
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT1"), expected["OUTPUT1"])
+
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    for i in range(3):
+        client.async_stream_infer("add_sub", inputs, request_id=str(i))
+    for _ in range(3):
+        result, error = answers.get(timeout=30)
+        assert error is None
+        np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), expected["OUTPUT0"])
+    client.stop_stream()
+    client.close()
+    assert server.stop() == 0
+
+
+def test_sigterm_lets_in_flight_requests_finish_and_exits_zero(tmp_path: Path) -> None:
+    write_model(tmp_path, "slow", slow_graph(repeats=400), 'max_batch_size: 4\n'
+                'parameters { key: "intra_op_thread_count" value: { string_value: "1" } }')  # fmt: skip
+    remote = RemoteServer("--model-repository", str(tmp_path), "--exit-timeout-secs", "20")
+    client = tc.InferenceServerClient(remote.url)
+    remote.wait_ready(client)
+    x = np.ones((1, 256, 256), np.float32)
+    answers: queue.Queue = queue.Queue()
+    for _ in range(3):
+        client.async_infer(
+            "slow", [triton_input("x", x, "FP32")], callback=lambda result, error: answers.put((result, error))
+        )
+    time.sleep(0.2)  # the requests are queued and running
+    remote.proc.send_signal(signal.SIGTERM)
+    for _ in range(3):
+        result, error = answers.get(timeout=60)
+        assert error is None, error
+        np.testing.assert_array_equal(result.as_numpy("y"), x)
+    assert remote.stop() == 0
+    assert "shutting down" in remote.log
+    client.close()
+
+
+def test_demo_serves_without_a_repository_and_infer_prints_outputs(tmp_path: Path) -> None:
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache"), "RAPIDSERVE_LOG_LEVEL": "INFO"}
+    remote = RemoteServer(env=env)
+    try:
+        client = tc.InferenceServerClient(remote.url)
+        remote.wait_ready(client)
+        assert client.is_model_ready("digits")
+        result = subprocess.run(
+            [sys.executable, "-m", "rapidserve", "infer", "digits", "--url", remote.url, "--batch-size", "3"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert "label int64 [3]" in result.stdout and "probabilities float32 [3, 10]" in result.stdout
+        np.save(tmp_path / "pixels.npy", np.zeros((2, 64), np.float32))
+        result = subprocess.run(
+            [sys.executable, "-m", "rapidserve", "infer", "digits", "--url", remote.url,
+             "--input", f"pixels={tmp_path / 'pixels.npy'}", "--output", "label"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert result.returncode == 0 and "label int64 [2]" in result.stdout and "probabilities" not in result.stdout
+        bad = subprocess.run([sys.executable, "-m", "rapidserve", "infer", "nope", "--url", remote.url],
+                             capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert bad.returncode == 1 and "NOT_FOUND" in bad.stderr
+        client.close()
+    finally:
+        assert remote.stop() == 0
+    assert "rapidserve infer --url" in remote.log  # the demo tells the user how to call it
+
+
+def test_environment_variables_configure_the_server(tmp_path: Path) -> None:
+    write_model(tmp_path, "add_sub", add_sub_graph(), ADD_SUB_CONFIG)
+    write_model(tmp_path, "other", add_sub_graph())
+    env = {"RAPIDSERVE_MODEL_REPOSITORY": str(tmp_path), "RAPIDSERVE_MODEL_CONTROL_MODE": "explicit",
+           "RAPIDSERVE_LOAD_MODEL": "add_sub"}  # fmt: skip
+    remote = RemoteServer(env=env)
+    try:
+        client = tc.InferenceServerClient(remote.url)
+        remote.wait_ready(client)
+        assert client.is_model_ready("add_sub") and not client.is_model_ready("other")
+        client.close()
+    finally:
+        assert remote.stop() == 0

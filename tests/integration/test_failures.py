@@ -1,0 +1,84 @@
+"""Failures stay with the request that caused them: engine errors, expired deadlines, cancellations."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from testmodels import slow_graph, write_model
+
+from rapidserve import Client, InferenceServerError
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def reshape_graph():
+    """x FP32 [-1] reshaped to the INT64 `shape` input: a bad shape makes ONNX Runtime fail at run time."""
+    from onnx import TensorProto, helper
+
+    return helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["y"])],
+        "reshape",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1]),
+         helper.make_tensor_value_info("shape", TensorProto.INT64, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [-1, -1])],
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    repo = tmp_path_factory.mktemp("failures")
+    # zero-filled default warm-up would reshape to [0, 0] and fail, so warm up with a real shape
+    warmup = """max_batch_size: 0
+model_warmup [ { name: "w" inputs [
+  { key: "x" value: { data_type: TYPE_FP32 dims: [ 6 ] zero_data: true } },
+  { key: "shape" value: { data_type: TYPE_INT64 dims: [ 2 ] input_data_file: "shape.bin" } } ] } ]"""
+    write_model(repo, "reshape", reshape_graph(), warmup)
+    (repo / "reshape" / "warmup").mkdir()
+    (repo / "reshape" / "warmup" / "shape.bin").write_bytes(np.array([2, 3], np.int64).tobytes())
+    write_model(repo, "slow", slow_graph(), 'max_batch_size: 4\nparameters { key: "intra_op_thread_count" value: { string_value: "1" } }')
+    return repo
+
+
+def test_engine_failure_is_internal_and_the_server_goes_on(repo: Path, serve) -> None:
+    server = serve(repo)
+    x = np.arange(6, dtype=np.float32)
+    with Client(server.url) as client:
+        with pytest.raises(InferenceServerError) as info:
+            client.infer("reshape", {"x": x, "shape": np.array([4, 4], np.int64)})
+        assert info.value.code == grpc.StatusCode.INTERNAL
+        assert "model 'reshape/1' failed" in info.value.message
+        np.testing.assert_array_equal(client.infer("reshape", {"x": x, "shape": np.array([2, 3], np.int64)})["y"],
+                                      x.reshape(2, 3))  # fmt: skip
+        stats = client.model_statistics("reshape").model_stats[0].inference_stats
+        assert (stats.success.count, stats.fail.count) == (1, 1)
+
+
+def test_requests_whose_deadline_passes_in_the_queue_are_not_computed(repo: Path, serve) -> None:
+    server = serve(repo)
+    x = np.ones((1, 256, 256), np.float32)
+    codes: list[grpc.StatusCode | None] = []
+
+    def call() -> None:
+        with Client(server.url) as client:
+            try:
+                client.infer("slow", {"x": x}, timeout_s=0.05)
+                codes.append(None)
+            except InferenceServerError as exc:
+                codes.append(exc.code)
+
+    threads = [threading.Thread(target=call) for _ in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    time.sleep(0.3)  # anything still queued would have run by now
+    assert grpc.StatusCode.DEADLINE_EXCEEDED in codes
+    with Client(server.url) as client:
+        executions = client.model_statistics("slow").model_stats[0].execution_count
+        assert executions < 12  # expired requests left the queue without running
+        np.testing.assert_array_equal(client.infer("slow", {"x": x})["y"], x)

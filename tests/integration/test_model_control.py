@@ -1,0 +1,192 @@
+"""Model repository behaviour: control modes, version policy, warm-up, reload without downtime."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from testmodels import add_sub_graph, scale_graph, slow_graph, write_model
+
+from rapidserve import Client, InferenceServerError
+
+pytestmark = pytest.mark.timeout(120)
+
+INT64 = 7
+
+
+def triple_repo(repo: Path, name: str = "scale", versions: dict[int, int] | None = None, config: str = "") -> Path:
+    """A model whose version v multiplies INT64 input by factors[v]."""
+    for version, factor in (versions or {1: 3}).items():
+        write_model(repo, name, scale_graph(name, INT64, factor), version=version)
+    if config:
+        (repo / name / "config.pbtxt").write_text(config)
+    return repo
+
+
+def ones() -> dict[str, np.ndarray]:
+    return {"x": np.ones((1, 4), np.int64)}
+
+
+def wait_until(predicate, timeout_s: float = 20) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.05)
+
+
+def test_version_policy_latest_all_and_specific(tmp_path: Path, serve) -> None:
+    factors = {1: 1, 2: 2, 3: 3}
+    latest = triple_repo(tmp_path / "a", versions=factors)
+    every = triple_repo(tmp_path / "b", versions=factors, config="version_policy: { all: {} }")
+    some = triple_repo(tmp_path / "c", versions=factors, config="version_policy: { specific: { versions: [1, 3] } }")
+    two = triple_repo(tmp_path / "d", versions=factors, config="version_policy: { latest: { num_versions: 2 } }")
+    for repo, loaded in ((latest, ["3"]), (every, ["1", "2", "3"]), (some, ["1", "3"]), (two, ["2", "3"])):
+        server = serve(repo)
+        with Client(server.url) as client:
+            assert list(client.model_metadata("scale").versions) == loaded
+            assert client.infer("scale", ones())["y"][0, 0] == int(loaded[-1])  # "" picks the highest
+            for version in loaded:
+                assert client.infer("scale", ones(), version=version)["y"][0, 0] == int(version)
+            missing = next(v for v in ("1", "2", "3") if v not in loaded) if len(loaded) < 3 else "9"
+            with pytest.raises(InferenceServerError) as info:
+                client.infer("scale", ones(), version=missing)
+            assert info.value.code == grpc.StatusCode.NOT_FOUND
+            assert not client.is_model_ready("scale", missing)
+
+
+def test_explicit_mode_load_unload_and_config_override(tmp_path: Path, serve) -> None:
+    repo = triple_repo(tmp_path, "scale")
+    write_model(repo, "add_sub", add_sub_graph())
+    server = serve(repo, model_control_mode="explicit", load_models=("scale",))
+    with Client(server.url) as client:
+        assert client.is_server_ready()
+        index = {m.name: m.state for m in client.repository_index()}
+        assert index == {"scale": "READY", "add_sub": "UNAVAILABLE"}
+        with pytest.raises(InferenceServerError) as info:
+            client.infer("add_sub", {})
+        assert info.value.code == grpc.StatusCode.NOT_FOUND
+
+        client.load_model("add_sub")
+        assert client.is_model_ready("add_sub")
+        client.unload_model("scale")
+        assert not client.is_model_ready("scale")
+        with pytest.raises(InferenceServerError) as info:
+            client.infer("scale", ones())
+        assert info.value.code == grpc.StatusCode.NOT_FOUND
+
+        override = {"max_batch_size": 2, "input": [{"name": "x", "data_type": "TYPE_INT64", "dims": [4]}]}
+        client.load_model("scale", config_json=json.dumps(override))
+        assert client.model_config("scale").max_batch_size == 2
+        with pytest.raises(InferenceServerError, match="exceeds the model's max_batch_size 2"):
+            client.infer("scale", {"x": np.ones((3, 4), np.int64)})
+
+        with pytest.raises(InferenceServerError) as info:
+            client.load_model("does_not_exist")
+        assert info.value.code == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(InferenceServerError) as info:
+            client.load_model("scale", config_json='{"max_batch_size": "lots"}')
+        assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert client.infer("scale", ones())["y"][0, 0] == 3  # a failed reload keeps the old version serving
+
+
+def test_load_with_uploaded_model_files(tmp_path: Path, serve) -> None:
+    from onnx import helper
+
+    server = serve(tmp_path, model_control_mode="explicit")
+    model = helper.make_model(scale_graph("up", INT64, 5), opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    with Client(server.url) as client:
+        config = json.dumps({"backend": "onnxruntime"})
+        client.load_model("uploaded", config, files={"1/model.onnx": model.SerializeToString()})
+        assert client.infer("uploaded", ones())["y"][0, 0] == 5
+        with pytest.raises(InferenceServerError, match="escapes the model directory"):
+            client.load_model("evil", "{}", files={"../../escape.onnx": b"x"})
+        with pytest.raises(InferenceServerError, match="requires the 'config' parameter"):
+            client.load_model("noconfig", files={"1/model.onnx": b"x"})
+
+
+def test_reload_keeps_serving_and_lets_in_flight_requests_finish(tmp_path: Path, serve) -> None:
+    write_model(tmp_path, "slow", slow_graph(), 'max_batch_size: 4\nparameters { key: "intra_op_thread_count" value: { string_value: "1" } }')
+    server = serve(tmp_path, model_control_mode="explicit", load_models=("*",))
+    x = np.abs(np.random.default_rng(0).standard_normal((1, 256, 256))).astype(np.float32)
+    results: list[object] = []
+
+    def hammer() -> None:
+        with Client(server.url, timeout_s=30) as client:
+            for _ in range(15):
+                try:
+                    results.append(client.infer("slow", {"x": x})["y"])
+                except InferenceServerError as exc:
+                    results.append(exc)
+
+    threads = [threading.Thread(target=hammer) for _ in range(3)]
+    for t in threads:
+        t.start()
+    with Client(server.url) as client:
+        for _ in range(2):
+            time.sleep(0.2)
+            client.load_model("slow")  # reload while requests are queued and running
+    for t in threads:
+        t.join()
+    errors = [r for r in results if isinstance(r, Exception)]
+    assert not errors, errors[:3]
+    assert len(results) == 45
+    for y in results:
+        np.testing.assert_allclose(y, x, rtol=1e-5)
+
+
+def test_poll_mode_picks_up_new_models_versions_and_removals(tmp_path: Path, serve) -> None:
+    repo = triple_repo(tmp_path / "repo", "scale", versions={1: 3})
+    server = serve(repo, model_control_mode="poll", repository_poll_secs=0.2)
+    with Client(server.url) as client:
+        assert client.infer("scale", ones())["y"][0, 0] == 3
+        write_model(repo, "scale", scale_graph("scale", INT64, 7), version=2)
+        wait_until(lambda: client.is_model_ready("scale", "2"))
+        assert client.infer("scale", ones())["y"][0, 0] == 7
+        assert not client.is_model_ready("scale", "1")  # latest policy keeps one version
+        write_model(repo, "other", scale_graph("other", INT64, 11))
+        wait_until(lambda: client.is_model_ready("other"))
+        shutil.rmtree(repo / "scale")
+        wait_until(lambda: not client.is_model_ready("scale"))
+        with pytest.raises(InferenceServerError) as info:
+            client.load_model("other")
+        assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_warmup_runs_before_ready_and_a_failing_warmup_keeps_the_model_unavailable(tmp_path: Path, serve) -> None:
+    good = """max_batch_size: 4
+model_warmup [ { name: "rand" batch_size: 3 count: 2 inputs { key: "x" value: { data_type: TYPE_INT64 dims: [4] random_data: true } } },
+               { name: "file" batch_size: 1 inputs { key: "x" value: { data_type: TYPE_INT64 dims: [4] input_data_file: "x.bin" } } } ]"""
+    triple_repo(tmp_path, "warm", config=good)
+    (tmp_path / "warm" / "warmup").mkdir()
+    (tmp_path / "warm" / "warmup" / "x.bin").write_bytes(np.arange(4, dtype=np.int64).tobytes())
+    bad = 'max_batch_size: 4\nmodel_warmup [ { name: "w" batch_size: 1 inputs { key: "x" value: { data_type: TYPE_INT64 dims: [5] zero_data: true } } } ]'
+    triple_repo(tmp_path, "cold", config=bad)
+    server = serve(tmp_path)
+    with Client(server.url) as client:
+        assert client.is_model_ready("warm")
+        assert not client.is_model_ready("cold")
+        assert not client.is_server_ready()  # strict readiness: a startup model failed
+        index = {m.name: (m.state, m.reason) for m in client.repository_index()}
+        assert index["cold"][0] == "UNAVAILABLE" and "failed to load" in index["cold"][1]
+        stats = client.model_statistics("warm").model_stats[0]
+        assert stats.inference_count == 0  # warm-up does not count as traffic
+
+
+def test_bad_repository_entries_are_reported(tmp_path: Path, serve) -> None:
+    (tmp_path / "noversions").mkdir()
+    triple_repo(tmp_path, "wrongname", config='name: "other"')
+    triple_repo(tmp_path, "badplatform", config='platform: "tensorflow_savedmodel"')
+    server = serve(tmp_path)
+    with Client(server.url) as client:
+        reasons = {m.name: m.reason for m in client.repository_index()}
+    assert "no version directories" in reasons["noversions"]
+    assert "does not match the directory name" in reasons["wrongname"]
+    assert "platform 'tensorflow_savedmodel' is not supported" in reasons["badplatform"]
