@@ -89,8 +89,9 @@ def _load_request(model: str, config_json: str | None, files: Mapping[str, bytes
 class Client:
     """Synchronous client. ``timeout_s`` (per client, or per call) becomes the gRPC deadline."""
 
-    def __init__(self, url: str = "localhost:8001", *, timeout_s: float | None = None,
-                 max_message_bytes: int = INT32_MAX) -> None:  # fmt: skip
+    def __init__(
+        self, url: str = "localhost:8001", *, timeout_s: float | None = None, max_message_bytes: int = INT32_MAX
+    ) -> None:
         self._channel = grpc.insecure_channel(url, options=_channel_options(max_message_bytes))
         self._stubs = _stubs(self._channel)
         self._timeout_s = timeout_s
@@ -110,12 +111,21 @@ class Client:
         except grpc.RpcError as exc:
             raise _error(exc) from None
 
-    def infer(self, model: str, inputs: Mapping[str, np.ndarray[Any, Any]], outputs: Sequence[str] = (), *,
-              version: str = "", timeout_s: float | None = None, request_id: str = "",
-              parameters: dict[str, ParamValue] | None = None) -> Arrays:  # fmt: skip
+    def infer(
+        self,
+        model: str,
+        inputs: Mapping[str, np.ndarray[Any, Any]],
+        outputs: Sequence[str] = (),
+        *,
+        version: str = "",
+        timeout_s: float | None = None,
+        request_id: str = "",
+        parameters: dict[str, ParamValue] | None = None,
+    ) -> Arrays:
         """Run one request; returns the outputs by name (all of them unless ``outputs`` names some)."""
-        request = codec.encode_request(model, dict(inputs), outputs, model_version=version,
-                                       request_id=request_id, parameters=parameters)  # fmt: skip
+        request = codec.encode_request(
+            model, dict(inputs), outputs, model_version=version, request_id=request_id, parameters=parameters
+        )
         return codec.decode_response(self._call("ModelInfer", request, timeout_s))
 
     def is_server_live(self) -> bool:
@@ -157,8 +167,14 @@ class AsyncClient:
     ``ModelStreamInfer`` stream, matched to their answers by request id; ``streaming=False`` makes
     each ``infer`` a unary call. Use as ``async with AsyncClient(url) as client``."""
 
-    def __init__(self, url: str = "localhost:8001", *, timeout_s: float | None = None, streaming: bool = True,
-                 max_message_bytes: int = INT32_MAX) -> None:  # fmt: skip
+    def __init__(
+        self,
+        url: str = "localhost:8001",
+        *,
+        timeout_s: float | None = None,
+        streaming: bool = True,
+        max_message_bytes: int = INT32_MAX,
+    ) -> None:
         self._channel = grpc.aio.insecure_channel(url, options=_channel_options(max_message_bytes))
         self._stubs = _stubs(self._channel)
         self._timeout_s = timeout_s
@@ -182,11 +198,20 @@ class AsyncClient:
         except grpc.RpcError as exc:
             raise _error(exc) from None
 
-    async def infer(self, model: str, inputs: Mapping[str, np.ndarray[Any, Any]], outputs: Sequence[str] = (), *,
-                    version: str = "", timeout_s: float | None = None, request_id: str = "",
-                    parameters: dict[str, ParamValue] | None = None) -> Arrays:  # fmt: skip
-        request = codec.encode_request(model, dict(inputs), outputs, model_version=version,
-                                       request_id=request_id, parameters=parameters)  # fmt: skip
+    async def infer(
+        self,
+        model: str,
+        inputs: Mapping[str, np.ndarray[Any, Any]],
+        outputs: Sequence[str] = (),
+        *,
+        version: str = "",
+        timeout_s: float | None = None,
+        request_id: str = "",
+        parameters: dict[str, ParamValue] | None = None,
+    ) -> Arrays:
+        request = codec.encode_request(
+            model, dict(inputs), outputs, model_version=version, request_id=request_id, parameters=parameters
+        )
         timeout = timeout_s if timeout_s is not None else self._timeout_s
         if not self._streaming:
             return codec.decode_response(await self._call("ModelInfer", request, timeout))

@@ -34,28 +34,45 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="serve a model repository over gRPC (KServe v2, Triton-compatible)")
-    serve.add_argument("--model-repository", action="append", default=_env("model-repository", many=True),
-                       help="Triton-layout model repository (repeatable); without one, the built-in demo")
+    serve.add_argument(
+        "--model-repository",
+        action="append",
+        default=_env("model-repository", many=True),
+        help="Triton-layout model repository (repeatable); without one, the built-in demo",
+    )
     serve.add_argument("--host", default=_env("host", "0.0.0.0"))
     serve.add_argument("--grpc-port", type=int, default=int(_env("grpc-port", 8001)))
-    serve.add_argument("--model-control-mode", choices=("none", "explicit", "poll"),
-                       default=_env("model-control-mode", "none"))
-    serve.add_argument("--load-model", action="append", default=_env("load-model", [], many=True),
-                       help="model to load at start in explicit mode (repeatable; '*' = all)")
+    serve.add_argument(
+        "--model-control-mode", choices=("none", "explicit", "poll"), default=_env("model-control-mode", "none")
+    )
+    serve.add_argument(
+        "--load-model",
+        action="append",
+        default=_env("load-model", [], many=True),
+        help="model to load at start in explicit mode (repeatable; '*' = all)",
+    )
     serve.add_argument("--repository-poll-secs", type=float, default=float(_env("repository-poll-secs", 15)))
     serve.add_argument("--model-load-thread-count", type=int, default=int(_env("model-load-thread-count", 4)))
     serve.add_argument("--grpc-max-message-bytes", type=int, default=int(_env("grpc-max-message-bytes", 2**31 - 1)))
-    serve.add_argument("--exit-timeout-secs", type=float, default=float(_env("exit-timeout-secs", 30)),
-                       help="on SIGTERM/SIGINT, how long in-flight requests may take to finish")
-    serve.add_argument("--log-level", default=_env("log-level", "INFO"),
-                       choices=("DEBUG", "INFO", "WARNING", "ERROR", "debug", "info", "warning", "error"))
+    serve.add_argument(
+        "--exit-timeout-secs",
+        type=float,
+        default=float(_env("exit-timeout-secs", 30)),
+        help="on SIGTERM/SIGINT, how long in-flight requests may take to finish",
+    )
+    serve.add_argument(
+        "--log-level",
+        default=_env("log-level", "INFO"),
+        choices=("DEBUG", "INFO", "WARNING", "ERROR", "debug", "info", "warning", "error"),
+    )
 
     infer = commands.add_parser("infer", help="send one request and print the outputs")
     infer.add_argument("model")
     infer.add_argument("--url", default=_env("url", "localhost:8001"))
     infer.add_argument("--model-version", default="")
-    infer.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy",
-                       help="an input from a .npy file (repeatable)")
+    infer.add_argument(
+        "--input", action="append", default=[], metavar="NAME=FILE.npy", help="an input from a .npy file (repeatable)"
+    )
     infer.add_argument("--inputs", type=Path, metavar="FILE.npz", help="inputs from an .npz, one array per input")
     infer.add_argument("--batch-size", type=int, default=1, help="batch size of generated random inputs")
     infer.add_argument("--output", action="append", default=[], help="output to request (repeatable; default all)")
@@ -103,11 +120,16 @@ async def _serve(args: argparse.Namespace) -> int:
     await server.start()
     if demo:
         host = "localhost" if args.host in ("0.0.0.0", "::") else args.host
-        log.info("serving the demo model 'digits' (8x8 digit images, 64 FP32 pixels 0..16 -> label). Try:\n"
-                 "  rapidserve infer --url %s:%d digits --batch-size 4\n"
-                 "  python -c \"from rapidserve import Client; import numpy as np; "
-                 "print(Client('%s:%d').infer('digits', {'pixels': np.zeros((1, 64), np.float32)}))\"",
-                 host, server.port, host, server.port)  # fmt: skip
+        log.info(
+            "serving the demo model 'digits' (8x8 digit images, 64 FP32 pixels 0..16 -> label). Try:\n"
+            "  rapidserve infer --url %s:%d digits --batch-size 4\n"
+            '  python -c "from rapidserve import Client; import numpy as np; '
+            "print(Client('%s:%d').infer('digits', {'pixels': np.zeros((1, 64), np.float32)}))\"",
+            host,
+            server.port,
+            host,
+            server.port,
+        )
     await stop.wait()
     log.info("shutting down: finishing in-flight requests (up to %.0f s)", settings.grace_period_s)
     await server.stop()

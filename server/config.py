@@ -27,23 +27,48 @@ DEFAULT_MAX_BATCH_SIZE = 32
 # Config fields rapidserve honours; "x.*" covers everything below x. Anything else set in a
 # config.pbtxt is named in a warning (Triton fields we do not model are skipped by the parser).
 _SUPPORTED = {
-    "name", "platform", "backend", "max_batch_size", "default_model_filename",
-    "input", "input.name", "input.data_type", "input.dims",
-    "output", "output.name", "output.data_type", "output.dims",
-    "version_policy.*", "instance_group", "instance_group.name", "instance_group.count",
-    "instance_group.kind", "instance_group.gpus",
-    "dynamic_batching", "dynamic_batching.max_queue_delay_microseconds",
-    "dynamic_batching.preferred_batch_size", "dynamic_batching.priority_levels",
-    "dynamic_batching.default_priority_level", "dynamic_batching.default_queue_policy",
+    "name",
+    "platform",
+    "backend",
+    "max_batch_size",
+    "default_model_filename",
+    "input",
+    "input.name",
+    "input.data_type",
+    "input.dims",
+    "output",
+    "output.name",
+    "output.data_type",
+    "output.dims",
+    "version_policy.*",
+    "instance_group",
+    "instance_group.name",
+    "instance_group.count",
+    "instance_group.kind",
+    "instance_group.gpus",
+    "dynamic_batching",
+    "dynamic_batching.max_queue_delay_microseconds",
+    "dynamic_batching.preferred_batch_size",
+    "dynamic_batching.priority_levels",
+    "dynamic_batching.default_priority_level",
+    "dynamic_batching.default_queue_policy",
     "dynamic_batching.default_queue_policy.default_timeout_microseconds",
     "dynamic_batching.default_queue_policy.allow_timeout_override",
     "dynamic_batching.default_queue_policy.max_queue_size",
-    "response_cache", "response_cache.enable", "model_warmup.*", "parameters.*",
-    "optimization", "optimization.graph", "optimization.graph.level", "optimization.cuda",
-    "optimization.cuda.graphs", "optimization.execution_accelerators",
+    "response_cache",
+    "response_cache.enable",
+    "model_warmup.*",
+    "parameters.*",
+    "optimization",
+    "optimization.graph",
+    "optimization.graph.level",
+    "optimization.cuda",
+    "optimization.cuda.graphs",
+    "optimization.execution_accelerators",
     "optimization.execution_accelerators.gpu_execution_accelerator.*",
-    "model_transaction_policy", "model_transaction_policy.decoupled",
-}  # fmt: skip
+    "model_transaction_policy",
+    "model_transaction_policy.decoupled",
+}
 
 
 def parse_config(text: str, source: str = "config.pbtxt") -> Any:
@@ -203,8 +228,11 @@ def complete_config(
 ) -> ModelSpec:
     """Fill the config's I/O and ``max_batch_size`` from the engine where it is silent, check the two
     agree where both speak, and return the resolved spec. Mutates ``config``."""
-    if not config.input and not config.output and config.max_batch_size == 0 and _batchable(
-        engine_inputs + engine_outputs
+    if (
+        not config.input
+        and not config.output
+        and config.max_batch_size == 0
+        and _batchable(engine_inputs + engine_outputs)
     ):
         config.max_batch_size = DEFAULT_MAX_BATCH_SIZE
     if config.max_batch_size < 0:
@@ -251,7 +279,7 @@ def _resolve(config: Any, declared: Any, engine: tuple[TensorSpec, ...], kind: s
             raise ModelLoadError(
                 f"config {kind} '{entry.name}' has data_type {datatype} but the model has {found.datatype}"
             )
-        full = ((-1, *dims) if batching else dims)
+        full = (-1, *dims) if batching else dims
         if found.shape is not None and not _compatible(full, found.shape):
             raise ModelLoadError(
                 f"config {kind} '{entry.name}' has shape {list(full)} (batch included) "

@@ -56,9 +56,21 @@ CONTENTS_FIELD: dict[str, str] = {
 
 # model_config.proto's DataType enum values, in v2 order (TYPE_STRING is "BYTES" on the wire).
 _CONFIG_TYPES = {
-    "BOOL": 1, "UINT8": 2, "UINT16": 3, "UINT32": 4, "UINT64": 5, "INT8": 6, "INT16": 7,
-    "INT32": 8, "INT64": 9, "FP16": 10, "FP32": 11, "FP64": 12, BYTES: 13, "BF16": 14,
-}  # fmt: skip
+    "BOOL": 1,
+    "UINT8": 2,
+    "UINT16": 3,
+    "UINT32": 4,
+    "UINT64": 5,
+    "INT8": 6,
+    "INT16": 7,
+    "INT32": 8,
+    "INT64": 9,
+    "FP16": 10,
+    "FP32": 11,
+    "FP64": 12,
+    BYTES: 13,
+    "BF16": 14,
+}
 _DATATYPE_OF_CONFIG = {number: name for name, number in _CONFIG_TYPES.items()}
 _DATATYPE_OF_DTYPE = {dtype: name for name, dtype in DATATYPES.items() if name != BYTES}
 

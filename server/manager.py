@@ -154,8 +154,10 @@ class ModelManager:
     async def load(self, name: str, *, config_json: str = "", files: Mapping[str, bytes] | None = None) -> None:
         """Load or reload a model (RepositoryModelLoad); ``files`` maps ``<version>/<file>`` to bytes."""
         if self.control_mode != "explicit":
-            raise NotAllowed(f"loading models is not allowed in model control mode '{self.control_mode}'; "
-                             "start the server with --model-control-mode explicit")
+            raise NotAllowed(
+                f"loading models is not allowed in model control mode '{self.control_mode}'; "
+                "start the server with --model-control-mode explicit"
+            )
         config = parse_config_json(config_json, f"config for '{name}'") if config_json else None
         directory = None
         if files:

@@ -124,9 +124,7 @@ def _engine_options(config: Any, device: str) -> EngineOptions:
         device=device,
         parameters={key: value.string_value for key, value in config.parameters.items()},
         graph_level=optimization.graph.level if optimization.HasField("graph") else None,
-        gpu_accelerators=tuple(
-            acc.name for acc in optimization.execution_accelerators.gpu_execution_accelerator
-        ),
+        gpu_accelerators=tuple(acc.name for acc in optimization.execution_accelerators.gpu_execution_accelerator),
         cuda_graphs=optimization.cuda.graphs,
         input_names=tuple(entry.name for entry in config.input),
         output_names=tuple(entry.name for entry in config.output),

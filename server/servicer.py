@@ -119,7 +119,9 @@ class InferenceServicer:
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return await self._infer(request, _deadline(context))
 
-    async def ModelStreamInfer(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    async def ModelStreamInfer(
+        self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[Any]:
         """Answer each request as it completes; an error answers that request, not the stream."""
         responses: asyncio.Queue[Any] = asyncio.Queue()
         pending: set[asyncio.Task[None]] = set()
@@ -155,9 +157,11 @@ class InferenceServicer:
     @_rpc
     async def ModelStatistics(self, request: Any, context: Any) -> Any:
         if request.name:
-            versions = [self._manager.get(request.name, request.version)] if request.version else [
-                v for v in self._manager.loaded() if v.name == request.name
-            ]
+            versions = (
+                [self._manager.get(request.name, request.version)]
+                if request.version
+                else [v for v in self._manager.loaded() if v.name == request.name]
+            )
             if not versions:
                 raise ModelNotFound(f"unknown model '{request.name}'")
         else:

@@ -8,9 +8,21 @@ from typing import Any
 import numpy as np
 
 ONNX_TYPES = {
-    "BOOL": 9, "UINT8": 2, "UINT16": 4, "UINT32": 12, "UINT64": 13, "INT8": 3, "INT16": 5, "INT32": 6,
-    "INT64": 7, "FP16": 10, "FP32": 1, "FP64": 11, "BF16": 16, "BYTES": 8,
-}  # fmt: skip
+    "BOOL": 9,
+    "UINT8": 2,
+    "UINT16": 4,
+    "UINT32": 12,
+    "UINT64": 13,
+    "INT8": 3,
+    "INT16": 5,
+    "INT32": 6,
+    "INT64": 7,
+    "FP16": 10,
+    "FP32": 1,
+    "FP64": 11,
+    "BF16": 16,
+    "BYTES": 8,
+}
 
 
 def write_model(repo: Path, name: str, graph: Any, config: str | None = None, version: int = 1) -> Path:
@@ -119,6 +131,11 @@ def build_repository(repo: Path) -> Path:
         [helper.make_tensor_value_info("text", TensorProto.STRING, [-1])],
         [helper.make_tensor_value_info("echo", TensorProto.STRING, [-1])],
     )
-    write_model(repo, "strings", strings, 'max_batch_size: 0\ninput [{ name: "text" data_type: TYPE_STRING dims: [-1] }]\n'
-                'output [{ name: "echo" data_type: TYPE_STRING dims: [-1] }]\n')  # fmt: skip
+    write_model(
+        repo,
+        "strings",
+        strings,
+        'max_batch_size: 0\ninput [{ name: "text" data_type: TYPE_STRING dims: [-1] }]\n'
+        'output [{ name: "echo" data_type: TYPE_STRING dims: [-1] }]\n',
+    )
     return repo

@@ -27,8 +27,11 @@ class RemoteServer:
         self.log = ""
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "rapidserve", "serve", "--host", "127.0.0.1", "--grpc-port", "0", *args],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})},
-        )  # fmt: skip
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
         self.port = self._wait_for_port()
         self.url = f"127.0.0.1:{self.port}"
 
@@ -118,8 +121,12 @@ def test_tritonclient_end_to_end_matches_in_process_onnxruntime(server: RemoteSe
 
 
 def test_sigterm_lets_in_flight_requests_finish_and_exits_zero(tmp_path: Path) -> None:
-    write_model(tmp_path, "slow", slow_graph(repeats=400), 'max_batch_size: 4\n'
-                'parameters { key: "intra_op_thread_count" value: { string_value: "1" } }')  # fmt: skip
+    write_model(
+        tmp_path,
+        "slow",
+        slow_graph(repeats=400),
+        'max_batch_size: 4\nparameters { key: "intra_op_thread_count" value: { string_value: "1" } }',
+    )
     remote = RemoteServer("--model-repository", str(tmp_path), "--exit-timeout-secs", "20")
     client = tc.InferenceServerClient(remote.url)
     remote.wait_ready(client)
@@ -149,19 +156,38 @@ def test_demo_serves_without_a_repository_and_infer_prints_outputs(tmp_path: Pat
         assert client.is_model_ready("digits")
         result = subprocess.run(
             [sys.executable, "-m", "rapidserve", "infer", "digits", "--url", remote.url, "--batch-size", "3"],
-            capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert result.returncode == 0, result.stderr
         assert "label int64 [3]" in result.stdout and "probabilities float32 [3, 10]" in result.stdout
         np.save(tmp_path / "pixels.npy", np.zeros((2, 64), np.float32))
         result = subprocess.run(
-            [sys.executable, "-m", "rapidserve", "infer", "digits", "--url", remote.url,
-             "--input", f"pixels={tmp_path / 'pixels.npy'}", "--output", "label"],
-            capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "rapidserve",
+                "infer",
+                "digits",
+                "--url",
+                remote.url,
+                "--input",
+                f"pixels={tmp_path / 'pixels.npy'}",
+                "--output",
+                "label",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert result.returncode == 0 and "label int64 [2]" in result.stdout and "probabilities" not in result.stdout
-        bad = subprocess.run([sys.executable, "-m", "rapidserve", "infer", "nope", "--url", remote.url],
-                             capture_output=True, text=True, timeout=60)  # fmt: skip
+        bad = subprocess.run(
+            [sys.executable, "-m", "rapidserve", "infer", "nope", "--url", remote.url],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert bad.returncode == 1 and "NOT_FOUND" in bad.stderr
         client.close()
     finally:
@@ -172,8 +198,11 @@ def test_demo_serves_without_a_repository_and_infer_prints_outputs(tmp_path: Pat
 def test_environment_variables_configure_the_server(tmp_path: Path) -> None:
     write_model(tmp_path, "add_sub", add_sub_graph(), ADD_SUB_CONFIG)
     write_model(tmp_path, "other", add_sub_graph())
-    env = {"RAPIDSERVE_MODEL_REPOSITORY": str(tmp_path), "RAPIDSERVE_MODEL_CONTROL_MODE": "explicit",
-           "RAPIDSERVE_LOAD_MODEL": "add_sub"}  # fmt: skip
+    env = {
+        "RAPIDSERVE_MODEL_REPOSITORY": str(tmp_path),
+        "RAPIDSERVE_MODEL_CONTROL_MODE": "explicit",
+        "RAPIDSERVE_LOAD_MODEL": "add_sub",
+    }
     remote = RemoteServer(env=env)
     try:
         client = tc.InferenceServerClient(remote.url)

@@ -23,10 +23,12 @@ def reshape_graph():
     return helper.make_graph(
         [helper.make_node("Reshape", ["x", "shape"], ["y"])],
         "reshape",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1]),
-         helper.make_tensor_value_info("shape", TensorProto.INT64, [2])],
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1]),
+            helper.make_tensor_value_info("shape", TensorProto.INT64, [2]),
+        ],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [-1, -1])],
-    )  # fmt: skip
+    )
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +42,12 @@ model_warmup [ { name: "w" inputs [
     write_model(repo, "reshape", reshape_graph(), warmup)
     (repo / "reshape" / "warmup").mkdir()
     (repo / "reshape" / "warmup" / "shape.bin").write_bytes(np.array([2, 3], np.int64).tobytes())
-    write_model(repo, "slow", slow_graph(), 'max_batch_size: 4\nparameters { key: "intra_op_thread_count" value: { string_value: "1" } }')
+    write_model(
+        repo,
+        "slow",
+        slow_graph(),
+        'max_batch_size: 4\nparameters { key: "intra_op_thread_count" value: { string_value: "1" } }',
+    )
     return repo
 
 
@@ -52,8 +59,9 @@ def test_engine_failure_is_internal_and_the_server_goes_on(repo: Path, serve) ->
             client.infer("reshape", {"x": x, "shape": np.array([4, 4], np.int64)})
         assert info.value.code == grpc.StatusCode.INTERNAL
         assert "model 'reshape/1' failed" in info.value.message
-        np.testing.assert_array_equal(client.infer("reshape", {"x": x, "shape": np.array([2, 3], np.int64)})["y"],
-                                      x.reshape(2, 3))  # fmt: skip
+        np.testing.assert_array_equal(
+            client.infer("reshape", {"x": x, "shape": np.array([2, 3], np.int64)})["y"], x.reshape(2, 3)
+        )
         stats = client.model_statistics("reshape").model_stats[0].inference_stats
         assert (stats.success.count, stats.fail.count) == (1, 1)
 

@@ -113,7 +113,12 @@ def test_load_with_uploaded_model_files(tmp_path: Path, serve) -> None:
 
 
 def test_reload_keeps_serving_and_lets_in_flight_requests_finish(tmp_path: Path, serve) -> None:
-    write_model(tmp_path, "slow", slow_graph(), 'max_batch_size: 4\nparameters { key: "intra_op_thread_count" value: { string_value: "1" } }')
+    write_model(
+        tmp_path,
+        "slow",
+        slow_graph(),
+        'max_batch_size: 4\nparameters { key: "intra_op_thread_count" value: { string_value: "1" } }',
+    )
     server = serve(tmp_path, model_control_mode="explicit", load_models=("*",))
     x = np.abs(np.random.default_rng(0).standard_normal((1, 256, 256))).astype(np.float32)
     results: list[object] = []

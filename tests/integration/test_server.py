@@ -46,8 +46,9 @@ def test_health_and_metadata(triton) -> None:
     meta = triton.get_model_metadata("add_sub", as_json=True)
     assert meta["platform"] == "onnxruntime_onnx" and meta["versions"] == ["1"]
     assert [(i["name"], i["datatype"], i["shape"]) for i in meta["inputs"]] == [
-        ("INPUT0", "FP32", ["-1", "16"]), ("INPUT1", "FP32", ["-1", "16"])
-    ]  # fmt: skip
+        ("INPUT0", "FP32", ["-1", "16"]),
+        ("INPUT1", "FP32", ["-1", "16"]),
+    ]
     config = triton.get_model_config("add_sub").config
     assert config.max_batch_size == 8 and config.backend == "onnxruntime"
     assert [o.name for o in config.output] == ["OUTPUT0", "OUTPUT1"]
@@ -73,7 +74,9 @@ def test_fp16_int64_and_bytes(triton) -> None:
     assert out.dtype == np.float16
     np.testing.assert_array_equal(out, half * 2)
     ints = np.array([[2**40, -5, 0, 7]], dtype=np.int64)
-    np.testing.assert_array_equal(triton.infer("int64_triple", [triton_input("x", ints, "INT64")]).as_numpy("y"), ints * 3)
+    np.testing.assert_array_equal(
+        triton.infer("int64_triple", [triton_input("x", ints, "INT64")]).as_numpy("y"), ints * 3
+    )
     words = np.array([b"hello", "w\u00f6rld".encode(), b""], dtype=object)
     echoed = triton.infer("strings", [triton_input("text", words, "BYTES")]).as_numpy("echo")
     assert list(echoed) == list(words)
@@ -110,9 +113,11 @@ def test_200_concurrent_requests_each_get_their_own_answer(triton) -> None:
         b = np.arange(16, dtype=np.float32).reshape(1, 16)
         expected[str(i)] = a + b
         triton.async_infer(
-            "add_sub", [triton_input("INPUT0", a, "FP32"), triton_input("INPUT1", b, "FP32")],
-            callback=lambda result, error: answers.put((result, error)), request_id=str(i),
-        )  # fmt: skip
+            "add_sub",
+            [triton_input("INPUT0", a, "FP32"), triton_input("INPUT1", b, "FP32")],
+            callback=lambda result, error: answers.put((result, error)),
+            request_id=str(i),
+        )
     for _ in range(200):
         result, error = answers.get(timeout=60)
         assert error is None
@@ -126,8 +131,9 @@ def test_async_client_multiplexes_200_calls_over_one_stream(shared_server) -> No
     async def run() -> None:
         async with AsyncClient(shared_server.url, timeout_s=30) as client:
             values = [np.full((1, 4), i, np.int64) for i in range(200)]
-            results = await asyncio.gather(*(client.infer("int64_triple", {"x": v}, request_id=f"q{i}")
-                                             for i, v in enumerate(values)))  # fmt: skip
+            results = await asyncio.gather(
+                *(client.infer("int64_triple", {"x": v}, request_id=f"q{i}") for i, v in enumerate(values))
+            )
             for value, result in zip(values, results, strict=True):
                 np.testing.assert_array_equal(result["y"], value * 3)
             with pytest.raises(InferenceServerError) as info:
@@ -165,23 +171,63 @@ def test_tritonclient_streaming_reports_errors_without_closing_the_stream(shared
 
 BAD_REQUESTS = [
     ("unknown model", "nope", {"x": np.zeros((1, 4), np.int64)}, (), grpc.StatusCode.NOT_FOUND, "unknown model 'nope'"),
-    ("wrong datatype", "int64_triple", {"x": np.zeros((1, 4), np.float32)}, (), grpc.StatusCode.INVALID_ARGUMENT,
-     "datatype FP32 does not match the model's INT64"),
-    ("wrong shape", "int64_triple", {"x": np.zeros((1, 5), np.int64)}, (), grpc.StatusCode.INVALID_ARGUMENT,
-     r"shape [1, 5] does not match the model's [-1, 4]"),
-    ("batch too large", "add_sub", {"INPUT0": np.zeros((9, 16), np.float32), "INPUT1": np.zeros((9, 16), np.float32)},
-     (), grpc.StatusCode.INVALID_ARGUMENT, "batch size 9 exceeds the model's max_batch_size 8"),
-    ("missing input", "add_sub", {"INPUT0": np.zeros((1, 16), np.float32)}, (), grpc.StatusCode.INVALID_ARGUMENT,
-     "missing input 'INPUT1'"),
-    ("unknown input", "int64_triple", {"x": np.zeros((1, 4), np.int64), "z": np.zeros(1, np.int64)}, (),
-     grpc.StatusCode.INVALID_ARGUMENT, "unexpected input 'z'"),
-    ("unknown output", "int64_triple", {"x": np.zeros((1, 4), np.int64)}, ("w",), grpc.StatusCode.INVALID_ARGUMENT,
-     "unknown output 'w'"),
-]  # fmt: skip
+    (
+        "wrong datatype",
+        "int64_triple",
+        {"x": np.zeros((1, 4), np.float32)},
+        (),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "datatype FP32 does not match the model's INT64",
+    ),
+    (
+        "wrong shape",
+        "int64_triple",
+        {"x": np.zeros((1, 5), np.int64)},
+        (),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        r"shape [1, 5] does not match the model's [-1, 4]",
+    ),
+    (
+        "batch too large",
+        "add_sub",
+        {"INPUT0": np.zeros((9, 16), np.float32), "INPUT1": np.zeros((9, 16), np.float32)},
+        (),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "batch size 9 exceeds the model's max_batch_size 8",
+    ),
+    (
+        "missing input",
+        "add_sub",
+        {"INPUT0": np.zeros((1, 16), np.float32)},
+        (),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "missing input 'INPUT1'",
+    ),
+    (
+        "unknown input",
+        "int64_triple",
+        {"x": np.zeros((1, 4), np.int64), "z": np.zeros(1, np.int64)},
+        (),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "unexpected input 'z'",
+    ),
+    (
+        "unknown output",
+        "int64_triple",
+        {"x": np.zeros((1, 4), np.int64)},
+        ("w",),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "unknown output 'w'",
+    ),
+]
 
 
-@pytest.mark.parametrize(("case", "model", "inputs", "outputs", "code", "message"), BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS])
-def test_bad_requests_get_clear_statuses_and_the_server_goes_on(client, case, model, inputs, outputs, code, message) -> None:
+@pytest.mark.parametrize(
+    ("case", "model", "inputs", "outputs", "code", "message"), BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS]
+)
+def test_bad_requests_get_clear_statuses_and_the_server_goes_on(
+    client, case, model, inputs, outputs, code, message
+) -> None:
     with pytest.raises(InferenceServerError) as info:
         client.infer(model, inputs, outputs)
     assert info.value.code == code

@@ -60,8 +60,10 @@ def test_exported_program_describes_its_own_io_and_matches_eager(torch_repo: Pat
     with Client(server.url) as client:
         meta = client.model_metadata("exported")
         assert meta.platform == "pytorch_libtorch"
-        assert [(s.name, s.datatype, s.shape) for s in meta.inputs] == [("features", "FP32", (-1, 8)),
-                                                                         ("offset", "FP32", (-1, 4))]
+        assert [(s.name, s.datatype, s.shape) for s in meta.inputs] == [
+            ("features", "FP32", (-1, 8)),
+            ("offset", "FP32", (-1, 4)),
+        ]
         assert [(s.name, s.datatype) for s in meta.outputs] == [("OUTPUT__0", "FP32"), ("OUTPUT__1", "INT64")]
         out = client.infer("exported", {"features": features, "offset": offset})
         np.testing.assert_allclose(out["OUTPUT__0"], logits, rtol=1e-5, atol=1e-6)
@@ -80,12 +82,16 @@ def test_torchscript_takes_its_io_from_the_config(torch_repo: Path, serve) -> No
         np.testing.assert_allclose(out["logits"], logits, rtol=1e-5, atol=1e-6)
         np.testing.assert_array_equal(out["label"], label)
         with pytest.raises(InferenceServerError, match="max_batch_size 16"):
-            client.infer("scripted", {"INPUT__0": np.zeros((17, 8), np.float32), "INPUT__1": np.zeros((17, 4), np.float32)})
+            client.infer(
+                "scripted", {"INPUT__0": np.zeros((17, 8), np.float32), "INPUT__1": np.zeros((17, 4), np.float32)}
+            )
 
 
 def test_torchscript_without_config_fails_to_load_with_a_clear_reason(tmp_path: Path, serve) -> None:
     (tmp_path / "bare" / "1").mkdir(parents=True)
-    torch.jit.trace(TwoHeads().eval(), (torch.randn(1, 8), torch.randn(1, 4))).save(str(tmp_path / "bare" / "1" / "model.pt"))
+    torch.jit.trace(TwoHeads().eval(), (torch.randn(1, 8), torch.randn(1, 4))).save(
+        str(tmp_path / "bare" / "1" / "model.pt")
+    )
     server = serve(tmp_path)
     with Client(server.url) as client:
         (entry,) = client.repository_index()

@@ -163,8 +163,14 @@ def test_shared_memory_and_classification_are_refused_clearly() -> None:
 
 
 def test_parameters_and_request_fields_are_decoded() -> None:
-    msg = codec.encode_request("m", {"x": np.zeros(2, np.float32)}, ["y"], model_version="3", request_id="r1",
-                               parameters={"priority": 2, "flag": True, "note": "hi", "ratio": 0.5})  # fmt: skip
+    msg = codec.encode_request(
+        "m",
+        {"x": np.zeros(2, np.float32)},
+        ["y"],
+        model_version="3",
+        request_id="r1",
+        parameters={"priority": 2, "flag": True, "note": "hi", "ratio": 0.5},
+    )
     request = codec.decode_request(msg, deadline=12.5)
     assert (request.model_name, request.model_version, request.id, request.outputs) == ("m", "3", "r1", ("y",))
     assert request.parameters == {"priority": 2, "flag": True, "note": "hi", "ratio": 0.5}

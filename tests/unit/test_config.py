@@ -45,7 +45,7 @@ def test_unknown_field_names_are_reported_not_misread() -> None:
 
 
 def test_malformed_config_is_a_load_error_naming_the_file() -> None:
-    with pytest.raises(ModelLoadError, match="m/config.pbtxt"):
+    with pytest.raises(ModelLoadError, match=r"m/config\.pbtxt"):
         parse_config('name: "m" max_batch_size: "many"', "m/config.pbtxt")
     with pytest.raises(ModelLoadError, match="expected '}'"):
         parse_config('input { name: "a" ', "m/config.pbtxt")
@@ -59,7 +59,9 @@ def test_config_is_completed_from_the_model_with_default_batching() -> None:
     config = protos.ModelConfig(name="m")
     spec = complete_config(config, ENGINE_IN, ENGINE_OUT)
     assert config.max_batch_size == DEFAULT_MAX_BATCH_SIZE
-    assert [(i.name, i.data_type, list(i.dims)) for i in config.input] == [("x", protos.DataType.Value("TYPE_FP32"), [3])]
+    assert [(i.name, i.data_type, list(i.dims)) for i in config.input] == [
+        ("x", protos.DataType.Value("TYPE_FP32"), [3])
+    ]
     assert spec.inputs == (TensorSpec("x", "FP32", (3,)),)
     assert spec.full_shape(spec.outputs[0]) == (-1,)
 

@@ -13,8 +13,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_generated_descriptor_set_matches_the_proto_files() -> None:
     """Fails when someone edits a .proto without running `python protos/generate.py`."""
-    result = subprocess.run([sys.executable, str(ROOT / "protos" / "generate.py"), "--check"],
-                            capture_output=True, text=True)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "protos" / "generate.py"), "--check"], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr
 
 
