@@ -128,8 +128,11 @@ def _from_ort_value(value: Any) -> np.ndarray[Any, Any]:
         return result
     shape = tuple(value.shape())
     count = int(np.prod(shape))
-    buffer = (ctypes.c_uint16 * count).from_address(value.data_ptr()) if count else []
-    return np.array(buffer, dtype=np.uint16).view(ml_dtypes.bfloat16).reshape(shape)
+    bits = np.zeros(count, np.uint16)
+    if count:
+        bits[:] = (ctypes.c_uint16 * count).from_address(value.data_ptr())
+    result = bits.view(ml_dtypes.bfloat16).reshape(shape)
+    return result
 
 
 def _session_options(ort: Any, options: EngineOptions) -> Any:

@@ -114,7 +114,8 @@ class TorchEngine:
 def _to_numpy(torch: Any, tensor: Any) -> np.ndarray[Any, Any]:
     tensor = tensor.detach().cpu()
     if tensor.dtype == torch.bfloat16:
-        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        bits: np.ndarray[Any, Any] = tensor.view(torch.int16).numpy()
+        return bits.view(ml_dtypes.bfloat16)
     array: np.ndarray[Any, Any] = tensor.numpy()
     return array
 

@@ -98,8 +98,8 @@ def _backend(config: Any, version_dirs: list[Path]) -> str:
                 f"model '{config.name}': platform '{config.platform}' is not supported; "
                 f"expected one of {', '.join(PLATFORMS)}"
             )
-        return PLATFORMS[config.platform]
-    names = [config.default_model_filename] if config.default_model_filename else []
+        return PLATFORMS[str(config.platform)]
+    names: list[str] = [str(config.default_model_filename)] if config.default_model_filename else []
     names += [name for group in DEFAULT_FILENAMES.values() for name in group]
     for name in names:
         if any((d / name).exists() for d in version_dirs):
@@ -113,7 +113,7 @@ def _backend(config: Any, version_dirs: list[Path]) -> str:
 
 
 def _model_file(config: Any, backend: str, version_dir: Path) -> Path:
-    names = [config.default_model_filename] if config.default_model_filename else []
+    names: list[str] = [str(config.default_model_filename)] if config.default_model_filename else []
     names += list(DEFAULT_FILENAMES.get(backend, ()))
     for name in names:
         if (version_dir / name).exists():

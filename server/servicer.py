@@ -55,7 +55,7 @@ Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
 def status_of(exc: RapidServeError) -> grpc.StatusCode:
     for cls in type(exc).__mro__:
         if cls in STATUS_OF:
-            return STATUS_OF[cls]  # type: ignore[index]
+            return STATUS_OF[cls]
     return grpc.StatusCode.INTERNAL
 
 
