@@ -9,7 +9,11 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-__all__ = ["Engine", "EngineOptions", "TensorSpec", "missing_extra"]
+__all__ = ["Engine", "EngineInputError", "EngineOptions", "TensorSpec", "missing_extra"]
+
+
+class EngineInputError(ValueError):
+    """Raised by ``Engine.infer`` when the request's data is what cannot be run (not the engine)."""
 
 
 @dataclass(frozen=True, slots=True)

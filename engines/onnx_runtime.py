@@ -15,7 +15,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from rapidserve.engines.base import EngineOptions, TensorSpec, missing_extra
+from rapidserve.engines.base import EngineInputError, EngineOptions, TensorSpec, missing_extra
 
 __all__ = ["OnnxRuntimeEngine", "load"]
 
@@ -107,9 +107,12 @@ def _spec(arg: Any) -> TensorSpec:
 
 
 def _as_ort_string(array: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
-    """ORT string tensors take ``str`` elements; BYTES arrives as ``bytes``."""
+    """ORT string tensors take ``str`` elements (it would store ``bytes`` as their repr)."""
     decode = np.vectorize(lambda b: b.decode("utf-8") if isinstance(b, bytes) else str(b), otypes=[object])
-    return decode(array) if array.size else array
+    try:
+        return decode(array) if array.size else array
+    except UnicodeDecodeError as exc:
+        raise EngineInputError(f"ONNX Runtime string tensors hold UTF-8 text; an element is not: {exc}") from None
 
 
 _ONNX_BFLOAT16 = 16  # TensorProto.BFLOAT16

@@ -32,6 +32,16 @@ __all__ = [
 
 _MAX_ELEMENTS = 2**40  # far beyond any message gRPC accepts; stops absurd shapes before arithmetic
 _LENGTH = struct.Struct("<I")
+# the element type of each InferTensorContents field, so values convert exactly (no float detour)
+_CONTAINER_DTYPES = {
+    "bool_contents": np.dtype(np.bool_),
+    "int_contents": np.dtype(np.int32),
+    "int64_contents": np.dtype(np.int64),
+    "uint_contents": np.dtype(np.uint32),
+    "uint64_contents": np.dtype(np.uint64),
+    "fp32_contents": np.dtype(np.float32),
+    "fp64_contents": np.dtype(np.float64),
+}
 _SHARED_MEMORY_PARAMS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
 
 
@@ -228,7 +238,7 @@ def _from_contents(name: str, tensor: Any, dtype: np.dtype[Any], shape: tuple[in
         array = np.empty(count, dtype=object)
         array[:] = list(values)
         return array.reshape(shape)
-    wide = np.asarray(values)  # the container type: int32/uint32/int64/uint64/float/double/bool
+    wide = np.fromiter(values, dtype=_CONTAINER_DTYPES[field], count=count)
     if dtype.kind in "iu" and wide.size and dtype.itemsize < wide.dtype.itemsize:
         info = np.iinfo(dtype)
         if wide.min() < info.min or wide.max() > info.max:

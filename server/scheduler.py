@@ -12,8 +12,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from rapidserve.engines.base import Engine
-from rapidserve.server.errors import DeadlineExceeded, EngineError, Unavailable
+from rapidserve.engines.base import Engine, EngineInputError
+from rapidserve.server.errors import DeadlineExceeded, EngineError, InvalidRequest, Unavailable
 from rapidserve.server.stats import ModelStats
 from rapidserve.server.types import InferRequest
 
@@ -62,6 +62,8 @@ class DirectScheduler:
         work.add_done_callback(lambda _: loop.call_soon_threadsafe(self._free.put_nowait, engine))
         try:
             result, infer_start, infer_end = await asyncio.wrap_future(work)
+        except EngineInputError as exc:
+            raise InvalidRequest(f"model '{self._name}': {exc}") from None
         except Exception as exc:
             raise EngineError(f"model '{self._name}' failed: {type(exc).__name__}: {exc}") from exc
         done = time.monotonic_ns()

@@ -80,6 +80,8 @@ def test_fp16_int64_and_bytes(triton) -> None:
     words = np.array([b"hello", "w\u00f6rld".encode(), b""], dtype=object)
     echoed = triton.infer("strings", [triton_input("text", words, "BYTES")]).as_numpy("echo")
     assert list(echoed) == list(words)
+    with pytest.raises(InferenceServerException, match="string tensors hold UTF-8 text"):
+        triton.infer("strings", [triton_input("text", np.array([b"\xff"], dtype=object), "BYTES")])
 
 
 def test_every_datatype_round_trips_through_the_server(client) -> None:
@@ -307,3 +309,54 @@ def test_concurrent_clients_from_threads(shared_server) -> None:
     for t in threads:
         t.join()
     assert not errors
+
+
+def _wire_cases():
+    from rapidserve import protos
+
+    def request(shape=(1, 4), raw=(b"\x00" * 32,), name="x"):
+        msg = protos.ModelInferRequest(model_name="int64_triple")
+        msg.inputs.add(name=name, datatype="INT64", shape=shape)
+        msg.raw_input_contents.extend(raw)
+        return msg
+
+    mixed = request()
+    mixed.inputs.add(name="y", datatype="INT64", shape=[1]).contents.int64_contents.append(1)
+    mixed.raw_input_contents.append(b"\x00" * 8)
+    duplicate = request(raw=(b"\x00" * 32, b"\x00" * 32))
+    duplicate.inputs.append(duplicate.inputs[0])
+    return [
+        (
+            "raw count",
+            request(raw=(b"\x00" * 32, b"")),
+            "raw_input_contents has 2 entries but the request has 1 inputs",
+        ),
+        ("mixed", mixed, "contents must not be set when raw_input_contents is used"),
+        ("duplicate", duplicate, "input 'x' appears more than once"),
+        ("negative dim", request(shape=(1, -4)), "negative dimension"),
+        ("overflowing dims", request(shape=(2**40, 2**40)), "too large"),
+        ("short raw", request(raw=(b"\x00" * 31,)), "raw data has 31 bytes, expected 32"),
+    ]
+
+
+WIRE_CASES = _wire_cases()
+
+
+@pytest.mark.parametrize(("case", "message", "expected"), WIRE_CASES, ids=[c[0] for c in WIRE_CASES])
+def test_malformed_protobuf_requests_are_invalid_argument(shared_server, case, message, expected) -> None:
+    from rapidserve import protos
+
+    with grpc.insecure_channel(shared_server.url) as channel:
+        infer = channel.unary_unary(
+            protos.method_path("ModelInfer"),
+            request_serializer=protos.ModelInferRequest.SerializeToString,
+            response_deserializer=protos.ModelInferResponse.FromString,
+        )
+        with pytest.raises(grpc.RpcError) as info:
+            infer(message, timeout=10)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert expected in info.value.details()
+        good = protos.ModelInferRequest(model_name="int64_triple")
+        good.inputs.add(name="x", datatype="INT64", shape=[1, 4])
+        good.raw_input_contents.append(np.full((1, 4), 2, np.int64).tobytes())
+        assert np.frombuffer(infer(good, timeout=10).raw_output_contents[0], np.int64).tolist() == [6] * 4
