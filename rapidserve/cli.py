@@ -92,6 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 async def _serve(args: argparse.Namespace) -> int:
     from rapidserve.server.app import InferenceServer
+    from rapidserve.server.errors import RapidServeError
     from rapidserve.server.settings import ServerSettings
 
     demo = not args.model_repository
@@ -101,6 +102,10 @@ async def _serve(args: argparse.Namespace) -> int:
         repositories: tuple[Path, ...] = (demo_repository(),)
     else:
         repositories = tuple(Path(p) for p in args.model_repository)
+        missing = [str(p) for p in repositories if not p.is_dir()]
+        if missing:
+            log.error("model repository not found (not a directory): %s", ", ".join(missing))
+            return 2
     settings = ServerSettings(
         model_repositories=repositories,
         host=args.host,
@@ -117,7 +122,12 @@ async def _serve(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await server.start()
+    try:
+        await server.start()
+    except (OSError, RuntimeError, RapidServeError) as exc:
+        log.error("cannot start: %s", exc)
+        await server.stop(0)
+        return 1
     if demo:
         host = "localhost" if args.host in ("0.0.0.0", "::") else args.host
         log.info(

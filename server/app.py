@@ -57,7 +57,11 @@ class InferenceServer:
     async def start(self) -> None:
         limit = self.settings.grpc_max_message_bytes
         server = grpc.aio.server(
-            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not share it
+            ]
         )
         server.add_generic_rpc_handlers((_inference_handler(InferenceServicer(self.manager)),))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)

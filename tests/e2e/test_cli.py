@@ -211,3 +211,25 @@ def test_environment_variables_configure_the_server(tmp_path: Path) -> None:
         client.close()
     finally:
         assert remote.stop() == 0
+
+
+def test_startup_errors_exit_nonzero_with_a_message(tmp_path: Path) -> None:
+    missing = subprocess.run(
+        [sys.executable, "-m", "rapidserve", "serve", "--model-repository", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert missing.returncode == 2 and "model repository not found" in missing.stderr
+    first = RemoteServer("--model-repository", str(tmp_path))
+    try:
+        busy = subprocess.run(
+            [sys.executable, "-m", "rapidserve", "serve", "--model-repository", str(tmp_path),
+             "--host", "127.0.0.1", "--grpc-port", str(first.port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )  # fmt: skip
+        assert busy.returncode == 1 and "cannot start" in busy.stderr
+    finally:
+        assert first.stop() == 0
