@@ -61,6 +61,13 @@ def _parser() -> argparse.ArgumentParser:
         help="on SIGTERM/SIGINT, how long in-flight requests may take to finish",
     )
     serve.add_argument(
+        "--batching-mode",
+        choices=("adaptive", "fixed"),
+        default=_env("batching-mode", "adaptive"),
+        help="adaptive (default): wait for a fuller batch only while more requests are expected in time; "
+        "fixed: Triton's behaviour, always wait out max_queue_delay_microseconds",
+    )
+    serve.add_argument(
         "--log-level",
         default=_env("log-level", "INFO"),
         choices=("DEBUG", "INFO", "WARNING", "ERROR", "debug", "info", "warning", "error"),
@@ -116,6 +123,7 @@ async def _serve(args: argparse.Namespace) -> int:
         model_load_threads=args.model_load_thread_count,
         grpc_max_message_bytes=args.grpc_max_message_bytes,
         grace_period_s=args.exit_timeout_secs,
+        batching_mode=args.batching_mode,
     )
     server = InferenceServer(settings)
     stop = asyncio.Event()

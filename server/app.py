@@ -49,6 +49,7 @@ class InferenceServer:
             load_models=settings.load_models,
             poll_secs=settings.repository_poll_secs,
             load_threads=settings.model_load_threads,
+            batching_mode=settings.batching_mode,
         )
         self._server: grpc.aio.Server | None = None
         self._health = health_aio.HealthServicer()

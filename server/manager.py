@@ -58,6 +58,7 @@ class ModelManager:
         load_models: tuple[str, ...] = (),
         poll_secs: float = 15.0,
         load_threads: int = 4,
+        batching_mode: str = "adaptive",
     ) -> None:
         if control_mode not in ("none", "explicit", "poll"):
             raise ValueError(f"model control mode must be none, explicit or poll, not {control_mode!r}")
@@ -65,6 +66,7 @@ class ModelManager:
         self.control_mode = control_mode
         self._load_models = load_models
         self._poll_secs = poll_secs
+        self._batching_mode = batching_mode
         self._models: dict[str, _Model] = {}
         self._startup: set[str] = set()
         self._started = False
@@ -207,7 +209,7 @@ class ModelManager:
                 model.state = previous_state if model.versions else UNAVAILABLE
                 raise
             old = model.versions
-            model.versions = {lv.version: ModelVersion(name, lv) for lv in loaded}
+            model.versions = {lv.version: ModelVersion(name, lv, self._batching_mode) for lv in loaded}
             model.state, model.reason, model.fingerprint = READY, "", stamp
             versions = ", ".join(str(v) for v in sorted(model.versions))
             log.info("model '%s' ready (versions %s, backend %s)", name, versions, source.backend)

@@ -1,4 +1,4 @@
-"""A loaded model version: its engine instances, the scheduler in front of them, its statistics.
+"""A loaded model version: its engine instances, the dynamic batcher in front of them, its statistics.
 
 ``build_version`` does the blocking part (engines, config completion, warm-up) in a loader thread;
 ``ModelVersion`` is the event-loop side that requests go through.
@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -16,11 +17,11 @@ import numpy as np
 
 from rapidserve.engines.base import Engine, EngineOptions
 from rapidserve.engines.registry import load_engine
+from rapidserve.server.batcher import BatcherConfig, DynamicBatcher
 from rapidserve.server.config import ModelSpec, complete_config
 from rapidserve.server.datatypes import BYTES, config_type_to_datatype, numpy_dtype
 from rapidserve.server.errors import ModelLoadError, RapidServeError
 from rapidserve.server.repository import ModelSource
-from rapidserve.server.scheduler import DirectScheduler, Scheduler
 from rapidserve.server.stats import ModelStats
 from rapidserve.server.types import InferRequest, InferResponse
 
@@ -55,6 +56,9 @@ def build_version(source: ModelSource, version: int) -> LoadedVersion:
         for device in _instance_devices(config):
             engines.append(load_engine(source.backend, path, _engine_options(config, device)))
         spec = complete_config(config, tuple(engines[0].inputs), tuple(engines[0].outputs))
+        if spec.max_batch_size > 0 and not config.HasField("dynamic_batching"):
+            config.dynamic_batching.SetInParent()  # Triton's default for a batching model: no delay
+        batcher_config(config)  # reject bad batching settings at load time
         requests = _warmup_requests(config, spec, source.directory)
         for engine in engines:
             for inputs, count in requests:
@@ -70,18 +74,22 @@ def build_version(source: ModelSource, version: int) -> LoadedVersion:
 
 
 class ModelVersion:
-    """Serves one version. Created on the event loop from a ``LoadedVersion``."""
+    """Serves one version through its dynamic batcher. Created on the event loop from a ``LoadedVersion``."""
 
-    def __init__(self, name: str, loaded: LoadedVersion) -> None:
+    def __init__(self, name: str, loaded: LoadedVersion, batching_mode: str = "adaptive") -> None:
         self.name = name
         self.version = loaded.version
         self.config = loaded.config
         self.spec = loaded.spec
         self.load_seconds = loaded.load_seconds
         self.stats = ModelStats()
+        self._engines = loaded.engines
         self._output_names = tuple(spec.name for spec in loaded.spec.outputs)
-        self._scheduler: Scheduler = DirectScheduler(
-            f"{name}/{loaded.version}", loaded.engines, self.stats, batching=loaded.spec.max_batch_size > 0
+        self._batcher = DynamicBatcher(
+            f"{name}/{loaded.version}",
+            [engine.infer for engine in loaded.engines],
+            batcher_config(loaded.config, batching_mode),
+            self.stats,
         )
 
     async def infer(self, request: InferRequest) -> InferResponse:
@@ -89,7 +97,7 @@ class ModelVersion:
         try:
             self.spec.validate(request)
             outputs = request.outputs or self._output_names
-            arrays = await self._scheduler.submit(request, outputs)
+            arrays = await self._batcher.submit(request, outputs)
         except RapidServeError:
             self.stats.fail.add(time.monotonic_ns() - start)
             raise
@@ -98,7 +106,46 @@ class ModelVersion:
 
     async def close(self) -> None:
         """Let queued and running requests finish, then release the engines."""
-        await self._scheduler.close()
+        await self._batcher.close()
+        await asyncio.to_thread(_close_all, self._engines)
+
+
+def _close_all(engines: list[Engine]) -> None:
+    for engine in engines:
+        engine.close()
+
+
+BATCHING_MODES = ("adaptive", "fixed")
+
+
+def batcher_config(config: Any, batching_mode: str = "adaptive") -> BatcherConfig:
+    """The batcher's settings from a completed model config; the model parameter ``batching_mode``
+    overrides the server's ``--batching-mode``."""
+    mode = config.parameters["batching_mode"].string_value if "batching_mode" in config.parameters else batching_mode
+    if mode not in BATCHING_MODES:
+        raise ModelLoadError(f"model '{config.name}': batching_mode must be adaptive or fixed, not '{mode}'")
+    dynamic = config.dynamic_batching
+    policy = dynamic.default_queue_policy
+    if policy.timeout_action != 0:
+        log.warning(
+            "model '%s': queue timeout_action DELAY is not supported; timed-out requests are rejected", config.name
+        )
+    if dynamic.priority_levels and not 0 <= dynamic.default_priority_level <= dynamic.priority_levels:
+        raise ModelLoadError(
+            f"model '{config.name}': default_priority_level {dynamic.default_priority_level} "
+            f"is outside 1..{dynamic.priority_levels}"
+        )
+    return BatcherConfig(
+        max_batch_size=config.max_batch_size,
+        max_queue_delay_s=dynamic.max_queue_delay_microseconds / 1e6,
+        preferred_batch_sizes=tuple(dynamic.preferred_batch_size),
+        max_queue_size=policy.max_queue_size,
+        default_timeout_s=policy.default_timeout_microseconds / 1e6,
+        allow_timeout_override=policy.allow_timeout_override,
+        priority_levels=int(dynamic.priority_levels),
+        default_priority=int(dynamic.default_priority_level),
+        adaptive=mode == "adaptive",
+    )
 
 
 def _instance_devices(config: Any) -> list[str]:

@@ -22,3 +22,4 @@ class ServerSettings:
     # tritonclient opens channels allowing INT32_MAX-byte messages; gRPC's own default is 4 MiB
     grpc_max_message_bytes: int = INT32_MAX
     grace_period_s: float = 30.0
+    batching_mode: str = "adaptive"  # adaptive | fixed (Triton's exact behaviour); a model may override

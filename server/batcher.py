@@ -1,0 +1,395 @@
+"""The dynamic batcher: Triton's batching semantics on asyncio, plus an adaptive mode.
+
+Independent of gRPC and of engines: it takes one blocking callable per instance that runs a batch
+(``inputs -> outputs``) and calls them from a thread per instance. All decisions are made on the
+event loop by one function, ``_dispatch``, called when a request arrives, when an instance frees up
+and when a timer (batching delay, queue timeout) fires, so there is no scheduler task to wake.
+
+Semantics (Triton's): batch size counts along dim 0; requests join a batch only when their trailing
+shapes and datatypes match the batch's first request; the batching delay runs from the oldest waiting
+request; a batch goes when it reaches ``max_batch_size`` or a preferred size, when the delay has
+passed, or, in adaptive mode, as soon as waiting is not expected to bring another request in time.
+While every instance is busy the next batch keeps growing. Requests of a higher priority level
+(1 = highest) are taken first, FIFO within a level.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from rapidserve.engines.base import EngineInputError
+from rapidserve.server.errors import DeadlineExceeded, EngineError, InvalidRequest, Overloaded, Unavailable
+from rapidserve.server.stats import ModelStats
+from rapidserve.server.types import InferRequest
+
+__all__ = ["BatchRunner", "BatcherConfig", "DynamicBatcher"]
+
+Arrays = dict[str, np.ndarray[Any, Any]]
+BatchRunner = Callable[[Arrays, Sequence[str]], Arrays]
+
+
+@dataclass(frozen=True, slots=True)
+class BatcherConfig:
+    max_batch_size: int = 0  # 0: the model does not batch, every request runs alone
+    max_queue_delay_s: float = 0.0
+    preferred_batch_sizes: tuple[int, ...] = ()
+    max_queue_size: int = 0  # 0: unbounded
+    default_timeout_s: float = 0.0  # 0: none
+    allow_timeout_override: bool = False
+    priority_levels: int = 0
+    default_priority: int = 0
+    adaptive: bool = True
+
+
+@dataclass(eq=False, slots=True)
+class _Pending:
+    request: InferRequest
+    outputs: tuple[str, ...]
+    future: asyncio.Future[Arrays]
+    size: int
+    signature: tuple[Any, ...]
+    enqueued: float
+    deadline: float | None
+    dispatched: bool = False  # a queue timeout no longer applies once the request runs
+
+
+@dataclass(slots=True)
+class _ArrivalRate:
+    """Requests per second that arrive while the model is busy (something queued or running).
+
+    A single closed-loop client never sends while its request is in the server, so this stays
+    near zero for it and adaptive batching does not make it wait; many clients keep it high.
+    """
+
+    rate: float = 0.0
+    arrivals: int = 0
+    busy_time: float = 0.0
+    busy_since: float | None = None
+
+    def arrival(self, now: float, busy: bool) -> None:
+        if busy:
+            self.arrivals += 1
+        elif self.busy_since is None:
+            self.busy_since = now
+
+    def idle(self, now: float) -> None:
+        if self.busy_since is not None:
+            self.busy_time += now - self.busy_since
+            self.busy_since = None
+        if self.busy_time > 0.05:
+            sample = self.arrivals / self.busy_time
+            self.rate = sample if self.rate == 0 else 0.5 * self.rate + 0.5 * sample
+            self.arrivals, self.busy_time = 0, 0.0
+
+    def expected(self, now: float, window_s: float) -> float:
+        busy = self.busy_time + (now - self.busy_since if self.busy_since is not None else 0.0)
+        current = self.arrivals / busy if busy > 0.05 else self.rate
+        return max(current, self.rate) * window_s
+
+
+@dataclass(slots=True)
+class _Queues:
+    levels: list[deque[_Pending]]
+    count: int = 0  # queued requests, cancelled ones included until they are dropped
+    timed: list[tuple[float, int, _Pending]] = field(default_factory=list)  # heap by deadline
+
+
+class DynamicBatcher:
+    def __init__(self, name: str, instances: Sequence[BatchRunner], config: BatcherConfig, stats: ModelStats) -> None:
+        if not instances:
+            raise ValueError("a batcher needs at least one instance")
+        self._name = name
+        self._config = config
+        self._stats = stats
+        self._preferred = sorted(set(config.preferred_batch_sizes), reverse=True)
+        self._free = list(reversed(instances))
+        self._instances = list(instances)
+        self._executor = ThreadPoolExecutor(max_workers=len(instances), thread_name_prefix=f"rs-{name}")
+        self._queues = _Queues([deque() for _ in range(max(config.priority_levels, 1))])
+        self._arrivals = _ArrivalRate()
+        self._delay_timer: asyncio.TimerHandle | None = None
+        self._deadline_timer: asyncio.TimerHandle | None = None
+        self._seq = itertools.count()
+        self._running = 0
+        self._closed = False
+        self._idle: asyncio.Future[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- submission ------------------------------------------------------------------------------
+
+    async def submit(self, request: InferRequest, outputs: Sequence[str]) -> Arrays:
+        """Queue one request; returns its own rows of the batch's outputs."""
+        if self._closed:
+            raise Unavailable(f"model '{self._name}' is unloading")
+        queues = self._queues
+        if self._config.max_queue_size and queues.count >= self._config.max_queue_size:
+            raise Overloaded(
+                f"model '{self._name}' has {queues.count} requests queued, its max_queue_size; retry later"
+            )
+        loop = self._loop or self._bind_loop()
+        now = time.monotonic()
+        item = _Pending(
+            request, tuple(outputs), loop.create_future(), *self._shape_of(request), now, self._deadline(request, now)
+        )
+        level = self._priority(request)
+        self._arrivals.arrival(now, busy=queues.count > 0 or self._running > 0)
+        queues.levels[level].append(item)
+        queues.count += 1
+        if item.deadline is not None:
+            heapq.heappush(queues.timed, (item.deadline, next(self._seq), item))
+            if queues.timed[0][2] is item:
+                self._arm_deadline_timer()
+        self._dispatch()
+        return await item.future
+
+    def _bind_loop(self) -> asyncio.AbstractEventLoop:
+        self._loop = asyncio.get_running_loop()
+        return self._loop
+
+    def _shape_of(self, request: InferRequest) -> tuple[int, tuple[Any, ...]]:
+        arrays = request.inputs
+        if self._config.max_batch_size <= 0 or not arrays:
+            return 1, (object(),)  # a unique signature: never merged
+        first = next(iter(arrays.values()))
+        signature = tuple((name, a.dtype.str, a.shape[1:]) for name, a in sorted(arrays.items()))
+        return max(first.shape[0], 1), signature
+
+    def _deadline(self, request: InferRequest, now: float) -> float | None:
+        """The earliest of the client's deadline and the queue timeout (request override or default)."""
+        timeout_s = self._config.default_timeout_s
+        override = request.parameters.get("timeout")
+        if override is not None and self._config.allow_timeout_override:
+            if not isinstance(override, int) or isinstance(override, bool) or override < 0:
+                raise InvalidRequest(
+                    f"the 'timeout' parameter must be a non-negative integer (microseconds), got {override!r}"
+                )
+            if override and (not timeout_s or override / 1e6 < timeout_s):
+                timeout_s = override / 1e6
+        deadlines = [d for d in (request.deadline, now + timeout_s if timeout_s else None) if d is not None]
+        return min(deadlines) if deadlines else None
+
+    def _priority(self, request: InferRequest) -> int:
+        levels = len(self._queues.levels)
+        value = request.parameters.get("priority", 0)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise InvalidRequest(f"the 'priority' parameter must be a non-negative integer, got {value!r}")
+        if value == 0:
+            value = self._config.default_priority or levels
+        if value > levels:
+            raise InvalidRequest(f"priority {value} is outside the model's priority levels 1..{levels}")
+        return value - 1
+
+    # -- the one decision function ---------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        """Start as many batches as free instances and the queue allow; otherwise arm the delay timer."""
+        while self._free and self._queues.count:
+            now = time.monotonic()
+            batch, ready_at = self._form(now)
+            if not batch:
+                if ready_at is not None:
+                    self._arm_delay_timer(ready_at)
+                return
+            self._start(self._free.pop(), batch, now)
+        if not self._queues.count and not self._running:
+            self._arrivals.idle(time.monotonic())
+            if self._idle is not None and not self._idle.done():
+                self._idle.set_result(None)
+
+    def _form(self, now: float) -> tuple[list[_Pending], float | None]:
+        """The next batch if it should go now, else ([], when to look again)."""
+        cfg = self._config
+        limit = max(cfg.max_batch_size, 1)
+        chosen: list[_Pending] = []
+        sizes: list[int] = []
+        total = 0
+        signature: tuple[Any, ...] | None = None
+        oldest: float | None = None
+        full = False
+        for queue in self._queues.levels:
+            for item in queue:
+                if item.future.done():
+                    continue
+                if item.deadline is not None and item.deadline <= now:
+                    continue  # failed by the deadline sweep below
+                if signature is None:
+                    signature = item.signature
+                elif item.signature != signature or total + item.size > limit:
+                    full = True
+                    break
+                chosen.append(item)
+                total += item.size
+                sizes.append(total)
+                oldest = item.enqueued if oldest is None else min(oldest, item.enqueued)
+                if total >= limit:
+                    full = True
+                    break
+            if full:
+                break
+        self._sweep(now)
+        if not chosen or oldest is None:
+            return [], None
+        if full or cfg.max_batch_size <= 0:
+            return self._take(chosen), None
+        for preferred in self._preferred:
+            if preferred in sizes:
+                return self._take(chosen[: sizes.index(preferred) + 1]), None
+        ready_at = oldest + cfg.max_queue_delay_s
+        if now >= ready_at:
+            return self._take(chosen), None
+        if cfg.adaptive and self._arrivals.expected(now, ready_at - now) < 1.0:
+            return self._take(chosen), None
+        return [], ready_at
+
+    def _take(self, chosen: list[_Pending]) -> list[_Pending]:
+        """Remove the chosen requests (and any finished ones queued before them) from the queues."""
+        for item in chosen:
+            item.dispatched = True
+        remaining = len(chosen)
+        for queue in self._queues.levels:
+            while queue and remaining:
+                item = queue.popleft()
+                self._queues.count -= 1
+                if item.dispatched:
+                    remaining -= 1
+            if not remaining:
+                break
+        return chosen
+
+    # -- deadlines -------------------------------------------------------------------------------
+
+    def _sweep(self, now: float) -> None:
+        """Fail queued requests whose deadline passed; cancelled ones are dropped when reached."""
+        timed = self._queues.timed
+        while timed and timed[0][0] <= now:
+            _, _, item = heapq.heappop(timed)
+            if not item.dispatched and not item.future.done():
+                item.future.set_exception(
+                    DeadlineExceeded(f"request timed out after waiting in the queue of model '{self._name}'")
+                )
+        if len(timed) > 2 * self._queues.count + 64:  # drop entries of requests that already left the queue
+            timed[:] = [e for e in timed if not e[2].dispatched and not e[2].future.done()]
+            heapq.heapify(timed)
+        self._compact()
+
+    def _compact(self) -> None:
+        for queue in self._queues.levels:
+            while queue and queue[0].future.done():
+                queue.popleft()
+                self._queues.count -= 1
+
+    def _arm_deadline_timer(self) -> None:
+        assert self._loop is not None
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
+        when = self._queues.timed[0][0]
+        self._deadline_timer = self._loop.call_at(
+            self._loop.time() + max(when - time.monotonic(), 0), self._on_deadline
+        )
+
+    def _on_deadline(self) -> None:
+        self._deadline_timer = None
+        self._sweep(time.monotonic())
+        if self._queues.timed:
+            self._arm_deadline_timer()
+        self._dispatch()
+
+    def _arm_delay_timer(self, ready_at: float) -> None:
+        assert self._loop is not None
+        if self._delay_timer is not None:
+            self._delay_timer.cancel()
+        self._delay_timer = self._loop.call_at(self._loop.time() + max(ready_at - time.monotonic(), 0), self._on_delay)
+
+    def _on_delay(self) -> None:
+        self._delay_timer = None
+        self._dispatch()
+
+    # -- execution -------------------------------------------------------------------------------
+
+    def _start(self, instance: BatchRunner, batch: list[_Pending], now: float) -> None:
+        assert self._loop is not None
+        self._running += 1
+        for item in batch:
+            self._stats.queue.add(int((now - item.enqueued) * 1e9))
+        outputs = tuple(dict.fromkeys(name for item in batch for name in item.outputs))
+        work = self._executor.submit(_run_batch, instance, [item.request.inputs for item in batch], outputs)
+        loop = self._loop
+        work.add_done_callback(lambda done: loop.call_soon_threadsafe(self._finish, instance, batch, done, now))
+
+    def _finish(self, instance: BatchRunner, batch: list[_Pending], done: Any, started: float) -> None:
+        self._running -= 1
+        self._free.append(instance)
+        try:
+            outputs, input_ns, infer_ns = done.result()
+        except EngineInputError as exc:
+            self._fail(batch, InvalidRequest(f"model '{self._name}': {exc}"))
+        except Exception as exc:
+            self._fail(batch, EngineError(f"model '{self._name}' failed: {type(exc).__name__}: {exc}"))
+        else:
+            split_start = time.monotonic_ns()
+            self._deliver(batch, outputs)
+            output_ns = time.monotonic_ns() - split_start
+            self._stats.record_execution(sum(item.size for item in batch), input_ns, infer_ns, output_ns)
+        self._dispatch()
+
+    def _deliver(self, batch: list[_Pending], outputs: Arrays) -> None:
+        total = sum(item.size for item in batch)
+        if len(batch) > 1:
+            for name, array in outputs.items():
+                if array.ndim == 0 or array.shape[0] != total:
+                    self._fail(batch, EngineError(
+                        f"model '{self._name}' returned output '{name}' with shape {list(array.shape)} "
+                        f"for a batch of {total}; expected the batch dimension first"
+                    ))  # fmt: skip
+                    return
+        offset = 0
+        for item in batch:
+            if not item.future.done():
+                if len(batch) == 1:
+                    rows = {name: outputs[name] for name in item.outputs}
+                else:
+                    rows = {name: outputs[name][offset : offset + item.size] for name in item.outputs}
+                item.future.set_result(rows)
+            offset += item.size
+
+    @staticmethod
+    def _fail(batch: list[_Pending], error: Exception) -> None:
+        for item in batch:
+            if not item.future.done():
+                item.future.set_exception(error)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Refuse new requests, let queued and running ones finish, then release the instances."""
+        self._closed = True
+        if self._queues.count or self._running:
+            self._idle = asyncio.get_running_loop().create_future()
+            self._dispatch()
+            await self._idle
+        for timer in (self._delay_timer, self._deadline_timer):
+            if timer is not None:
+                timer.cancel()
+        self._executor.shutdown(wait=True)
+
+
+def _run_batch(instance: BatchRunner, inputs: list[Arrays], outputs: Sequence[str]) -> tuple[Arrays, int, int]:
+    """Concatenate the requests along dim 0 (no copy for a single request) and run the instance."""
+    start = time.monotonic_ns()
+    if len(inputs) == 1:
+        merged = inputs[0]
+    else:
+        merged = {name: np.concatenate([request[name] for request in inputs]) for name in inputs[0]}
+    ready = time.monotonic_ns()
+    result = instance(merged, outputs)
+    return result, ready - start, time.monotonic_ns() - ready

@@ -1,0 +1,275 @@
+"""Deterministic tests of the dynamic batcher with a fake engine (no gRPC, no ONNX Runtime)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from rapidserve.server.batcher import BatcherConfig, DynamicBatcher
+from rapidserve.server.errors import DeadlineExceeded, EngineError, InvalidRequest, Overloaded, Unavailable
+from rapidserve.server.stats import ModelStats
+from rapidserve.server.types import InferRequest
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class FakeEngine:
+    """Doubles its input. Records every batch; ``hold()`` blocks executions until ``release()``."""
+
+    def __init__(self, fail_on: float | None = None) -> None:
+        self.batches: list[np.ndarray] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.started = threading.Event()
+        self.fail_on = fail_on
+
+    def hold(self) -> None:
+        self.gate.clear()
+
+    def release(self) -> None:
+        self.gate.set()
+
+    def infer(self, inputs, outputs):
+        self.started.set()
+        self.gate.wait(10)
+        x = inputs["x"]
+        self.batches.append(x.copy())
+        if self.fail_on is not None and (x == self.fail_on).any():
+            raise RuntimeError("poisoned row")
+        return {"y": x * 2, "z": x.sum(axis=tuple(range(1, x.ndim))) if x.ndim > 1 else x}
+
+
+def request(value: float, rows: int = 1, width: int = 3, **parameters) -> InferRequest:
+    return InferRequest("m", "", {"x": np.full((rows, width), value, np.float32)}, parameters=parameters)
+
+
+def make(engine: FakeEngine, instances: int = 1, **config) -> DynamicBatcher:
+    config.setdefault("max_batch_size", 8)
+    return DynamicBatcher("m", [engine.infer] * instances, BatcherConfig(**config), ModelStats())
+
+
+async def wait_started(engine: FakeEngine) -> None:
+    while not engine.started.is_set():
+        await asyncio.sleep(0.001)
+
+
+async def test_requests_queued_while_busy_form_one_batch_and_get_their_own_rows() -> None:
+    engine = FakeEngine()
+    batcher = make(engine)
+    engine.hold()
+    first = asyncio.ensure_future(batcher.submit(request(0), ["y"]))
+    await wait_started(engine)
+    sizes = [1, 2, 1, 3, 1]  # 8 rows: exactly max_batch_size
+    tasks = [asyncio.ensure_future(batcher.submit(request(i + 1, rows), ["y"])) for i, rows in enumerate(sizes)]
+    await asyncio.sleep(0.01)
+    engine.release()
+    results = await asyncio.gather(first, *tasks)
+    assert [len(b) for b in engine.batches] == [1, 8]
+    for i, (rows, result) in enumerate(zip(sizes, results[1:], strict=True)):
+        np.testing.assert_array_equal(result["y"], np.full((rows, 3), (i + 1) * 2, np.float32))
+        assert list(result) == ["y"]  # only what was requested
+    await batcher.close()
+
+
+async def test_max_batch_size_and_trailing_shapes_split_batches() -> None:
+    engine = FakeEngine()
+    batcher = make(engine, max_batch_size=4)
+    engine.hold()
+    first = asyncio.ensure_future(batcher.submit(request(0), ["y"]))
+    await wait_started(engine)
+    tasks = [
+        batcher.submit(request(1, rows=2), ["y"]),
+        batcher.submit(request(2, rows=2), ["y"]),
+        batcher.submit(request(3, rows=2), ["y"]),
+        batcher.submit(request(4, rows=1, width=5), ["y"]),  # other trailing shape: never merged
+    ]
+    tasks = [asyncio.ensure_future(t) for t in tasks]
+    await asyncio.sleep(0.01)
+    engine.release()
+    results = await asyncio.gather(first, *tasks)
+    assert [b.shape for b in engine.batches] == [(1, 3), (4, 3), (2, 3), (1, 5)]
+    assert results[4]["y"].shape == (1, 5)
+    await batcher.close()
+
+
+async def test_fixed_mode_waits_the_delay_measured_from_the_oldest_request() -> None:
+    engine = FakeEngine()
+    batcher = make(engine, max_queue_delay_s=0.2, adaptive=False)
+    start = time.monotonic()
+    first = asyncio.ensure_future(batcher.submit(request(1), ["y"]))
+    await asyncio.sleep(0.1)
+    second = asyncio.ensure_future(batcher.submit(request(2), ["y"]))
+    await asyncio.gather(first, second)
+    elapsed = time.monotonic() - start
+    assert [len(b) for b in engine.batches] == [2]
+    assert 0.19 <= elapsed < 0.28  # 0.2 s from the first request, not from the second
+    await batcher.close()
+
+
+async def test_adaptive_mode_does_not_make_a_lone_request_wait() -> None:
+    engine = FakeEngine()
+    batcher = make(engine, max_queue_delay_s=0.5)
+    for i in range(5):
+        start = time.monotonic()
+        await batcher.submit(request(i), ["y"])
+        assert time.monotonic() - start < 0.1
+    await batcher.close()
+
+
+async def test_preferred_batch_size_goes_at_once() -> None:
+    engine = FakeEngine()
+    batcher = make(engine, max_queue_delay_s=5.0, preferred_batch_sizes=(2,), adaptive=False)
+    start = time.monotonic()
+    await asyncio.gather(batcher.submit(request(1), ["y"]), batcher.submit(request(2), ["y"]))
+    assert time.monotonic() - start < 1.0
+    assert [len(b) for b in engine.batches] == [2]
+    await batcher.close()
+
+
+async def test_full_queue_is_rejected_at_once() -> None:
+    engine = FakeEngine()
+    batcher = make(engine, max_batch_size=1, max_queue_size=2)
+    engine.hold()
+    running = asyncio.ensure_future(batcher.submit(request(0), ["y"]))
+    await wait_started(engine)
+    queued = [asyncio.ensure_future(batcher.submit(request(i), ["y"])) for i in (1, 2)]
+    await asyncio.sleep(0)
+    with pytest.raises(Overloaded, match="max_queue_size"):
+        await batcher.submit(request(3), ["y"])
+    engine.release()
+    await asyncio.gather(running, *queued)
+    await batcher.close()
+
+
+async def test_queue_timeout_fails_waiting_requests_without_running_them() -> None:
+    engine = FakeEngine()
+    batcher = make(engine, max_batch_size=1, default_timeout_s=0.05)
+    engine.hold()
+    running = asyncio.ensure_future(batcher.submit(request(0), ["y"]))
+    await wait_started(engine)
+    start = time.monotonic()
+    with pytest.raises(DeadlineExceeded, match="timed out"):
+        await batcher.submit(request(1), ["y"])
+    assert time.monotonic() - start < 0.5  # answered at its timeout, while the instance is still busy
+    engine.release()
+    await running
+    await asyncio.sleep(0.01)
+    assert len(engine.batches) == 1
+    await batcher.close()
+
+
+async def test_timeout_parameter_only_when_override_is_allowed_and_only_shorter() -> None:
+    engine = FakeEngine()
+    strict = make(engine, max_batch_size=1, default_timeout_s=5.0)
+    lenient = make(engine, max_batch_size=1, default_timeout_s=5.0, allow_timeout_override=True)
+    engine.hold()
+    for batcher in (strict, lenient):
+        running = asyncio.ensure_future(batcher.submit(request(0), ["y"]))
+        await wait_started(engine)
+        waiting = asyncio.ensure_future(batcher.submit(request(1, timeout=20_000), ["y"]))
+        await asyncio.sleep(0.1)
+        assert waiting.done() == (batcher is lenient)
+        engine.release()
+        await running
+        if batcher is lenient:
+            with pytest.raises(DeadlineExceeded):
+                await waiting
+        else:
+            await waiting
+        engine.hold()
+        engine.started.clear()
+    engine.release()
+    with pytest.raises(InvalidRequest, match="timeout"):
+        await lenient.submit(request(1, timeout="soon"), ["y"])
+    await strict.close()
+    await lenient.close()
+
+
+async def test_expired_client_deadline_and_cancelled_requests_are_never_computed() -> None:
+    engine = FakeEngine()
+    batcher = make(engine, max_batch_size=1)
+    engine.hold()
+    running = asyncio.ensure_future(batcher.submit(request(0), ["y"]))
+    await wait_started(engine)
+    late = request(1)
+    late.deadline = time.monotonic() + 0.02
+    expired = asyncio.ensure_future(batcher.submit(late, ["y"]))
+    cancelled = asyncio.ensure_future(batcher.submit(request(2), ["y"]))
+    kept = asyncio.ensure_future(batcher.submit(request(3), ["y"]))
+    await asyncio.sleep(0.05)
+    cancelled.cancel()
+    engine.release()
+    await running
+    with pytest.raises(DeadlineExceeded):
+        await expired
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    np.testing.assert_array_equal((await kept)["y"], np.full((1, 3), 6, np.float32))
+    assert [float(b[0, 0]) for b in engine.batches] == [0.0, 3.0]
+    await batcher.close()
+
+
+async def test_priority_levels_run_higher_priority_first() -> None:
+    engine = FakeEngine()
+    batcher = make(engine, max_batch_size=1, priority_levels=2, default_priority=2)
+    engine.hold()
+    running = asyncio.ensure_future(batcher.submit(request(0), ["y"]))
+    await wait_started(engine)
+    low = asyncio.ensure_future(batcher.submit(request(1), ["y"]))  # default level 2
+    high = asyncio.ensure_future(batcher.submit(request(2, priority=1), ["y"]))
+    await asyncio.sleep(0.01)
+    engine.release()
+    await asyncio.gather(running, low, high)
+    assert [float(b[0, 0]) for b in engine.batches] == [0.0, 2.0, 1.0]
+    with pytest.raises(InvalidRequest, match=r"outside the model.s priority levels 1\.\.2"):
+        await batcher.submit(request(3, priority=3), ["y"])
+    await batcher.close()
+
+
+async def test_a_failing_batch_fails_only_its_own_requests() -> None:
+    engine = FakeEngine(fail_on=7.0)
+    batcher = make(engine)
+    engine.hold()
+    running = asyncio.ensure_future(batcher.submit(request(0), ["y"]))
+    await wait_started(engine)
+    poisoned = asyncio.ensure_future(batcher.submit(request(7.0), ["y"]))
+    other_shape = asyncio.ensure_future(batcher.submit(request(1, width=4), ["y"]))
+    await asyncio.sleep(0.01)
+    engine.release()
+    await running
+    with pytest.raises(EngineError, match="poisoned row"):
+        await poisoned
+    assert (await other_shape)["y"].shape == (1, 4)
+    assert (await batcher.submit(request(2), ["y"]))["y"][0, 0] == 4  # the batcher goes on
+    await batcher.close()
+
+
+async def test_several_instances_run_batches_in_parallel() -> None:
+    engine = FakeEngine()
+    batcher = make(engine, instances=2, max_batch_size=1)
+    engine.hold()
+    tasks = [asyncio.ensure_future(batcher.submit(request(i), ["y"])) for i in range(2)]
+    await asyncio.sleep(0.05)
+    assert batcher._running == 2  # both instances busy at once
+    engine.release()
+    await asyncio.gather(*tasks)
+    await batcher.close()
+
+
+async def test_close_finishes_queued_work_then_refuses_new_requests() -> None:
+    engine = FakeEngine()
+    batcher = make(engine, max_batch_size=1)
+    engine.hold()
+    tasks = [asyncio.ensure_future(batcher.submit(request(i), ["y"])) for i in range(3)]
+    await wait_started(engine)
+    closing = asyncio.ensure_future(batcher.close())
+    await asyncio.sleep(0.01)
+    with pytest.raises(Unavailable):
+        await batcher.submit(request(9), ["y"])
+    engine.release()
+    await closing
+    assert [r["y"][0, 0] for r in await asyncio.gather(*tasks)] == [0, 2, 4]
