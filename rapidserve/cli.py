@@ -29,6 +29,15 @@ def _env(name: str, default: Any = None, *, many: bool = False) -> Any:
     return [v for v in value.split(",") if v] if many else value
 
 
+def _size(text: str) -> int:
+    from rapidserve.server.settings import parse_bytes
+
+    try:
+        return parse_bytes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rapidserve", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -66,6 +75,13 @@ def _parser() -> argparse.ArgumentParser:
         default=_env("batching-mode", "adaptive"),
         help="adaptive (default): wait for a fuller batch only while more requests are expected in time; "
         "fixed: Triton's behaviour, always wait out max_queue_delay_microseconds",
+    )
+    serve.add_argument(
+        "--cache-size",
+        type=_size,
+        default=_size(_env("cache-size", "256MiB")),
+        help="bytes for the prediction cache of models with response_cache { enable: true } "
+        "(suffixes like 512KiB, 256MiB, 1GB; 0 disables it; default 256MiB)",
     )
     serve.add_argument(
         "--log-level",
@@ -124,6 +140,7 @@ async def _serve(args: argparse.Namespace) -> int:
         grpc_max_message_bytes=args.grpc_max_message_bytes,
         grace_period_s=args.exit_timeout_secs,
         batching_mode=args.batching_mode,
+        cache_size_bytes=args.cache_size,
     )
     server = InferenceServer(settings)
     stop = asyncio.Event()

@@ -17,6 +17,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from rapidserve import protos
+from rapidserve.server.cache import PredictionCache
 from rapidserve.server.manager import ModelManager
 from rapidserve.server.servicer import InferenceServicer
 from rapidserve.server.settings import ServerSettings
@@ -50,6 +51,7 @@ class InferenceServer:
             poll_secs=settings.repository_poll_secs,
             load_threads=settings.model_load_threads,
             batching_mode=settings.batching_mode,
+            cache=PredictionCache(settings.cache_size_bytes) if settings.cache_size_bytes > 0 else None,
         )
         self._server: grpc.aio.Server | None = None
         self._health = health_aio.HealthServicer()

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rapidserve.server.cache import PredictionCache
 from rapidserve.server.config import parse_config_json
 from rapidserve.server.errors import ModelLoadError, ModelNotFound, NotAllowed, Unavailable
 from rapidserve.server.model import ModelVersion, build_version
@@ -59,6 +60,7 @@ class ModelManager:
         poll_secs: float = 15.0,
         load_threads: int = 4,
         batching_mode: str = "adaptive",
+        cache: PredictionCache | None = None,
     ) -> None:
         if control_mode not in ("none", "explicit", "poll"):
             raise ValueError(f"model control mode must be none, explicit or poll, not {control_mode!r}")
@@ -67,6 +69,7 @@ class ModelManager:
         self._load_models = load_models
         self._poll_secs = poll_secs
         self._batching_mode = batching_mode
+        self.cache = cache
         self._models: dict[str, _Model] = {}
         self._startup: set[str] = set()
         self._started = False
@@ -209,7 +212,9 @@ class ModelManager:
                 model.state = previous_state if model.versions else UNAVAILABLE
                 raise
             old = model.versions
-            model.versions = {lv.version: ModelVersion(name, lv, self._batching_mode) for lv in loaded}
+            if self.cache is not None:
+                self.cache.drop_model(name)  # a reload of the same version must not serve old answers
+            model.versions = {lv.version: ModelVersion(name, lv, self._batching_mode, self.cache) for lv in loaded}
             model.state, model.reason, model.fingerprint = READY, "", stamp
             versions = ", ".join(str(v) for v in sorted(model.versions))
             log.info("model '%s' ready (versions %s, backend %s)", name, versions, source.backend)
@@ -223,6 +228,8 @@ class ModelManager:
             old = model.versions
             model.versions = {}
             model.state, model.reason = UNAVAILABLE, reason
+            if self.cache is not None:
+                self.cache.drop_model(name)
         await asyncio.gather(*(version.close() for version in old.values()))
         log.info("model '%s' unloaded", name)
 

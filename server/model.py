@@ -18,6 +18,7 @@ import numpy as np
 from rapidserve.engines.base import Engine, EngineOptions
 from rapidserve.engines.registry import load_engine
 from rapidserve.server.batcher import BatcherConfig, DynamicBatcher
+from rapidserve.server.cache import PredictionCache
 from rapidserve.server.config import ModelSpec, complete_config
 from rapidserve.server.datatypes import BYTES, config_type_to_datatype, numpy_dtype
 from rapidserve.server.errors import ModelLoadError, RapidServeError
@@ -76,7 +77,9 @@ def build_version(source: ModelSource, version: int) -> LoadedVersion:
 class ModelVersion:
     """Serves one version through its dynamic batcher. Created on the event loop from a ``LoadedVersion``."""
 
-    def __init__(self, name: str, loaded: LoadedVersion, batching_mode: str = "adaptive") -> None:
+    def __init__(
+        self, name: str, loaded: LoadedVersion, batching_mode: str = "adaptive", cache: PredictionCache | None = None
+    ) -> None:
         self.name = name
         self.version = loaded.version
         self.config = loaded.config
@@ -84,6 +87,7 @@ class ModelVersion:
         self.load_seconds = loaded.load_seconds
         self.stats = ModelStats()
         self._engines = loaded.engines
+        self._cache = cache if cache is not None and loaded.config.response_cache.enable else None
         self._output_names = tuple(spec.name for spec in loaded.spec.outputs)
         self._batcher = DynamicBatcher(
             f"{name}/{loaded.version}",
@@ -97,12 +101,26 @@ class ModelVersion:
         try:
             self.spec.validate(request)
             outputs = request.outputs or self._output_names
-            arrays = await self._batcher.submit(request, outputs)
+            if self._cache is None:
+                arrays = await self._batcher.submit(request, outputs)
+            else:
+                arrays = await self._cached(request, outputs, start)
         except RapidServeError:
             self.stats.fail.add(time.monotonic_ns() - start)
             raise
         self.stats.success.add(time.monotonic_ns() - start)
         return InferResponse(self.name, str(self.version), {n: arrays[n] for n in outputs}, request.id)
+
+    async def _cached(self, request: InferRequest, outputs: tuple[str, ...], start: int) -> dict[str, Any]:
+        assert self._cache is not None
+        key = self._cache.key(self.name, self.version, request.inputs, outputs)
+        looked_up = time.monotonic_ns()
+        arrays, hit = await self._cache.get_or_compute(key, self.name, lambda: self._batcher.submit(request, outputs))
+        if hit:
+            self.stats.cache_hit.add(time.monotonic_ns() - start)
+        else:
+            self.stats.cache_miss.add(looked_up - start)
+        return arrays
 
     async def close(self) -> None:
         """Let queued and running requests finish, then release the engines."""

@@ -227,7 +227,16 @@ def _statistics(version: ModelVersion) -> Any:
         execution_count=stats.execution_count,
     )
     inference = message.inference_stats
-    for name in ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output"):
+    for name in (
+        "success",
+        "fail",
+        "queue",
+        "compute_input",
+        "compute_infer",
+        "compute_output",
+        "cache_hit",
+        "cache_miss",
+    ):
         _duration(getattr(inference, name), getattr(stats, name))
     for size, batch in sorted(stats.batches.items()):
         entry = message.batch_stats.add(batch_size=size)

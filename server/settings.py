@@ -23,3 +23,17 @@ class ServerSettings:
     grpc_max_message_bytes: int = INT32_MAX
     grace_period_s: float = 30.0
     batching_mode: str = "adaptive"  # adaptive | fixed (Triton's exact behaviour); a model may override
+    cache_size_bytes: int = 256 * 2**20  # server-wide prediction cache; 0 disables it
+
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
+          "g": 10**9, "gb": 10**9, "gib": 2**30}  # fmt: skip
+
+
+def parse_bytes(text: str) -> int:
+    """``"256MiB"`` -> 268435456; plain numbers are bytes. Raises ValueError naming the units."""
+    number = text.strip().rstrip("BbIiKkMmGg")
+    unit = text.strip()[len(number) :].lower()
+    if unit not in _UNITS or not number.replace(".", "", 1).isdigit():
+        raise ValueError(f"not a size: {text!r}; use bytes or a suffix like 512KiB, 256MiB, 1GB")
+    return int(float(number) * _UNITS[unit])

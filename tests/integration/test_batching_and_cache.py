@@ -1,0 +1,72 @@
+"""Batching and the prediction cache through a real server."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from testmodels import scale_graph, write_model
+
+from rapidserve import Client
+
+pytestmark = pytest.mark.timeout(120)
+INT64 = 7
+
+BATCHING = """max_batch_size: 16
+dynamic_batching { max_queue_delay_microseconds: 2000 }
+parameters { key: "intra_op_thread_count" value: { string_value: "1" } }
+"""
+
+
+def test_hundreds_of_concurrent_clients_with_different_batch_sizes_get_their_own_rows(tmp_path: Path, serve) -> None:
+    write_model(tmp_path, "scale", scale_graph("scale", INT64, 3), BATCHING)
+    server = serve(tmp_path)
+    errors: list[BaseException] = []
+
+    def client(worker: int) -> None:
+        try:
+            with Client(server.url, timeout_s=60) as c:
+                for i in range(5):
+                    rows = 1 + (worker + i) % 4
+                    x = np.arange(rows * 4, dtype=np.int64).reshape(rows, 4) + 1000 * worker + 100 * i
+                    np.testing.assert_array_equal(c.infer("scale", {"x": x})["y"], x * 3)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(w,)) for w in range(200)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+    with Client(server.url) as c:
+        stats = c.model_statistics("scale").model_stats[0]
+    assert stats.inference_stats.success.count == 1000
+    assert stats.execution_count < 1000  # requests were merged into batches
+    assert max(b.batch_size for b in stats.batch_stats) > 1
+
+
+def test_cache_hits_skip_the_queue_and_a_reload_never_serves_stale_answers(tmp_path: Path, serve) -> None:
+    config = "max_batch_size: 8\nresponse_cache { enable: true }\n"
+    write_model(tmp_path, "scale", scale_graph("scale", INT64, 3), config)
+    server = serve(tmp_path, model_control_mode="explicit", load_models=("*",))
+    x = np.arange(8, dtype=np.int64).reshape(2, 4)
+    with Client(server.url) as c:
+        for _ in range(5):
+            np.testing.assert_array_equal(c.infer("scale", {"x": x})["y"], x * 3)
+        stats = c.model_statistics("scale").model_stats[0]
+        assert (stats.inference_stats.cache_miss.count, stats.inference_stats.cache_hit.count) == (1, 4)
+        assert stats.execution_count == 1 and stats.inference_stats.success.count == 5
+        np.testing.assert_array_equal(c.infer("scale", {"x": x}, ["y"])["y"], x * 3)  # other outputs: other key
+
+        # same version number, new weights: the reload must drop the cached answers
+        from onnx import helper
+
+        model = helper.make_model(scale_graph("scale", INT64, 5), opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 8
+        new_config = json.dumps({"max_batch_size": 8, "response_cache": {"enable": True}})
+        c.load_model("scale", new_config, files={"1/model.onnx": model.SerializeToString()})
+        np.testing.assert_array_equal(c.infer("scale", {"x": x})["y"], x * 5)

@@ -1,0 +1,120 @@
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from rapidserve.server.cache import PredictionCache
+
+
+def arrays(value: float, n: int = 4) -> dict[str, np.ndarray]:
+    return {"y": np.full(n, value, np.float32)}
+
+
+def key(cache: PredictionCache, x: np.ndarray, outputs=("y",), version: int = 1, model: str = "m") -> bytes:
+    return cache.key(model, version, {"x": x}, outputs)
+
+
+def test_key_covers_dtype_shape_outputs_version_model_and_bytes() -> None:
+    cache = PredictionCache(1 << 20)
+    x = np.arange(6, dtype=np.float32)
+    base = key(cache, x)
+    assert base == key(cache, x.copy()) and len(base) == 16  # xxh3-128, content-addressed
+    variants = [
+        key(cache, x.view(np.int32)),  # same bytes, other datatype
+        key(cache, x.reshape(2, 3)),  # same bytes, other shape
+        key(cache, x, outputs=("y", "z")),
+        key(cache, x, version=2),
+        key(cache, x, model="n"),
+        key(cache, x + 1),
+    ]
+    assert len({base, *variants}) == len(variants) + 1
+    assert cache.key("m", 1, {"a": x, "b": x}, ()) == cache.key("m", 1, {"b": x, "a": x}, ())  # sorted by name
+    words = np.array([b"ab", b"c"], dtype=object)
+    assert cache.key("m", 1, {"s": words}, ()) != cache.key("m", 1, {"s": np.array([b"a", b"bc"], dtype=object)}, ())
+
+
+def test_lru_bounded_in_bytes_evicts_least_recently_used() -> None:
+    entry = 16 * 4 + 16  # 16 float32 + the key
+    cache = PredictionCache(3 * entry)
+    keys = [bytes([i]) * 16 for i in range(4)]
+    for i in range(3):
+        assert cache.put(keys[i], "m", arrays(i, 16))
+    assert cache.get(keys[0]) is not None  # 0 is now the most recently used
+    assert cache.put(keys[3], "m", arrays(3, 16))
+    assert cache.get(keys[1]) is None and cache.stats.evictions == 1
+    assert all(cache.get(k) is not None for k in (keys[0], keys[2], keys[3]))
+    assert cache.used_bytes == 3 * entry
+    assert not cache.put(b"k" * 16, "m", arrays(0, 1000))  # bigger than the whole cache: refused
+
+
+def test_entries_are_private_read_only_copies() -> None:
+    cache = PredictionCache(1 << 20)
+    source = arrays(1.0)
+    cache.put(b"k" * 16, "m", source)
+    source["y"][:] = 99  # the producer reuses its buffer
+    stored = cache.get(b"k" * 16)
+    assert stored is not None and stored["y"][0] == 1.0
+    with pytest.raises(ValueError):
+        stored["y"][0] = 5
+
+
+def test_drop_model_forgets_its_entries_and_blocks_stale_inserts() -> None:
+    cache = PredictionCache(1 << 20)
+    cache.put(b"a" * 16, "m", arrays(1))
+    cache.put(b"b" * 16, "other", arrays(2))
+    generation = cache.generation("m")
+    cache.drop_model("m")
+    assert cache.get(b"a" * 16) is None and cache.get(b"b" * 16) is not None
+    assert not cache.put(b"c" * 16, "m", arrays(3), generation)  # computed before the reload
+    assert cache.put(b"c" * 16, "m", arrays(3), cache.generation("m"))
+
+
+async def test_identical_concurrent_misses_share_one_computation() -> None:
+    cache = PredictionCache(1 << 20)
+    calls = 0
+    gate = asyncio.Event()
+
+    async def compute() -> dict[str, np.ndarray]:
+        nonlocal calls
+        calls += 1
+        await gate.wait()
+        return arrays(7)
+
+    tasks = [asyncio.ensure_future(cache.get_or_compute(b"k" * 16, "m", compute)) for _ in range(10)]
+    await asyncio.sleep(0.01)
+    gate.set()
+    results = await asyncio.gather(*tasks)
+    assert calls == 1 and cache.stats.joins == 9 and cache.stats.misses == 1
+    assert all(r[0]["y"][0] == 7 and not r[1] for r in results)
+    _, hit = await cache.get_or_compute(b"k" * 16, "m", compute)
+    assert hit and calls == 1
+
+
+async def test_a_cancelled_leader_hands_over_and_failures_reach_joiners() -> None:
+    cache = PredictionCache(1 << 20)
+    gate = asyncio.Event()
+
+    async def slow() -> dict[str, np.ndarray]:
+        await gate.wait()
+        return arrays(1)
+
+    leader = asyncio.ensure_future(cache.get_or_compute(b"k" * 16, "m", slow))
+    await asyncio.sleep(0)
+    joiner = asyncio.ensure_future(cache.get_or_compute(b"k" * 16, "m", slow))
+    await asyncio.sleep(0)
+    leader.cancel()
+    await asyncio.sleep(0)
+    gate.set()
+    result, hit = await joiner  # it became the new leader instead of failing
+    assert result["y"][0] == 1 and not hit
+
+    async def broken() -> dict[str, np.ndarray]:
+        await asyncio.sleep(0.01)
+        raise RuntimeError("engine down")
+
+    tasks = [asyncio.ensure_future(cache.get_or_compute(b"z" * 16, "m", broken)) for _ in range(3)]
+    outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+    assert all(isinstance(o, RuntimeError) for o in outcomes)
+    assert cache.get(b"z" * 16) is None
