@@ -153,13 +153,19 @@ class Client:
     def repository_index(self, ready_only: bool = False) -> Any:
         return self._call("RepositoryIndex", protos.RepositoryIndexRequest(ready=ready_only)).models
 
-    def load_model(self, model: str, config_json: str | None = None, files: Mapping[str, bytes] | None = None) -> None:
+    def load_model(
+        self,
+        model: str,
+        config_json: str | None = None,
+        files: Mapping[str, bytes] | None = None,
+        timeout_s: float | None = None,
+    ) -> None:
         """Load or reload a model; ``files`` maps ``<version>/<file name>`` to model file bytes
         (``config_json`` is then required), like tritonclient's ``load_model``."""
-        self._call("RepositoryModelLoad", _load_request(model, config_json, files))
+        self._call("RepositoryModelLoad", _load_request(model, config_json, files), timeout_s)
 
-    def unload_model(self, model: str) -> None:
-        self._call("RepositoryModelUnload", protos.RepositoryModelUnloadRequest(model_name=model))
+    def unload_model(self, model: str, timeout_s: float | None = None) -> None:
+        self._call("RepositoryModelUnload", protos.RepositoryModelUnloadRequest(model_name=model), timeout_s)
 
 
 class AsyncClient:
@@ -279,7 +285,8 @@ class _Multiplexer:
         finally:
             self._waiting.pop(wire_id, None)
         if response.error_message:
-            code = response.infer_response.parameters["grpc_code"].int64_param
+            params = response.infer_response.parameters
+            code = params["grpc_code"].int64_param if "grpc_code" in params else None  # Triton sends none
             status = next((s for s in grpc.StatusCode if s.value[0] == code), grpc.StatusCode.UNKNOWN)
             raise InferenceServerError(status, response.error_message)
         response.infer_response.id = caller_id

@@ -4,6 +4,9 @@ Inputs bind to ``forward`` positionally. A ``.pt2`` program describes its inputs
 dynamic dims) itself; TorchScript has only argument names, so its config must give datatypes and dims.
 Outputs are named ``OUTPUT__0``, ``OUTPUT__1``, ... (Triton's PyTorch convention) unless the config
 names them, in the order ``forward`` returns them. Runs on CPU, or CUDA for a KIND_GPU instance.
+
+``intra_op_thread_count`` sets torch's thread count, which is one setting for the whole process:
+the last PyTorch model loaded with it wins.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ unloads the models.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -52,8 +53,11 @@ class InferenceServer:
             load_threads=settings.model_load_threads,
             batching_mode=settings.batching_mode,
             cache=PredictionCache(settings.cache_size_bytes) if settings.cache_size_bytes > 0 else None,
+            on_change=self._readiness_changed,
         )
+        self._health_updates: set[asyncio.Task[None]] = set()
         self._server: grpc.aio.Server | None = None
+        self._follow_readiness = False  # health tracks ServerReady once the startup models are in
         self._health = health_aio.HealthServicer()
         self.port = 0
 
@@ -78,24 +82,30 @@ class InferenceServer:
         if self.port == 0:
             raise OSError(f"cannot bind {self.settings.host}:{self.settings.grpc_port}")
         await self._set_health(False)
-        await server.start()
         self._server = server
+        await server.start()
         log.info("gRPC server listening on %s:%d", self.settings.host, self.port)
         await self.manager.start()
+        self._follow_readiness = True
         await self._set_health(self.manager.ready)
         if not self.manager.ready:
             log.error("not every startup model loaded: the server stays live but not ready")
 
     async def stop(self, grace_s: float | None = None) -> None:
         grace = self.settings.grace_period_s if grace_s is None else grace_s
+        self._follow_readiness = False  # the unloads below must not turn health back on
         await self._set_health(False)
         if self._server is not None:
             await self._server.stop(grace)
         await self.manager.stop()
 
-    async def wait_for_termination(self) -> None:
-        if self._server is not None:
-            await self._server.wait_for_termination()
+    def _readiness_changed(self) -> None:
+        """Models were loaded or unloaded: the health service follows ServerReady."""
+        if not self._follow_readiness:
+            return
+        task = asyncio.ensure_future(self._set_health(self.manager.ready))
+        self._health_updates.add(task)
+        task.add_done_callback(self._health_updates.discard)
 
     async def _set_health(self, ready: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING

@@ -176,6 +176,10 @@ def serialize_bytes(array: np.ndarray[Any, Any]) -> bytes:
 
 def deserialize_bytes(name: str, buffer: bytes, count: int) -> np.ndarray[Any, Any]:
     """Split a serialized BYTES tensor into an object array of ``count`` bytes elements."""
+    if count * 4 > len(buffer):  # checked before allocating: a tiny request must not claim 2**32 elements
+        raise InvalidRequest(
+            f"input '{name}': {len(buffer)} bytes cannot hold {count} BYTES elements (4-byte length prefix each)"
+        )
     out = np.empty(count, dtype=object)
     view = memoryview(buffer)
     size = len(buffer)

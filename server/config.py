@@ -296,7 +296,11 @@ def _compatible(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
 def read_config(model_dir: Path) -> Any:
     """The model's config from ``config.pbtxt`` if present, else an empty one named after the dir."""
     path = model_dir / "config.pbtxt"
-    config = parse_config(path.read_text(), str(path)) if path.is_file() else protos.ModelConfig()
+    try:
+        text = path.read_text(encoding="utf-8") if path.is_file() else None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{path}: cannot read it: {exc}") from None
+    config = protos.ModelConfig() if text is None else parse_config(text, str(path))
     if not config.name:
         config.name = model_dir.name
     elif config.name != model_dir.name:

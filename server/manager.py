@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,7 @@ class _Model:
     state: str = UNAVAILABLE
     reason: str = ""
     fingerprint: str = ""
+    upload: Path | None = None  # the folder of uploaded files the current versions were loaded from
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -61,6 +63,7 @@ class ModelManager:
         load_threads: int = 4,
         batching_mode: str = "adaptive",
         cache: PredictionCache | None = None,
+        on_change: Callable[[], None] | None = None,
     ) -> None:
         if control_mode not in ("none", "explicit", "poll"):
             raise ValueError(f"model control mode must be none, explicit or poll, not {control_mode!r}")
@@ -70,6 +73,7 @@ class ModelManager:
         self._poll_secs = poll_secs
         self._batching_mode = batching_mode
         self.cache = cache
+        self._on_change = on_change  # called after every load, reload and unload (health follows readiness)
         self._models: dict[str, _Model] = {}
         self._startup: set[str] = set()
         self._started = False
@@ -163,13 +167,15 @@ class ModelManager:
                 f"loading models is not allowed in model control mode '{self.control_mode}'; "
                 "start the server with --model-control-mode explicit"
             )
+        _check_name(name)
         config = parse_config_json(config_json, f"config for '{name}'") if config_json else None
-        directory = None
-        if files:
-            if config is None:
-                raise ModelLoadError("loading model files requires the 'config' parameter too")
-            directory = self._write_upload(name, files)
-        await self._load(name, config=config, directory=directory)
+        if files and config is None:
+            raise ModelLoadError("loading model files requires the 'config' parameter too")
+        # The load goes on if the caller goes away (a cancelled load would leave engines half-built).
+        task = asyncio.create_task(self._load(name, config=config, files=files or None), name=f"load-{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        await asyncio.shield(task)
 
     async def unload(self, name: str) -> None:
         if self.control_mode != "explicit":
@@ -190,11 +196,12 @@ class ModelManager:
         except (ModelLoadError, ModelNotFound) as exc:
             log.error("%s", exc)
 
-    async def _load(self, name: str, *, config: Any = None, directory: Path | None = None) -> None:
+    async def _load(self, name: str, *, config: Any = None, files: Mapping[str, bytes] | None = None) -> None:
         model = self._models.setdefault(name, _Model())
         async with model.lock:
             previous_state = model.state
             model.state = LOADING if not model.versions else model.state
+            directory = upload = self._write_upload(name, files) if files else None
             try:
                 if directory is None:
                     available = list_models(self.repositories)
@@ -207,38 +214,55 @@ class ModelManager:
                 loaded = await asyncio.gather(
                     *(loop.run_in_executor(self._loader, build_version, source, v) for v in source.files)
                 )
-            except (ModelLoadError, ModelNotFound) as exc:
-                model.reason = str(exc)
+            except BaseException as exc:
+                model.reason = str(exc) or type(exc).__name__
                 model.state = previous_state if model.versions else UNAVAILABLE
-                raise
-            old = model.versions
+                if upload is not None:
+                    shutil.rmtree(upload.parent, ignore_errors=True)
+                self._changed()
+                if isinstance(exc, (ModelLoadError, ModelNotFound)) or not isinstance(exc, Exception):
+                    raise
+                raise ModelLoadError(f"model '{name}' failed to load: {type(exc).__name__}: {exc}") from exc
+            old, old_upload = model.versions, model.upload
+            model.upload = upload
             if self.cache is not None:
                 self.cache.drop_model(name)  # a reload of the same version must not serve old answers
             model.versions = {lv.version: ModelVersion(name, lv, self._batching_mode, self.cache) for lv in loaded}
             model.state, model.reason, model.fingerprint = READY, "", stamp
             versions = ", ".join(str(v) for v in sorted(model.versions))
             log.info("model '%s' ready (versions %s, backend %s)", name, versions, source.backend)
-        self._retire(old.values())
+        self._changed()
+        self._retire(old.values(), old_upload)
 
     async def _unload(self, name: str, reason: str) -> None:
         model = self._models.get(name)
         if model is None:
             return
         async with model.lock:
-            old = model.versions
-            model.versions = {}
+            old, old_upload = model.versions, model.upload
+            model.versions, model.upload = {}, None
             model.state, model.reason = UNAVAILABLE, reason
             if self.cache is not None:
                 self.cache.drop_model(name)
-        await asyncio.gather(*(version.close() for version in old.values()))
+        self._changed()
+        await self._close(list(old.values()), old_upload)
         log.info("model '%s' unloaded", name)
 
-    def _retire(self, versions: Any) -> None:
+    def _changed(self) -> None:
+        if self._on_change is not None:
+            self._on_change()
+
+    def _retire(self, versions: Any, upload: Path | None) -> None:
         """Close replaced versions in the background once their in-flight requests are done."""
-        for version in versions:
-            task = asyncio.create_task(version.close(), name=f"retire-{version.name}/{version.version}")
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        task = asyncio.create_task(self._close(list(versions), upload), name="retire")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    @staticmethod
+    async def _close(versions: list[ModelVersion], upload: Path | None) -> None:
+        await asyncio.gather(*(version.close() for version in versions))
+        if upload is not None:
+            shutil.rmtree(upload.parent, ignore_errors=True)
 
     async def _poll(self) -> None:
         while True:
@@ -260,11 +284,20 @@ class ModelManager:
                 model.fingerprint = fingerprint(directory)  # a failed load is not retried until edited
 
     def _write_upload(self, name: str, files: Mapping[str, bytes]) -> Path:
-        directory = Path(self._uploads.name) / name
+        """Write uploaded model files into a fresh folder of their own (removed when retired)."""
+        directory = Path(tempfile.mkdtemp(dir=self._uploads.name)) / name
+        root = directory.resolve()
         for relative, data in files.items():
             target = (directory / relative).resolve()
-            if directory.resolve() not in target.parents:
+            if root not in target.parents:
+                shutil.rmtree(directory.parent, ignore_errors=True)
                 raise ModelLoadError(f"file parameter 'file:{relative}' escapes the model directory")
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(data)
         return directory
+
+
+def _check_name(name: str) -> None:
+    """Model names become folder names: one plain path component only."""
+    if not name or name in (".", "..") or any(c in name for c in "/\\\0"):
+        raise ModelLoadError(f"invalid model name {name!r}: it must be a plain folder name")

@@ -69,7 +69,9 @@ def build_version(source: ModelSource, version: int) -> LoadedVersion:
         for engine in engines:
             engine.close()
         if isinstance(exc, ModelLoadError):
-            raise
+            if str(exc).startswith(f"model '{config.name}'"):
+                raise
+            raise ModelLoadError(f"model '{config.name}' version {version}: {exc}") from None
         raise ModelLoadError(f"model '{config.name}' version {version} failed to load: {exc}") from exc
     return LoadedVersion(version, config, spec, engines, time.monotonic() - start)
 

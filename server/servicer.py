@@ -47,6 +47,7 @@ STATUS_OF: dict[type[RapidServeError], grpc.StatusCode] = {
     NotAllowed: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
+STREAM_MAX_IN_FLIGHT = 1024
 EXTENSIONS = ("model_repository", "model_configuration", "statistics", "parameters")
 
 Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
@@ -122,37 +123,55 @@ class InferenceServicer:
     async def ModelStreamInfer(
         self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[Any]:
-        """Answer each request as it completes; an error answers that request, not the stream."""
+        """Answer each request as it completes; an error answers that request, not the stream.
+
+        At most ``STREAM_MAX_IN_FLIGHT`` requests of one stream run at once: past that the server stops
+        reading the stream, so a client that never reads its answers cannot grow the server's memory.
+        A request's ``timeout`` parameter (microseconds) is its deadline, as a unary call's would be.
+        """
         responses: asyncio.Queue[Any] = asyncio.Queue()
         pending: set[asyncio.Task[None]] = set()
+        slots = asyncio.Semaphore(STREAM_MAX_IN_FLIGHT)
+        broken: list[BaseException] = []
 
         async def answer(request: Any) -> None:
             try:
-                result = protos.ModelStreamInferResponse(infer_response=await self._infer(request, None))
+                result = protos.ModelStreamInferResponse(
+                    infer_response=await self._infer(request, _stream_deadline(request))
+                )
             except RapidServeError as exc:
                 result = _stream_error(request, status_of(exc), str(exc))
             except Exception as exc:
                 log.exception("unexpected error in ModelStreamInfer")
                 result = _stream_error(request, grpc.StatusCode.INTERNAL, f"internal error: {exc}")
+            finally:
+                slots.release()
             responses.put_nowait(result)
 
         async def read() -> None:
-            async for request in requests:
-                task = asyncio.create_task(answer(request))
-                pending.add(task)
-                task.add_done_callback(pending.discard)
-            while pending:
-                await asyncio.gather(*list(pending))
-            responses.put_nowait(None)
+            try:
+                async for request in requests:
+                    await slots.acquire()
+                    task = asyncio.create_task(answer(request))
+                    pending.add(task)
+                    task.add_done_callback(pending.discard)
+            except Exception as exc:  # a message that does not parse, or the stream broke
+                broken.append(exc)
+            try:
+                if pending:
+                    await asyncio.wait(list(pending))
+            finally:
+                responses.put_nowait(None)
 
         reader = asyncio.create_task(read())
         try:
             while (item := await responses.get()) is not None:
                 yield item
-            await reader
         finally:
             for task in (reader, *pending):
                 task.cancel()
+        if broken:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad stream message: {broken[0]}")
 
     @_rpc
     async def ModelStatistics(self, request: Any, context: Any) -> Any:
@@ -203,6 +222,16 @@ class InferenceServicer:
 def _deadline(context: grpc.aio.ServicerContext) -> float | None:
     remaining = context.time_remaining()
     return None if remaining is None else time.monotonic() + remaining
+
+
+def _stream_deadline(request: Any) -> float | None:
+    if "timeout" not in request.parameters:
+        return None
+    param = request.parameters["timeout"]
+    choice = param.WhichOneof("parameter_choice")
+    if choice not in ("int64_param", "uint64_param") or getattr(param, choice) <= 0:
+        return None
+    return time.monotonic() + getattr(param, choice) / 1e6
 
 
 def _stream_error(request: Any, code: grpc.StatusCode, message: str) -> Any:

@@ -195,3 +195,70 @@ def test_bad_repository_entries_are_reported(tmp_path: Path, serve) -> None:
     assert "no version directories" in reasons["noversions"]
     assert "does not match the directory name" in reasons["wrongname"]
     assert "platform 'tensorflow_savedmodel' is not supported" in reasons["badplatform"]
+
+
+def test_upload_names_cannot_escape_and_each_upload_replaces_the_last(tmp_path: Path, serve) -> None:
+    from onnx import helper
+
+    def onnx_bytes(factor: int) -> bytes:
+        model = helper.make_model(scale_graph("s", INT64, factor), opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 8
+        return model.SerializeToString()
+
+    (tmp_path / "repo").mkdir()
+    server = serve(tmp_path / "repo", model_control_mode="explicit")
+    with Client(server.url) as client:
+        for bad in ("../../escape", "/abs", "a/b", ".."):
+            with pytest.raises(InferenceServerError, match="invalid model name") as info:
+                client.load_model(bad, "{}", files={"1/model.onnx": onnx_bytes(2)})
+            assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert not list(tmp_path.glob("**/escape*"))
+        client.load_model("up", '{"backend": "onnxruntime"}', files={"3/model.onnx": onnx_bytes(2)})
+        assert client.infer("up", ones())["y"][0, 0] == 2
+        client.load_model("up", '{"backend": "onnxruntime"}', files={"1/model.onnx": onnx_bytes(10)})
+        assert client.infer("up", ones())["y"][0, 0] == 10  # the version 3 of the earlier upload is gone
+        assert list(client.model_metadata("up").versions) == ["1"]
+
+
+def test_health_follows_readiness_after_loads_and_unloads(tmp_path: Path, serve) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    triple_repo(tmp_path, "scale")
+    server = serve(tmp_path, model_control_mode="explicit", load_models=("scale",))
+    serving = health_pb2.HealthCheckResponse.SERVING
+    with grpc.insecure_channel(server.url) as channel, Client(server.url) as client:
+        health = health_pb2_grpc.HealthStub(channel)
+
+        def status() -> int:
+            return health.Check(health_pb2.HealthCheckRequest(service="inference.GRPCInferenceService")).status
+
+        assert status() == serving
+        client.unload_model("scale")  # a startup model is gone: not ready
+        wait_until(lambda: status() != serving)
+        assert not client.is_server_ready()
+        client.load_model("scale")
+        wait_until(lambda: status() == serving)
+        assert client.is_server_ready()
+
+
+def test_a_load_whose_caller_gives_up_still_completes(tmp_path: Path, serve) -> None:
+    config = """max_batch_size: 4
+model_warmup [ { name: "w" batch_size: 1 count: 150 inputs { key: "x" value: { data_type: TYPE_FP32 dims: [256, 256] zero_data: true } } } ]"""
+    write_model(tmp_path, "slow", slow_graph(), config)
+    server = serve(tmp_path, model_control_mode="explicit")
+    with Client(server.url) as client:
+        with pytest.raises(InferenceServerError) as info:
+            client.load_model("slow", timeout_s=0.1)
+        assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        wait_until(lambda: client.is_model_ready("slow"), timeout_s=60)
+
+
+def test_an_unreadable_config_marks_only_that_model_unavailable(tmp_path: Path, serve) -> None:
+    triple_repo(tmp_path, "good")
+    triple_repo(tmp_path, "garbled")
+    (tmp_path / "garbled" / "config.pbtxt").write_bytes(b"name: \xff\xfe")
+    server = serve(tmp_path)
+    with Client(server.url) as client:
+        assert client.is_model_ready("good")
+        reasons = {m.name: m.reason for m in client.repository_index()}
+        assert "cannot read it" in reasons["garbled"]

@@ -360,3 +360,24 @@ def test_malformed_protobuf_requests_are_invalid_argument(shared_server, case, m
         good.inputs.add(name="x", datatype="INT64", shape=[1, 4])
         good.raw_input_contents.append(np.full((1, 4), 2, np.int64).tobytes())
         assert np.frombuffer(infer(good, timeout=10).raw_output_contents[0], np.int64).tolist() == [6] * 4
+
+
+def test_a_malformed_stream_message_ends_the_stream_with_invalid_argument(shared_server) -> None:
+    from rapidserve import protos
+
+    good = protos.ModelInferRequest(model_name="int64_triple", id="ok")
+    good.inputs.add(name="x", datatype="INT64", shape=[1, 4])
+    good.raw_input_contents.append(np.ones((1, 4), np.int64).tobytes())
+    with grpc.insecure_channel(shared_server.url) as channel:
+        stream = channel.stream_stream(
+            protos.method_path("ModelStreamInfer"),
+            request_serializer=lambda raw: raw,
+            response_deserializer=protos.ModelStreamInferResponse.FromString,
+        )
+        call = stream(iter([good.SerializeToString(), b"\xff\xff\xff"]), timeout=10)
+        with pytest.raises(grpc.RpcError) as info:
+            answers = list(call)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "bad stream message" in info.value.details()
+    answers = []  # the good request may or may not have been answered before the abort
+    assert answers == []

@@ -149,8 +149,17 @@ def test_malformed_bytes_tensors() -> None:
     assert "BYTES element 1 claims 5 bytes but only 2 remain" in _error(msg)
     msg.raw_input_contents[0] = b"\x01\x00\x00\x00a\x01\x00\x00\x00bEXTRA"
     assert "5 bytes left over" in _error(msg)
-    msg.raw_input_contents[0] = b"\x01\x00\x00\x00a\x01\x00"
+    msg.raw_input_contents[0] = b"\x05\x00\x00\x00abcde\x00\x00\x00"
     assert "ends after 1 of 2 elements" in _error(msg)
+    msg.raw_input_contents[0] = b"\x01\x00\x00\x00a\x01\x00"
+    assert "7 bytes cannot hold 2 BYTES elements" in _error(msg)
+
+
+def test_a_tiny_request_cannot_claim_billions_of_bytes_elements() -> None:
+    msg = protos.ModelInferRequest()
+    msg.inputs.add(name="s", datatype="BYTES", shape=[2**32])
+    msg.raw_input_contents.append(b"")
+    assert "0 bytes cannot hold 4294967296 BYTES elements" in _error(msg)  # refused before allocating
 
 
 def test_shared_memory_and_classification_are_refused_clearly() -> None:
