@@ -109,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "serve":
-        return asyncio.run(_serve(args))
+        return _run_loop(_serve(args))
     return _infer(args)
 
 
@@ -169,6 +169,16 @@ async def _serve(args: argparse.Namespace) -> int:
     log.info("shutting down: finishing in-flight requests (up to %.0f s)", settings.grace_period_s)
     await server.stop()
     return 0
+
+
+def _run_loop(main: Any) -> int:
+    """Run the server on uvloop where it is installed (it cuts the event loop's per-call cost)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    result: int = uvloop.run(main)
+    return result
 
 
 def _infer(args: argparse.Namespace) -> int:

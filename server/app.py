@@ -88,7 +88,9 @@ class InferenceServer:
         await self.manager.start()
         self._follow_readiness = True
         await self._set_health(self.manager.ready)
-        if not self.manager.ready:
+        if self.manager.ready:
+            log.info("server ready")
+        else:
             log.error("not every startup model loaded: the server stays live but not ready")
 
     async def stop(self, grace_s: float | None = None) -> None:

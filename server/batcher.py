@@ -49,6 +49,12 @@ class BatcherConfig:
     priority_levels: int = 0
     default_priority: int = 0
     adaptive: bool = True
+    # Batches whose engine time stays under this run on the event loop itself: handing a 10 us model
+    # call to a worker thread and back costs far more than the call. 0: always use the threads.
+    inline_below_s: float = 0.0005
+    # Every request has the same trailing shapes and datatypes (the model's dims have no -1 and the
+    # caller validated them): any requests may share a batch, with no per-request signature to build.
+    uniform_shapes: bool = False
 
 
 @dataclass(eq=False, slots=True)
@@ -64,37 +70,33 @@ class _Pending:
 
 
 @dataclass(slots=True)
-class _ArrivalRate:
-    """Requests per second that arrive while the model is busy (something queued or running).
+class _JoinRate:
+    """How many requests per second joined a batch while the batcher held it back (adaptive mode).
 
-    A single closed-loop client never sends while its request is in the server, so this stays
-    near zero for it and adaptive batching does not make it wait; many clients keep it high.
+    Learned from the batcher's own waits: a lone closed-loop client never sends while its request
+    waits, so waiting stops paying and stops happening; with many clients, waits fill batches and go
+    on. One decision in ``EXPLORE_EVERY`` waits regardless, so the estimate follows the load.
     """
 
+    EXPLORE_EVERY = 64
     rate: float = 0.0
-    arrivals: int = 0
-    busy_time: float = 0.0
-    busy_since: float | None = None
+    decisions: int = 0
+    wait_start: float | None = None
+    arrivals_at_start: int = 0
 
-    def arrival(self, now: float, busy: bool) -> None:
-        if busy:
-            self.arrivals += 1
-        elif self.busy_since is None:
-            self.busy_since = now
+    def should_wait(self, remaining_s: float) -> bool:
+        self.decisions += 1
+        return self.rate * remaining_s >= 1.0 or self.decisions % self.EXPLORE_EVERY == 0
 
-    def idle(self, now: float) -> None:
-        if self.busy_since is not None:
-            self.busy_time += now - self.busy_since
-            self.busy_since = None
-        if self.busy_time > 0.05:
-            sample = self.arrivals / self.busy_time
-            self.rate = sample if self.rate == 0 else 0.5 * self.rate + 0.5 * sample
-            self.arrivals, self.busy_time = 0, 0.0
+    def waiting(self, now: float, arrivals: int) -> None:
+        if self.wait_start is None:
+            self.wait_start, self.arrivals_at_start = now, arrivals
 
-    def expected(self, now: float, window_s: float) -> float:
-        busy = self.busy_time + (now - self.busy_since if self.busy_since is not None else 0.0)
-        current = self.arrivals / busy if busy > 0.05 else self.rate
-        return max(current, self.rate) * window_s
+    def dispatched(self, now: float, arrivals: int) -> None:
+        if self.wait_start is not None and now > self.wait_start:
+            sample = (arrivals - self.arrivals_at_start) / (now - self.wait_start)
+            self.rate = 0.7 * self.rate + 0.3 * sample
+        self.wait_start = None
 
 
 @dataclass(slots=True)
@@ -116,11 +118,15 @@ class DynamicBatcher:
         self._instances = list(instances)
         self._executor = ThreadPoolExecutor(max_workers=len(instances), thread_name_prefix=f"rs-{name}")
         self._queues = _Queues([deque() for _ in range(max(config.priority_levels, 1))])
-        self._arrivals = _ArrivalRate()
+        self._joins = _JoinRate()
+        self._arrived = 0
         self._delay_timer: asyncio.TimerHandle | None = None
         self._deadline_timer: asyncio.TimerHandle | None = None
         self._seq = itertools.count()
         self._running = 0
+        self._infer_s: float | None = None  # moving average of engine time per batch
+        self._inline = False
+        self._dispatch_soon = False
         self._closed = False
         self._idle: asyncio.Future[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -142,14 +148,17 @@ class DynamicBatcher:
             request, tuple(outputs), loop.create_future(), *self._shape_of(request), now, self._deadline(request, now)
         )
         level = self._priority(request)
-        self._arrivals.arrival(now, busy=queues.count > 0 or self._running > 0)
+        self._arrived += 1
         queues.levels[level].append(item)
         queues.count += 1
         if item.deadline is not None:
             heapq.heappush(queues.timed, (item.deadline, next(self._seq), item))
             if queues.timed[0][2] is item:
                 self._arm_deadline_timer()
-        self._dispatch()
+        if not self._dispatch_soon:
+            # Decide on the next loop turn, so that requests arriving together share a batch.
+            self._dispatch_soon = True
+            loop.call_soon(self._dispatch)
         return await item.future
 
     def _bind_loop(self) -> asyncio.AbstractEventLoop:
@@ -161,6 +170,8 @@ class DynamicBatcher:
         if self._config.max_batch_size <= 0 or not arrays:
             return 1, (object(),)  # a unique signature: never merged
         first = next(iter(arrays.values()))
+        if self._config.uniform_shapes:
+            return max(first.shape[0], 1), ()
         signature = tuple((name, a.dtype.str, a.shape[1:]) for name, a in sorted(arrays.items()))
         return max(first.shape[0], 1), signature
 
@@ -193,6 +204,7 @@ class DynamicBatcher:
 
     def _dispatch(self) -> None:
         """Start as many batches as free instances and the queue allow; otherwise arm the delay timer."""
+        self._dispatch_soon = False
         while self._free and self._queues.count:
             now = time.monotonic()
             batch, ready_at = self._form(now)
@@ -201,10 +213,9 @@ class DynamicBatcher:
                     self._arm_delay_timer(ready_at)
                 return
             self._start(self._free.pop(), batch, now)
-        if not self._queues.count and not self._running:
-            self._arrivals.idle(time.monotonic())
-            if self._idle is not None and not self._idle.done():
-                self._idle.set_result(None)
+        idle = self._idle
+        if not self._queues.count and not self._running and idle is not None and not idle.done():
+            idle.set_result(None)
 
     def _form(self, now: float) -> tuple[list[_Pending], float | None]:
         """The next batch if it should go now, else ([], when to look again)."""
@@ -245,14 +256,14 @@ class DynamicBatcher:
             if preferred in sizes:
                 return self._take(chosen[: sizes.index(preferred) + 1]), None
         ready_at = oldest + cfg.max_queue_delay_s
-        if now >= ready_at:
+        if now >= ready_at or (cfg.adaptive and not self._joins.should_wait(ready_at - now)):
             return self._take(chosen), None
-        if cfg.adaptive and self._arrivals.expected(now, ready_at - now) < 1.0:
-            return self._take(chosen), None
+        self._joins.waiting(now, self._arrived)
         return [], ready_at
 
     def _take(self, chosen: list[_Pending]) -> list[_Pending]:
         """Remove the chosen requests (and any finished ones queued before them) from the queues."""
+        self._joins.dispatched(time.monotonic(), self._arrived)
         for item in chosen:
             item.dispatched = True
         remaining = len(chosen)
@@ -322,15 +333,33 @@ class DynamicBatcher:
         for item in batch:
             self._stats.queue.add(int((now - item.enqueued) * 1e9))
         outputs = tuple(dict.fromkeys(name for item in batch for name in item.outputs))
-        work = self._executor.submit(_run_batch, instance, [item.request.inputs for item in batch], outputs)
+        inputs = [item.request.inputs for item in batch]
+        if self._inline:
+            try:
+                result: Any = _run_batch(instance, inputs, outputs)
+            except Exception as exc:
+                result = exc
+            self._finish(instance, batch, result, redispatch=False)  # _dispatch's loop goes on
+            return
+        work = self._executor.submit(_run_batch, instance, inputs, outputs)
         loop = self._loop
-        work.add_done_callback(lambda done: loop.call_soon_threadsafe(self._finish, instance, batch, done, now))
+        work.add_done_callback(lambda done: loop.call_soon_threadsafe(self._finish_thread, instance, batch, done))
 
-    def _finish(self, instance: BatchRunner, batch: list[_Pending], done: Any, started: float) -> None:
+    def _finish_thread(self, instance: BatchRunner, batch: list[_Pending], done: Any) -> None:
+        try:
+            result = done.result()
+        except Exception as exc:
+            result = exc
+        self._finish(instance, batch, result, redispatch=True)
+
+    def _finish(self, instance: BatchRunner, batch: list[_Pending], result: Any, redispatch: bool) -> None:
         self._running -= 1
         self._free.append(instance)
         try:
-            outputs, input_ns, infer_ns = done.result()
+            if isinstance(result, Exception):
+                raise result
+            outputs, input_ns, infer_ns = result
+            self._learn_latency(infer_ns / 1e9)
         except EngineInputError as exc:
             self._fail(batch, InvalidRequest(f"model '{self._name}': {exc}"))
         except Exception as exc:
@@ -340,7 +369,14 @@ class DynamicBatcher:
             self._deliver(batch, outputs)
             output_ns = time.monotonic_ns() - split_start
             self._stats.record_execution(sum(item.size for item in batch), input_ns, infer_ns, output_ns)
-        self._dispatch()
+        if redispatch:
+            self._dispatch()
+
+    def _learn_latency(self, seconds: float) -> None:
+        """Track engine time per batch; run batches inline while it stays small (with hysteresis)."""
+        self._infer_s = seconds if self._infer_s is None else 0.8 * self._infer_s + 0.2 * seconds
+        limit = self._config.inline_below_s
+        self._inline = limit > 0 and self._infer_s < (2 * limit if self._inline else limit)
 
     def _deliver(self, batch: list[_Pending], outputs: Arrays) -> None:
         total = sum(item.size for item in batch)

@@ -51,55 +51,60 @@ def decode_request(msg: Any, deadline: float | None = None) -> InferRequest:
     Checks against the model itself (names, datatypes, shapes) happen in ``ModelSpec.validate``.
     """
     raw = msg.raw_input_contents
-    if raw:
-        if len(raw) != len(msg.inputs):
-            raise InvalidRequest(
-                f"raw_input_contents has {len(raw)} entries but the request has {len(msg.inputs)} inputs; "
-                "expected one raw entry per input, in input order"
-            )
-        for tensor in msg.inputs:
-            if tensor.HasField("contents"):
-                raise InvalidRequest(
-                    f"input '{tensor.name}': contents must not be set when raw_input_contents is used "
-                    "(send every input raw, or every input typed)"
-                )
+    tensors = msg.inputs
+    if raw and len(raw) != len(tensors):
+        raise InvalidRequest(
+            f"raw_input_contents has {len(raw)} entries but the request has {len(tensors)} inputs; "
+            "expected one raw entry per input, in input order"
+        )
     inputs: dict[str, np.ndarray[Any, Any]] = {}
-    for index, tensor in enumerate(msg.inputs):
+    for index, tensor in enumerate(tensors):
         name = tensor.name
         if name in inputs:
             raise InvalidRequest(f"input '{name}' appears more than once in the request")
-        for key in _SHARED_MEMORY_PARAMS:
-            if key in tensor.parameters:
-                raise InvalidRequest(f"input '{name}': shared memory is not supported; send the data inline")
-        dtype = DATATYPES.get(tensor.datatype)
+        if tensor.parameters:
+            _check_tensor_parameters(f"input '{name}'", tensor.parameters)
+        datatype = tensor.datatype
+        dtype = DATATYPES.get(datatype)
         if dtype is None:
             raise InvalidRequest(
-                f"input '{name}': unknown datatype '{tensor.datatype}'; expected one of {', '.join(DATATYPES)}"
+                f"input '{name}': unknown datatype '{datatype}'; expected one of {', '.join(DATATYPES)}"
             )
         shape = _checked_shape(name, tensor.shape)
         if raw:
-            inputs[name] = _from_raw(name, tensor.datatype, dtype, shape, raw[index])
+            if tensor.HasField("contents"):
+                raise InvalidRequest(
+                    f"input '{name}': contents must not be set when raw_input_contents is used "
+                    "(send every input raw, or every input typed)"
+                )
+            inputs[name] = _from_raw(name, datatype, dtype, shape, raw[index])
         else:
             inputs[name] = _from_contents(name, tensor, dtype, shape)
-    outputs: list[str] = []
-    for requested in msg.outputs:
-        if requested.name in outputs:
-            raise InvalidRequest(f"output '{requested.name}' is requested more than once")
-        if "classification" in requested.parameters:
-            raise InvalidRequest(f"output '{requested.name}': the classification extension is not supported")
-        for key in _SHARED_MEMORY_PARAMS:
-            if key in requested.parameters:
-                raise InvalidRequest(f"output '{requested.name}': shared memory is not supported")
-        outputs.append(requested.name)
+    outputs: tuple[str, ...] = ()
+    if msg.outputs:
+        outputs = tuple(requested.name for requested in msg.outputs)
+        if len(set(outputs)) != len(outputs):
+            raise InvalidRequest(f"an output is requested more than once: {list(outputs)}")
+        for requested in msg.outputs:
+            if requested.parameters:
+                _check_tensor_parameters(f"output '{requested.name}'", requested.parameters)
     return InferRequest(
-        model_name=msg.model_name,
-        model_version=msg.model_version,
-        inputs=inputs,
-        outputs=tuple(outputs),
-        id=msg.id,
-        parameters=decode_parameters(msg.parameters),
-        deadline=deadline,
+        msg.model_name,
+        msg.model_version,
+        inputs,
+        outputs,
+        msg.id,
+        decode_parameters(msg.parameters) if msg.parameters else {},
+        deadline,
     )
+
+
+def _check_tensor_parameters(what: str, params: Any) -> None:
+    if "classification" in params:
+        raise InvalidRequest(f"{what}: the classification extension is not supported")
+    for key in _SHARED_MEMORY_PARAMS:
+        if key in params:
+            raise InvalidRequest(f"{what}: shared memory is not supported; send the data inline")
 
 
 def encode_response(response: InferResponse) -> Any:
@@ -205,10 +210,9 @@ def deserialize_bytes(name: str, buffer: bytes, count: int) -> np.ndarray[Any, A
 
 def _checked_shape(name: str, dims: Iterable[int]) -> tuple[int, ...]:
     shape = tuple(dims)
-    if any(d < 0 for d in shape):
-        raise InvalidRequest(f"input '{name}': shape {list(shape)} has a negative dimension")
-    if math.prod(shape) > _MAX_ELEMENTS:
-        raise InvalidRequest(f"input '{name}': shape {list(shape)} is too large")
+    if shape and (min(shape) < 0 or math.prod(shape) > _MAX_ELEMENTS):
+        problem = "has a negative dimension" if min(shape) < 0 else "is too large"
+        raise InvalidRequest(f"input '{name}': shape {list(shape)} {problem}")
     return shape
 
 

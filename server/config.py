@@ -4,7 +4,7 @@ from what the model file describes, and the resolved ``ModelSpec`` that requests
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +12,7 @@ from google.protobuf import json_format, text_format
 
 from rapidserve import protos
 from rapidserve.engines.base import TensorSpec
-from rapidserve.server.datatypes import config_type_to_datatype, datatype_of, datatype_to_config_type
+from rapidserve.server.datatypes import config_type_to_datatype, datatype_of, datatype_to_config_type, numpy_dtype
 from rapidserve.server.errors import InvalidRequest, ModelLoadError
 from rapidserve.server.types import InferRequest
 
@@ -174,6 +174,14 @@ class ModelSpec:
     max_batch_size: int
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    # (name, numpy dtype, full shape) per input, and the output names: what validate() checks first
+    _checks: tuple[tuple[str, Any, tuple[int, ...]], ...] = field(init=False, repr=False, compare=False)
+    _output_names: frozenset[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        checks = tuple((s.name, numpy_dtype(s.datatype or "FP32"), self.full_shape(s)) for s in self.inputs)
+        object.__setattr__(self, "_checks", checks)
+        object.__setattr__(self, "_output_names", frozenset(s.name for s in self.outputs))
 
     def full_shape(self, spec: TensorSpec) -> tuple[int, ...]:
         dims = spec.shape or ()
@@ -181,6 +189,33 @@ class ModelSpec:
 
     def validate(self, request: InferRequest) -> None:
         """Check a decoded request against the model; raise ``InvalidRequest`` saying what is wrong."""
+        if self._conforms(request):
+            return
+        self._explain(request)
+
+    def _conforms(self, request: InferRequest) -> bool:
+        """The fast check every good request passes; failures go to ``_explain`` for the message."""
+        inputs = request.inputs
+        if len(inputs) != len(self._checks):
+            return False
+        batch = -1
+        for name, dtype, want in self._checks:
+            array = inputs.get(name)
+            if array is None or array.dtype != dtype:
+                return False
+            shape = array.shape
+            if len(shape) != len(want):
+                return False
+            for w, s in zip(want, shape):  # noqa: B905 - lengths checked above
+                if w != s and w != -1:
+                    return False
+            if self.max_batch_size > 0:
+                if shape[0] > self.max_batch_size or (batch != -1 and shape[0] != batch):
+                    return False
+                batch = shape[0]
+        return not request.outputs or self._output_names.issuperset(request.outputs)
+
+    def _explain(self, request: InferRequest) -> None:
         expected = {spec.name: spec for spec in self.inputs}
         for name in request.inputs:
             if name not in expected:

@@ -94,7 +94,7 @@ class ModelVersion:
         self._batcher = DynamicBatcher(
             f"{name}/{loaded.version}",
             [engine.infer for engine in loaded.engines],
-            batcher_config(loaded.config, batching_mode),
+            batcher_config(loaded.config, batching_mode, loaded.spec),
             self.stats,
         )
 
@@ -138,7 +138,7 @@ def _close_all(engines: list[Engine]) -> None:
 BATCHING_MODES = ("adaptive", "fixed")
 
 
-def batcher_config(config: Any, batching_mode: str = "adaptive") -> BatcherConfig:
+def batcher_config(config: Any, batching_mode: str = "adaptive", spec: ModelSpec | None = None) -> BatcherConfig:
     """The batcher's settings from a completed model config; the model parameter ``batching_mode``
     overrides the server's ``--batching-mode``."""
     mode = config.parameters["batching_mode"].string_value if "batching_mode" in config.parameters else batching_mode
@@ -165,6 +165,7 @@ def batcher_config(config: Any, batching_mode: str = "adaptive") -> BatcherConfi
         priority_levels=int(dynamic.priority_levels),
         default_priority=int(dynamic.default_priority_level),
         adaptive=mode == "adaptive",
+        uniform_shapes=spec is not None and all(-1 not in (s.shape or ()) for s in spec.inputs),
     )
 
 

@@ -22,6 +22,7 @@ class FakeEngine:
 
     def __init__(self, fail_on: float | None = None) -> None:
         self.batches: list[np.ndarray] = []
+        self.threads: list[threading.Thread] = []
         self.gate = threading.Event()
         self.gate.set()
         self.started = threading.Event()
@@ -38,6 +39,7 @@ class FakeEngine:
         self.gate.wait(10)
         x = inputs["x"]
         self.batches.append(x.copy())
+        self.threads.append(threading.current_thread())
         if self.fail_on is not None and (x == self.fail_on).any():
             raise RuntimeError("poisoned row")
         return {"y": x * 2, "z": x.sum(axis=tuple(range(1, x.ndim))) if x.ndim > 1 else x}
@@ -49,6 +51,7 @@ def request(value: float, rows: int = 1, width: int = 3, **parameters) -> InferR
 
 def make(engine: FakeEngine, instances: int = 1, **config) -> DynamicBatcher:
     config.setdefault("max_batch_size", 8)
+    config.setdefault("inline_below_s", 0)  # worker threads, so that hold() never blocks the event loop
     return DynamicBatcher("m", [engine.infer] * instances, BatcherConfig(**config), ModelStats())
 
 
@@ -273,3 +276,34 @@ async def test_close_finishes_queued_work_then_refuses_new_requests() -> None:
     engine.release()
     await closing
     assert [r["y"][0, 0] for r in await asyncio.gather(*tasks)] == [0, 2, 4]
+
+
+async def test_fast_models_run_on_the_event_loop_and_slow_ones_in_a_worker_thread() -> None:
+    fast = FakeEngine()
+    batcher = make(fast, inline_below_s=0.05)
+    for i in range(4):
+        await batcher.submit(request(i), ["y"])
+    assert fast.threads[0] is not threading.main_thread()  # no measurement yet: a worker thread
+    assert all(t is threading.main_thread() for t in fast.threads[1:])  # then inline
+    await batcher.close()
+
+    class Slow(FakeEngine):
+        def infer(self, inputs, outputs):
+            time.sleep(0.06)
+            return super().infer(inputs, outputs)
+
+    slow = Slow()
+    batcher = make(slow, inline_below_s=0.05)
+    for i in range(3):
+        await batcher.submit(request(i), ["y"])
+    assert all(t is not threading.main_thread() for t in slow.threads)
+    await batcher.close()
+
+
+async def test_requests_arriving_together_share_a_batch_without_any_delay() -> None:
+    engine = FakeEngine()
+    batcher = make(engine, max_queue_delay_s=0)
+    results = await asyncio.gather(*(batcher.submit(request(i), ["y"]) for i in range(5)))
+    assert [len(b) for b in engine.batches] == [5]
+    assert [r["y"][0, 0] for r in results] == [0, 2, 4, 6, 8]
+    await batcher.close()

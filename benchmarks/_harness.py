@@ -1,0 +1,299 @@
+"""Shared pieces of the benchmark scripts: models built by code, a pinned server subprocess with CPU
+accounting, perf_analyzer runs, and table printing. Not a test: these print numbers."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+ROOT = Path(__file__).resolve().parent
+
+
+def find_perf_analyzer(explicit: str | None) -> str:
+    found = explicit or os.environ.get("PERF_ANALYZER") or shutil.which("perf_analyzer")
+    if not found:
+        raise SystemExit(
+            "perf_analyzer not found: pass --perf-analyzer, set PERF_ANALYZER, or install it with "
+            "../shared/tools/install-perf-analyzer DIR"
+        )
+    return found
+
+
+def _save(repo: Path, name: str, graph: Any, config: str) -> Path:
+    from onnx import helper
+
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    (repo / name / "1").mkdir(parents=True, exist_ok=True)
+    path = repo / name / "1" / "model.onnx"
+    path.write_bytes(model.SerializeToString())
+    (repo / name / "config.pbtxt").write_text(config)
+    return path
+
+
+def batching_config(max_batch: int = 32, delay_us: int = 1000, cache: bool = False) -> str:
+    return (
+        f"max_batch_size: {max_batch}\n"
+        f"dynamic_batching {{ max_queue_delay_microseconds: {delay_us} }}\n"
+        'parameters { key: "intra_op_thread_count" value: { string_value: "1" } }\n'
+        + ("response_cache { enable: true }\n" if cache else "")
+    )
+
+
+def build_mlp(repo: Path, name: str = "mlp", config: str | None = None) -> Path:
+    """MLP 64->256->256->10 with random weights; input "x" FP32 [batch, 64], output "y"."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    sizes = [64, 256, 256, 10]
+    nodes, inits, prev = [], [], "x"
+    for i, (n_in, n_out) in enumerate(itertools.pairwise(sizes)):
+        weight = (rng.standard_normal((n_in, n_out)) / np.sqrt(n_in)).astype(np.float32)
+        inits += [
+            numpy_helper.from_array(weight, f"w{i}"),
+            numpy_helper.from_array(np.zeros(n_out, np.float32), f"b{i}"),
+        ]
+        nodes.append(helper.make_node("Gemm", [prev, f"w{i}", f"b{i}"], [f"g{i}"]))
+        prev = f"g{i}"
+        if i < len(sizes) - 2:
+            nodes.append(helper.make_node("Relu", [prev], [f"r{i}"]))
+            prev = f"r{i}"
+    nodes.append(helper.make_node("Identity", [prev], ["y"]))
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 10])],
+        inits,
+    )
+    return _save(repo, name, graph, config or batching_config())
+
+
+def build_cnn(repo: Path, name: str = "cnn", config: str | None = None) -> Path:
+    """A ResNet-18-shaped CNN (random weights, BN folded away): "x" FP32 [batch, 3, 112, 112] -> "y" [batch, 1000]."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    nodes: list[Any] = []
+    inits: list[Any] = []
+    counter = itertools.count()
+
+    def conv(x: str, c_in: int, c_out: int, k: int, stride: int, relu: bool = True) -> str:
+        i = next(counter)
+        w = (rng.standard_normal((c_out, c_in, k, k)) * np.sqrt(2 / (c_in * k * k))).astype(np.float32)
+        inits.extend(
+            [numpy_helper.from_array(w, f"cw{i}"), numpy_helper.from_array(np.zeros(c_out, np.float32), f"cb{i}")]
+        )
+        nodes.append(
+            helper.make_node(
+                "Conv",
+                [x, f"cw{i}", f"cb{i}"],
+                [f"c{i}"],
+                kernel_shape=[k, k],
+                strides=[stride, stride],
+                pads=[k // 2] * 4,
+            )
+        )
+        if not relu:
+            return f"c{i}"
+        nodes.append(helper.make_node("Relu", [f"c{i}"], [f"r{i}"]))
+        return f"r{i}"
+
+    def block(x: str, c_in: int, c_out: int, stride: int) -> str:
+        h = conv(conv(x, c_in, c_out, 3, stride), c_out, c_out, 3, 1, relu=False)
+        shortcut = x if stride == 1 and c_in == c_out else conv(x, c_in, c_out, 1, stride, relu=False)
+        i = next(counter)
+        nodes.append(helper.make_node("Add", [h, shortcut], [f"a{i}"]))
+        nodes.append(helper.make_node("Relu", [f"a{i}"], [f"ar{i}"]))
+        return f"ar{i}"
+
+    h = conv("x", 3, 64, 7, 2)
+    nodes.append(helper.make_node("MaxPool", [h], ["pool"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]))
+    h, c = "pool", 64
+    for c_out, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        h = block(block(h, c, c_out, stride), c_out, c_out, 1)
+        c = c_out
+    nodes.append(helper.make_node("GlobalAveragePool", [h], ["gap"]))
+    nodes.append(helper.make_node("Flatten", ["gap"], ["flat"]))
+    fc = (rng.standard_normal((512, 1000)) / np.sqrt(512)).astype(np.float32)
+    inits.extend([numpy_helper.from_array(fc, "fcw"), numpy_helper.from_array(np.zeros(1000, np.float32), "fcb")])
+    nodes.append(helper.make_node("Gemm", ["flat", "fcw", "fcb"], ["y"]))
+    graph = helper.make_graph(
+        nodes,
+        "cnn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 112, 112])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 1000])],
+        inits,
+    )
+    return _save(repo, name, graph, config or batching_config())
+
+
+def in_process(
+    model: Path, shape: Sequence[int], batch_sizes: Sequence[int], core: int, seconds: float = 3.0
+) -> dict[int, tuple[float, float]]:
+    """ONNX Runtime (1 thread) in this process on one core: batch size -> (infer/s, p50 ms per call)."""
+    import onnxruntime as ort
+
+    os.sched_setaffinity(0, {core})
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(model), options)
+    results = {}
+    for batch in batch_sizes:
+        x = np.random.default_rng(1).standard_normal((batch, *shape)).astype(np.float32)
+        for _ in range(3):
+            session.run(None, {"x": x})
+        times = []
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            start = time.perf_counter()
+            session.run(None, {"x": x})
+            times.append(time.perf_counter() - start)
+        results[batch] = (batch * len(times) / sum(times), float(np.median(times) * 1000))
+    os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
+    return results
+
+
+class Server:
+    """A server subprocess pinned to one core; ``cpu_seconds()`` reads its user+system time."""
+
+    def __init__(self, command: list[str], core: int = 0, ready_line: str = "", env: dict[str, str] | None = None):
+        self.proc = subprocess.Popen(
+            ["taskset", "-c", str(core), *command],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+        assert self.proc.stdout is not None
+        self.port = 0
+        for line in self.proc.stdout:
+            if match := re.search(r"listening on [\w.:]*?:(\d+)", line):
+                self.port = int(match.group(1))
+            if self.port and ready_line in line:
+                break
+        else:
+            raise RuntimeError("server exited before it was ready")
+        # keep draining its output so that it never blocks on a full pipe
+        self._drain = subprocess.Popen(["cat"], stdin=self.proc.stdout, stdout=subprocess.DEVNULL)
+
+    @classmethod
+    def rapidserve(cls, repo: Path, *flags: str, core: int = 0) -> Server:
+        command = [
+            sys.executable,
+            "-m",
+            "rapidserve",
+            "serve",
+            "--model-repository",
+            str(repo),
+            "--host",
+            "127.0.0.1",
+            "--grpc-port",
+            "0",
+            "--log-level",
+            "INFO",
+            *flags,
+        ]
+        return cls(command, core, ready_line="server ready")
+
+    @property
+    def url(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self._drain.wait(5)
+
+
+def perf_analyzer(
+    binary: str,
+    server: Server,
+    model: str,
+    concurrency: int,
+    *,
+    streaming: bool = False,
+    core: int = 1,
+    interval_ms: int = 3000,
+    stability: int = 15,
+    shape: str | None = None,
+    input_data: str | None = None,
+    out: Path,
+) -> dict[str, float]:
+    """One perf_analyzer load point; adds ``cpu_util`` (server CPU seconds per wall second) and
+    ``cpu_us_per_infer`` (server CPU microseconds per inference) measured around the run."""
+    command = [
+        "taskset",
+        "-c",
+        str(core),
+        binary,
+        "-m",
+        model,
+        "-u",
+        server.url,
+        "-i",
+        "grpc",
+        "-b",
+        "1",
+        "--concurrency-range",
+        f"{concurrency}:{concurrency}",
+        "--measurement-interval",
+        str(interval_ms),
+        "--stability-percentage",
+        str(stability),
+        "--max-trials",
+        "10",
+        "-f",
+        str(out),
+    ]
+    if streaming:
+        command.append("--streaming")
+    if shape:
+        command += ["--shape", shape]
+    if input_data:
+        command += ["--input-data", input_data]
+    cpu0, wall0 = server.cpu_seconds(), time.monotonic()
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    cpu1, wall1 = server.cpu_seconds(), time.monotonic()
+    if result.returncode != 0:
+        raise RuntimeError(f"perf_analyzer failed:\n{result.stdout[-3000:]}\n{result.stderr[-2000:]}")
+    with out.open() as f:
+        row = {k: float(v) for k, v in next(csv.DictReader(f)).items() if v not in ("", None)}
+    row["cpu_util"] = (cpu1 - cpu0) / (wall1 - wall0)
+    row["cpu_us_per_infer"] = row["cpu_util"] * 1e6 / row["Inferences/Second"]
+    return row
+
+
+def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    cells = [[str(h) for h in header]] + [
+        [
+            f"{v:,.2f}" if isinstance(v, float) and v < 100 else f"{v:,.0f}" if isinstance(v, float) else str(v)
+            for v in row
+        ]
+        for row in rows
+    ]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    print(f"\n{title}")
+    for i, row in enumerate(cells):
+        print("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
