@@ -235,49 +235,32 @@ def perf_analyzer(
     core: int = 1,
     interval_ms: int = 3000,
     stability: int = 15,
-    shape: str | None = None,
-    input_data: str | None = None,
     out: Path,
 ) -> dict[str, float]:
     """One perf_analyzer load point; adds ``cpu_util`` (server CPU seconds per wall second) and
-    ``cpu_us_per_infer`` (server CPU microseconds per inference) measured around the run."""
-    command = [
-        "taskset",
-        "-c",
-        str(core),
-        binary,
-        "-m",
-        model,
-        "-u",
-        server.url,
-        "-i",
-        "grpc",
-        "-b",
-        "1",
-        "--concurrency-range",
-        f"{concurrency}:{concurrency}",
-        "--measurement-interval",
-        str(interval_ms),
-        "--stability-percentage",
-        str(stability),
-        "--max-trials",
-        "10",
-        "-f",
-        str(out),
-    ]
-    if streaming:
-        command.append("--streaming")
-    if shape:
-        command += ["--shape", shape]
-    if input_data:
-        command += ["--input-data", input_data]
-    cpu0, wall0 = server.cpu_seconds(), time.monotonic()
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    cpu1, wall1 = server.cpu_seconds(), time.monotonic()
-    if result.returncode != 0:
-        raise RuntimeError(f"perf_analyzer failed:\n{result.stdout[-3000:]}\n{result.stderr[-2000:]}")
+    ``cpu_us_per_infer`` (server CPU microseconds per inference) measured around the run.
+
+    This machine is noisy: when perf_analyzer finds no stable measurement, the point is measured
+    again once with windows twice as long and a 30% stability band, and ``relaxed`` is set to 1.
+    """
+    for attempt, (interval, band) in enumerate(((interval_ms, stability), (2 * interval_ms, 30))):
+        command = [
+            "taskset", "-c", str(core), binary, "-m", model, "-u", server.url, "-i", "grpc", "-b", "1",
+            "--concurrency-range", f"{concurrency}:{concurrency}", "--measurement-interval", str(interval),
+            "--stability-percentage", str(band), "--max-trials", "10", "-f", str(out),
+        ]  # fmt: skip
+        if streaming:
+            command.append("--streaming")
+        cpu0, wall0 = server.cpu_seconds(), time.monotonic()
+        result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+        cpu1, wall1 = server.cpu_seconds(), time.monotonic()
+        if result.returncode == 0:
+            break
+        if attempt or "stable measurement" not in result.stdout + result.stderr:
+            raise RuntimeError(f"perf_analyzer failed:\n{result.stdout[-3000:]}\n{result.stderr[-2000:]}")
     with out.open() as f:
         row = {k: float(v) for k, v in next(csv.DictReader(f)).items() if v not in ("", None)}
+    row["relaxed"] = float(attempt)
     row["cpu_util"] = (cpu1 - cpu0) / (wall1 - wall0)
     row["cpu_us_per_infer"] = row["cpu_util"] * 1e6 / row["Inferences/Second"]
     return row

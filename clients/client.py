@@ -221,9 +221,19 @@ class AsyncClient:
         timeout = timeout_s if timeout_s is not None else self._timeout_s
         if not self._streaming:
             return codec.decode_response(await self._call("ModelInfer", request, timeout))
+        if timeout is not None:
+            # a stream has no per-message deadline: the server reads this one as the request's
+            request.parameters["timeout"].int64_param = max(int(timeout * 1e6), 1)
         if self._stream is None or self._stream.broken:
             self._stream = _Multiplexer(self._stubs["ModelStreamInfer"])
-        return codec.decode_response(await self._stream.send(request, timeout))
+        try:
+            return codec.decode_response(await self._stream.send(request, timeout))
+        except InferenceServerError as exc:
+            if exc.code != grpc.StatusCode.UNIMPLEMENTED:
+                raise
+        self._streaming = False  # the server has no ModelStreamInfer: unary from now on
+        del request.parameters["timeout"]
+        return codec.decode_response(await self._call("ModelInfer", request, timeout))
 
     async def is_server_live(self) -> bool:
         return bool((await self._call("ServerLive", protos.ServerLiveRequest())).live)

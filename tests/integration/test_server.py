@@ -381,3 +381,33 @@ def test_a_malformed_stream_message_ends_the_stream_with_invalid_argument(shared
         assert "bad stream message" in info.value.details()
     answers = []  # the good request may or may not have been answered before the abort
     assert answers == []
+
+
+def test_async_client_falls_back_to_unary_where_a_server_has_no_streaming() -> None:
+    """A v2 server that has ModelInfer but no ModelStreamInfer: AsyncClient's calls still work."""
+    from rapidserve import protos
+
+    async def model_infer(raw: bytes, context) -> bytes:
+        request = protos.ModelInferRequest.FromString(raw)
+        answer = protos.ModelInferResponse(model_name=request.model_name, id=request.id)
+        answer.outputs.add(name="y", datatype="INT64", shape=[1])
+        answer.raw_output_contents.append(np.array([len(request.inputs)], np.int64).tobytes())
+        return answer.SerializeToString()
+
+    async def run() -> None:
+        server = grpc.aio.server()
+        handler = grpc.unary_unary_rpc_method_handler(model_infer)
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(protos.SERVICE_NAME, {"ModelInfer": handler}),)
+        )
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with AsyncClient(f"127.0.0.1:{port}", timeout_s=10) as client:
+                for _ in range(2):  # the first call discovers UNIMPLEMENTED, the second goes unary at once
+                    result = await client.infer("m", {"a": np.zeros(1), "b": np.zeros(1)})
+                    assert result["y"].tolist() == [2]
+        finally:
+            await server.stop(0)
+
+    asyncio.run(run())
