@@ -20,7 +20,7 @@ from grpc_reflection.v1alpha import reflection
 from rapidserve import protos
 from rapidserve.server.cache import PredictionCache
 from rapidserve.server.manager import ModelManager
-from rapidserve.server.servicer import InferenceServicer
+from rapidserve.server.servicer import InferenceServicer, serialize
 from rapidserve.server.settings import ServerSettings
 
 __all__ = ["InferenceServer"]
@@ -120,7 +120,8 @@ def _inference_handler(servicer: InferenceServicer) -> grpc.GenericRpcHandler:
         method = protos.SERVICE.methods_by_name[rpc]
         request = protos.message_class(method.input_type)
         response = protos.message_class(method.output_type)
-        return {"request_deserializer": request.FromString, "response_serializer": response.SerializeToString}
+        serializer = serialize if rpc in ("ModelInfer", "ModelStreamInfer") else response.SerializeToString
+        return {"request_deserializer": request.FromString, "response_serializer": serializer}
 
     handlers = {rpc: grpc.unary_unary_rpc_method_handler(getattr(servicer, rpc), **serializers(rpc)) for rpc in _UNARY}
     handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(

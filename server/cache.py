@@ -12,16 +12,17 @@ from __future__ import annotations
 import asyncio
 import struct
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import xxhash
 
 from rapidserve.server.codec import serialize_bytes
+from rapidserve.server.datatypes import datatype_of
 
-__all__ = ["CacheStats", "PredictionCache"]
+__all__ = ["CacheEntry", "CacheStats", "KeyPart", "PredictionCache", "cache_key"]
 
 Arrays = dict[str, np.ndarray[Any, Any]]
 _LENGTH = struct.Struct("<Q")
@@ -36,10 +37,33 @@ class CacheStats:
 
 
 @dataclass(slots=True)
-class _Entry:
+class CacheEntry:
     model: str
     arrays: Arrays
     nbytes: int
+    # encodings of this answer made by a transport (e.g. the serialized gRPC response), kept so a
+    # hit costs no encoding; their bytes count toward the cache's size
+    memo: dict[str, bytes] = field(default_factory=dict)
+    key: bytes = b""
+
+
+KeyPart = tuple[str, str, tuple[int, ...], Any]  # input name, v2 datatype, shape, data buffer
+
+
+def cache_key(model: str, version: int, inputs: Iterable[KeyPart], outputs: Sequence[str]) -> bytes:
+    """xxh3-128 over the model, version, inputs sorted by name (name, datatype, shape, bytes) and
+    the requested outputs. Callers may build the parts from arrays or straight from wire bytes."""
+    digest = xxhash.xxh3_128()
+    _field(digest, model.encode())
+    _field(digest, str(version).encode())
+    for name, datatype, shape, data in sorted(inputs, key=lambda part: part[0]):
+        _field(digest, name.encode())
+        _field(digest, datatype.encode())
+        _field(digest, struct.pack(f"<{len(shape)}q", *shape))
+        _field(digest, data)
+    for name in outputs:
+        _field(digest, b"out:" + name.encode())
+    return digest.digest()
 
 
 class PredictionCache:
@@ -47,7 +71,7 @@ class PredictionCache:
         self.capacity_bytes = capacity_bytes
         self.used_bytes = 0
         self.stats = CacheStats()
-        self._entries: OrderedDict[bytes, _Entry] = OrderedDict()
+        self._entries: OrderedDict[bytes, CacheEntry] = OrderedDict()
         self._by_model: dict[str, set[bytes]] = {}
         self._generation: dict[str, int] = {}
         self._inflight: dict[bytes, asyncio.Future[Arrays]] = {}
@@ -57,26 +81,29 @@ class PredictionCache:
 
     @staticmethod
     def key(model: str, version: int, inputs: Arrays, outputs: Sequence[str]) -> bytes:
-        digest = xxhash.xxh3_128()
-        _field(digest, model.encode())
-        _field(digest, str(version).encode())
-        for name in sorted(inputs):
-            array = inputs[name]
-            _field(digest, name.encode())
-            _field(digest, array.dtype.str.encode() if array.dtype.kind != "O" else b"BYTES")
-            _field(digest, struct.pack(f"<{array.ndim}q", *array.shape))
-            data = serialize_bytes(array) if array.dtype.kind == "O" else np.ascontiguousarray(array).data
-            _field(digest, data)
-        for name in outputs:
-            _field(digest, b"out:" + name.encode())
-        return digest.digest()
+        parts = [
+            (name, datatype_of(a.dtype), a.shape, serialize_bytes(a) if a.dtype.kind == "O" else _contiguous(a))
+            for name, a in inputs.items()
+        ]
+        return cache_key(model, version, parts, outputs)
+
+    def entry(self, key: bytes) -> CacheEntry | None:
+        """The entry for a key, marked most recently used (a hit), or None."""
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+        return entry
 
     def get(self, key: bytes) -> Arrays | None:
-        entry = self._entries.get(key)
-        if entry is None:
-            return None
-        self._entries.move_to_end(key)
-        return entry.arrays
+        entry = self.entry(key)
+        return None if entry is None else entry.arrays
+
+    def remember(self, entry: CacheEntry, kind: str, data: bytes) -> None:
+        """Keep a transport's encoding of an entry, if the entry is still cached."""
+        if kind not in entry.memo and self._entries.get(entry.key) is entry:
+            entry.memo[kind] = data
+            entry.nbytes += len(data)
+            self.used_bytes += len(data)
 
     def put(self, key: bytes, model: str, arrays: Arrays, generation: int | None = None) -> bool:
         """Insert a copy of ``arrays``; False when it does not fit or the model was reloaded since."""
@@ -87,7 +114,8 @@ class PredictionCache:
             return False
         while self.used_bytes + nbytes > self.capacity_bytes:
             self._evict()
-        self._entries[key] = _Entry(model, {name: _frozen_copy(a) for name, a in arrays.items()}, nbytes)
+        frozen = {name: _frozen_copy(a) for name, a in arrays.items()}
+        self._entries[key] = CacheEntry(model, frozen, nbytes, key=key)
         self._by_model.setdefault(model, set()).add(key)
         self.used_bytes += nbytes
         return True
@@ -148,8 +176,12 @@ class PredictionCache:
 
 
 def _field(digest: Any, data: Any) -> None:
-    digest.update(_LENGTH.pack(len(data) if isinstance(data, bytes) else data.nbytes))
+    digest.update(_LENGTH.pack(len(data) if isinstance(data, bytes) else memoryview(data).nbytes))
     digest.update(data)
+
+
+def _contiguous(array: np.ndarray[Any, Any]) -> Any:
+    return np.ascontiguousarray(array).data
 
 
 def _nbytes(array: np.ndarray[Any, Any]) -> int:

@@ -18,7 +18,7 @@ import numpy as np
 from rapidserve.engines.base import Engine, EngineOptions
 from rapidserve.engines.registry import load_engine
 from rapidserve.server.batcher import BatcherConfig, DynamicBatcher
-from rapidserve.server.cache import PredictionCache
+from rapidserve.server.cache import CacheEntry, PredictionCache
 from rapidserve.server.config import ModelSpec, complete_config
 from rapidserve.server.datatypes import BYTES, config_type_to_datatype, numpy_dtype
 from rapidserve.server.errors import ModelLoadError, RapidServeError
@@ -98,7 +98,34 @@ class ModelVersion:
             self.stats,
         )
 
-    async def infer(self, request: InferRequest) -> InferResponse:
+    @property
+    def caches(self) -> bool:
+        """Whether this model's answers go through the prediction cache."""
+        return self._cache is not None
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return self._output_names
+
+    def cache_lookup(self, key: bytes) -> CacheEntry | None:
+        """A cached answer for an already-computed key (the transport's fast path for hits)."""
+        assert self._cache is not None
+        start = time.monotonic_ns()
+        entry = self._cache.entry(key)
+        if entry is not None:
+            self._cache.stats.hits += 1
+            elapsed = time.monotonic_ns() - start
+            self.stats.cache_hit.add(elapsed)
+            self.stats.success.add(elapsed)
+        return entry
+
+    def remember(self, entry: CacheEntry, kind: str, data: bytes) -> None:
+        assert self._cache is not None
+        self._cache.remember(entry, kind, data)
+
+    async def infer(self, request: InferRequest, cache_key: bytes | None = None) -> InferResponse:
+        """Run a request. ``cache_key``, when the caller already computed it (from the wire bytes,
+        with ``cache_key()``), saves hashing the inputs again."""
         start = time.monotonic_ns()
         try:
             self.spec.validate(request)
@@ -106,16 +133,18 @@ class ModelVersion:
             if self._cache is None:
                 arrays = await self._batcher.submit(request, outputs)
             else:
-                arrays = await self._cached(request, outputs, start)
+                arrays = await self._cached(request, outputs, start, cache_key)
         except RapidServeError:
             self.stats.fail.add(time.monotonic_ns() - start)
             raise
         self.stats.success.add(time.monotonic_ns() - start)
         return InferResponse(self.name, str(self.version), {n: arrays[n] for n in outputs}, request.id)
 
-    async def _cached(self, request: InferRequest, outputs: tuple[str, ...], start: int) -> dict[str, Any]:
+    async def _cached(
+        self, request: InferRequest, outputs: tuple[str, ...], start: int, key: bytes | None
+    ) -> dict[str, Any]:
         assert self._cache is not None
-        key = self._cache.key(self.name, self.version, request.inputs, outputs)
+        key = key or self._cache.key(self.name, self.version, request.inputs, outputs)
         looked_up = time.monotonic_ns()
         arrays, hit = await self._cache.get_or_compute(key, self.name, lambda: self._batcher.submit(request, outputs))
         if hit:

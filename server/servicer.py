@@ -17,6 +17,7 @@ import grpc
 
 from rapidserve import __version__, protos
 from rapidserve.server import codec
+from rapidserve.server.cache import CacheEntry, cache_key
 from rapidserve.server.errors import (
     DeadlineExceeded,
     EngineError,
@@ -31,8 +32,9 @@ from rapidserve.server.errors import (
 from rapidserve.server.manager import ModelManager
 from rapidserve.server.model import ModelVersion
 from rapidserve.server.stats import Duration
+from rapidserve.server.types import InferResponse
 
-__all__ = ["STATUS_OF", "InferenceServicer", "status_of"]
+__all__ = ["STATUS_OF", "InferenceServicer", "serialize", "status_of"]
 
 log = logging.getLogger(__name__)
 
@@ -136,9 +138,11 @@ class InferenceServicer:
 
         async def answer(request: Any) -> None:
             try:
-                result = protos.ModelStreamInferResponse(
-                    infer_response=await self._infer(request, _stream_deadline(request))
-                )
+                answer = await self._infer(request, _stream_deadline(request))
+                if isinstance(answer, bytes):
+                    result = _stream_ok(answer)
+                else:
+                    result = protos.ModelStreamInferResponse(infer_response=answer)
             except RapidServeError as exc:
                 result = _stream_error(request, status_of(exc), str(exc))
             except Exception as exc:
@@ -214,9 +218,65 @@ class InferenceServicer:
         return protos.RepositoryModelUnloadResponse()
 
     async def _infer(self, request: Any, deadline: float | None) -> Any:
+        """A ``ModelInferResponse``, or for a cache hit its serialized bytes, ready-made."""
         model: ModelVersion = self._manager.get(request.model_name, request.model_version)
+        key = _wire_cache_key(request, model) if model.caches else None
+        if key is not None:
+            entry = model.cache_lookup(key)
+            if entry is not None:  # a hit skips decoding, validation, the queue and encoding
+                return _with_id(_encoded(model, entry), request.id)
         decoded = codec.decode_request(request, deadline)
-        return codec.encode_response(await model.infer(decoded))
+        return codec.encode_response(await model.infer(decoded, key))
+
+
+def _wire_cache_key(request: Any, model: ModelVersion) -> bytes | None:
+    """The prediction-cache key straight from a raw request's bytes (what ``PredictionCache.key``
+    computes from the decoded arrays); None where the request needs the full path."""
+    raw = request.raw_input_contents
+    tensors = request.inputs
+    if not raw or len(raw) != len(tensors) or any(t.parameters for t in tensors):
+        return None
+    if any(o.parameters for o in request.outputs):
+        return None
+    parts = [(t.name, t.datatype, tuple(t.shape), raw[i]) for i, t in enumerate(tensors)]
+    outputs = tuple(o.name for o in request.outputs) or model.output_names
+    return cache_key(model.name, model.version, parts, outputs)
+
+
+def _encoded(model: ModelVersion, entry: CacheEntry) -> bytes:
+    data = entry.memo.get("grpc")
+    if data is None:
+        response = InferResponse(model.name, str(model.version), entry.arrays)
+        data = codec.encode_response(response).SerializeToString()
+        model.remember(entry, "grpc", data)
+    return data
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _with_id(response: bytes, request_id: str) -> bytes:
+    """Set ``id`` (field 3) on a serialized response: a field appended later wins when parsed."""
+    if not request_id:
+        return response
+    encoded = request_id.encode()
+    return response + b"\x1a" + _varint(len(encoded)) + encoded
+
+
+def _stream_ok(response: bytes) -> bytes:
+    """A serialized ``ModelStreamInferResponse`` wrapping a serialized response (field 2)."""
+    return b"\x12" + _varint(len(response)) + response
+
+
+def serialize(message: Any) -> bytes:
+    """Response serializer that also passes ready-made bytes through (cache hits)."""
+    return message if isinstance(message, bytes) else message.SerializeToString()  # type: ignore[no-any-return]
 
 
 def _deadline(context: grpc.aio.ServicerContext) -> float | None:

@@ -70,3 +70,38 @@ def test_cache_hits_skip_the_queue_and_a_reload_never_serves_stale_answers(tmp_p
         new_config = json.dumps({"max_batch_size": 8, "response_cache": {"enable": True}})
         c.load_model("scale", new_config, files={"1/model.onnx": model.SerializeToString()})
         np.testing.assert_array_equal(c.infer("scale", {"x": x})["y"], x * 5)
+
+
+def test_cache_hits_carry_each_callers_id_over_unary_and_streams(tmp_path: Path, serve) -> None:
+    import queue
+
+    import tritonclient.grpc as tc
+
+    write_model(
+        tmp_path, "scale", scale_graph("scale", INT64, 3), "max_batch_size: 8\nresponse_cache { enable: true }\n"
+    )
+    server = serve(tmp_path)
+    x = np.arange(4, dtype=np.int64).reshape(1, 4)
+    client = tc.InferenceServerClient(server.url)
+    tensor = tc.InferInput("x", [1, 4], "INT64")
+    tensor.set_data_from_numpy(x)
+    for request_id in ("first", "", "third-id"):
+        result = client.infer("scale", [tensor], request_id=request_id)
+        assert result.get_response().id == request_id
+        np.testing.assert_array_equal(result.as_numpy("y"), x * 3)
+    answers: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    for i in range(5):
+        client.async_stream_infer("scale", [tensor], request_id=f"s{i}")
+    seen = set()
+    for _ in range(5):
+        result, error = answers.get(timeout=30)
+        assert error is None
+        np.testing.assert_array_equal(result.as_numpy("y"), x * 3)
+        seen.add(result.get_response().id)
+    client.stop_stream()
+    client.close()
+    assert seen == {f"s{i}" for i in range(5)}
+    with Client(server.url) as c:
+        stats = c.model_statistics("scale").model_stats[0].inference_stats
+    assert (stats.cache_miss.count, stats.cache_hit.count, stats.success.count) == (1, 7, 8)
