@@ -139,10 +139,8 @@ class InferenceServicer:
         async def answer(request: Any) -> None:
             try:
                 answer = await self._infer(request, _stream_deadline(request))
-                if isinstance(answer, bytes):
-                    result = _stream_ok(answer)
-                else:
-                    result = protos.ModelStreamInferResponse(infer_response=answer)
+                # wrapping the serialized answer is cheaper than copying the message into the wrapper
+                result = _stream_ok(answer if isinstance(answer, bytes) else answer.SerializeToString())
             except RapidServeError as exc:
                 result = _stream_error(request, status_of(exc), str(exc))
             except Exception as exc:
