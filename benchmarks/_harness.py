@@ -266,6 +266,22 @@ def perf_analyzer(
     return row
 
 
+def table_row(label: str, streaming: bool, concurrency: int, row: dict[str, float]) -> list[Any]:
+    """server, mode, conc, infer/s, p50 ms, p99 ms, cpu us/inf: the columns every table starts with."""
+    return [
+        label,
+        "stream" if streaming else "unary",
+        concurrency,
+        row["Inferences/Second"],
+        row["p50 latency"] / 1000,
+        row["p99 latency"] / 1000,
+        row["cpu_us_per_infer"],
+    ]
+
+
+ROW_HEADER = ["server", "mode", "conc", "infer/s", "p50 ms", "p99 ms", "cpu us/inf"]
+
+
 def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     cells = [[str(h) for h in header]] + [
         [

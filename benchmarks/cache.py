@@ -14,7 +14,17 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _harness import ROOT, Server, batching_config, build_mlp, find_perf_analyzer, perf_analyzer, print_table
+from _harness import (
+    ROOT,
+    ROW_HEADER,
+    Server,
+    batching_config,
+    build_mlp,
+    find_perf_analyzer,
+    perf_analyzer,
+    print_table,
+    table_row,
+)
 
 
 def main() -> int:
@@ -41,17 +51,7 @@ def main() -> int:
                 interval_ms=args.interval_ms,
                 out=Path(tmp) / "pa.csv",
             )
-            rows.append(
-                [
-                    label,
-                    "stream" if streaming else "unary",
-                    concurrency,
-                    row["Inferences/Second"],
-                    row["p50 latency"] / 1000,
-                    row["p99 latency"] / 1000,
-                    row["cpu_us_per_infer"],
-                ]
-            )
+            rows.append(table_row(label, streaming, concurrency, row))
 
         noop = Server([sys.executable, str(ROOT / "noop_server.py")], ready_line="server ready")
         try:
@@ -69,7 +69,7 @@ def main() -> int:
             server.stop()
     print_table(
         "MLP, identical inputs (perf_analyzer, gRPC)",
-        ["server", "mode", "conc", "infer/s", "p50 ms", "p99 ms", "cpu us/inf"],
+        ROW_HEADER,
         rows,
     )
     return 0

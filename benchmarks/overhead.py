@@ -15,9 +15,19 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _harness import ROOT, Server, build_mlp, find_perf_analyzer, in_process, perf_analyzer, print_table
+from _harness import (
+    ROOT,
+    ROW_HEADER,
+    Server,
+    build_mlp,
+    find_perf_analyzer,
+    in_process,
+    perf_analyzer,
+    print_table,
+    table_row,
+)
 
-HEADER = ["server", "mode", "conc", "infer/s", "p50 ms", "p99 ms", "cpu us/inf", "x ceiling"]
+HEADER = [*ROW_HEADER, "x ceiling"]
 
 
 def main() -> int:
@@ -45,18 +55,7 @@ def main() -> int:
                 interval_ms=args.interval_ms,
                 out=Path(tmp) / "pa.csv",
             )
-            rows.append(
-                [
-                    name,
-                    "stream" if streaming else "unary",
-                    concurrency,
-                    row["Inferences/Second"],
-                    row["p50 latency"] / 1000,
-                    row["p99 latency"] / 1000,
-                    row["cpu_us_per_infer"],
-                    "",
-                ]
-            )
+            rows.append([*table_row(name, streaming, concurrency, row), ""])
             return row
 
         ceiling: dict[bool, float] = {}
