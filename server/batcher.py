@@ -135,6 +135,10 @@ class DynamicBatcher:
 
     async def submit(self, request: InferRequest, outputs: Sequence[str]) -> Arrays:
         """Queue one request; returns its own rows of the batch's outputs."""
+        return await self.enqueue(request, outputs)
+
+    def enqueue(self, request: InferRequest, outputs: Sequence[str]) -> asyncio.Future[Arrays]:
+        """Queue one request; the future resolves to its rows. Cancelling it withdraws the request."""
         if self._closed:
             raise Unavailable(f"model '{self._name}' is unloading")
         queues = self._queues
@@ -159,7 +163,7 @@ class DynamicBatcher:
             # Decide on the next loop turn, so that requests arriving together share a batch.
             self._dispatch_soon = True
             loop.call_soon(self._dispatch)
-        return await item.future
+        return item.future
 
     def _bind_loop(self) -> asyncio.AbstractEventLoop:
         self._loop = asyncio.get_running_loop()

@@ -26,7 +26,7 @@ from rapidserve.server.repository import ModelSource
 from rapidserve.server.stats import ModelStats
 from rapidserve.server.types import InferRequest, InferResponse
 
-__all__ = ["LoadedVersion", "ModelVersion", "build_version"]
+__all__ = ["LoadedVersion", "ModelVersion", "Started", "build_version"]
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,16 @@ def build_version(source: ModelSource, version: int) -> LoadedVersion:
     return LoadedVersion(version, config, spec, engines, time.monotonic() - start)
 
 
+@dataclass(slots=True)
+class Started:
+    """A request queued by ``ModelVersion.start``."""
+
+    future: asyncio.Future[dict[str, Any]]
+    outputs: tuple[str, ...]
+    start_ns: int
+    id: str
+
+
 class ModelVersion:
     """Serves one version through its dynamic batcher. Created on the event loop from a ``LoadedVersion``."""
 
@@ -122,6 +132,28 @@ class ModelVersion:
     def remember(self, entry: CacheEntry, kind: str, data: bytes) -> None:
         assert self._cache is not None
         self._cache.remember(entry, kind, data)
+
+    def start(self, request: InferRequest) -> Started:
+        """Queue a request without a coroutine (the stream path): ``finish`` turns the started
+        request into its response once ``future`` is done. Only for models without the cache."""
+        assert self._cache is None
+        start = time.monotonic_ns()
+        try:
+            self.spec.validate(request)
+            outputs = request.outputs or self._output_names
+            return Started(self._batcher.enqueue(request, outputs), outputs, start, request.id)
+        except RapidServeError:
+            self.stats.fail.add(time.monotonic_ns() - start)
+            raise
+
+    def finish(self, started: Started) -> InferResponse:
+        try:
+            arrays = started.future.result()
+        except RapidServeError:
+            self.stats.fail.add(time.monotonic_ns() - started.start_ns)
+            raise
+        self.stats.success.add(time.monotonic_ns() - started.start_ns)
+        return InferResponse(self.name, str(self.version), {n: arrays[n] for n in started.outputs}, started.id)
 
     async def infer(self, request: InferRequest, cache_key: bytes | None = None) -> InferResponse:
         """Run a request. ``cache_key``, when the caller already computed it (from the wire bytes,

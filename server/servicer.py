@@ -10,6 +10,7 @@ import asyncio
 import functools
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -131,49 +132,16 @@ class InferenceServicer:
         reading the stream, so a client that never reads its answers cannot grow the server's memory.
         A request's ``timeout`` parameter (microseconds) is its deadline, as a unary call's would be.
         """
-        responses: asyncio.Queue[Any] = asyncio.Queue()
-        pending: set[asyncio.Task[None]] = set()
-        slots = asyncio.Semaphore(STREAM_MAX_IN_FLIGHT)
-        broken: list[BaseException] = []
-
-        async def answer(request: Any) -> None:
-            try:
-                answer = await self._infer(request, _stream_deadline(request))
-                # wrapping the serialized answer is cheaper than copying the message into the wrapper
-                result = _stream_ok(answer if isinstance(answer, bytes) else answer.SerializeToString())
-            except RapidServeError as exc:
-                result = _stream_error(request, status_of(exc), str(exc))
-            except Exception as exc:
-                log.exception("unexpected error in ModelStreamInfer")
-                result = _stream_error(request, grpc.StatusCode.INTERNAL, f"internal error: {exc}")
-            finally:
-                slots.release()
-            responses.put_nowait(result)
-
-        async def read() -> None:
-            try:
-                async for request in requests:
-                    await slots.acquire()
-                    task = asyncio.create_task(answer(request))
-                    pending.add(task)
-                    task.add_done_callback(pending.discard)
-            except Exception as exc:  # a message that does not parse, or the stream broke
-                broken.append(exc)
-            try:
-                if pending:
-                    await asyncio.wait(list(pending))
-            finally:
-                responses.put_nowait(None)
-
-        reader = asyncio.create_task(read())
+        stream = _StreamAnswers(self)
+        reader = asyncio.create_task(stream.read(requests))
         try:
-            while (item := await responses.get()) is not None:
+            while (item := await stream.next()) is not None:
                 yield item
         finally:
-            for task in (reader, *pending):
-                task.cancel()
-        if broken:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad stream message: {broken[0]}")
+            reader.cancel()
+            stream.cancel_pending()
+        if stream.broken:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad stream message: {stream.broken[0]}")
 
     @_rpc
     async def ModelStatistics(self, request: Any, context: Any) -> Any:
@@ -225,6 +193,104 @@ class InferenceServicer:
                 return _with_id(_encoded(model, entry), request.id)
         decoded = codec.decode_request(request, deadline)
         return codec.encode_response(await model.infer(decoded, key))
+
+
+class _StreamAnswers:
+    """The answers of one ModelStreamInfer call, in completion order.
+
+    Requests to models without the cache are queued with ``ModelVersion.start`` and answered from the
+    batcher's completion callback: no task per message. Cached models, whose misses are
+    single-flight coroutines, get a task each.
+    """
+
+    def __init__(self, servicer: InferenceServicer) -> None:
+        self._servicer = servicer
+        self._ready: deque[Any] = deque()
+        self._wakeup: asyncio.Future[None] | None = None
+        self._in_flight = 0
+        self._slot_free: asyncio.Future[None] | None = None
+        self._started: set[asyncio.Future[Any]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._done_reading = False
+        self.broken: list[BaseException] = []
+
+    async def read(self, requests: AsyncIterator[Any]) -> None:
+        try:
+            async for request in requests:
+                while self._in_flight >= STREAM_MAX_IN_FLIGHT:  # stop reading: backpressure
+                    self._slot_free = asyncio.get_running_loop().create_future()
+                    await self._slot_free
+                self._in_flight += 1
+                self._begin(request)
+        except Exception as exc:  # a message that does not parse, or the stream broke
+            self.broken.append(exc)
+        self._done_reading = True
+        self._wake()
+
+    async def next(self) -> Any:
+        """The next serialized answer, or None once the requests ended and all are answered."""
+        while not self._ready:
+            if self._done_reading and not self._in_flight:
+                return None
+            self._wakeup = asyncio.get_running_loop().create_future()
+            await self._wakeup
+        return self._ready.popleft()
+
+    def cancel_pending(self) -> None:
+        for future in (*self._started, *self._tasks):
+            future.cancel()
+
+    def _begin(self, request: Any) -> None:
+        servicer = self._servicer
+        try:
+            model: ModelVersion = servicer._manager.get(request.model_name, request.model_version)
+            if model.caches:
+                task = asyncio.create_task(self._answer_async(request))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+                return
+            started = model.start(codec.decode_request(request, _stream_deadline(request)))
+        except Exception as exc:
+            self._emit(request, exc)
+            return
+        self._started.add(started.future)
+        started.future.add_done_callback(lambda future: self._finish(request, model, started))
+
+    def _finish(self, request: Any, model: ModelVersion, started: Any) -> None:
+        self._started.discard(started.future)
+        if started.future.cancelled():
+            self._in_flight -= 1
+            return
+        try:
+            self._emit(request, codec.encode_response(model.finish(started)).SerializeToString())
+        except Exception as exc:
+            self._emit(request, exc)
+
+    async def _answer_async(self, request: Any) -> None:
+        try:
+            answer = await self._servicer._infer(request, _stream_deadline(request))
+            self._emit(request, answer if isinstance(answer, bytes) else answer.SerializeToString())
+        except Exception as exc:
+            self._emit(request, exc)
+
+    def _emit(self, request: Any, answer: bytes | Exception) -> None:
+        """Queue one answer (a serialized response, or the error to report) and free its slot."""
+        if isinstance(answer, RapidServeError):
+            result = _stream_error(request, status_of(answer), str(answer))
+        elif isinstance(answer, Exception):
+            log.error("unexpected error in ModelStreamInfer", exc_info=answer)
+            result = _stream_error(request, grpc.StatusCode.INTERNAL, f"internal error: {answer}")
+        else:
+            result = _stream_ok(answer)  # wrapping bytes is cheaper than copying the message
+        self._ready.append(result)
+        self._in_flight -= 1
+        if self._slot_free is not None and not self._slot_free.done():
+            self._slot_free.set_result(None)
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
 
 
 def _wire_cache_key(request: Any, model: ModelVersion) -> bytes | None:
@@ -292,12 +358,12 @@ def _stream_deadline(request: Any) -> float | None:
     return time.monotonic() + getattr(param, choice) / 1e6
 
 
-def _stream_error(request: Any, code: grpc.StatusCode, message: str) -> Any:
+def _stream_error(request: Any, code: grpc.StatusCode, message: str) -> bytes:
     response = protos.ModelStreamInferResponse(error_message=message)
     inner = response.infer_response
     inner.id, inner.model_name, inner.model_version = request.id, request.model_name, request.model_version
     inner.parameters["grpc_code"].int64_param = code.value[0]
-    return response
+    return response.SerializeToString()  # type: ignore[no-any-return]
 
 
 def _duration(target: Any, source: Duration) -> None:
