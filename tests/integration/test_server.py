@@ -411,3 +411,23 @@ def test_async_client_falls_back_to_unary_where_a_server_has_no_streaming() -> N
             await server.stop(0)
 
     asyncio.run(run())
+
+
+def test_a_long_stream_answers_every_request_with_its_own_result(shared_server) -> None:
+    from rapidserve.server.servicer import STREAM_MAX_IN_FLIGHT
+
+    total = STREAM_MAX_IN_FLIGHT * 3
+    client = tc.InferenceServerClient(shared_server.url)
+    answers: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    for i in range(total):
+        client.async_stream_infer("int64_triple", [triton_input("x", np.full((1, 4), i, np.int64), "INT64")],
+                                  request_id=str(i))  # fmt: skip
+    seen = {}
+    for _ in range(total):
+        result, error = answers.get(timeout=60)
+        assert error is None
+        seen[result.get_response().id] = int(result.as_numpy("y")[0, 0])
+    client.stop_stream()
+    client.close()
+    assert seen == {str(i): 3 * i for i in range(total)}
