@@ -221,7 +221,7 @@ class AsyncClient:
         timeout = timeout_s if timeout_s is not None else self._timeout_s
         if not self._streaming:
             return codec.decode_response(await self._call("ModelInfer", request, timeout))
-        if timeout is not None:
+        if timeout is not None and "timeout" not in request.parameters:
             # a stream has no per-message deadline: the server reads this one as the request's
             request.parameters["timeout"].int64_param = max(int(timeout * 1e6), 1)
         if self._stream is None or self._stream.broken:
@@ -232,7 +232,8 @@ class AsyncClient:
             if exc.code != grpc.StatusCode.UNIMPLEMENTED:
                 raise
         self._streaming = False  # the server has no ModelStreamInfer: unary from now on
-        del request.parameters["timeout"]
+        if timeout is not None and (parameters or {}).get("timeout") is None:
+            del request.parameters["timeout"]
         return codec.decode_response(await self._call("ModelInfer", request, timeout))
 
     async def is_server_live(self) -> bool:

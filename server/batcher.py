@@ -67,6 +67,7 @@ class _Pending:
     enqueued: float
     deadline: float | None
     dispatched: bool = False  # a queue timeout no longer applies once the request runs
+    ticket: list[Any] | None = None  # its [deadline, seq, self] entry in the deadline heap
 
 
 @dataclass(slots=True)
@@ -102,8 +103,11 @@ class _JoinRate:
 @dataclass(slots=True)
 class _Queues:
     levels: list[deque[_Pending]]
-    count: int = 0  # queued requests, cancelled ones included until they are dropped
-    timed: list[tuple[float, int, _Pending]] = field(default_factory=list)  # heap by deadline
+    count: int = 0  # entries in the deques, cancelled ones included until they are dropped
+    live: int = 0  # requests waiting to run (what max_queue_size limits)
+    # heap of [deadline, seq, item]; the item slot is cleared when the request leaves the queue,
+    # so the heap never keeps a finished request's tensors alive
+    timed: list[list[Any]] = field(default_factory=list)
 
 
 class DynamicBatcher:
@@ -142,10 +146,8 @@ class DynamicBatcher:
         if self._closed:
             raise Unavailable(f"model '{self._name}' is unloading")
         queues = self._queues
-        if self._config.max_queue_size and queues.count >= self._config.max_queue_size:
-            raise Overloaded(
-                f"model '{self._name}' has {queues.count} requests queued, its max_queue_size; retry later"
-            )
+        if self._config.max_queue_size and queues.live >= self._config.max_queue_size:
+            raise Overloaded(f"model '{self._name}' has {queues.live} requests queued, its max_queue_size; retry later")
         loop = self._loop or self._bind_loop()
         now = time.monotonic()
         item = _Pending(
@@ -155,15 +157,26 @@ class DynamicBatcher:
         self._arrived += 1
         queues.levels[level].append(item)
         queues.count += 1
+        queues.live += 1
+        item.future.add_done_callback(lambda _: self._left_queue(item))
         if item.deadline is not None:
-            heapq.heappush(queues.timed, (item.deadline, next(self._seq), item))
-            if queues.timed[0][2] is item:
+            item.ticket = [item.deadline, next(self._seq), item]
+            heapq.heappush(queues.timed, item.ticket)
+            if queues.timed[0] is item.ticket:
                 self._arm_deadline_timer()
         if not self._dispatch_soon:
             # Decide on the next loop turn, so that requests arriving together share a batch.
             self._dispatch_soon = True
             loop.call_soon(self._dispatch)
         return item.future
+
+    def _left_queue(self, item: _Pending) -> None:
+        """A queued request finished before it ran (cancelled, or its deadline passed)."""
+        if not item.dispatched:
+            item.dispatched = True  # it will never run: sweeps and counts skip it from now on
+            self._queues.live -= 1
+            if item.ticket is not None:
+                item.ticket[2] = None
 
     def _bind_loop(self) -> asyncio.AbstractEventLoop:
         self._loop = asyncio.get_running_loop()
@@ -175,9 +188,9 @@ class DynamicBatcher:
             return 1, (object(),)  # a unique signature: never merged
         first = next(iter(arrays.values()))
         if self._config.uniform_shapes:
-            return max(first.shape[0], 1), ()
+            return first.shape[0], ()
         signature = tuple((name, a.dtype.str, a.shape[1:]) for name, a in sorted(arrays.items()))
-        return max(first.shape[0], 1), signature
+        return first.shape[0], signature
 
     def _deadline(self, request: InferRequest, now: float) -> float | None:
         """The earliest of the client's deadline and the queue timeout (request override or default)."""
@@ -270,12 +283,16 @@ class DynamicBatcher:
         self._joins.dispatched(time.monotonic(), self._arrived)
         for item in chosen:
             item.dispatched = True
+            if item.ticket is not None:
+                item.ticket[2] = None
+        self._queues.live -= len(chosen)
+        picked = {id(item) for item in chosen}
         remaining = len(chosen)
         for queue in self._queues.levels:
             while queue and remaining:
                 item = queue.popleft()
                 self._queues.count -= 1
-                if item.dispatched:
+                if id(item) in picked:
                     remaining -= 1
             if not remaining:
                 break
@@ -287,13 +304,13 @@ class DynamicBatcher:
         """Fail queued requests whose deadline passed; cancelled ones are dropped when reached."""
         timed = self._queues.timed
         while timed and timed[0][0] <= now:
-            _, _, item = heapq.heappop(timed)
-            if not item.dispatched and not item.future.done():
+            item = heapq.heappop(timed)[2]
+            if item is not None and not item.future.done():
                 item.future.set_exception(
                     DeadlineExceeded(f"request timed out after waiting in the queue of model '{self._name}'")
                 )
-        if len(timed) > 2 * self._queues.count + 64:  # drop entries of requests that already left the queue
-            timed[:] = [e for e in timed if not e[2].dispatched and not e[2].future.done()]
+        if len(timed) > 2 * self._queues.live + 64:  # drop the entries of requests that left the queue
+            timed[:] = [entry for entry in timed if entry[2] is not None]
             heapq.heapify(timed)
         self._compact()
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ import xxhash
 
 from rapidserve.server.codec import serialize_bytes
 from rapidserve.server.datatypes import datatype_of
+from rapidserve.server.errors import DeadlineExceeded, Overloaded, Unavailable
 
 __all__ = ["CacheEntry", "CacheStats", "KeyPart", "PredictionCache", "cache_key"]
 
@@ -54,9 +56,11 @@ def cache_key(model: str, version: int, inputs: Iterable[KeyPart], outputs: Sequ
     """xxh3-128 over the model, version, inputs sorted by name (name, datatype, shape, bytes) and
     the requested outputs. Callers may build the parts from arrays or straight from wire bytes."""
     digest = xxhash.xxh3_128()
+    parts = sorted(inputs, key=lambda part: part[0])
     _field(digest, model.encode())
     _field(digest, str(version).encode())
-    for name, datatype, shape, data in sorted(inputs, key=lambda part: part[0]):
+    _field(digest, struct.pack("<II", len(parts), len(outputs)))
+    for name, datatype, shape, data in parts:
         _field(digest, name.encode())
         _field(digest, datatype.encode())
         _field(digest, struct.pack(f"<{len(shape)}q", *shape))
@@ -75,6 +79,7 @@ class PredictionCache:
         self._by_model: dict[str, set[bytes]] = {}
         self._generation: dict[str, int] = {}
         self._inflight: dict[bytes, asyncio.Future[Arrays]] = {}
+        self._inflight_model: dict[bytes, str] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -99,11 +104,18 @@ class PredictionCache:
         return None if entry is None else entry.arrays
 
     def remember(self, entry: CacheEntry, kind: str, data: bytes) -> None:
-        """Keep a transport's encoding of an entry, if the entry is still cached."""
-        if kind not in entry.memo and self._entries.get(entry.key) is entry:
-            entry.memo[kind] = data
-            entry.nbytes += len(data)
-            self.used_bytes += len(data)
+        """Keep a transport's encoding of an entry, if the entry is still cached and both fit;
+        older entries are evicted to make room, as for an insert."""
+        if kind in entry.memo or self._entries.get(entry.key) is not entry:
+            return
+        if entry.nbytes + len(data) > self.capacity_bytes:
+            return
+        entry.memo[kind] = data
+        entry.nbytes += len(data)
+        self.used_bytes += len(data)
+        self._entries.move_to_end(entry.key)
+        while self.used_bytes > self.capacity_bytes:
+            self._evict()
 
     def put(self, key: bytes, model: str, arrays: Arrays, generation: int | None = None) -> bool:
         """Insert a copy of ``arrays``; False when it does not fit or the model was reloaded since."""
@@ -124,16 +136,25 @@ class PredictionCache:
         return self._generation.get(model, 0)
 
     def drop_model(self, model: str) -> None:
-        """Forget every entry of a model (it was loaded, reloaded or unloaded)."""
+        """Forget every entry of a model (it was loaded, reloaded or unloaded). Computations of the
+        old model still in flight are no longer joined by new requests, nor inserted."""
         self._generation[model] = self._generation.get(model, 0) + 1
+        for key in [k for k, owner in self._inflight_model.items() if owner == model]:
+            self._inflight.pop(key, None)
+            self._inflight_model.pop(key, None)
         for key in self._by_model.pop(model, ()):
             entry = self._entries.pop(key)
             self.used_bytes -= entry.nbytes
 
     async def get_or_compute(
-        self, key: bytes, model: str, compute: Callable[[], Awaitable[Arrays]]
+        self, key: bytes, model: str, compute: Callable[[], Awaitable[Arrays]], deadline: float | None = None
     ) -> tuple[Arrays, bool]:
-        """(outputs, hit). Identical misses in flight at once share one computation."""
+        """(outputs, hit). Identical misses in flight at once share one computation.
+
+        A caller that joins another's computation waits at most until its own ``deadline``
+        (``time.monotonic()``), and if that computation fails for reasons of its own request
+        (cancelled, timed out, queue full, model unloading) it tries again instead of failing.
+        """
         while True:
             cached = self.get(key)
             if cached is not None:
@@ -143,16 +164,23 @@ class PredictionCache:
             if pending is None:
                 break
             self.stats.joins += 1
+            timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
             try:
-                return await asyncio.shield(pending), False
+                return await asyncio.wait_for(asyncio.shield(pending), timeout), False
+            except asyncio.TimeoutError:
+                raise DeadlineExceeded(
+                    f"the deadline passed while waiting for an identical request to model '{model}'"
+                ) from None
             except asyncio.CancelledError:
                 if not pending.cancelled():
                     raise  # this caller was cancelled
-                # the leader was cancelled: try again, possibly as the new leader
+            except (DeadlineExceeded, Overloaded, Unavailable):
+                pass  # the leader's own failure: try again, possibly as the new leader
         self.stats.misses += 1
         generation = self.generation(model)
         future: asyncio.Future[Arrays] = asyncio.get_running_loop().create_future()
         self._inflight[key] = future
+        self._inflight_model[key] = model
         try:
             result = await compute()
         except asyncio.CancelledError:
@@ -163,7 +191,9 @@ class PredictionCache:
             future.exception()  # joiners re-raise it; don't warn when there are none
             raise
         finally:
-            self._inflight.pop(key, None)
+            if self._inflight.get(key) is future:
+                del self._inflight[key]
+                del self._inflight_model[key]
         self.put(key, model, result, generation)
         future.set_result(result)
         return result, False

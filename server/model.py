@@ -178,7 +178,9 @@ class ModelVersion:
         assert self._cache is not None
         key = key or self._cache.key(self.name, self.version, request.inputs, outputs)
         looked_up = time.monotonic_ns()
-        arrays, hit = await self._cache.get_or_compute(key, self.name, lambda: self._batcher.submit(request, outputs))
+        arrays, hit = await self._cache.get_or_compute(
+            key, self.name, lambda: self._batcher.submit(request, outputs), request.deadline
+        )
         if hit:
             self.stats.cache_hit.add(time.monotonic_ns() - start)
         else:

@@ -231,10 +231,18 @@ class _StreamAnswers:
         """The next serialized answer, or None once the requests ended and all are answered."""
         while not self._ready:
             if self._done_reading and not self._in_flight:
-                return None
+                return None  # (answers still in _ready count as in flight)
             self._wakeup = asyncio.get_running_loop().create_future()
             await self._wakeup
+        # the slot frees only once the answer is handed to gRPC to write: a client that stops
+        # reading stops the server from reading, and answers cannot pile up
+        self._release_slot()
         return self._ready.popleft()
+
+    def _release_slot(self) -> None:
+        self._in_flight -= 1
+        if self._slot_free is not None and not self._slot_free.done():
+            self._slot_free.set_result(None)
 
     def cancel_pending(self) -> None:
         for future in (*self._started, *self._tasks):
@@ -259,7 +267,8 @@ class _StreamAnswers:
     def _finish(self, request: Any, model: ModelVersion, started: Any) -> None:
         self._started.discard(started.future)
         if started.future.cancelled():
-            self._in_flight -= 1
+            self._release_slot()
+            self._wake()
             return
         try:
             self._emit(request, codec.encode_response(model.finish(started)).SerializeToString())
@@ -283,9 +292,6 @@ class _StreamAnswers:
         else:
             result = _stream_ok(answer)  # wrapping bytes is cheaper than copying the message
         self._ready.append(result)
-        self._in_flight -= 1
-        if self._slot_free is not None and not self._slot_free.done():
-            self._slot_free.set_result(None)
         self._wake()
 
     def _wake(self) -> None:

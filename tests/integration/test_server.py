@@ -403,10 +403,11 @@ def test_async_client_falls_back_to_unary_where_a_server_has_no_streaming() -> N
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         try:
-            async with AsyncClient(f"127.0.0.1:{port}", timeout_s=10) as client:
-                for _ in range(2):  # the first call discovers UNIMPLEMENTED, the second goes unary at once
-                    result = await client.infer("m", {"a": np.zeros(1), "b": np.zeros(1)})
-                    assert result["y"].tolist() == [2]
+            for timeout_s in (10, None):
+                async with AsyncClient(f"127.0.0.1:{port}", timeout_s=timeout_s) as client:
+                    for _ in range(2):  # the first call finds UNIMPLEMENTED, the second goes unary at once
+                        result = await client.infer("m", {"a": np.zeros(1), "b": np.zeros(1)})
+                        assert result["y"].tolist() == [2]
         finally:
             await server.stop(0)
 

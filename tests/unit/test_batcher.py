@@ -307,3 +307,53 @@ async def test_requests_arriving_together_share_a_batch_without_any_delay() -> N
     assert [len(b) for b in engine.batches] == [5]
     assert [r["y"][0, 0] for r in results] == [0, 2, 4, 6, 8]
     await batcher.close()
+
+
+async def test_a_zero_row_request_shares_a_batch_without_breaking_it() -> None:
+    engine = FakeEngine()
+    batcher = make(engine)
+    engine.hold()
+    running = asyncio.ensure_future(batcher.submit(request(0), ["y"]))
+    await wait_started(engine)
+    empty = asyncio.ensure_future(batcher.submit(request(1, rows=0), ["y"]))
+    normal = asyncio.ensure_future(batcher.submit(request(2, rows=2), ["y"]))
+    await asyncio.sleep(0.01)
+    engine.release()
+    await running
+    assert (await empty)["y"].shape == (0, 3)
+    np.testing.assert_array_equal((await normal)["y"], np.full((2, 3), 4, np.float32))
+    await batcher.close()
+
+
+async def test_cancelled_requests_do_not_count_toward_max_queue_size() -> None:
+    engine = FakeEngine()
+    batcher = make(engine, max_batch_size=1, max_queue_size=2)
+    engine.hold()
+    running = asyncio.ensure_future(batcher.submit(request(0), ["y"]))
+    await wait_started(engine)
+    live = asyncio.ensure_future(batcher.submit(request(1), ["y"]))
+    gone = asyncio.ensure_future(batcher.submit(request(2), ["y"]))
+    await asyncio.sleep(0.01)
+    gone.cancel()
+    await asyncio.sleep(0.01)
+    third = asyncio.ensure_future(batcher.submit(request(3), ["y"]))  # room again: no Overloaded
+    await asyncio.sleep(0.01)
+    engine.release()
+    await asyncio.gather(running, live, third)
+    await batcher.close()
+
+
+async def test_finished_requests_are_not_kept_alive_by_their_queue_timeout() -> None:
+    import gc
+    import weakref
+
+    engine = FakeEngine()
+    batcher = make(engine, default_timeout_s=3600)
+    req = request(1, rows=4)
+    tensor = weakref.ref(req.inputs["x"])
+    result = await batcher.submit(req, ["y"])
+    del req, result
+    engine.batches.clear()
+    gc.collect()
+    assert tensor() is None  # the hour-long deadline entry does not pin the request's tensors
+    await batcher.close()

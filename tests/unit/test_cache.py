@@ -129,3 +129,81 @@ def test_the_key_from_wire_bytes_equals_the_key_from_decoded_arrays() -> None:
     parts = [(t.name, t.datatype, tuple(t.shape), msg.raw_input_contents[i]) for i, t in enumerate(msg.inputs)]
     decoded = codec.decode_request(msg).inputs
     assert cache_key("m", 3, parts, ["out"]) == PredictionCache.key("m", 3, decoded, ["out"])
+
+
+def test_remembered_encodings_count_toward_the_size_limit() -> None:
+    cache = PredictionCache(3 * (64 + 16))
+    for i in range(3):
+        cache.put(bytes([i]) * 16, "m", {"y": np.zeros(16, np.float32)})
+    entry = cache.entry(b"\x02" * 16)
+    assert entry is not None
+    cache.remember(entry, "grpc", b"x" * 70)
+    assert cache.used_bytes <= cache.capacity_bytes
+    assert cache.get(b"\x00" * 16) is None and cache.get(b"\x02" * 16) is not None  # the oldest made room
+    assert cache.entry(b"\x02" * 16).memo["grpc"] == b"x" * 70
+    cache.remember(cache.entry(b"\x01" * 16), "grpc", b"x" * 10_000)  # cannot fit at all: not kept
+    assert "grpc" not in cache.entry(b"\x01" * 16).memo
+
+
+async def test_a_joiner_retries_when_the_leader_fails_for_its_own_reasons() -> None:
+    from rapidserve.server.errors import DeadlineExceeded
+
+    cache = PredictionCache(1 << 20)
+    calls = 0
+
+    async def compute() -> dict[str, np.ndarray]:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.01)
+        if calls == 1:
+            raise DeadlineExceeded("the leader's queue timeout")
+        return arrays(5)
+
+    leader = asyncio.ensure_future(cache.get_or_compute(b"k" * 16, "m", compute))
+    await asyncio.sleep(0)
+    joiner = asyncio.ensure_future(cache.get_or_compute(b"k" * 16, "m", compute))
+    with pytest.raises(DeadlineExceeded):
+        await leader
+    result, _ = await joiner
+    assert result["y"][0] == 5 and calls == 2
+
+
+async def test_a_joiner_waits_no_longer_than_its_own_deadline() -> None:
+    import time
+
+    from rapidserve.server.errors import DeadlineExceeded
+
+    cache = PredictionCache(1 << 20)
+    gate = asyncio.Event()
+
+    async def slow() -> dict[str, np.ndarray]:
+        await gate.wait()
+        return arrays(1)
+
+    leader = asyncio.ensure_future(cache.get_or_compute(b"k" * 16, "m", slow))
+    await asyncio.sleep(0)
+    with pytest.raises(DeadlineExceeded):
+        await cache.get_or_compute(b"k" * 16, "m", slow, deadline=time.monotonic() + 0.02)
+    gate.set()
+    await leader
+
+
+async def test_after_a_reload_requests_do_not_join_the_old_models_computation() -> None:
+    cache = PredictionCache(1 << 20)
+    gate = asyncio.Event()
+
+    async def old_model() -> dict[str, np.ndarray]:
+        await gate.wait()
+        return arrays(1)
+
+    async def new_model() -> dict[str, np.ndarray]:
+        return arrays(2)
+
+    old = asyncio.ensure_future(cache.get_or_compute(b"k" * 16, "m", old_model))
+    await asyncio.sleep(0)
+    cache.drop_model("m")
+    result, _ = await cache.get_or_compute(b"k" * 16, "m", new_model)
+    assert result["y"][0] == 2
+    gate.set()
+    assert (await old)[0]["y"][0] == 1
+    assert cache.get(b"k" * 16)["y"][0] == 2  # the old answer was not inserted over the new one
