@@ -146,7 +146,7 @@ class DynamicBatcher:
         if self._closed:
             raise Unavailable(f"model '{self._name}' is unloading")
         queues = self._queues
-        if self._config.max_queue_size and queues.live >= self._config.max_queue_size:
+        if self._config.max_queue_size and queues.live >= self._config.max_queue_size and not self._recount():
             raise Overloaded(f"model '{self._name}' has {queues.live} requests queued, its max_queue_size; retry later")
         loop = self._loop or self._bind_loop()
         now = time.monotonic()
@@ -158,7 +158,6 @@ class DynamicBatcher:
         queues.levels[level].append(item)
         queues.count += 1
         queues.live += 1
-        item.future.add_done_callback(lambda _: self._left_queue(item))
         if item.deadline is not None:
             item.ticket = [item.deadline, next(self._seq), item]
             heapq.heappush(queues.timed, item.ticket)
@@ -177,6 +176,15 @@ class DynamicBatcher:
             self._queues.live -= 1
             if item.ticket is not None:
                 item.ticket[2] = None
+
+    def _recount(self) -> bool:
+        """At the queue limit, drop the cancelled requests from the count (they are noticed lazily,
+        not by a callback on every request); True if that made room."""
+        for queue in self._queues.levels:
+            for item in queue:
+                if item.future.done():
+                    self._left_queue(item)
+        return self._queues.live < self._config.max_queue_size
 
     def _bind_loop(self) -> asyncio.AbstractEventLoop:
         self._loop = asyncio.get_running_loop()
@@ -309,6 +317,8 @@ class DynamicBatcher:
                 item.future.set_exception(
                     DeadlineExceeded(f"request timed out after waiting in the queue of model '{self._name}'")
                 )
+            if item is not None:
+                self._left_queue(item)
         if len(timed) > 2 * self._queues.live + 64:  # drop the entries of requests that left the queue
             timed[:] = [entry for entry in timed if entry[2] is not None]
             heapq.heapify(timed)
@@ -317,7 +327,7 @@ class DynamicBatcher:
     def _compact(self) -> None:
         for queue in self._queues.levels:
             while queue and queue[0].future.done():
-                queue.popleft()
+                self._left_queue(queue.popleft())
                 self._queues.count -= 1
 
     def _arm_deadline_timer(self) -> None:
