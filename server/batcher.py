@@ -200,6 +200,12 @@ class DynamicBatcher:
         signature = tuple((name, a.dtype.str, a.shape[1:]) for name, a in sorted(arrays.items()))
         return first.shape[0], signature
 
+    def check_parameters(self, request: InferRequest) -> None:
+        """Raise ``InvalidRequest`` for a bad ``priority`` or ``timeout`` parameter, as ``enqueue``
+        would (for callers that may answer without queueing, like a cache hit)."""
+        self._priority(request)
+        self._deadline(request, time.monotonic())
+
     def _deadline(self, request: InferRequest, now: float) -> float | None:
         """The earliest of the client's deadline and the queue timeout (request override or default)."""
         timeout_s = self._config.default_timeout_s

@@ -165,6 +165,8 @@ class ModelVersion:
             if self._cache is None:
                 arrays = await self._batcher.submit(request, outputs)
             else:
+                if request.parameters:
+                    self._batcher.check_parameters(request)  # a hit would not reach the queue's checks
                 arrays = await self._cached(request, outputs, start, cache_key)
         except RapidServeError:
             self.stats.fail.add(time.monotonic_ns() - start)

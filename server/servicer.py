@@ -304,8 +304,8 @@ def _wire_cache_key(request: Any, model: ModelVersion) -> bytes | None:
     computes from the decoded arrays); None where the request needs the full path."""
     raw = request.raw_input_contents
     tensors = request.inputs
-    if not raw or len(raw) != len(tensors) or any(t.parameters for t in tensors):
-        return None
+    if not raw or len(raw) != len(tensors) or request.parameters or any(t.parameters for t in tensors):
+        return None  # requests with parameters take the full path, which checks them
     if any(o.parameters for o in request.outputs):
         return None
     parts = [(t.name, t.datatype, tuple(t.shape), raw[i]) for i, t in enumerate(tensors)]

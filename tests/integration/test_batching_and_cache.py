@@ -105,3 +105,20 @@ def test_cache_hits_carry_each_callers_id_over_unary_and_streams(tmp_path: Path,
     with Client(server.url) as c:
         stats = c.model_statistics("scale").model_stats[0].inference_stats
     assert (stats.cache_miss.count, stats.cache_hit.count, stats.success.count) == (1, 7, 8)
+
+
+def test_bad_request_parameters_are_refused_even_when_the_answer_is_cached(tmp_path: Path, serve) -> None:
+    import grpc
+
+    from rapidserve import InferenceServerError
+
+    config = "max_batch_size: 8\nresponse_cache { enable: true }\ndynamic_batching { priority_levels: 2 }\n"
+    write_model(tmp_path, "scale", scale_graph("scale", INT64, 3), config)
+    server = serve(tmp_path)
+    x = np.ones((1, 4), np.int64)
+    with Client(server.url) as c:
+        c.infer("scale", {"x": x})  # cached now
+        with pytest.raises(InferenceServerError, match="outside the model's priority levels") as info:
+            c.infer("scale", {"x": x}, parameters={"priority": 9})
+        assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        np.testing.assert_array_equal(c.infer("scale", {"x": x}, parameters={"priority": 1})["y"], x * 3)
