@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -58,10 +57,6 @@ class Engine(Protocol):
     ) -> dict[str, np.ndarray[Any, Any]]: ...
 
     def close(self) -> None: ...
-
-
-class EngineFactory(Protocol):
-    def __call__(self, path: Path, options: EngineOptions) -> Engine: ...
 
 
 def missing_extra(library: str, extra: str) -> ImportError:
