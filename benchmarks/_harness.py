@@ -202,6 +202,8 @@ class Server:
             "127.0.0.1",
             "--grpc-port",
             "0",
+            "--metrics-port",
+            "0",
             "--log-level",
             "INFO",
             *flags,

@@ -52,6 +52,18 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default=_env("host", "0.0.0.0"))
     serve.add_argument("--grpc-port", type=int, default=int(_env("grpc-port", 8001)))
     serve.add_argument(
+        "--metrics-port",
+        type=int,
+        default=int(_env("metrics-port", 8002)),
+        help="Prometheus metrics at http://HOST:PORT/metrics (0: any free port)",
+    )
+    serve.add_argument(
+        "--no-metrics",
+        action="store_true",
+        default=_env("no-metrics", "") not in ("", "0", "false"),
+        help="serve no /metrics endpoint (statistics are still recorded for the ModelStatistics RPC)",
+    )
+    serve.add_argument(
         "--model-control-mode", choices=("none", "explicit", "poll"), default=_env("model-control-mode", "none")
     )
     serve.add_argument(
@@ -141,6 +153,8 @@ async def _serve(args: argparse.Namespace) -> int:
         grace_period_s=args.exit_timeout_secs,
         batching_mode=args.batching_mode,
         cache_size_bytes=args.cache_size,
+        metrics_port=args.metrics_port,
+        metrics_enabled=not args.no_metrics,
     )
     server = InferenceServer(settings)
     stop = asyncio.Event()

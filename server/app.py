@@ -22,6 +22,7 @@ from rapidserve.server.cache import PredictionCache
 from rapidserve.server.manager import ModelManager
 from rapidserve.server.servicer import InferenceServicer, serialize
 from rapidserve.server.settings import ServerSettings
+from rapidserve.server.stats import ServerStats
 
 __all__ = ["InferenceServer"]
 
@@ -59,7 +60,10 @@ class InferenceServer:
         self._server: grpc.aio.Server | None = None
         self._follow_readiness = False  # health tracks ServerReady once the startup models are in
         self._health = health_aio.HealthServicer()
+        self.stats = ServerStats()
+        self._metrics: Any = None
         self.port = 0
+        self.metrics_port = 0
 
     async def start(self) -> None:
         limit = self.settings.grpc_max_message_bytes
@@ -70,7 +74,7 @@ class InferenceServer:
                 ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not share it
             ]
         )
-        server.add_generic_rpc_handlers((_inference_handler(InferenceServicer(self.manager)),))
+        server.add_generic_rpc_handlers((_inference_handler(InferenceServicer(self.manager, stats=self.stats)),))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         _register_health_descriptor()
         reflection.enable_server_reflection(
@@ -85,6 +89,12 @@ class InferenceServer:
         self._server = server
         await server.start()
         log.info("gRPC server listening on %s:%d", self.settings.host, self.port)
+        if self.settings.metrics_enabled:
+            from rapidserve.server.metrics import MetricsServer  # prometheus_client loads only when used
+
+            self._metrics = MetricsServer(self.manager, self.stats)
+            self.metrics_port = await self._metrics.start(self.settings.host, self.settings.metrics_port)
+            log.info("Prometheus metrics at http://%s:%d/metrics", self.settings.host, self.metrics_port)
         await self.manager.start()
         self._follow_readiness = True
         await self._set_health(self.manager.ready)
@@ -100,6 +110,8 @@ class InferenceServer:
         if self._server is not None:
             await self._server.stop(grace)
         await self.manager.stop()
+        if self._metrics is not None:
+            await asyncio.to_thread(self._metrics.stop)
 
     def _readiness_changed(self) -> None:
         """Models were loaded or unloaded: the health service follows ServerReady."""

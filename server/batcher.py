@@ -135,6 +135,16 @@ class DynamicBatcher:
         self._idle: asyncio.Future[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
+    @property
+    def pending(self) -> int:
+        """Requests in the queue, not yet running (a cancelled one may count until it is reached)."""
+        return self._queues.live
+
+    @property
+    def running(self) -> int:
+        """Batches executing now."""
+        return self._running
+
     # -- submission ------------------------------------------------------------------------------
 
     async def submit(self, request: InferRequest, outputs: Sequence[str]) -> Arrays:
@@ -367,8 +377,6 @@ class DynamicBatcher:
     def _start(self, instance: BatchRunner, batch: list[_Pending], now: float) -> None:
         assert self._loop is not None
         self._running += 1
-        for item in batch:
-            self._stats.queue.add(int((now - item.enqueued) * 1e9))
         outputs = tuple(dict.fromkeys(name for item in batch for name in item.outputs))
         inputs = [item.request.inputs for item in batch]
         if self._inline:
@@ -376,20 +384,24 @@ class DynamicBatcher:
                 result: Any = _run_batch(instance, inputs, outputs)
             except Exception as exc:
                 result = exc
-            self._finish(instance, batch, result, redispatch=False)  # _dispatch's loop goes on
+            self._finish(instance, batch, now, result, redispatch=False)  # _dispatch's loop goes on
             return
         work = self._executor.submit(_run_batch, instance, inputs, outputs)
         loop = self._loop
-        work.add_done_callback(lambda done: loop.call_soon_threadsafe(self._finish_thread, instance, batch, done))
+        work.add_done_callback(lambda done: loop.call_soon_threadsafe(self._finish_thread, instance, batch, now, done))
 
-    def _finish_thread(self, instance: BatchRunner, batch: list[_Pending], done: Any) -> None:
+    def _finish_thread(self, instance: BatchRunner, batch: list[_Pending], started: float, done: Any) -> None:
         try:
             result = done.result()
         except Exception as exc:
             result = exc
-        self._finish(instance, batch, result, redispatch=True)
+        self._finish(instance, batch, started, result, redispatch=True)
 
-    def _finish(self, instance: BatchRunner, batch: list[_Pending], result: Any, redispatch: bool) -> None:
+    def _finish(
+        self, instance: BatchRunner, batch: list[_Pending], started: float, result: Any, redispatch: bool
+    ) -> None:
+        """Hand each request its rows (or the batch's error). Statistics, as Triton keeps them, count
+        the queue and compute times of the requests that succeed."""
         self._running -= 1
         self._free.append(instance)
         try:
@@ -403,9 +415,13 @@ class DynamicBatcher:
             self._fail(batch, EngineError(f"model '{self._name}' failed: {type(exc).__name__}: {exc}"))
         else:
             split_start = time.monotonic_ns()
-            self._deliver(batch, outputs)
+            delivered = self._deliver(batch, outputs)
             output_ns = time.monotonic_ns() - split_start
-            self._stats.record_execution(sum(item.size for item in batch), input_ns, infer_ns, output_ns)
+            if delivered is not None:
+                for item in delivered:
+                    self._stats.queued(int((started - item.enqueued) * 1e9))
+                size = sum(item.size for item in batch)
+                self._stats.record_execution(len(delivered), size, input_ns, infer_ns, output_ns)
         if redispatch:
             self._dispatch()
 
@@ -415,7 +431,9 @@ class DynamicBatcher:
         limit = self._config.inline_below_s
         self._inline = limit > 0 and self._infer_s < (2 * limit if self._inline else limit)
 
-    def _deliver(self, batch: list[_Pending], outputs: Arrays) -> None:
+    def _deliver(self, batch: list[_Pending], outputs: Arrays) -> list[_Pending] | None:
+        """Resolve each waiting request with its rows; returns those it answered (None: the outputs
+        do not split, and every request failed)."""
         total = sum(item.size for item in batch)
         if len(batch) > 1:
             for name, array in outputs.items():
@@ -424,8 +442,9 @@ class DynamicBatcher:
                         f"model '{self._name}' returned output '{name}' with shape {list(array.shape)} "
                         f"for a batch of {total}; expected the batch dimension first"
                     ))  # fmt: skip
-                    return
+                    return None
         offset = 0
+        delivered = []
         for item in batch:
             if not item.future.done():
                 if len(batch) == 1:
@@ -433,7 +452,9 @@ class DynamicBatcher:
                 else:
                     rows = {name: outputs[name][offset : offset + item.size] for name in item.outputs}
                 item.future.set_result(rows)
+                delivered.append(item)
             offset += item.size
+        return delivered
 
     @staticmethod
     def _fail(batch: list[_Pending], error: Exception) -> None:

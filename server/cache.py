@@ -148,8 +148,9 @@ class PredictionCache:
 
     async def get_or_compute(
         self, key: bytes, model: str, compute: Callable[[], Awaitable[Arrays]], deadline: float | None = None
-    ) -> tuple[Arrays, bool]:
-        """(outputs, hit). Identical misses in flight at once share one computation.
+    ) -> tuple[Arrays, str]:
+        """(outputs, "hit" | "miss" | "join"). Identical misses in flight at once share one computation:
+        the first runs it ("miss"), the others wait for its answer ("join").
 
         A caller that joins another's computation waits at most until its own ``deadline``
         (``time.monotonic()``), and if that computation fails for reasons of its own request
@@ -159,14 +160,14 @@ class PredictionCache:
             cached = self.get(key)
             if cached is not None:
                 self.stats.hits += 1
-                return cached, True
+                return cached, "hit"
             pending = self._inflight.get(key)
             if pending is None:
                 break
             self.stats.joins += 1
             timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
             try:
-                return await asyncio.wait_for(asyncio.shield(pending), timeout), False
+                return await asyncio.wait_for(asyncio.shield(pending), timeout), "join"
             except asyncio.TimeoutError:
                 raise DeadlineExceeded(
                     f"the deadline passed while waiting for an identical request to model '{model}'"
@@ -196,7 +197,7 @@ class PredictionCache:
                 del self._inflight_model[key]
         self.put(key, model, result, generation)
         future.set_result(result)
-        return result, False
+        return result, "miss"
 
     def _evict(self) -> None:
         key, entry = self._entries.popitem(last=False)

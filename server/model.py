@@ -124,14 +124,16 @@ class ModelVersion:
         entry = self._cache.entry(key)
         if entry is not None:
             self._cache.stats.hits += 1
-            elapsed = time.monotonic_ns() - start
-            self.stats.cache_hit.add(elapsed)
-            self.stats.success.add(elapsed)
+            self.stats.cache_hit_served(time.monotonic_ns() - start, self._rows(entry.arrays))
         return entry
 
     def remember(self, entry: CacheEntry, kind: str, data: bytes) -> None:
         assert self._cache is not None
         self._cache.remember(entry, kind, data)
+
+    def rejected(self, error: BaseException) -> None:
+        """Count a request that failed before it reached this model (it did not decode)."""
+        self.stats.failed(_reason(error))
 
     def start(self, request: InferRequest) -> Started:
         """Queue a request without a coroutine (the stream path): ``finish`` turns the started
@@ -142,17 +144,18 @@ class ModelVersion:
             self.spec.validate(request)
             outputs = request.outputs or self._output_names
             return Started(self._batcher.enqueue(request, outputs), outputs, start, request.id)
-        except RapidServeError:
-            self.stats.fail.add(time.monotonic_ns() - start)
+        except RapidServeError as exc:
+            self.stats.failed(exc.reason, time.monotonic_ns() - start)
             raise
 
     def finish(self, started: Started) -> InferResponse:
+        """The response of a started request; a cancelled one raises ``CancelledError``."""
         try:
             arrays = started.future.result()
-        except RapidServeError:
-            self.stats.fail.add(time.monotonic_ns() - started.start_ns)
+        except (RapidServeError, asyncio.CancelledError) as exc:
+            self.stats.failed(_reason(exc), time.monotonic_ns() - started.start_ns)
             raise
-        self.stats.success.add(time.monotonic_ns() - started.start_ns)
+        self.stats.succeeded(time.monotonic_ns() - started.start_ns)
         return InferResponse(self.name, str(self.version), {n: arrays[n] for n in started.outputs}, started.id)
 
     async def infer(self, request: InferRequest, cache_key: bytes | None = None) -> InferResponse:
@@ -164,14 +167,14 @@ class ModelVersion:
             outputs = request.outputs or self._output_names
             if self._cache is None:
                 arrays = await self._batcher.submit(request, outputs)
+                self.stats.succeeded(time.monotonic_ns() - start)
             else:
                 if request.parameters:
                     self._batcher.check_parameters(request)  # a hit would not reach the queue's checks
                 arrays = await self._cached(request, outputs, start, cache_key)
-        except RapidServeError:
-            self.stats.fail.add(time.monotonic_ns() - start)
+        except (RapidServeError, asyncio.CancelledError) as exc:
+            self.stats.failed(_reason(exc), time.monotonic_ns() - start)
             raise
-        self.stats.success.add(time.monotonic_ns() - start)
         return InferResponse(self.name, str(self.version), {n: arrays[n] for n in outputs}, request.id)
 
     async def _cached(
@@ -180,19 +183,43 @@ class ModelVersion:
         assert self._cache is not None
         key = key or self._cache.key(self.name, self.version, request.inputs, outputs)
         looked_up = time.monotonic_ns()
-        arrays, hit = await self._cache.get_or_compute(
+        arrays, outcome = await self._cache.get_or_compute(
             key, self.name, lambda: self._batcher.submit(request, outputs), request.deadline
         )
-        if hit:
-            self.stats.cache_hit.add(time.monotonic_ns() - start)
+        if outcome == "hit":
+            self.stats.cache_hit_served(time.monotonic_ns() - start, self._rows(arrays))
         else:
             self.stats.cache_miss.add(looked_up - start)
+            if outcome == "join":
+                self.stats.cache_joins += 1
+            self.stats.succeeded(time.monotonic_ns() - start)
         return arrays
+
+    def _rows(self, arrays: dict[str, Any]) -> int:
+        """The batch size of a request's answer (1 for a model that does not batch)."""
+        if self.spec.max_batch_size <= 0 or not arrays:
+            return 1
+        return int(next(iter(arrays.values())).shape[0])
+
+    @property
+    def pending_requests(self) -> int:
+        """Requests waiting in the batcher's queue."""
+        return self._batcher.pending
+
+    @property
+    def executions_in_flight(self) -> int:
+        return self._batcher.running
 
     async def close(self) -> None:
         """Let queued and running requests finish, then release the engines."""
         await self._batcher.close()
         await asyncio.to_thread(_close_all, self._engines)
+
+
+def _reason(error: BaseException) -> str:
+    if isinstance(error, asyncio.CancelledError):
+        return "cancelled"
+    return error.reason if isinstance(error, RapidServeError) else "internal"
 
 
 def _close_all(engines: list[Engine]) -> None:

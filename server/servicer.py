@@ -32,7 +32,7 @@ from rapidserve.server.errors import (
 )
 from rapidserve.server.manager import ModelManager
 from rapidserve.server.model import ModelVersion
-from rapidserve.server.stats import Duration
+from rapidserve.server.stats import Duration, ServerStats
 from rapidserve.server.types import InferResponse
 
 __all__ = ["STATUS_OF", "InferenceServicer", "serialize", "status_of"]
@@ -84,8 +84,11 @@ def _rpc(handler: Handler) -> Handler:
 class InferenceServicer:
     """Implements ``inference.GRPCInferenceService``; one method per RPC."""
 
-    def __init__(self, manager: ModelManager, *, server_name: str = "rapidserve") -> None:
+    def __init__(
+        self, manager: ModelManager, *, stats: ServerStats | None = None, server_name: str = "rapidserve"
+    ) -> None:
         self._manager = manager
+        self.stats = stats or ServerStats()  # inference requests that named no loaded model
         self._server_name = server_name
 
     @_rpc
@@ -185,14 +188,21 @@ class InferenceServicer:
 
     async def _infer(self, request: Any, deadline: float | None) -> Any:
         """A ``ModelInferResponse``, or for a cache hit its serialized bytes, ready-made."""
-        model: ModelVersion = self._manager.get(request.model_name, request.model_version)
+        model = self._model_for(request)
         key = _wire_cache_key(request, model) if model.caches else None
         if key is not None:
             entry = model.cache_lookup(key)
             if entry is not None:  # a hit skips decoding, validation, the queue and encoding
                 return _with_id(_encoded(model, entry), request.id)
-        decoded = codec.decode_request(request, deadline)
-        return codec.encode_response(await model.infer(decoded, key))
+        return codec.encode_response(await model.infer(_decode(model, request, deadline), key))
+
+    def _model_for(self, request: Any) -> ModelVersion:
+        """The version an inference request names; failures count without a model label."""
+        try:
+            return self._manager.get(request.model_name, request.model_version)
+        except RapidServeError as exc:
+            self.stats.failed(exc.reason)
+            raise
 
 
 class _StreamAnswers:
@@ -251,13 +261,13 @@ class _StreamAnswers:
     def _begin(self, request: Any) -> None:
         servicer = self._servicer
         try:
-            model: ModelVersion = servicer._manager.get(request.model_name, request.model_version)
+            model = servicer._model_for(request)
             if model.caches:
                 task = asyncio.create_task(self._answer_async(request))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
                 return
-            started = model.start(codec.decode_request(request, _stream_deadline(request)))
+            started = model.start(_decode(model, request, _stream_deadline(request)))
         except Exception as exc:
             self._emit(request, exc)
             return
@@ -266,12 +276,11 @@ class _StreamAnswers:
 
     def _finish(self, request: Any, model: ModelVersion, started: Any) -> None:
         self._started.discard(started.future)
-        if started.future.cancelled():
-            self._release_slot()
-            self._wake()
-            return
         try:
             self._emit(request, codec.encode_response(model.finish(started)).SerializeToString())
+        except asyncio.CancelledError:  # the stream ended: nobody to answer
+            self._release_slot()
+            self._wake()
         except Exception as exc:
             self._emit(request, exc)
 
@@ -297,6 +306,14 @@ class _StreamAnswers:
     def _wake(self) -> None:
         if self._wakeup is not None and not self._wakeup.done():
             self._wakeup.set_result(None)
+
+
+def _decode(model: ModelVersion, request: Any, deadline: float | None) -> Any:
+    try:
+        return codec.decode_request(request, deadline)
+    except RapidServeError as exc:
+        model.rejected(exc)
+        raise
 
 
 def _wire_cache_key(request: Any, model: ModelVersion) -> bytes | None:

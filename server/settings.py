@@ -24,6 +24,8 @@ class ServerSettings:
     grace_period_s: float = 30.0
     batching_mode: str = "adaptive"  # adaptive | fixed (Triton's exact behaviour); a model may override
     cache_size_bytes: int = 256 * 2**20  # server-wide prediction cache; 0 disables it
+    metrics_port: int = 8002  # Prometheus /metrics; 0 picks a free port (tests)
+    metrics_enabled: bool = True
 
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,

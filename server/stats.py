@@ -1,11 +1,38 @@
-"""Cumulative per-version statistics in the shape of the statistics extension (ModelStatistics)."""
+"""What the server records about requests: cumulative durations in the shape of the statistics
+extension (ModelStatistics), failure counts by reason, Prometheus-style latency histograms and
+sliding-window percentiles.
+
+Everything here is updated on the event loop thread only, so plain integers suffice. Recording a
+request costs a few dictionary and list updates (``benchmarks/metrics_overhead.py`` measures it);
+the exporter (``rapidserve.server.metrics``) takes copies on the event loop and does the rest of its
+work in its own thread.
+"""
 
 from __future__ import annotations
 
+import math
 import time
+from bisect import bisect_left
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-__all__ = ["Duration", "ModelStats"]
+__all__ = [
+    "BATCH_SIZE_BUCKETS",
+    "LATENCY_BUCKETS_S",
+    "Duration",
+    "Histogram",
+    "LatencyWindow",
+    "ModelStats",
+    "ServerStats",
+]
+
+# Seconds: 50 us to 10 s, so that both a cache hit and a slow CNN batch land in a bucket of their own.
+LATENCY_BUCKETS_S = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+QUANTILES = (0.5, 0.9, 0.95, 0.99, 0.999)
 
 
 @dataclass(slots=True)
@@ -18,6 +45,94 @@ class Duration:
         self.ns += ns
 
 
+class Histogram:
+    """Counts per bucket (``value <= bound``, plus one for +Inf) and the sum: Prometheus's histogram."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+
+class LatencyWindow:
+    """Percentiles of the latencies recorded in the last ``window_s`` seconds, each within 1%.
+
+    A sample is counted in a logarithmic bucket (bucket k holds (g^(k-1), g^k] with g = 1.01/0.99,
+    the DDSketch construction), in the slot of the window it arrived in; whole slots expire as time
+    moves on, so the window covers between ``window_s - window_s/slots`` and ``window_s`` seconds.
+    Recording is one logarithm and one dictionary update; a quantile walks the distinct buckets (a
+    few hundred at most between 1 us and 100 s), never the samples.
+    """
+
+    RELATIVE_ERROR = 0.01
+
+    def __init__(self, window_s: float = 60.0, slots: int = 6, clock: Callable[[], float] = time.monotonic) -> None:
+        gamma = (1 + self.RELATIVE_ERROR) / (1 - self.RELATIVE_ERROR)
+        self._gamma = gamma
+        self._inv_log_gamma = 1 / math.log(gamma)
+        self._floor_key = math.ceil(math.log(1e-9) * self._inv_log_gamma)  # everything below 1 ns
+        self._window_s = window_s
+        self._slot_s = window_s / slots
+        self._clock = clock
+        self._current: dict[int, int] = {}
+        self._current_end = -math.inf
+        self._past: deque[tuple[float, dict[int, int]]] = deque()  # (end time, counts), oldest first
+
+    def add(self, seconds: float) -> None:
+        now = self._clock()
+        if now >= self._current_end:
+            self._rotate(now)
+        key = math.ceil(math.log(seconds) * self._inv_log_gamma) if seconds > 1e-9 else self._floor_key
+        counts = self._current
+        counts[key] = counts.get(key, 0) + 1
+
+    def counts(self) -> dict[int, int]:
+        """The bucket counts of the samples still in the window, merged."""
+        oldest_end = self._clock() - self._window_s  # a slot that ended before this is out of the window
+        merged: dict[int, int] = {}
+        slots = [counts for end, counts in (*self._past, (self._current_end, self._current)) if end > oldest_end]
+        for counts in slots:
+            for key, n in counts.items():
+                merged[key] = merged.get(key, 0) + n
+        return merged
+
+    def quantiles(self, qs: Iterable[float] = QUANTILES, counts: dict[int, int] | None = None) -> dict[float, float]:
+        """{q: latency in seconds} over the window (nearest rank); empty when no sample is in it."""
+        merged = self.counts() if counts is None else counts
+        total = sum(merged.values())
+        if not total:
+            return {}
+        keys = sorted(merged)
+        result: dict[float, float] = {}
+        for q in sorted(qs):
+            rank = q * (total - 1)
+            seen = 0
+            for key in keys:
+                seen += merged[key]
+                if seen > rank:
+                    result[q] = 2 * self._gamma**key / (self._gamma + 1)
+                    break
+        return result
+
+    def _rotate(self, now: float) -> None:
+        if self._current:
+            self._past.append((self._current_end, self._current))
+        self._current = {}
+        self._current_end = (now // self._slot_s + 1) * self._slot_s
+        while self._past and self._past[0][0] <= now - self._window_s:
+            self._past.popleft()
+
+
 @dataclass(slots=True)
 class BatchStats:
     compute_input: Duration = field(default_factory=Duration)
@@ -25,9 +140,15 @@ class BatchStats:
     compute_output: Duration = field(default_factory=Duration)
 
 
+def _latency_histogram() -> Histogram:
+    return Histogram(LATENCY_BUCKETS_S)
+
+
 @dataclass(slots=True)
 class ModelStats:
-    """Updated only from the event loop thread, so plain integers suffice."""
+    """One model version's record. Field meanings follow Triton's statistics extension: ``success``
+    and ``queue`` include cache hits (with no queue time), ``compute_*``, ``inference_count`` and
+    ``execution_count`` do not; ``compute_*`` count once per request, each with its batch's time."""
 
     success: Duration = field(default_factory=Duration)
     fail: Duration = field(default_factory=Duration)
@@ -37,21 +158,71 @@ class ModelStats:
     compute_output: Duration = field(default_factory=Duration)
     cache_hit: Duration = field(default_factory=Duration)
     cache_miss: Duration = field(default_factory=Duration)
+    cache_joins: int = 0  # misses that waited for an identical computation instead of running one
+    cache_hit_inferences: int = 0  # batch elements answered by the cache
     inference_count: int = 0
     execution_count: int = 0
     last_inference_ms: int = 0
+    failures: dict[str, int] = field(default_factory=dict)  # by reason (RapidServeError.reason)
     batches: dict[int, BatchStats] = field(default_factory=dict)
+    # for Prometheus: seconds per successful request, per queued request, per execution
+    request_seconds: Histogram = field(default_factory=_latency_histogram)
+    queue_seconds: Histogram = field(default_factory=_latency_histogram)
+    compute_input_seconds: Histogram = field(default_factory=_latency_histogram)
+    compute_infer_seconds: Histogram = field(default_factory=_latency_histogram)
+    compute_output_seconds: Histogram = field(default_factory=_latency_histogram)
+    batch_size: Histogram = field(default_factory=lambda: Histogram(BATCH_SIZE_BUCKETS))
+    request_window: LatencyWindow = field(default_factory=LatencyWindow)
+    queue_window: LatencyWindow = field(default_factory=LatencyWindow)
 
-    def record_execution(self, batch_size: int, input_ns: int, infer_ns: int, output_ns: int) -> None:
+    def succeeded(self, ns: int) -> None:
+        self.success.add(ns)
+        seconds = ns * 1e-9
+        self.request_seconds.observe(seconds)
+        self.request_window.add(seconds)
+
+    def failed(self, reason: str, ns: int = 0) -> None:
+        self.fail.add(ns)
+        self.failures[reason] = self.failures.get(reason, 0) + 1
+
+    def queued(self, ns: int) -> None:
+        """A request left the queue for an execution after ``ns``."""
+        self.queue.add(ns)
+        seconds = ns * 1e-9
+        self.queue_seconds.observe(seconds)
+        self.queue_window.add(seconds)
+
+    def cache_hit_served(self, ns: int, batch_size: int) -> None:
+        self.cache_hit.add(ns)
+        self.queue.add(0)
+        self.cache_hit_inferences += batch_size
+        self.succeeded(ns)
+
+    def record_execution(self, requests: int, batch_size: int, input_ns: int, infer_ns: int, output_ns: int) -> None:
         self.inference_count += batch_size
         self.execution_count += 1
         self.last_inference_ms = int(time.time() * 1000)
-        self.compute_input.add(input_ns)
-        self.compute_infer.add(infer_ns)
-        self.compute_output.add(output_ns)
+        self.compute_input.add(input_ns * requests, requests)
+        self.compute_infer.add(infer_ns * requests, requests)
+        self.compute_output.add(output_ns * requests, requests)
+        self.compute_input_seconds.observe(input_ns * 1e-9)
+        self.compute_infer_seconds.observe(infer_ns * 1e-9)
+        self.compute_output_seconds.observe(output_ns * 1e-9)
+        self.batch_size.observe(batch_size)
         batch = self.batches.get(batch_size)
         if batch is None:
             batch = self.batches[batch_size] = BatchStats()
         batch.compute_input.add(input_ns)
         batch.compute_infer.add(infer_ns)
         batch.compute_output.add(output_ns)
+
+
+@dataclass(slots=True)
+class ServerStats:
+    """Inference requests that reached no model version (unknown model or version, model not
+    loaded): counted by reason, without a model label, so that clients cannot grow label sets."""
+
+    failures: dict[str, int] = field(default_factory=dict)
+
+    def failed(self, reason: str) -> None:
+        self.failures[reason] = self.failures.get(reason, 0) + 1

@@ -34,6 +34,10 @@ class ServerThread:
     def url(self) -> str:
         return f"127.0.0.1:{self.server.port}"
 
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.server.metrics_port}/metrics"
+
     def run(self, coro: Any, timeout: float = 60) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
@@ -57,6 +61,7 @@ def serve() -> Iterator[Callable[..., ServerThread]]:
     def start(*repos: Path, **settings: Any) -> ServerThread:
         settings.setdefault("host", "127.0.0.1")
         settings.setdefault("grpc_port", 0)
+        settings.setdefault("metrics_port", 0)
         thread = ServerThread(ServerSettings(model_repositories=tuple(repos), **settings)).start()
         started.append(thread)
         return thread
@@ -71,6 +76,8 @@ def serve() -> Iterator[Callable[..., ServerThread]]:
 def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
     """One server over the standard repository, shared by a test module."""
     repo = build_repository(tmp_path_factory.mktemp("shared-repo"))
-    thread = ServerThread(ServerSettings(model_repositories=(repo,), host="127.0.0.1", grpc_port=0)).start()
+    thread = ServerThread(
+        ServerSettings(model_repositories=(repo,), host="127.0.0.1", grpc_port=0, metrics_port=0)
+    ).start()
     yield thread
     thread.stop()

@@ -25,17 +25,24 @@ class RemoteServer:
 
     def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
         self.log = ""
+        command = [sys.executable, "-m", "rapidserve", "serve", "--host", "127.0.0.1", "--grpc-port", "0",
+                   "--metrics-port", "0", *args]  # fmt: skip
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "rapidserve", "serve", "--host", "127.0.0.1", "--grpc-port", "0", *args],
+            command,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
             env={**os.environ, **(env or {})},
         )
-        self.port = self._wait_for_port()
+        self.port = self._wait_for(r"listening on 127\.0\.0\.1:(\d+)")
         self.url = f"127.0.0.1:{self.port}"
 
-    def _wait_for_port(self, timeout_s: float = 60) -> int:
+    def metrics_url(self) -> str:
+        """The /metrics address, read from the log line that follows the gRPC one."""
+        port = self._wait_for(r"metrics at http://127\.0\.0\.1:(\d+)/metrics")
+        return f"http://127.0.0.1:{port}/metrics"
+
+    def _wait_for(self, pattern: str, timeout_s: float = 60) -> int:
         deadline = time.monotonic() + timeout_s
         assert self.proc.stdout is not None
         while time.monotonic() < deadline:
@@ -43,7 +50,7 @@ class RemoteServer:
             if not line:
                 raise RuntimeError(f"server exited with {self.proc.wait()}:\n{self.log}")
             self.log += line
-            match = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
+            match = re.search(pattern, line)
             if match:
                 return int(match.group(1))
         raise TimeoutError(self.log)
@@ -225,7 +232,7 @@ def test_startup_errors_exit_nonzero_with_a_message(tmp_path: Path) -> None:
     try:
         busy = subprocess.run(
             [sys.executable, "-m", "rapidserve", "serve", "--model-repository", str(tmp_path),
-             "--host", "127.0.0.1", "--grpc-port", str(first.port)],
+             "--host", "127.0.0.1", "--grpc-port", str(first.port), "--metrics-port", "0"],
             capture_output=True,
             text=True,
             timeout=60,

@@ -10,38 +10,17 @@ import grpc
 import numpy as np
 import pytest
 from testmodels import slow_graph, write_model
+from workload import write_reshape_model
 
 from rapidserve import Client, InferenceServerError
 
 pytestmark = pytest.mark.timeout(120)
 
 
-def reshape_graph():
-    """x FP32 [-1] reshaped to the INT64 `shape` input: a bad shape makes ONNX Runtime fail at run time."""
-    from onnx import TensorProto, helper
-
-    return helper.make_graph(
-        [helper.make_node("Reshape", ["x", "shape"], ["y"])],
-        "reshape",
-        [
-            helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1]),
-            helper.make_tensor_value_info("shape", TensorProto.INT64, [2]),
-        ],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [-1, -1])],
-    )
-
-
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     repo = tmp_path_factory.mktemp("failures")
-    # zero-filled default warm-up would reshape to [0, 0] and fail, so warm up with a real shape
-    warmup = """max_batch_size: 0
-model_warmup [ { name: "w" inputs [
-  { key: "x" value: { data_type: TYPE_FP32 dims: [ 6 ] zero_data: true } },
-  { key: "shape" value: { data_type: TYPE_INT64 dims: [ 2 ] input_data_file: "shape.bin" } } ] } ]"""
-    write_model(repo, "reshape", reshape_graph(), warmup)
-    (repo / "reshape" / "warmup").mkdir()
-    (repo / "reshape" / "warmup" / "shape.bin").write_bytes(np.array([2, 3], np.int64).tobytes())
+    write_reshape_model(repo)
     write_model(
         repo,
         "slow",

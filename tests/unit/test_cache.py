@@ -87,9 +87,10 @@ async def test_identical_concurrent_misses_share_one_computation() -> None:
     gate.set()
     results = await asyncio.gather(*tasks)
     assert calls == 1 and cache.stats.joins == 9 and cache.stats.misses == 1
-    assert all(r[0]["y"][0] == 7 and not r[1] for r in results)
-    _, hit = await cache.get_or_compute(b"k" * 16, "m", compute)
-    assert hit and calls == 1
+    assert all(r[0]["y"][0] == 7 for r in results)
+    assert sorted(r[1] for r in results) == ["join"] * 9 + ["miss"]
+    _, outcome = await cache.get_or_compute(b"k" * 16, "m", compute)
+    assert outcome == "hit" and calls == 1
 
 
 async def test_a_cancelled_leader_hands_over_and_failures_reach_joiners() -> None:
@@ -107,8 +108,8 @@ async def test_a_cancelled_leader_hands_over_and_failures_reach_joiners() -> Non
     leader.cancel()
     await asyncio.sleep(0)
     gate.set()
-    result, hit = await joiner  # it became the new leader instead of failing
-    assert result["y"][0] == 1 and not hit
+    result, outcome = await joiner  # it became the new leader instead of failing
+    assert result["y"][0] == 1 and outcome == "miss"
 
     async def broken() -> dict[str, np.ndarray]:
         await asyncio.sleep(0.01)

@@ -1,0 +1,171 @@
+"""/metrics and the statistics RPC after a known load: exact counts, and latencies that agree with
+what clients measured."""
+
+from __future__ import annotations
+
+import bisect
+import math
+import time
+import urllib.request
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import tritonclient.grpc as tc
+from prometheus_client.parser import text_string_to_metric_families
+from workload import Expected, build_workload_repository, run_workload
+
+from rapidserve import Client
+
+pytestmark = pytest.mark.timeout(180)
+
+Samples = dict[str, dict[frozenset[tuple[str, str]], float]]
+
+
+def scrape(url: str) -> Samples:
+    with urllib.request.urlopen(url, timeout=30) as response:
+        text = response.read().decode()
+    samples: Samples = defaultdict(dict)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[sample.name][frozenset(sample.labels.items())] = sample.value
+    return samples
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples[name].get(frozenset(labels.items()), 0.0)
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Any:
+    """One server after the workload: (server, expected counts, /metrics samples)."""
+    from conftest import ServerThread
+
+    from rapidserve.server.settings import ServerSettings
+
+    repo = build_workload_repository(tmp_path_factory.mktemp("metrics"))
+    settings = ServerSettings(model_repositories=(repo,), host="127.0.0.1", grpc_port=0, metrics_port=0)
+    server = ServerThread(settings).start()
+    request.addfinalizer(server.stop)
+    expected = run_workload(server.url)
+    return server, expected, scrape(server.metrics_url)
+
+
+MODELS = ("scale", "cached", "slow_full", "slow_timeout", "reshape")
+
+
+def test_every_counter_equals_what_the_clients_saw(loaded: tuple[Any, Expected, Samples]) -> None:
+    _, expected, samples = loaded
+    # the workload reached every reason, so each is checked below
+    assert {reason for _, reason in expected.failures} == {
+        "invalid", "rejected", "timeout", "engine_error", "not_found",
+    }  # fmt: skip
+    for model in MODELS:
+        labels = {"model": model, "version": "1"}
+        assert value(samples, "rapidserve_request_success_total", **labels) == expected.success[model], model
+        assert value(samples, "rapidserve_inference_total", **labels) == expected.inferences[model], model
+        assert value(samples, "rapidserve_cache_hit_total", **labels) == expected.cache_hits[model], model
+        assert value(samples, "rapidserve_cache_miss_total", **labels) == expected.cache_misses[model], model
+        # one histogram sample and one summary count per successful request
+        assert value(samples, "rapidserve_request_duration_seconds_count", **labels) == expected.success[model]
+        assert value(samples, "rapidserve_request_latency_seconds_count", **labels) == expected.success[model]
+        assert value(samples, "rapidserve_model_ready", **labels) == 1
+        assert value(samples, "rapidserve_queue_pending_requests", **labels) == 0
+    reported = {
+        (dict(labels)["model"], dict(labels)["reason"]): count
+        for labels, count in samples["rapidserve_request_failure_total"].items()
+    }
+    assert reported == dict(expected.failures)
+    # unknown models and versions carry no model label
+    assert value(samples, "rapidserve_request_failure_total", model="", version="", reason="not_found") == 4
+
+
+def test_batches_and_cache_gauges_add_up(loaded: tuple[Any, Expected, Samples]) -> None:
+    _, expected, samples = loaded
+    scale = {"model": "scale", "version": "1"}
+    executions = value(samples, "rapidserve_execution_total", **scale)
+    assert 1 <= executions <= expected.success["scale"]
+    assert value(samples, "rapidserve_batch_size_count", **scale) == executions
+    assert value(samples, "rapidserve_batch_size_sum", **scale) == expected.inferences["scale"]
+    assert value(samples, "rapidserve_compute_infer_duration_seconds_count", **scale) == executions
+    cached = {"model": "cached", "version": "1"}
+    assert value(samples, "rapidserve_execution_total", **cached) == 1  # the one miss
+    assert value(samples, "rapidserve_cache_entries") == 1
+    assert 0 < value(samples, "rapidserve_cache_bytes") <= value(samples, "rapidserve_cache_capacity_bytes")
+    assert value(samples, "rapidserve_process_resident_memory_bytes") > 0
+    assert value(samples, "rapidserve_process_cpu_seconds_total") > 0
+
+
+def test_tritonclient_statistics_show_the_same_numbers(loaded: tuple[Any, Expected, Samples]) -> None:
+    server, expected, samples = loaded
+    client = tc.InferenceServerClient(server.url)
+    try:
+        for model in MODELS:
+            stats = client.get_inference_statistics(model).model_stats[0]
+            inference = stats.inference_stats
+            failed = sum(n for (m, _), n in expected.failures.items() if m == model)
+            hits = expected.cache_hits[model]
+            assert inference.success.count == expected.success[model], model
+            assert inference.fail.count == failed, model
+            assert (inference.cache_hit.count, inference.cache_miss.count) == (hits, expected.cache_misses[model])
+            assert inference.queue.count == expected.success[model]  # hits count, with no queue time
+            # compute time counts once per executed request; hits and failures are left out
+            executed = expected.success[model] - hits
+            assert inference.compute_infer.count == executed, model
+            hit_rows = hits * (2 if model == "cached" else 1)
+            assert stats.inference_count == expected.inferences[model] - hit_rows, model
+            assert stats.execution_count == value(samples, "rapidserve_execution_total", model=model, version="1"), (
+                model
+            )
+            assert sum(b.compute_infer.count for b in stats.batch_stats) == stats.execution_count
+    finally:
+        client.close()
+
+
+def _histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float:
+    """Prometheus's histogram_quantile over cumulative (le, count) pairs: linear within a bucket."""
+    total = buckets[-1][1]
+    rank = q * total
+    lower, below = 0.0, 0.0
+    for bound, count in buckets:
+        if count >= rank:
+            if math.isinf(bound):
+                return lower
+            return lower + (bound - lower) * (rank - below) / max(count - below, 1e-12)
+        lower, below = bound, count
+    return lower
+
+
+def test_latency_percentiles_agree_with_what_a_client_measured(tmp_path: Path, serve) -> None:
+    from testmodels import slow_graph, write_model
+
+    write_model(tmp_path, "slow", slow_graph(), "max_batch_size: 1")  # tens of ms: the RPC is a small part
+    server = serve(tmp_path)
+    x = np.ones((1, 256, 256), np.float32)
+    measured = []
+    with Client(server.url) as client:
+        client.infer("slow", {"x": x})  # connects; the server counts it too
+        for _ in range(30):
+            start = time.perf_counter()
+            client.infer("slow", {"x": x})
+            measured.append(time.perf_counter() - start)
+    samples = scrape(server.metrics_url)
+    labels = {"model": "slow", "version": "1"}
+    buckets = sorted(
+        (float(dict(key)["le"]), count)
+        for key, count in samples["rapidserve_request_duration_seconds_bucket"].items()
+        if dict(key)["model"] == "slow"
+    )
+    bounds = [b for b, _ in buckets]
+    for q in (0.5, 0.9):
+        client_q = float(np.quantile(measured, q))
+        # the client's figure includes the RPC, so the server's is at most it, and within its bucket
+        upper = next(b for b in bounds if b >= client_q)
+        lower = max([b for b in bounds if b < client_q], default=0.0)
+        assert abs(_histogram_quantile(q, buckets) - client_q) <= upper - lower, q
+        # the window's percentile (1% accurate) is at most the client's, and at most one bucket apart
+        window = value(samples, "rapidserve_request_latency_seconds", **labels, quantile=str(q))
+        assert window <= 1.02 * client_q, (q, window, client_q)
+        assert bisect.bisect_left(bounds, client_q) - bisect.bisect_left(bounds, window) <= 1, (q, window, client_q)
