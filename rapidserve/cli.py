@@ -1,4 +1,4 @@
-"""The ``rapidserve`` command: ``serve`` and ``infer``.
+"""The ``rapidserve`` command: ``serve``, ``infer`` and ``health``.
 
 Every option can also come from an environment variable named ``RAPIDSERVE_`` + the option's name in
 upper case with dashes as underscores (``--grpc-port`` -> ``RAPIDSERVE_GRPC_PORT``); a flag on the
@@ -114,6 +114,13 @@ def _parser() -> argparse.ArgumentParser:
     infer.add_argument("--timeout-s", type=float, default=None)
     infer.add_argument("--seed", type=int, default=0)
     infer.add_argument("--log-level", default=_env("log-level", "WARNING"))
+
+    health = commands.add_parser(
+        "health", help="exit 0 if the server's gRPC health service says SERVING (container health checks)"
+    )
+    health.add_argument("--url", default=_env("url", "localhost:8001"))
+    health.add_argument("--timeout-s", type=float, default=3.0)
+    health.add_argument("--log-level", default=_env("log-level", "WARNING"))
     return parser
 
 
@@ -122,7 +129,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "serve":
         return _run_loop(_serve(args))
+    if args.command == "health":
+        return _health(args)
     return _infer(args)
+
+
+def _health(args: argparse.Namespace) -> int:
+    """The standard gRPC health check (service ""), which follows ServerReady."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(args.url) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=args.timeout_s)
+        except grpc.RpcError as exc:
+            print(f"unhealthy: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(status)
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
 async def _serve(args: argparse.Namespace) -> int:

@@ -240,3 +240,21 @@ def test_startup_errors_exit_nonzero_with_a_message(tmp_path: Path) -> None:
         assert busy.returncode == 1 and "cannot start" in busy.stderr
     finally:
         assert first.stop() == 0
+
+
+def test_health_command_follows_readiness_and_metrics_are_served(server: RemoteServer) -> None:
+    import urllib.request
+
+    client = tc.InferenceServerClient(server.url)
+    server.wait_ready(client)
+    client.close()
+    health = [sys.executable, "-m", "rapidserve", "health"]
+    ok = subprocess.run([*health, "--url", server.url], capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and ok.stdout.strip() == "SERVING"
+    with urllib.request.urlopen(server.metrics_url(), timeout=30) as response:
+        assert 'rapidserve_model_ready{model="add_sub",version="1"} 1.0' in response.read().decode()
+    assert server.stop() == 0
+    down = subprocess.run(
+        [*health, "--url", server.url, "--timeout-s", "1"], capture_output=True, text=True, timeout=60
+    )
+    assert down.returncode == 1 and "unhealthy: UNAVAILABLE" in down.stderr
