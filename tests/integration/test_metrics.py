@@ -169,3 +169,39 @@ def test_latency_percentiles_agree_with_what_a_client_measured(tmp_path: Path, s
         window = value(samples, "rapidserve_request_latency_seconds", **labels, quantile=str(q))
         assert window <= 1.02 * client_q, (q, window, client_q)
         assert bisect.bisect_left(bounds, client_q) - bisect.bisect_left(bounds, window) <= 1, (q, window, client_q)
+
+
+def test_a_call_cancelled_while_queued_counts_as_cancelled(tmp_path: Path, serve) -> None:
+    import threading
+
+    import grpc
+    from testmodels import slow_graph, write_model
+
+    from rapidserve import protos
+    from rapidserve.server import codec
+
+    write_model(tmp_path, "slow", slow_graph(), "max_batch_size: 8")  # one instance: B waits behind A
+    server = serve(tmp_path)
+    big = np.ones((8, 256, 256), np.float32)  # tens of ms of work
+    with Client(server.url) as client:
+        client.infer("slow", {"x": big[:1]})  # connect and warm up
+        first = threading.Thread(target=client.infer, args=("slow", {"x": big}))
+        first.start()
+        time.sleep(0.005)
+        with grpc.insecure_channel(server.url) as channel:
+            call = channel.unary_unary(
+                protos.method_path("ModelInfer"),
+                request_serializer=lambda m: m.SerializeToString(),
+                response_deserializer=protos.ModelInferResponse.FromString,
+            ).future(codec.encode_request("slow", {"x": big}))
+            time.sleep(0.01)
+            assert call.cancel()
+        first.join()
+        deadline = time.monotonic() + 10
+        while value(scrape(server.metrics_url), "rapidserve_request_failure_total", model="slow", version="1",
+                    reason="cancelled") != 1:  # fmt: skip
+            assert time.monotonic() < deadline, "the cancelled call was not counted"
+            time.sleep(0.05)
+        samples = scrape(server.metrics_url)
+        assert value(samples, "rapidserve_request_success_total", model="slow", version="1") == 2
+        assert client.model_statistics("slow").model_stats[0].inference_stats.fail.count == 1
