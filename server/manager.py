@@ -24,7 +24,8 @@ from rapidserve.server.cache import PredictionCache
 from rapidserve.server.config import parse_config_json
 from rapidserve.server.errors import ModelLoadError, ModelNotFound, NotAllowed, Unavailable
 from rapidserve.server.model import ModelVersion, build_version
-from rapidserve.server.repository import fingerprint, list_models, read_source
+from rapidserve.server.repository import fingerprint, read_source
+from rapidserve.server.repository import list_models as _list_models
 
 __all__ = ["ControlMode", "IndexEntry", "ModelManager"]
 
@@ -81,12 +82,13 @@ class ModelManager:
         self._tasks: set[asyncio.Task[None]] = set()
         self._poller: asyncio.Task[None] | None = None
         self._uploads = tempfile.TemporaryDirectory(prefix="rapidserve-uploads-")
+        self._listed: frozenset[str] = frozenset()  # the repositories' models when last listed
 
     # -- lifecycle -----------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Load the startup models (all of them unless explicit), then start polling if asked."""
-        available = list_models(self.repositories)
+        available = self._list()
         if self.control_mode == "explicit":
             names = list(available) if "*" in self._load_models else list(self._load_models)
         else:
@@ -142,11 +144,28 @@ class ModelManager:
     def loaded(self) -> list[ModelVersion]:
         return [v for model in self._models.values() for _, v in sorted(model.versions.items())]
 
+    def _list(self) -> dict[str, Path]:
+        available = _list_models(self.repositories)
+        self._listed = frozenset(available)
+        return available
+
+    def states(self) -> list[tuple[str, str, bool]]:
+        """(model, version, ready): every loaded version, and every model of the repositories (as last
+        listed) or known to the manager that has none; version "" for those. No file system access."""
+        states: list[tuple[str, str, bool]] = []
+        for name in sorted(self._listed | {n for n, m in self._models.items() if m.versions}):
+            model = self._models.get(name)
+            if model is not None and model.versions:
+                states += [(name, str(v), model.state == READY) for v in sorted(model.versions)]
+            else:
+                states.append((name, "", False))
+        return states
+
     def index(self, ready_only: bool = False) -> list[IndexEntry]:
         """Every model in the repositories and every loaded one, with its state (RepositoryIndex)."""
         names = set(self._models)
         with contextlib.suppress(ModelLoadError):
-            names |= set(list_models(self.repositories))
+            names |= set(self._list())
         entries: list[IndexEntry] = []
         for name in sorted(names):
             model = self._models.get(name)
@@ -204,7 +223,7 @@ class ModelManager:
             directory = upload = self._write_upload(name, files) if files else None
             try:
                 if directory is None:
-                    available = list_models(self.repositories)
+                    available = self._list()
                     if name not in available:
                         raise ModelNotFound(f"model '{name}' is not in the model repository")
                     directory = available[name]
@@ -273,7 +292,7 @@ class ModelManager:
                 log.exception("repository poll failed")
 
     async def _rescan(self) -> None:
-        available = list_models(self.repositories)
+        available = self._list()
         for name in [n for n, m in self._models.items() if m.versions and n not in available]:
             await self._unload(name, "removed from the repository")
         for name, directory in available.items():

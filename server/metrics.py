@@ -30,7 +30,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from rapidserve.server.manager import READY, ModelManager
+from rapidserve.server.manager import ModelManager
 from rapidserve.server.stats import QUANTILES, Histogram, LatencyWindow, ServerStats
 
 __all__ = ["MetricsServer", "RapidServeCollector", "Snapshot", "take_snapshot"]
@@ -39,7 +39,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 LABELS = ["model", "version"]
-SNAPSHOT_TIMEOUT_S = 10.0
+SNAPSHOT_TIMEOUT_S = 3.0  # under Prometheus's usual scrape timeout; the process metrics still answer
+# every version reports these from zero, so that rate() and increase() see the first failure
+MODEL_FAILURE_REASONS = ("invalid", "rejected", "timeout", "cancelled", "engine_error", "unavailable", "internal")
 
 # (attribute of ModelStats, family name, help) for the histograms
 _HISTOGRAMS = (
@@ -89,7 +91,7 @@ def take_snapshot(manager: ModelManager, server: ServerStats) -> Snapshot:
                 version=str(model.version),
                 counters={
                     "success": stats.success.count,
-                    "inference": stats.inference_count + stats.cache_hit_inferences,
+                    "inference": stats.inference_count + stats.shared_inferences,
                     "execution": stats.execution_count,
                     "cache_hit": stats.cache_hit.count,
                     "cache_miss": stats.cache_miss.count,
@@ -106,7 +108,7 @@ def take_snapshot(manager: ModelManager, server: ServerStats) -> Snapshot:
                 load_seconds=model.load_seconds,
             )
         )
-    snapshot.ready = [(e.name, e.version, e.state == READY) for e in manager.index()]
+    snapshot.ready = manager.states()
     cache = manager.cache
     if cache is not None:
         snapshot.cache = {
@@ -128,11 +130,19 @@ class RapidServeCollector(Collector):
     def __init__(self, snapshot: Callable[[], Snapshot]) -> None:
         self._snapshot = snapshot
 
-    def describe(self) -> list[Metric]:
-        return []  # never collect at registration: that would block on the event loop
+    def describe(self) -> Iterator[Metric]:
+        """The families' names and types, without asking the event loop (registration calls this)."""
+        yield from self._families(Snapshot(cache={"bytes": 0, "capacity": 0, "entries": 0, "evictions": 0}))
 
     def collect(self) -> Iterator[Metric]:
-        snap = self._snapshot()
+        try:
+            snap = self._snapshot()
+        except Exception as exc:  # the event loop did not answer in time, or is gone
+            log.warning("metrics scrape without rapidserve's families: %s: %s", type(exc).__name__, exc)
+            return
+        yield from self._families(snap)
+
+    def _families(self, snap: Snapshot) -> Iterator[Metric]:
         counters = {
             "success": CounterMetricFamily(
                 "rapidserve_request_success", "Successful inference requests (cache hits included).", labels=LABELS
@@ -188,8 +198,8 @@ class RapidServeCollector(Collector):
             labels = [v.name, v.version]
             for key, family in counters.items():
                 family.add_metric(labels, v.counters[key])
-            for reason, count in sorted(v.failures.items()):
-                failures.add_metric([*labels, reason], count)
+            for reason in sorted({*MODEL_FAILURE_REASONS, *v.failures}):
+                failures.add_metric([*labels, reason], v.failures.get(reason, 0))
             for attr, (bounds, counts, total) in v.histograms.items():
                 histograms[attr].add_metric(labels, _buckets(bounds, counts), total)
             for attr, (window, merged) in v.windows.items():

@@ -172,8 +172,8 @@ class ModelVersion:
                 if request.parameters:
                     self._batcher.check_parameters(request)  # a hit would not reach the queue's checks
                 arrays = await self._cached(request, outputs, start, cache_key)
-        except (RapidServeError, asyncio.CancelledError) as exc:
-            self.stats.failed(_reason(exc), time.monotonic_ns() - start)
+        except BaseException as exc:
+            self.stats.failed(_reason(exc, request.deadline), time.monotonic_ns() - start)
             raise
         return InferResponse(self.name, str(self.version), {n: arrays[n] for n in outputs}, request.id)
 
@@ -188,10 +188,12 @@ class ModelVersion:
         )
         if outcome == "hit":
             self.stats.cache_hit_served(time.monotonic_ns() - start, self._rows(arrays))
+        elif outcome == "join":
+            self.stats.cache_miss.add(looked_up - start)
+            self.stats.cache_joins += 1
+            self.stats.shared_served(time.monotonic_ns() - start, self._rows(arrays))
         else:
             self.stats.cache_miss.add(looked_up - start)
-            if outcome == "join":
-                self.stats.cache_joins += 1
             self.stats.succeeded(time.monotonic_ns() - start)
         return arrays
 
@@ -216,9 +218,14 @@ class ModelVersion:
         await asyncio.to_thread(_close_all, self._engines)
 
 
-def _reason(error: BaseException) -> str:
+DEADLINE_SLACK_S = 0.01
+
+
+def _reason(error: BaseException, deadline: float | None = None) -> str:
+    """The failure reason metrics count. gRPC cancels a call whose deadline passed: that is a timeout."""
     if isinstance(error, asyncio.CancelledError):
-        return "cancelled"
+        late = deadline is not None and time.monotonic() >= deadline - DEADLINE_SLACK_S
+        return "timeout" if late else "cancelled"
     return error.reason if isinstance(error, RapidServeError) else "internal"
 
 

@@ -159,7 +159,7 @@ class ModelStats:
     cache_hit: Duration = field(default_factory=Duration)
     cache_miss: Duration = field(default_factory=Duration)
     cache_joins: int = 0  # misses that waited for an identical computation instead of running one
-    cache_hit_inferences: int = 0  # batch elements answered by the cache
+    shared_inferences: int = 0  # batch elements answered without an execution: cache hits, single-flight joins
     inference_count: int = 0
     execution_count: int = 0
     last_inference_ms: int = 0
@@ -194,8 +194,14 @@ class ModelStats:
 
     def cache_hit_served(self, ns: int, batch_size: int) -> None:
         self.cache_hit.add(ns)
+        self.shared_served(ns, batch_size)
+
+    def shared_served(self, ns: int, batch_size: int) -> None:
+        """A request answered by another's computation (a cache hit, or a join of an identical
+        request in flight): a success and inferences, with no queue time and no execution."""
         self.queue.add(0)
-        self.cache_hit_inferences += batch_size
+        self.shared_inferences += batch_size
+        self.last_inference_ms = int(time.time() * 1000)
         self.succeeded(ns)
 
     def record_execution(self, requests: int, batch_size: int, input_ns: int, infer_ns: int, output_ns: int) -> None:

@@ -3,6 +3,7 @@ server's counters must say after it: shared by the metrics tests and the real-Pr
 
 from __future__ import annotations
 
+import queue
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
@@ -69,8 +70,8 @@ class Expected:
     success: Counter[str] = field(default_factory=Counter)
     failures: Counter[tuple[str, str]] = field(default_factory=Counter)  # (model, reason)
     inferences: Counter[str] = field(default_factory=Counter)  # batch elements, cache hits included
-    cache_hits: Counter[str] = field(default_factory=Counter)
-    cache_misses: Counter[str] = field(default_factory=Counter)
+    cache_hits: Counter[str] = field(default_factory=Counter)  # at least these (sequential repeats)
+    cache_lookups: Counter[str] = field(default_factory=Counter)  # hits + misses (joins count as misses)
 
     def outcome(self, model: str, rows: int, error: InferenceServerError | None) -> None:
         if error is None:
@@ -88,14 +89,14 @@ def _call(client: Client, model: str, inputs: dict[str, np.ndarray], **kwargs) -
     return None
 
 
-def _concurrent(url: str, model: str, x: np.ndarray, count: int) -> list[InferenceServerError | None]:
+def _concurrent(url: str, model: str, x: np.ndarray, count: int, name: str = "x") -> list[InferenceServerError | None]:
     outcomes: list[InferenceServerError | None] = []
     barrier = threading.Barrier(count)
 
     def one() -> None:
         with Client(url, timeout_s=60) as client:
             barrier.wait()
-            outcomes.append(_call(client, model, {"x": x}))
+            outcomes.append(_call(client, model, {name: x}))
 
     threads = [threading.Thread(target=one) for _ in range(count)]
     for t in threads:
@@ -120,15 +121,42 @@ def run_workload(url: str) -> Expected:
         same = np.full((2, 4), 5, np.int64)
         for i in range(6):  # one miss, then hits
             expected.outcome("cached", 2, _call(client, "cached", {"x": same}))
-            (expected.cache_misses if i == 0 else expected.cache_hits)["cached"] += 1
+            expected.cache_hits["cached"] += i > 0
+            expected.cache_lookups["cached"] += 1
         x = np.ones(6, np.float32)
         expected.outcome("reshape", 1, _call(client, "reshape", {"x": x, "shape": np.array([4, 4], np.int64)}))
         expected.outcome("reshape", 1, _call(client, "reshape", {"x": x, "shape": np.array([3, 2], np.int64)}))
+    fresh = np.full((2, 4), 7, np.int64)  # identical requests at once: single-flight joins, or hits
+    for error in _concurrent(url, "cached", fresh, 4, name="x"):
+        expected.outcome("cached", 2, error)
+        expected.cache_lookups["cached"] += 1
+    _stream(url, expected)
     slow_x = np.ones((1, 64, 256), np.float32)
     for model in ("slow_full", "slow_timeout"):
         for error in _concurrent(url, model, slow_x, 6):
             expected.outcome(model, 1, error)
     return expected
+
+
+def _stream(url: str, expected: Expected) -> None:
+    """Four good requests and one of the wrong datatype over one ModelStreamInfer stream (tritonclient)."""
+    import tritonclient.grpc as tc
+
+    client = tc.InferenceServerClient(url)
+    answers: queue.Queue[object] = queue.Queue()
+    client.start_stream(callback=lambda result, error: answers.put(error))
+    for index, dtype in enumerate(["INT64"] * 4 + ["FP32"]):
+        tensor = tc.InferInput("x", [1, 4], dtype)
+        tensor.set_data_from_numpy(np.ones((1, 4), np.int64 if dtype == "INT64" else np.float32))
+        client.async_stream_infer("scale", [tensor], request_id=str(index))
+    errors = [answers.get(timeout=60) for _ in range(5)]
+    client.stop_stream()
+    client.close()
+    assert sum(e is not None for e in errors) == 1, errors
+    for error in errors:
+        expected.outcome(
+            "scale", 1, None if error is None else InferenceServerError(grpc.StatusCode.INVALID_ARGUMENT, "")
+        )
 
 
 def _bad_raw_length(url: str) -> InferenceServerError | None:

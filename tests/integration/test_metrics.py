@@ -66,8 +66,9 @@ def test_every_counter_equals_what_the_clients_saw(loaded: tuple[Any, Expected, 
         labels = {"model": model, "version": "1"}
         assert value(samples, "rapidserve_request_success_total", **labels) == expected.success[model], model
         assert value(samples, "rapidserve_inference_total", **labels) == expected.inferences[model], model
-        assert value(samples, "rapidserve_cache_hit_total", **labels) == expected.cache_hits[model], model
-        assert value(samples, "rapidserve_cache_miss_total", **labels) == expected.cache_misses[model], model
+        hits = value(samples, "rapidserve_cache_hit_total", **labels)
+        misses = value(samples, "rapidserve_cache_miss_total", **labels)
+        assert hits + misses == expected.cache_lookups[model] and hits >= expected.cache_hits[model], model
         # one histogram sample and one summary count per successful request
         assert value(samples, "rapidserve_request_duration_seconds_count", **labels) == expected.success[model]
         assert value(samples, "rapidserve_request_latency_seconds_count", **labels) == expected.success[model]
@@ -76,6 +77,7 @@ def test_every_counter_equals_what_the_clients_saw(loaded: tuple[Any, Expected, 
     reported = {
         (dict(labels)["model"], dict(labels)["reason"]): count
         for labels, count in samples["rapidserve_request_failure_total"].items()
+        if count  # every version also reports each reason from zero
     }
     assert reported == dict(expected.failures)
     # unknown models and versions carry no model label
@@ -91,8 +93,8 @@ def test_batches_and_cache_gauges_add_up(loaded: tuple[Any, Expected, Samples]) 
     assert value(samples, "rapidserve_batch_size_sum", **scale) == expected.inferences["scale"]
     assert value(samples, "rapidserve_compute_infer_duration_seconds_count", **scale) == executions
     cached = {"model": "cached", "version": "1"}
-    assert value(samples, "rapidserve_execution_total", **cached) == 1  # the one miss
-    assert value(samples, "rapidserve_cache_entries") == 1
+    assert value(samples, "rapidserve_execution_total", **cached) == 2  # one per distinct input: misses run once
+    assert value(samples, "rapidserve_cache_entries") == 2
     assert 0 < value(samples, "rapidserve_cache_bytes") <= value(samples, "rapidserve_cache_capacity_bytes")
     assert value(samples, "rapidserve_process_resident_memory_bytes") > 0
     assert value(samples, "rapidserve_process_cpu_seconds_total") > 0
@@ -106,16 +108,20 @@ def test_tritonclient_statistics_show_the_same_numbers(loaded: tuple[Any, Expect
             stats = client.get_inference_statistics(model).model_stats[0]
             inference = stats.inference_stats
             failed = sum(n for (m, _), n in expected.failures.items() if m == model)
-            hits = expected.cache_hits[model]
+            labels = {"model": model, "version": "1"}
+            hits = value(samples, "rapidserve_cache_hit_total", **labels)
+            joins = value(samples, "rapidserve_cache_join_total", **labels)
             assert inference.success.count == expected.success[model], model
             assert inference.fail.count == failed, model
-            assert (inference.cache_hit.count, inference.cache_miss.count) == (hits, expected.cache_misses[model])
-            assert inference.queue.count == expected.success[model]  # hits count, with no queue time
-            # compute time counts once per executed request; hits and failures are left out
-            executed = expected.success[model] - hits
+            assert (
+                inference.cache_hit.count == hits and inference.cache_miss.count == expected.cache_lookups[model] - hits
+            )
+            assert inference.queue.count == expected.success[model]  # hits and joins count, with no queue time
+            # compute time counts once per executed request; hits, joins and failures are left out
+            executed = expected.success[model] - hits - joins
             assert inference.compute_infer.count == executed, model
-            hit_rows = hits * (2 if model == "cached" else 1)
-            assert stats.inference_count == expected.inferences[model] - hit_rows, model
+            shared_rows = (hits + joins) * (2 if model == "cached" else 1)
+            assert stats.inference_count == expected.inferences[model] - shared_rows, model
             assert stats.execution_count == value(samples, "rapidserve_execution_total", model=model, version="1"), (
                 model
             )
@@ -171,7 +177,15 @@ def test_latency_percentiles_agree_with_what_a_client_measured(tmp_path: Path, s
         assert bisect.bisect_left(bounds, client_q) - bisect.bisect_left(bounds, window) <= 1, (q, window, client_q)
 
 
-def test_a_call_cancelled_while_queued_counts_as_cancelled(tmp_path: Path, serve) -> None:
+def _wait_for(url: str, name: str, want: float, **labels: str) -> None:
+    deadline = time.monotonic() + 20
+    while value(scrape(url), name, **labels) != want:
+        assert time.monotonic() < deadline, f"{name}{labels} never reached {want}"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("ending", ["cancel", "deadline"])
+def test_a_queued_call_that_is_cancelled_or_times_out_counts_under_its_reason(tmp_path: Path, serve, ending) -> None:
     import threading
 
     import grpc
@@ -180,28 +194,35 @@ def test_a_call_cancelled_while_queued_counts_as_cancelled(tmp_path: Path, serve
     from rapidserve import protos
     from rapidserve.server import codec
 
-    write_model(tmp_path, "slow", slow_graph(), "max_batch_size: 8")  # one instance: B waits behind A
+    write_model(tmp_path, "slow", slow_graph(repeats=400), "max_batch_size: 8")  # one instance: B waits behind A
     server = serve(tmp_path)
-    big = np.ones((8, 256, 256), np.float32)  # tens of ms of work
-    with Client(server.url) as client:
+    labels = {"model": "slow", "version": "1"}
+    big = np.ones((8, 256, 256), np.float32)  # about half a second of work
+    with Client(server.url) as client, grpc.insecure_channel(server.url) as channel:
+        grpc.channel_ready_future(channel).result(timeout=10)
         client.infer("slow", {"x": big[:1]})  # connect and warm up
-        first = threading.Thread(target=client.infer, args=("slow", {"x": big}))
-        first.start()
-        time.sleep(0.005)
-        with grpc.insecure_channel(server.url) as channel:
-            call = channel.unary_unary(
-                protos.method_path("ModelInfer"),
-                request_serializer=lambda m: m.SerializeToString(),
-                response_deserializer=protos.ModelInferResponse.FromString,
-            ).future(codec.encode_request("slow", {"x": big}))
-            time.sleep(0.01)
-            assert call.cancel()
-        first.join()
-        deadline = time.monotonic() + 10
-        while value(scrape(server.metrics_url), "rapidserve_request_failure_total", model="slow", version="1",
-                    reason="cancelled") != 1:  # fmt: skip
-            assert time.monotonic() < deadline, "the cancelled call was not counted"
-            time.sleep(0.05)
+        infer = channel.unary_unary(
+            protos.method_path("ModelInfer"),
+            request_serializer=lambda m: m.SerializeToString(),
+            response_deserializer=protos.ModelInferResponse.FromString,
+        )
+        busy = threading.Thread(target=client.infer, args=("slow", {"x": big}))  # A
+        busy.start()
+        _wait_for(server.metrics_url, "rapidserve_executions_in_flight", 1, **labels)
+        try:
+            if ending == "cancel":
+                call = infer.future(codec.encode_request("slow", {"x": big}))
+                _wait_for(server.metrics_url, "rapidserve_queue_pending_requests", 1, **labels)
+                assert call.cancel()
+            else:
+                with pytest.raises(grpc.RpcError) as info:
+                    infer(codec.encode_request("slow", {"x": big}), timeout=0.1)
+                assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            reason = "cancelled" if ending == "cancel" else "timeout"
+            _wait_for(server.metrics_url, "rapidserve_request_failure_total", 1, **labels, reason=reason)
+        finally:
+            busy.join()
         samples = scrape(server.metrics_url)
-        assert value(samples, "rapidserve_request_success_total", model="slow", version="1") == 2
+        other = "timeout" if ending == "cancel" else "cancelled"
+        assert value(samples, "rapidserve_request_failure_total", **labels, reason=other) == 0
         assert client.model_statistics("slow").model_stats[0].inference_stats.fail.count == 1

@@ -80,7 +80,7 @@ def test_statistics_follow_tritons_meanings() -> None:
     assert (stats.compute_infer.count, stats.compute_infer.ns) == (2, 200)
     assert (stats.batches[5].compute_infer.count, stats.batches[5].compute_infer.ns) == (1, 100)
     # inference/execution counts leave cache hits out; queue and success include them
-    assert (stats.inference_count, stats.execution_count, stats.cache_hit_inferences) == (5, 1, 3)
+    assert (stats.inference_count, stats.execution_count, stats.shared_inferences) == (5, 1, 3)
     assert stats.queue.count == 3 and stats.queue.ns == 4_000
     # histograms: successes (hits too) and queued requests only
     assert stats.request_seconds.count == 3 and stats.queue_seconds.count == 2
