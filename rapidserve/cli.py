@@ -1,4 +1,4 @@
-"""The ``rapidserve`` command: ``serve``, ``infer`` and ``health``.
+"""The ``rapidserve`` command: ``serve``, ``infer``, ``prepare`` and ``health``.
 
 Every option can also come from an environment variable named ``RAPIDSERVE_`` + the option's name in
 upper case with dashes as underscores (``--grpc-port`` -> ``RAPIDSERVE_GRPC_PORT``); a flag on the
@@ -115,6 +115,13 @@ def _parser() -> argparse.ArgumentParser:
     infer.add_argument("--seed", type=int, default=0)
     infer.add_argument("--log-level", default=_env("log-level", "WARNING"))
 
+    prepare = commands.add_parser(
+        "prepare", help="turn a PyTorch model into optimized, validated, benchmarked engines in a model repository"
+    )
+    from rapidserve.engines.prepare.cli import add_arguments
+
+    add_arguments(prepare)
+
     health = commands.add_parser(
         "health", help="exit 0 if the server's gRPC health service says SERVING (container health checks)"
     )
@@ -131,6 +138,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run_loop(_serve(args))
     if args.command == "health":
         return _health(args)
+    if args.command == "prepare":
+        from rapidserve.engines.prepare.cli import run
+
+        return run(args)
     return _infer(args)
 
 

@@ -139,3 +139,31 @@ def build_repository(repo: Path) -> Path:
         'output [{ name: "echo" data_type: TYPE_STRING dims: [-1] }]\n',
     )
     return repo
+
+
+def tiny_classifier() -> Any:
+    """A PyTorch MLP 16 -> 32 -> 32 -> 4 (a factory for `rapidserve prepare` tests)."""
+    from torch import nn
+
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+
+
+def tiny_student() -> Any:
+    from torch import nn
+
+    return nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+
+
+def tiny_regressor() -> Any:
+    """A PyTorch MLP 8 -> 24 -> 3 with no classes: its fidelity is cosine similarity."""
+    from torch import nn
+
+    return nn.Sequential(nn.Linear(8, 24), nn.Tanh(), nn.Linear(24, 3))
+
+
+def classification_data(rows: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Gaussian points labelled by which of 4 fixed directions they lean towards most."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((rows, 16)).astype(np.float32)
+    directions = np.random.default_rng(99).standard_normal((16, 4)).astype(np.float32)
+    return x, (x @ directions).argmax(axis=1).astype(np.int64)

@@ -1,0 +1,41 @@
+"""Write a variant as a model of a Triton-layout repository that ``rapidserve serve`` loads as it is."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from rapidserve.engines.prepare.context import Built
+from rapidserve.engines.prepare.source import Source, TensorInfo
+from rapidserve.server.datatypes import datatype_of
+
+__all__ = ["write_model"]
+
+_PLATFORM = {"onnx": "onnxruntime_onnx", "torchscript": "pytorch_libtorch", "tensorrt": "tensorrt_plan"}
+_FILE = {"onnx": "model.onnx", "torchscript": "model.pt", "tensorrt": "model.plan"}
+
+
+def _tensors(tensors: list[TensorInfo]) -> str:
+    entries = []
+    for t in tensors:
+        datatype = datatype_of(t.dtype)
+        config_type = "TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}"
+        dims = ", ".join(str(d) for d in t.dims)
+        entries.append(f'  {{ name: "{t.name}", data_type: {config_type}, dims: [ {dims} ] }}')
+    return ",\n".join(entries)
+
+
+def write_model(repository: Path, model: str, built: Built, source: Source, max_batch_size: int) -> Path:
+    """``repository/model/config.pbtxt`` and ``repository/model/1/model.*``; returns the model folder."""
+    folder = repository / model
+    (folder / "1").mkdir(parents=True)
+    shutil.copyfile(built.path, folder / "1" / _FILE[built.format])
+    (folder / "config.pbtxt").write_text(
+        f'name: "{model}"\n'
+        f'platform: "{_PLATFORM[built.format]}"\n'
+        f"max_batch_size: {max_batch_size}\n"
+        f"input [\n{_tensors(source.inputs)}\n]\n"
+        f"output [\n{_tensors(source.outputs)}\n]\n"
+        "dynamic_batching { }\n"
+    )
+    return folder

@@ -1,0 +1,112 @@
+"""TensorRT engines (``model.plan``) from the ONNX variants: FP16 from the FP32 ONNX, INT8 from the
+static QDQ ONNX (explicit quantization), with one optimization profile over the batch dimension
+(min 1, opt the recipe's largest batch size, max the config's max_batch_size).
+
+Written against the TensorRT 10 Python API and unverified here: TensorRT cannot be installed on these
+machines (its wheels download their libraries from NVIDIA's index) and they have no GPU, so the step
+reports itself skipped and why. A plan only runs on the GPU model and TensorRT version that built it.
+Device memory and the stream come from torch, so no second CUDA wrapper is needed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rapidserve.engines.prepare.context import Built, Context, Skipped
+from rapidserve.engines.prepare.source import Runner
+
+__all__ = ["build_plan", "plan_runner", "tensorrt_fp16", "tensorrt_int8"]
+
+
+def _require() -> Any:
+    if importlib.util.find_spec("tensorrt") is None:
+        raise Skipped("TensorRT is not installed (its wheels fetch libraries from NVIDIA's index, unreachable here)")
+    import torch
+
+    if not torch.cuda.is_available():
+        raise Skipped("TensorRT needs a CUDA GPU and torch sees none")
+    import tensorrt
+
+    return tensorrt
+
+
+def build_plan(trt: Any, onnx_path: Path, target: Path, *, fp16: bool, int8: bool, opt: int, max_batch: int) -> Path:
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)  # TensorRT 10: every network has an explicit batch dimension
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(onnx_path.read_bytes()):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise RuntimeError(f"TensorRT could not parse {onnx_path.name}: {errors}")
+    config = builder.create_builder_config()
+    if fp16:
+        config.set_flag(trt.BuilderFlag.FP16)
+    if int8:
+        config.set_flag(trt.BuilderFlag.INT8)  # the Q/DQ nodes carry the scales: no calibrator
+    profile = builder.create_optimization_profile()
+    for index in range(network.num_inputs):
+        tensor = network.get_input(index)
+        rest = tuple(tensor.shape)[1:]
+        profile.set_shape(tensor.name, (1, *rest), (opt, *rest), (max_batch, *rest))
+    config.add_optimization_profile(profile)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise RuntimeError("TensorRT failed to build the engine (see its log above)")
+    target.write_bytes(bytes(plan))
+    return target
+
+
+def plan_runner(path: Path) -> Runner:
+    """Run a plan on batches of numpy arrays (for validation and benchmarks)."""
+    import tensorrt as trt
+    import torch
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    engine = trt.Runtime(logger).deserialize_cuda_engine(path.read_bytes())
+    context = engine.create_execution_context()
+    stream = torch.cuda.Stream()
+    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+    outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+
+    def run(batch: dict[str, np.ndarray[Any, Any]]) -> list[np.ndarray[Any, Any]]:
+        keep = []
+        for name, array in batch.items():
+            tensor = torch.from_numpy(np.ascontiguousarray(array)).cuda()
+            context.set_input_shape(name, tuple(tensor.shape))
+            context.set_tensor_address(name, tensor.data_ptr())
+            keep.append(tensor)
+        results = []
+        for name in outputs:
+            dtype = torch.from_numpy(np.empty(0, trt.nptype(engine.get_tensor_dtype(name)))).dtype
+            tensor = torch.empty(tuple(context.get_tensor_shape(name)), dtype=dtype, device="cuda")
+            context.set_tensor_address(name, tensor.data_ptr())
+            results.append(tensor)
+        if not context.execute_async_v3(stream.cuda_stream):
+            raise RuntimeError("TensorRT execution failed")
+        stream.synchronize()
+        return [t.cpu().numpy() for t in results]
+
+    return run
+
+
+def tensorrt_fp16(ctx: Context) -> Built:
+    trt = _require()
+    path = build_plan(trt, ctx.onnx_fp32(), ctx.file("tensorrt-fp16", ".plan"), fp16=True, int8=False,
+                      opt=ctx.recipe.target_batch, max_batch=ctx.recipe.config_max_batch)  # fmt: skip
+    return Built(path, "tensorrt", [f"TensorRT {trt.__version__}, built for this GPU only"])
+
+
+def tensorrt_int8(ctx: Context) -> Built:
+    trt = _require()
+    from rapidserve.engines.prepare.ort_quant import ort_int8_static
+
+    qdq = ctx.file("ort-int8", ".onnx")
+    if not qdq.exists():
+        qdq = ort_int8_static(ctx).path
+    path = build_plan(trt, qdq, ctx.file("tensorrt-int8", ".plan"), fp16=True, int8=True,
+                      opt=ctx.recipe.target_batch, max_batch=ctx.recipe.config_max_batch)  # fmt: skip
+    return Built(path, "tensorrt", [f"TensorRT {trt.__version__}, INT8 from the QDQ ONNX, built for this GPU only"])
