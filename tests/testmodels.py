@@ -167,3 +167,20 @@ def classification_data(rows: int, seed: int = 0) -> tuple[np.ndarray, np.ndarra
     x = rng.standard_normal((rows, 16)).astype(np.float32)
     directions = np.random.default_rng(99).standard_normal((16, 4)).astype(np.float32)
     return x, (x @ directions).argmax(axis=1).astype(np.int64)
+
+
+class TwoInputs:
+    """Factory of a PyTorch module with two inputs of different widths: ``forward(a [.,8], b [.,3])``."""
+
+    def __new__(cls) -> Any:  # type: ignore[misc]
+        import torch
+
+        class Module(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.linear = torch.nn.Linear(8, 3)
+
+            def forward(self, a: Any, b: Any) -> Any:
+                return self.linear(a) - b
+
+        return Module()

@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
                 factory, weights = DEMO_FACTORY, train_teacher(train, Path(tmp) / "digits-cnn.pt")
                 for key, value in DEMO_RECIPE.items():
                     overrides[key] = overrides.get(key) or value
-                calib = train.take(256)
+                calib = train
             else:
                 if args.val is None:
                     raise ValueError("--val is required: every variant is checked against the original on it")
@@ -98,6 +98,11 @@ def run(args: argparse.Namespace) -> int:
                 name, val, factory=factory, weights=weights, model_file=args.model_file,
                 output_names=_split(args.output_names) or (("logits",) if args.demo else ()), task=args.task,
             )  # fmt: skip
+            names = [t.name for t in source.inputs]  # every dataset in the model's positional order
+            calib_is_val, calib_is_train = calib is val, calib is train
+            val = val.ordered(names)
+            train = train.ordered(names) if train is not None else None
+            calib = val if calib_is_val else train if calib_is_train else calib.ordered(names)
             report = prepare(source, recipe, calib=calib, val=val, train=train, out=args.out, overwrite=args.overwrite)
         except (ValueError, FileExistsError, FileNotFoundError) as exc:
             print(f"error: {exc}", file=sys.stderr)

@@ -27,6 +27,23 @@ class Dataset:
     def __len__(self) -> int:
         return len(next(iter(self.inputs.values())))
 
+    def ordered(self, names: Sequence[str]) -> Dataset:
+        """The same data with its inputs in ``names`` order (a model's positional order)."""
+        missing = [n for n in names if n not in self.inputs]
+        if missing:
+            raise ValueError(
+                f"the data has no array for input(s) {', '.join(missing)}; it has {', '.join(self.inputs)}"
+            )
+        return Dataset({n: self.inputs[n] for n in names}, self.labels)
+
+    def sample(self, count: int, seed: int = 0) -> Dataset:
+        """``count`` rows picked at random (all of them when there are fewer), in a seeded order."""
+        if count >= len(self):
+            return self
+        index = np.sort(np.random.default_rng(seed).choice(len(self), count, replace=False))
+        labels = None if self.labels is None else self.labels[index]
+        return Dataset({k: v[index] for k, v in self.inputs.items()}, labels)
+
     def take(self, count: int) -> Dataset:
         labels = None if self.labels is None else self.labels[:count]
         return Dataset({k: v[:count] for k, v in self.inputs.items()}, labels)

@@ -23,12 +23,17 @@ DEFAULT_COSINE = 0.99
 def compare(reference: list[Array], outputs: list[Array], labels: Array | None, scores: bool) -> dict[str, Any]:
     ref = reference[0].reshape(len(reference[0]), -1).astype(np.float64)
     out = outputs[0].reshape(len(outputs[0]), -1).astype(np.float64)
-    norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(out, axis=1)
-    cosine = np.where(norms > 0, (ref * out).sum(axis=1) / np.maximum(norms, 1e-30), 1.0)
+    finite = all(bool(np.isfinite(o.astype(np.float64)).all()) for o in outputs if o.dtype.kind in "fc")
+    if ref.shape[1] <= 1:  # one value per sample: the cosine of each is only its sign, so compare whole columns
+        ref, out = ref.T, out.T
+    cosine = _cosines(ref, out) if finite else np.zeros(1)
+    scale = max(float(np.abs(ref).max()), 1e-12)
     metrics: dict[str, Any] = {
         "cosine_mean": round(float(cosine.mean()), 6),
         "cosine_min": round(float(cosine.min()), 6),
-        "max_abs_err": _max_abs_err(reference, outputs),
+        "max_abs_err": _max_abs_err(reference, outputs) if finite else None,
+        "max_rel_err": round(float(np.abs(ref - out).max()) / scale, 6) if finite else None,
+        "finite": finite,
     }
     if scores:
         predicted = out.argmax(axis=1)
@@ -38,12 +43,23 @@ def compare(reference: list[Array], outputs: list[Array], labels: Array | None, 
     return metrics
 
 
+def _cosines(ref: Array, out: Array) -> Array:
+    """Per row; 1 where both rows are zero, 0 where only one is."""
+    norm_ref, norm_out = np.linalg.norm(ref, axis=1), np.linalg.norm(out, axis=1)
+    both_zero = (norm_ref == 0) & (norm_out == 0)
+    product = norm_ref * norm_out
+    cosine = np.divide((ref * out).sum(axis=1), product, out=np.zeros(len(ref)), where=product > 0)
+    return np.where(both_zero, 1.0, cosine)
+
+
 def _max_abs_err(reference: list[Array], outputs: list[Array]) -> float:
     return float(max(np.abs(r.astype(np.float64) - o).max() for r, o in zip(reference, outputs, strict=True)))
 
 
 def budget_check(metrics: dict[str, Any], original: dict[str, Any], recipe: Recipe, classifier: bool) -> str:
-    """ "" when the variant is within budget, else the reason it is not."""
+    """The reason the variant is over budget; empty when it is within."""
+    if not metrics.get("finite", True):
+        return "its outputs contain NaN or infinity"
     if recipe.budget_cosine is not None or not classifier:
         floor = DEFAULT_COSINE if recipe.budget_cosine is None else recipe.budget_cosine
         if metrics["cosine_mean"] < floor:

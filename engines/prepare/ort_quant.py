@@ -70,7 +70,7 @@ def ort_int8_static(ctx: Context) -> Built:
         "percentile": CalibrationMethod.Percentile,
     }[ctx.recipe.calibration]
     target = ctx.file("ort-int8", ".onnx")
-    calib = ctx.calib.take(ctx.recipe.calibration_samples)
+    calib = ctx.calib.sample(ctx.recipe.calibration_samples, ctx.recipe.seed)
     with _in_temp_dir() as tmp, _quiet():
         quantize_static(
             str(_preprocessed(ctx.onnx_fp32(), tmp)),

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import platform
 import shutil
+import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,7 @@ from rapidserve.engines.prepare.data import Dataset
 from rapidserve.engines.prepare.fidelity import DEFAULT_COSINE, DEFAULT_TOP1_POINTS, budget_check, compare
 from rapidserve.engines.prepare.recipe import Recipe
 from rapidserve.engines.prepare.report import write_report
-from rapidserve.engines.prepare.repository import write_model
+from rapidserve.engines.prepare.repository import servable, write_model
 from rapidserve.engines.prepare.source import Source, predict
 
 __all__ = ["STEPS", "prepare"]
@@ -58,7 +60,8 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
 
 def _budget(recipe: Recipe, classifier: bool) -> str:
     if recipe.budget_cosine is not None or not classifier:
-        return f"mean cosine similarity >= {recipe.budget_cosine or DEFAULT_COSINE}"
+        floor = DEFAULT_COSINE if recipe.budget_cosine is None else recipe.budget_cosine
+        return f"mean cosine similarity >= {floor}"
     points = DEFAULT_TOP1_POINTS if recipe.budget_top1 is None else recipe.budget_top1
     return f"at most {points:g} point(s) of top-1 lost"
 
@@ -74,15 +77,60 @@ def prepare(
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Run the recipe; write the accepted variants as models ``<name>-<variant>`` and the report into
-    ``out``. Returns the report (what ``report.json`` holds)."""
+    ``out``. Returns the report (what ``report.json`` holds). Torch's process-wide settings (thread
+    count, quantized engine) are as they were when it returns."""
     _prepare_out(out, overwrite)
-    sizes = [str(b) for b in recipe.batch_sizes]
+    with _torch_settings_restored():
+        original, variants = _run(source, recipe, calib, val, train, out)
+    classifier = source.is_classifier(val, recipe)
+    report = {
+        "model": source.name,
+        "source": "pytorch" if source.module is not None else "onnx",
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()} {platform.processor() or ''} Python {platform.python_version()}".strip(),
+        "threads": recipe.threads,
+        "batch_sizes": list(recipe.batch_sizes),
+        "target_batch": recipe.target_batch,
+        "task": "classify" if classifier else "regress",
+        "budget": _budget(recipe, classifier),
+        "validation_samples": len(val),
+        "calibration": "the validation data (give --calib or --train to keep them apart)" if calib is val else "",
+        "recipe": {k: v for k, v in asdict(recipe).items() if k != "extra"},
+        "inputs": [{"name": t.name, "dtype": str(t.dtype), "dims": list(t.dims)} for t in source.inputs],
+        "outputs": [{"name": t.name, "dtype": str(t.dtype), "dims": list(t.dims)} for t in source.outputs],
+        "original": original,
+        "recommended": next((v["model"] for v in variants if v["recommended"]), ""),
+        "variants": variants,
+    }
+    write_report(report, out)
+    return report
+
+
+@contextlib.contextmanager
+def _torch_settings_restored() -> Iterator[None]:
+    torch = sys.modules.get("torch")
+    threads = torch.get_num_threads() if torch is not None else None
+    engine = torch.backends.quantized.engine if torch is not None else None
+    try:
+        yield
+    finally:
+        torch = sys.modules.get("torch")
+        if torch is not None:
+            torch.set_num_threads(threads or torch.get_num_threads())
+            if engine is not None:
+                torch.backends.quantized.engine = engine
+
+
+def _run(
+    source: Source, recipe: Recipe, calib: Dataset, val: Dataset, train: Dataset | None, out: Path
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     threads = recipe.threads
     target = str(recipe.target_batch)
-    classifier = source.is_classifier(val)
-    reference = predict(source.runner(recipe.threads), val)
+    batch = min(64, recipe.config_max_batch)  # validation batches never exceed what an engine was built for
+    classifier = source.is_classifier(val, recipe)
+    reference = predict(source.runner(threads), val, batch)
     original = compare(reference, reference, val.labels, source.scores)
-    original.update(benchmark(lambda: source.runner(recipe.threads), val, recipe.batch_sizes, recipe.bench_seconds))
+    original.update(benchmark(lambda: source.runner(threads), val, recipe.batch_sizes, recipe.bench_seconds))
     variants: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="rapidserve-prepare-") as tmp:
         ctx = Context(source, recipe, calib, val, train, Path(tmp), classifier)
@@ -93,48 +141,33 @@ def prepare(
             variants.append(entry)
             try:
                 result = build(ctx)
+                metrics = compare(reference, predict(result.runner(threads), val, batch), val.labels, source.scores)
+                reason = budget_check(metrics, original, recipe, classifier)
+                timings = benchmark(lambda r=result: r.runner(threads), val, recipe.batch_sizes, recipe.bench_seconds)
             except Skipped as exc:
                 entry.update(status="skipped", reason=str(exc))
                 log.info("%s skipped: %s", name, exc)
                 continue
-            except Exception as exc:
+            except Exception as exc:  # one variant failing leaves the others, and the report, alone
                 entry.update(status="failed", reason=f"{type(exc).__name__}: {exc}")
                 log.warning("%s failed: %s", name, exc, exc_info=log.isEnabledFor(logging.DEBUG))
                 continue
             built[name] = result
-            metrics = compare(reference, predict(result.runner(threads), val), val.labels, source.scores)
-            reason = budget_check(metrics, original, recipe, classifier)
-            entry.update(status="built", format=result.format, notes=result.notes, accepted=not reason, **metrics)
+            entry.update(status="built", format=result.format, notes=list(result.notes), **metrics, **timings)
+            entry["size_bytes"] = result.path.stat().st_size
+            entry["speedup"] = round(timings["throughput_per_s"][target] / original["throughput_per_s"][target], 3)
+            if not servable(result.format):
+                reason = reason or f"rapidserve serve has no backend for {result.format} yet, so it is not written"
+            entry["accepted"] = not reason
             if reason:
                 entry["reason"] = reason
-            entry["size_bytes"] = result.path.stat().st_size
-            entry.update(benchmark(lambda r=result: r.runner(threads), val, recipe.batch_sizes, recipe.bench_seconds))
-            entry["speedup"] = round(entry["throughput_per_s"][target] / original["throughput_per_s"][target], 3)
         accepted = [v for v in variants if v["accepted"]]
         if accepted:
             best = max(accepted, key=lambda v: (v["throughput_per_s"][target], -v["size_bytes"]))
             best["recommended"] = True
         for entry in variants:
-            if entry["status"] == "built" and (entry["accepted"] or recipe.keep_rejected):
+            wanted = entry["accepted"] or (recipe.keep_rejected and entry["status"] == "built")
+            if wanted and servable(entry.get("format", "")):
                 entry["model"] = f"{source.name}-{entry['name']}"
                 write_model(out, entry["model"], built[entry["name"]], source, recipe.config_max_batch)
-    report = {
-        "model": source.name,
-        "source": "pytorch" if source.module is not None else "onnx",
-        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()} {platform.processor() or ''} Python {platform.python_version()}".strip(),
-        "threads": recipe.threads,
-        "batch_sizes": [int(b) for b in sizes],
-        "target_batch": recipe.target_batch,
-        "task": "classify" if classifier else "regress",
-        "budget": _budget(recipe, classifier),
-        "validation_samples": len(val),
-        "recipe": {k: v for k, v in asdict(recipe).items() if k != "extra"},
-        "inputs": [{"name": t.name, "dtype": str(t.dtype), "dims": list(t.dims)} for t in source.inputs],
-        "outputs": [{"name": t.name, "dtype": str(t.dtype), "dims": list(t.dims)} for t in source.outputs],
-        "original": original,
-        "recommended": next((v["model"] for v in variants if v["recommended"]), ""),
-        "variants": variants,
-    }
-    write_report(report, out)
-    return report
+    return original, variants

@@ -9,10 +9,16 @@ from rapidserve.engines.prepare.context import Built
 from rapidserve.engines.prepare.source import Source, TensorInfo
 from rapidserve.server.datatypes import datatype_of
 
-__all__ = ["write_model"]
+__all__ = ["servable", "write_model"]
 
 _PLATFORM = {"onnx": "onnxruntime_onnx", "torchscript": "pytorch_libtorch", "tensorrt": "tensorrt_plan"}
 _FILE = {"onnx": "model.onnx", "torchscript": "model.pt", "tensorrt": "model.plan"}
+# what `rapidserve serve` has a backend for; a repository holding anything else would never be ready
+_SERVABLE = frozenset({"onnx", "torchscript"})
+
+
+def servable(format_: str) -> bool:
+    return format_ in _SERVABLE
 
 
 def _tensors(tensors: list[TensorInfo]) -> str:

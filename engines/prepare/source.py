@@ -43,13 +43,15 @@ class Source:
         first = self.outputs[0]
         return len(first.dims) == 1 and first.dims[0] > 1 and first.dtype.kind == "f"
 
-    def is_classifier(self, data: Dataset) -> bool:
-        """Top-1 measures it: asked for (``task``), or its data has labels and its output can be scores."""
+    def is_classifier(self, data: Dataset, recipe: Any = None) -> bool:
+        """Top-1 measures it: asked for (``task``), or its output can be scores and the data has labels
+        or the recipe's budget is in top-1 points (then top-1 agreement with the original)."""
         if self.task == "classify":
             if not self.scores:
                 raise ValueError(f"--task classify needs a [batch, classes] output; '{self.outputs[0].name}' is not")
             return True
-        return self.task == "auto" and self.scores and data.labels is not None
+        top1_budget = recipe is not None and recipe.budget_top1 is not None
+        return self.task == "auto" and self.scores and (data.labels is not None or top1_budget)
 
     def runner(self, threads: int = 1) -> Runner:
         if self.module is not None:
@@ -65,7 +67,7 @@ class Source:
         return tuple(torch.from_numpy(batch[spec.name]) for spec in self.inputs)
 
 
-def predict(runner: Runner, data: Dataset, batch_size: int = 64) -> list[Array]:
+def predict(runner: Runner, data: Dataset, batch_size: int = 32) -> list[Array]:
     """Every output over the whole dataset, batch by batch."""
     parts: list[list[Array]] = []
     for batch in data.batches(batch_size):
@@ -151,8 +153,9 @@ def load_source(
 
         program = torch.export.load(str(model_file))
         module = program.module()
+        inputs = _program_inputs(program, data)
     elif model_file is not None and model_file.suffix == ".onnx":
-        onnx_path = model_file
+        onnx_path = model_file.resolve()  # the quantization tools run in a folder of their own
         inputs = _onnx_inputs(model_file, data)
     else:
         raise ValueError("give --model pkg.module:factory [--weights FILE] or --model-file model.pt2|model.onnx")
@@ -169,6 +172,22 @@ def load_source(
         names = [o.name for o in onnx.load(str(model_file), load_external_data=False).graph.output]
     source.outputs = [TensorInfo(n, o.dtype, tuple(o.shape[1:])) for n, o in zip(names, outputs, strict=True)]
     return source
+
+
+def _program_inputs(program: Any, data: Dataset) -> list[TensorInfo]:
+    """The program's user inputs, in its own order (the data's arrays are matched by name)."""
+    from torch.export.graph_signature import InputKind
+
+    names = [s.arg.name for s in program.graph_signature.input_specs if s.kind == InputKind.USER_INPUT]
+    if len(names) != len(data.inputs):
+        raise ValueError(f"the program takes {len(names)} inputs ({', '.join(names)}); the data has {len(data.inputs)}")
+    if set(names) != set(data.inputs):
+        if len(names) > 1:
+            raise ValueError(f"the data's arrays ({', '.join(data.inputs)}) must be named as the program's inputs "
+                             f"({', '.join(names)}), so that each goes to its place")  # fmt: skip
+        names = list(data.inputs)  # one input: its name in the data is the name it is served under
+    data.inputs = {n: data.inputs[n] for n in names}
+    return [TensorInfo(n, data.inputs[n].dtype, tuple(data.inputs[n].shape[1:])) for n in names]
 
 
 def _onnx_inputs(path: Path, data: Dataset) -> list[TensorInfo]:

@@ -51,6 +51,8 @@ def build_plan(trt: Any, onnx_path: Path, target: Path, *, fp16: bool, int8: boo
     for index in range(network.num_inputs):
         tensor = network.get_input(index)
         rest = tuple(tensor.shape)[1:]
+        if any(d < 0 for d in rest):
+            raise Skipped(f"input '{tensor.name}' has dynamic dimensions beyond the batch: one profile cannot cover it")
         profile.set_shape(tensor.name, (1, *rest), (opt, *rest), (max_batch, *rest))
     config.add_optimization_profile(profile)
     plan = builder.build_serialized_network(network, config)
@@ -76,7 +78,8 @@ def plan_runner(path: Path) -> Runner:
         keep = []
         for name, array in batch.items():
             tensor = torch.from_numpy(np.ascontiguousarray(array)).cuda()
-            context.set_input_shape(name, tuple(tensor.shape))
+            if not context.set_input_shape(name, tuple(tensor.shape)):
+                raise ValueError(f"input '{name}' shape {tuple(tensor.shape)} is outside the engine's profile")
             context.set_tensor_address(name, tensor.data_ptr())
             keep.append(tensor)
         results = []

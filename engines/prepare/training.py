@@ -50,6 +50,8 @@ def train(
     import torch
     import torch.nn.functional as F
 
+    if epochs <= 0:
+        return module.eval()
     torch.set_num_threads(threads)
     generator = np.random.default_rng(seed)
     torch.manual_seed(seed)
@@ -80,6 +82,12 @@ def train(
                         reduction="batchmean",
                     )
                     loss = alpha * temperature**2 * soft + (1 - alpha) * loss
+            elif classifier and target is not None:  # no labels: the soft targets alone
+                loss = temperature**2 * F.kl_div(
+                    F.log_softmax(output / temperature, dim=1),
+                    F.softmax(target / temperature, dim=1),
+                    reduction="batchmean",
+                )
             elif target is not None:
                 loss = F.mse_loss(output, target)
             else:

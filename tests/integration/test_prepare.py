@@ -179,3 +179,79 @@ def test_a_recipe_file_sets_what_flags_do_not(classifier: dict[str, Path], tmp_p
     assert [v["name"] for v in result["variants"]] == ["onnx-fp32", "ort-int8"]
     assert result["budget"] == "at most 2.5 point(s) of top-1 lost" and result["batch_sizes"] == [2]
     assert "percentile calibration" in result["variants"][1]["notes"][0]
+
+
+def test_fidelity_rejects_broken_outputs() -> None:
+    from rapidserve.engines.prepare.fidelity import budget_check, compare
+    from rapidserve.engines.prepare.recipe import Recipe
+
+    rng = np.random.default_rng(0)
+    reference = [rng.standard_normal((50, 4)).astype(np.float32)]
+    recipe = Recipe("m")
+    original = compare(reference, reference, None, scores=False)
+    for broken, why in ((np.zeros((50, 4), np.float32), "cosine"), (np.full((50, 4), np.nan, np.float32), "NaN")):
+        metrics = compare(reference, [broken], None, scores=False)
+        assert why in budget_check(metrics, original, recipe, classifier=False)
+    same = compare(reference, [reference[0].copy()], None, scores=False)
+    assert budget_check(same, original, recipe, classifier=False) == "" and same["cosine_min"] == pytest.approx(1.0)
+    # one value per sample: compared as whole columns, so a flipped sign is not a perfect match
+    column = rng.standard_normal((50, 1)).astype(np.float32)
+    assert compare([column], [-column], None, scores=False)["cosine_mean"] == pytest.approx(-1.0)
+
+
+def test_a_variant_over_budget_is_rejected_and_not_written(classifier: dict[str, Path], tmp_path: Path) -> None:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("variants: [onnx-fp32, lowrank]\nlowrank_ratio: 0.01\nfinetune_epochs: 0\n")  # rank 1
+    out = tmp_path / "repo"
+    assert prepare("--model", "testmodels:tiny_classifier", "--weights", str(classifier["weights"]), "--name", "t",
+                   "--val", str(classifier["val"]), "--train", str(classifier["train"]), "--out", str(out),
+                   "--recipe", str(recipe)) == 0  # fmt: skip
+    by_name = {v["name"]: v for v in report(out)["variants"]}
+    lowrank = by_name["lowrank"]
+    assert lowrank["status"] == "built" and not lowrank["accepted"] and "points under" in lowrank["reason"]
+    assert not (out / "t-lowrank").exists() and (out / "t-onnx-fp32").is_dir()
+    assert by_name["onnx-fp32"]["recommended"]
+
+
+def test_a_failing_variant_leaves_the_others_and_torch_settings_alone(
+    classifier: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from rapidserve.engines.prepare import pipeline
+    from rapidserve.engines.prepare.context import Built
+
+    def broken(ctx):  # builds a file that is not a model: validation fails after the build
+        path = ctx.file("onnx-fp16", ".onnx")
+        path.write_bytes(b"not an onnx model")
+        return Built(path, "onnx")
+
+    monkeypatch.setitem(pipeline.STEPS, "onnx-fp16", ("onnx-fp16", broken))
+    threads = torch.get_num_threads()
+    out = tmp_path / "repo"
+    assert prepare("--model", "testmodels:tiny_classifier", "--weights", str(classifier["weights"]), "--name", "t",
+                   "--val", str(classifier["val"]), "--out", str(out), "--variants", "onnx-fp16,onnx-fp32",
+                   "--threads", "1") == 0  # fmt: skip
+    by_name = {v["name"]: v for v in report(out)["variants"]}
+    assert by_name["onnx-fp16"]["status"] == "failed" and by_name["onnx-fp32"]["accepted"]
+    assert torch.get_num_threads() == threads
+
+
+def test_inputs_bind_by_name_and_a_relative_model_path_works(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from testmodels import TwoInputs
+
+    from rapidserve.engines.prepare.data import Dataset
+
+    rng = np.random.default_rng(2)
+    b, a = rng.standard_normal((64, 3)).astype(np.float32), rng.standard_normal((64, 8)).astype(np.float32)
+    Dataset({"b": b, "a": a}).save(tmp_path / "val.npz")  # not the program's order
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    program = torch.export.export(TwoInputs().eval(), (torch.zeros(4, 8), torch.zeros(4, 3)),
+                                  dynamic_shapes=({0: batch}, {0: batch}))  # fmt: skip
+    torch.export.save(program, str(tmp_path / "two.pt2"))
+    monkeypatch.chdir(tmp_path)
+    assert prepare("--model-file", "two.pt2", "--name", "two", "--val", "val.npz", "--out", "repo",
+                   "--variants", "onnx-fp32,ort-int8") == 0  # fmt: skip
+    result = report(tmp_path / "repo")
+    assert [i["name"] for i in result["inputs"]] == ["a", "b"]
+    by_name = {v["name"]: v for v in result["variants"]}
+    assert by_name["onnx-fp32"]["max_abs_err"] < 1e-5 and by_name["ort-int8"]["status"] == "built"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo", "two.pt2", "val.npz"]  # nothing left behind
