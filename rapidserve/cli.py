@@ -1,4 +1,4 @@
-"""The ``rapidserve`` command: ``serve``, ``infer``, ``prepare`` and ``health``.
+"""The ``rapidserve`` command: ``serve``, ``infer``, ``bench``, ``prepare`` and ``health``.
 
 Every option can also come from an environment variable named ``RAPIDSERVE_`` + the option's name in
 upper case with dashes as underscores (``--grpc-port`` -> ``RAPIDSERVE_GRPC_PORT``); a flag on the
@@ -115,6 +115,11 @@ def _parser() -> argparse.ArgumentParser:
     infer.add_argument("--seed", type=int, default=0)
     infer.add_argument("--log-level", default=_env("log-level", "WARNING"))
 
+    bench = commands.add_parser("bench", help="load-test a model over gRPC: closed or open loop, perf_analyzer-style")
+    from rapidserve.clients.bench import add_arguments as bench_arguments
+
+    bench_arguments(bench)
+
     prepare = commands.add_parser(
         "prepare", help="turn a PyTorch model into optimized, validated, benchmarked engines in a model repository"
     )
@@ -138,6 +143,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run_loop(_serve(args))
     if args.command == "health":
         return _health(args)
+    if args.command == "bench":
+        from rapidserve.clients.bench import run as bench
+
+        return bench(args)
     if args.command == "prepare":
         from rapidserve.engines.prepare.cli import run
 

@@ -1,0 +1,485 @@
+"""``rapidserve bench``: load-test a KServe v2 gRPC server (rapidserve, Triton, anything that speaks it).
+
+Requests are serialized once and sent as raw bytes (no protobuf work per request on the client);
+answers are not decoded, only their status (a stream's answers are parsed for their id and error).
+Closed loop over a concurrency sweep, or open loop at fixed request rates, measured by
+``rapidserve.clients.loadgen``; the server's own breakdown (queue, compute, batch size, cache hits)
+comes from the statistics RPC, read before and after each load point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import json
+import math
+import multiprocessing
+import random
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+from rapidserve import protos
+from rapidserve.clients.client import Client
+from rapidserve.clients.loadgen import LoadPoint, Measurement, Window, closed_loop, open_loop, summarize
+from rapidserve.server import codec
+from rapidserve.server.datatypes import DATATYPES
+
+__all__ = ["Payloads", "add_arguments", "run"]
+
+HOT_SET = 256  # a duplicate repeats one of the last this-many distinct requests
+COLUMNS = [
+    "mode", "concurrency", "request_rate", "infer_per_s", "requests_per_s", "p50_ms", "p90_ms", "p95_ms",
+    "p99_ms", "p999_ms", "mean_ms", "errors", "stable", "client_cpu", "server_queue_us",
+    "server_compute_input_us", "server_compute_infer_us", "server_compute_output_us", "server_avg_batch",
+    "server_cache_hit_ratio",
+]  # fmt: skip
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+class Payloads:
+    """Serialized ModelInferRequests, built once. ``get(i)`` is request i: the data rows in turn, or
+    with a duplicate ratio, a new distinct request (its first element set to a running number) or,
+    with probability ``duplicate_ratio``, a repeat of a recent one."""
+
+    def __init__(
+        self,
+        model: str,
+        version: str,
+        batches: list[dict[str, np.ndarray[Any, Any]]],
+        duplicate_ratio: float | None = None,
+        seed: int = 0,
+    ) -> None:
+        self._messages = [codec.encode_request(model, b, model_version=version).SerializeToString() for b in batches]
+        self._ratio = duplicate_ratio
+        self._rng = random.Random(seed)
+        self._recent: list[bytes] = []
+        # numbering starts somewhere new on every run, so that an earlier run's requests are not in the cache
+        self._distinct = random.SystemRandom().randrange(1 << 22)
+        first_name, first = next(iter(batches[0].items()))
+        if duplicate_ratio is not None:
+            if first.dtype.kind not in "iuf" or first.size == 0:
+                raise ValueError(f"--duplicate-ratio makes distinct requests by numbering input '{first_name}', "
+                                 f"which needs numbers, not {first.dtype}")  # fmt: skip
+            raw = np.ascontiguousarray(first).tobytes()
+            offset = self._messages[0].find(raw)
+            self._prefix, self._suffix = self._messages[0][:offset], self._messages[0][offset + first.itemsize :]
+            self._dtype = first.dtype
+
+    def distinct(self) -> bytes:
+        self._distinct += 1
+        value = np.array([self._distinct], self._dtype)
+        if self._dtype.kind == "f" and value[0] != self._distinct:
+            raise ValueError(f"more distinct requests than {self._dtype} can number")
+        return self._prefix + value.tobytes() + self._suffix
+
+    def get(self, index: int) -> bytes:
+        if self._ratio is None:
+            return self._messages[index % len(self._messages)]
+        if self._recent and self._rng.random() < self._ratio:
+            return self._recent[self._rng.randrange(len(self._recent))]
+        payload = self.distinct()
+        self._recent.append(payload)
+        if len(self._recent) > HOT_SET:
+            self._recent.pop(0)
+        return payload
+
+
+class Unary:
+    def __init__(self, channel: grpc.aio.Channel, timeout_s: float | None) -> None:
+        self._call = channel.unary_unary(protos.method_path("ModelInfer"))  # bytes in, bytes out
+        self._timeout = timeout_s
+
+    async def send(self, payload: bytes, index: int) -> str:
+        try:
+            await self._call(payload, timeout=self._timeout)
+        except grpc.aio.AioRpcError as exc:
+            return str(exc.code().name)
+        return "OK"
+
+    async def close(self) -> None:
+        pass
+
+
+class Stream:
+    """Every request over one ModelStreamInfer stream, answers matched by request id."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self._outbox: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self._call = channel.stream_stream(protos.method_path("ModelStreamInfer"))(self._requests())
+        self._waiting: dict[str, asyncio.Future[str]] = {}
+        self._reader = asyncio.create_task(self._read())
+        self._codes = {code.value[0]: code.name for code in grpc.StatusCode}
+
+    async def _requests(self) -> Any:
+        while (payload := await self._outbox.get()) is not None:
+            yield payload
+
+    async def _read(self) -> None:
+        parse = protos.ModelStreamInferResponse.FromString
+        try:
+            async for data in self._call:
+                response = parse(data)
+                future = self._waiting.pop(response.infer_response.id, None)
+                if future is None or future.done():
+                    continue
+                if response.error_message:
+                    params = response.infer_response.parameters
+                    code = params["grpc_code"].int64_param if "grpc_code" in params else -1
+                    future.set_result(self._codes.get(code, "UNKNOWN"))
+                else:
+                    future.set_result("OK")
+        except grpc.aio.AioRpcError as exc:
+            status = str(exc.code().name)
+        else:
+            status = "UNAVAILABLE"
+        for future in self._waiting.values():
+            if not future.done():
+                future.set_result(status)
+
+    async def send(self, payload: bytes, index: int) -> str:
+        request_id = str(index)
+        future = asyncio.get_running_loop().create_future()
+        self._waiting[request_id] = future
+        encoded = request_id.encode()
+        self._outbox.put_nowait(payload + b"\x1a" + _varint(len(encoded)) + encoded)  # id: the last one wins
+        return await future
+
+    async def close(self) -> None:
+        self._outbox.put_nowait(None)
+        self._call.cancel()
+        self._reader.cancel()
+        await asyncio.gather(self._reader, return_exceptions=True)
+
+
+@dataclass
+class Job:
+    url: str
+    model: str
+    version: str
+    batches: list[dict[str, np.ndarray[Any, Any]]]
+    streaming: bool
+    mode: str  # concurrency | request_rate
+    level: float
+    measurement: Measurement
+    duplicate_ratio: float | None = None
+    poisson: bool = False
+    timeout_s: float | None = None
+    seed: int = 0
+    quiet: bool = False
+    batch_size: int = 1
+
+
+async def _run_job(job: Job) -> LoadPoint:
+    payloads = Payloads(job.model, job.version, job.batches, job.duplicate_ratio, job.seed)
+    options = [("grpc.max_receive_message_length", 2**31 - 1), ("grpc.max_send_message_length", 2**31 - 1)]
+    async with grpc.aio.insecure_channel(job.url, options=options) as channel:
+        await asyncio.wait_for(channel.channel_ready(), 30)
+        transport = Stream(channel) if job.streaming else Unary(channel, job.timeout_s)
+        get = payloads.get
+        transport_send = transport.send
+
+        async def send(index: int) -> str:
+            return await transport_send(get(index), index)
+
+        def progress(window: Window) -> None:
+            if not job.quiet:
+                lat = np.array(window.latencies) * 1000 if window.latencies else np.array([math.nan])
+                print(f"  {job.mode} {job.level:g}: {window.rate() * job.batch_size:,.0f} infer/s, "
+                      f"p50 {np.percentile(lat, 50):.2f} ms, p99 {np.percentile(lat, 99):.2f} ms",
+                      file=sys.stderr, flush=True)  # fmt: skip
+
+        try:
+            if job.mode == "concurrency":
+                return await closed_loop(send, int(job.level), job.measurement, progress, job.batch_size)
+            return await open_loop(send, job.level, job.measurement, progress, job.poisson, job.seed, job.batch_size)
+        finally:
+            await transport.close()
+
+
+def _worker(job: Job) -> LoadPoint:
+    # The standard event loop, not uvloop: a grpc.aio client on uvloop with thousands of calls in
+    # flight sees some fail CANCELLED that nobody cancelled (seen here with grpcio 1.85, uvloop 0.23).
+    return asyncio.run(_run_job(job))
+
+
+def measure(job: Job, workers: int = 1) -> dict[str, Any]:
+    """One load point, split across ``workers`` processes; the merged summary."""
+    if workers <= 1:
+        point = _worker(job)
+        return {**point.summary(), "stable": point.stable, "client_cpu_max": point.summary()["client_cpu"]}
+    shares = []
+    for i in range(workers):
+        level = job.level / workers if job.mode == "request_rate" else len(range(i, int(job.level), workers))
+        shares.append(Job(**{**job.__dict__, "level": level, "seed": job.seed + i, "quiet": True}))
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        points = pool.map(_worker, [s for s in shares if s.level > 0])
+    merged = [_merge(same) for same in zip(*(p.windows[-3:] for p in points), strict=False)]
+    summary = summarize(merged, job.batch_size)
+    summary["stable"] = all(p.stable for p in points)
+    summary["client_cpu_max"] = max(p.summary()["client_cpu"] for p in points)
+    return summary
+
+
+def _merge(windows: tuple[Window, ...]) -> Window:
+    """The same window of several workers as one (their latencies and statuses together)."""
+    statuses: Counter[str] = Counter()
+    for w in windows:
+        statuses.update(w.statuses)
+    return Window(
+        windows[0].seconds,
+        [x for w in windows for x in w.latencies],
+        statuses,
+        [x for w in windows for x in w.send_lag],
+        sum(w.cpu_seconds for w in windows),
+    )
+
+
+class ServerStats:
+    """The statistics RPC before and after a load point: the server's side of it."""
+
+    def __init__(self, url: str, model: str, version: str) -> None:
+        self._url, self._model, self._version = url, model, version
+        self._before: Any = None
+
+    def _read(self) -> Any:
+        try:
+            with Client(self._url, timeout_s=10) as client:
+                return client.model_statistics(self._model, self._version).model_stats[0]
+        except Exception:
+            return None  # a server without the statistics extension
+
+    def start(self) -> None:
+        self._before = self._read()
+
+    def delta(self) -> dict[str, Any]:
+        after = self._read()
+        if after is None or self._before is None:
+            return {}
+        a, b = after.inference_stats, self._before.inference_stats
+
+        def per_request_us(name: str) -> float | None:
+            count = getattr(a, name).count - getattr(b, name).count
+            return (getattr(a, name).ns - getattr(b, name).ns) / count / 1000 if count else None
+
+        executions = after.execution_count - self._before.execution_count
+        hits = a.cache_hit.count - b.cache_hit.count
+        lookups = hits + a.cache_miss.count - b.cache_miss.count
+        return {
+            "server_queue_us": per_request_us("queue"),
+            "server_compute_input_us": per_request_us("compute_input"),
+            "server_compute_infer_us": per_request_us("compute_infer"),
+            "server_compute_output_us": per_request_us("compute_output"),
+            "server_avg_batch": (after.inference_count - self._before.inference_count) / executions
+            if executions
+            else None,
+            "server_cache_hit_ratio": hits / lookups if lookups else None,
+        }
+
+
+def _inputs(client: Client, args: argparse.Namespace) -> tuple[list[dict[str, np.ndarray[Any, Any]]], int]:
+    """The request batches to send, and the batch size of each."""
+    metadata = client.model_metadata(args.model, args.model_version)
+    config = client.model_config(args.model, args.model_version)
+    batching = config.max_batch_size > 0
+    shapes = dict(_shape(s) for s in args.shape)
+    if args.input_data not in ("random", "zero"):
+        path = Path(args.input_data)
+        if path.suffix == ".npy":
+            if len(metadata.inputs) != 1:
+                raise ValueError(f"{path} holds one array but the model takes {len(metadata.inputs)} inputs; use .npz")
+            arrays = {metadata.inputs[0].name: np.load(path)}
+        else:
+            with np.load(path) as data:
+                arrays = {t.name: data[t.name] for t in metadata.inputs}
+        rows = len(next(iter(arrays.values())))
+        size = args.batch_size if batching else rows
+        batches = [{n: a[i : i + size] for n, a in arrays.items()} for i in range(0, rows - size + 1, size)]
+        return batches or [arrays], size if batching else 1
+    rng = np.random.default_rng(args.seed)
+    batch: dict[str, np.ndarray[Any, Any]] = {}
+    for tensor in metadata.inputs:
+        dims = list(shapes.get(tensor.name, tensor.shape))
+        if batching and tensor.name not in shapes:
+            dims[0] = args.batch_size
+        if any(d < 0 for d in dims):
+            raise ValueError(f"input '{tensor.name}' has dims {tensor.shape}: give --shape {tensor.name}:D1,D2,...")
+        dtype = DATATYPES[tensor.datatype]
+        if args.input_data == "zero" or dtype.kind == "O":
+            batch[tensor.name] = np.zeros(dims, dtype if dtype.kind != "O" else np.object_)
+            if dtype.kind == "O":
+                batch[tensor.name][...] = b"0"
+        elif dtype.kind == "f":
+            batch[tensor.name] = rng.standard_normal(dims).astype(dtype)
+        elif dtype.kind == "b":
+            batch[tensor.name] = rng.integers(0, 2, dims).astype(dtype)
+        else:
+            batch[tensor.name] = rng.integers(0, 100, dims).astype(dtype)
+    return [batch], args.batch_size if batching else 1
+
+
+def _shape(text: str) -> tuple[str, list[int]]:
+    name, _, dims = text.rpartition(":")
+    if not name:
+        raise argparse.ArgumentTypeError(f"--shape wants NAME:D1,D2,..., got {text!r}")
+    return name, [int(d) for d in dims.split(",") if d]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model")
+    parser.add_argument("--url", default="localhost:8001")
+    parser.add_argument("--model-version", default="")
+    parser.add_argument("--streaming", action="store_true", help="send over one ModelStreamInfer stream")
+    loads = parser.add_mutually_exclusive_group()
+    loads.add_argument("--concurrency", default=None, help="closed loop: comma-separated levels (default 1)")
+    loads.add_argument("--request-rate", help="open loop: comma-separated requests/s")
+    parser.add_argument("--poisson", action="store_true", help="open loop: Poisson arrivals (default constant gaps)")
+    parser.add_argument("--max-p99-ms", type=float, help="stop the sweep at the first point whose p99 exceeds this")
+    parser.add_argument("-b", "--batch-size", type=int, default=1)
+    parser.add_argument("--shape", action="append", default=[], help="NAME:D1,D2 for inputs with free dims")
+    parser.add_argument("--input-data", default="random", help="random, zero, or a .npy/.npz file")
+    parser.add_argument("--duplicate-ratio", type=float, help="fraction of requests repeating a recent input")
+    parser.add_argument("--measurement-interval", type=int, default=2000, metavar="MS")
+    parser.add_argument("--warmup-s", type=float, default=1.0)
+    parser.add_argument("--stability-percentage", type=float, default=10.0)
+    parser.add_argument("--max-trials", type=int, default=10)
+    parser.add_argument("--workers", type=int, default=1, help="client processes (when one core cannot keep up)")
+    parser.add_argument("--timeout-s", type=float, help="per-request deadline (unary)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, help="results as .csv or .json (by extension)")
+    parser.add_argument("--plot", type=Path, help="a PNG of latency percentiles against throughput")
+    parser.add_argument("--quiet", action="store_true", help="no per-window progress")
+    parser.add_argument("--log-level", default="WARNING")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.duplicate_ratio is not None and not 0 <= args.duplicate_ratio <= 1:
+        print("error: --duplicate-ratio must be between 0 and 1", file=sys.stderr)
+        return 2
+    try:
+        with Client(args.url, timeout_s=30) as client:
+            batches, batch_size = _inputs(client, args)
+    except Exception as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    mode = "request_rate" if args.request_rate else "concurrency"
+    levels = [float(x) for x in (args.request_rate or args.concurrency or "1").split(",")]
+    measurement = Measurement(
+        window_s=args.measurement_interval / 1000,
+        warmup_s=args.warmup_s,
+        stability=args.stability_percentage / 100,
+        max_windows=max(args.max_trials, 3),
+    )
+    stats = ServerStats(args.url, args.model, args.model_version)
+    rows: list[dict[str, Any]] = []
+    for level in levels:
+        job = Job(args.url, args.model, args.model_version, batches, args.streaming, mode, level, measurement,
+                  args.duplicate_ratio, args.poisson, args.timeout_s, args.seed, args.quiet, batch_size)  # fmt: skip
+        stats.start()
+        summary = measure(job, args.workers)
+        row = {"mode": mode, "concurrency": int(level) if mode == "concurrency" else "",
+               "request_rate": level if mode == "request_rate" else "", **summary, **stats.delta()}  # fmt: skip
+        rows.append(row)
+        _warn(row, args)
+        if args.max_p99_ms is not None and not row["p99_ms"] <= args.max_p99_ms:
+            break
+    _print_table(rows, args)
+    if args.out:
+        _write(rows, args.out)
+    if args.plot:
+        _plot(rows, args.plot, mode)
+    return 0
+
+
+def _warn(row: dict[str, Any], args: argparse.Namespace) -> None:
+    if row["client_cpu_max"] > 0.9:
+        print(f"warning: the client used {row['client_cpu_max']:.0%} of a core at this load point: it may be the "
+              "bottleneck; add --workers", file=sys.stderr)  # fmt: skip
+    if row["mode"] == "request_rate" and row["send_lag_p99_ms"] > 1:
+        print(f"warning: the client sent up to {row['send_lag_p99_ms']:.1f} ms late (p99): latencies include "
+              "its own lag", file=sys.stderr)  # fmt: skip
+    if not row["stable"]:
+        print(
+            "warning: no three windows agreed within the stability band; figures are from the last three",
+            file=sys.stderr,
+        )
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None or value == "":
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}" if abs(value) < 100 else f"{value:,.0f}"
+    return str(value)
+
+
+def _print_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    level = "rate/s" if rows and rows[0]["mode"] == "request_rate" else "conc"
+    header = [level, "infer/s", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "mean ms", "errors", "| queue us",
+              "infer us", "batch", "cache hit", "| client cpu"]  # fmt: skip
+    table = [header]
+    for r in rows:
+        errors = ",".join(f"{k}:{v}" for k, v in r["errors"].items()) or "0"
+        hit = r.get("server_cache_hit_ratio")
+        table.append([
+            _fmt(r["concurrency"] or r["request_rate"]), _fmt(r["infer_per_s"]), _fmt(r["p50_ms"]),
+            _fmt(r["p90_ms"]), _fmt(r["p99_ms"]), _fmt(r["p999_ms"]), _fmt(r["mean_ms"]), errors,
+            "| " + _fmt(r.get("server_queue_us"), 0), _fmt(r.get("server_compute_infer_us"), 0),
+            _fmt(r.get("server_avg_batch"), 1), "-" if hit is None else f"{hit:.0%}", f"| {r['client_cpu']:.0%}",
+        ])  # fmt: skip
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    via = "ModelStreamInfer stream" if args.streaming else "unary ModelInfer"
+    print(f"\n{args.model} at {args.url}, {via}, batch {args.batch_size}")
+    for i, row in enumerate(table):
+        print("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def _write(rows: list[dict[str, Any]], path: Path) -> None:
+    if path.suffix == ".json":
+        path.write_text(json.dumps(rows, indent=2, default=str) + "\n")
+        return
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**row, "errors": json.dumps(row["errors"])})
+
+
+def _plot(rows: list[dict[str, Any]], path: Path, mode: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(8, 5))
+    throughput = [r["infer_per_s"] for r in rows]
+    for key, label in (("p50_ms", "p50"), ("p90_ms", "p90"), ("p99_ms", "p99"), ("p999_ms", "p99.9")):
+        axis.plot(throughput, [r[key] for r in rows], marker="o", label=label)
+    for r in rows:
+        axis.annotate(_fmt(r["concurrency"] or r["request_rate"]), (r["infer_per_s"], r["p50_ms"]),
+                      textcoords="offset points", xytext=(3, -12), fontsize=8)  # fmt: skip
+    axis.set_xlabel("throughput (inferences/s)")
+    axis.set_ylabel("latency (ms)")
+    axis.set_yscale("log")
+    axis.set_title(f"latency percentiles vs throughput ({'concurrency' if mode == 'concurrency' else 'request rate'})")
+    axis.grid(True, alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
