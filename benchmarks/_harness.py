@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import itertools
+import json
 import os
 import re
 import shutil
@@ -265,6 +266,42 @@ def perf_analyzer(
     row["relaxed"] = float(attempt)
     row["cpu_util"] = (cpu1 - cpu0) / (wall1 - wall0)
     row["cpu_us_per_infer"] = row["cpu_util"] * 1e6 / row["Inferences/Second"]
+    return row
+
+
+def bench(
+    server: Server,
+    model: str,
+    *,
+    concurrency: int | None = None,
+    request_rate: float | None = None,
+    streaming: bool = False,
+    core: int = 1,
+    interval_ms: int = 3000,
+    stability: int = 15,
+    extra: Sequence[str] = (),
+    out: Path,
+) -> dict[str, float]:
+    """One ``rapidserve bench`` load point, in perf_analyzer's row shape (``Inferences/Second``,
+    ``p50 latency`` and ``p99 latency`` in microseconds) plus bench's own columns and the server's CPU."""
+    level = ["--concurrency", str(concurrency)] if request_rate is None else ["--request-rate", str(request_rate)]
+    command = [
+        "taskset", "-c", str(core), sys.executable, "-m", "rapidserve", "bench", model, "--url", server.url,
+        *level, "--measurement-interval", str(interval_ms), "--stability-percentage", str(stability),
+        "--max-trials", "10", "--quiet", "--out", str(out), *extra,
+    ]  # fmt: skip
+    if streaming:
+        command.append("--streaming")
+    cpu0, wall0 = server.cpu_seconds(), time.monotonic()
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    cpu1, wall1 = server.cpu_seconds(), time.monotonic()
+    if result.returncode != 0:
+        raise RuntimeError(f"rapidserve bench failed:\n{result.stdout[-3000:]}\n{result.stderr[-2000:]}")
+    (row,) = json.loads(out.read_text())
+    row["Inferences/Second"] = row["infer_per_s"]
+    row["p50 latency"], row["p99 latency"] = row["p50_ms"] * 1000, row["p99_ms"] * 1000
+    row["cpu_util"] = (cpu1 - cpu0) / (wall1 - wall0)
+    row["cpu_us_per_infer"] = row["cpu_util"] * 1e6 / row["infer_per_s"] if row["infer_per_s"] else float("nan")
     return row
 
 

@@ -116,7 +116,21 @@ class Unary:
 
 
 class Stream:
-    """Every request over one ModelStreamInfer stream, answers matched by request id."""
+    """Requests over ``count`` ModelStreamInfer streams (request i on stream i mod count): a stream
+    carries one write at a time, so one stream alone cannot keep a busy server fed."""
+
+    def __init__(self, channel: grpc.aio.Channel, count: int = 1) -> None:
+        self._streams = [_OneStream(channel) for _ in range(max(count, 1))]
+
+    async def send(self, payload: bytes, index: int) -> str:
+        return await self._streams[index % len(self._streams)].send(payload, index)
+
+    async def close(self) -> None:
+        await asyncio.gather(*(s.close() for s in self._streams))
+
+
+class _OneStream:
+    """One ModelStreamInfer stream, answers matched by request id."""
 
     def __init__(self, channel: grpc.aio.Channel) -> None:
         self._outbox: asyncio.Queue[bytes | None] = asyncio.Queue()
@@ -189,7 +203,8 @@ async def _run_job(job: Job) -> LoadPoint:
     options = [("grpc.max_receive_message_length", 2**31 - 1), ("grpc.max_send_message_length", 2**31 - 1)]
     async with grpc.aio.insecure_channel(job.url, options=options) as channel:
         await asyncio.wait_for(channel.channel_ready(), 30)
-        transport = Stream(channel) if job.streaming else Unary(channel, job.timeout_s)
+        streams = max(1, math.ceil(job.level / 16)) if job.mode == "concurrency" else 4  # 16 in flight each
+        transport = Stream(channel, streams) if job.streaming else Unary(channel, job.timeout_s)
         get = payloads.get
         transport_send = transport.send
 
@@ -343,7 +358,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model")
     parser.add_argument("--url", default="localhost:8001")
     parser.add_argument("--model-version", default="")
-    parser.add_argument("--streaming", action="store_true", help="send over one ModelStreamInfer stream")
+    parser.add_argument(
+        "--streaming", action="store_true", help="send over ModelStreamInfer streams (one per 16 in flight)"
+    )
     loads = parser.add_mutually_exclusive_group()
     loads.add_argument("--concurrency", default=None, help="closed loop: comma-separated levels (default 1)")
     loads.add_argument("--request-rate", help="open loop: comma-separated requests/s")
@@ -442,7 +459,7 @@ def _print_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
             _fmt(r.get("server_avg_batch"), 1), "-" if hit is None else f"{hit:.0%}", f"| {r['client_cpu']:.0%}",
         ])  # fmt: skip
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    via = "ModelStreamInfer stream" if args.streaming else "unary ModelInfer"
+    via = "ModelStreamInfer streams" if args.streaming else "unary ModelInfer"
     print(f"\n{args.model} at {args.url}, {via}, batch {args.batch_size}")
     for i, row in enumerate(table):
         print("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))

@@ -53,7 +53,7 @@ def test_closed_loop_sweep_over_unary_and_stream_writes_every_column(server, tmp
             assert float(row["server_avg_batch"]) >= 1 and float(row["server_compute_infer_us"]) > 0
         assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
     printed = capsys.readouterr().out
-    assert "ModelStreamInfer stream" in printed and "unary ModelInfer" in printed
+    assert "ModelStreamInfer streams" in printed and "unary ModelInfer" in printed
 
 
 def test_open_loop_keeps_the_offered_rate_and_batches_count_inferences(server, tmp_path: Path) -> None:
