@@ -305,6 +305,34 @@ def bench(
     return row
 
 
+def add_client_arguments(parser: Any) -> None:
+    parser.add_argument(
+        "--client",
+        choices=("perf_analyzer", "rapidserve"),
+        default="perf_analyzer",
+        help="the load generator: NVIDIA's perf_analyzer (the reference) or `rapidserve bench`",
+    )
+    parser.add_argument("--perf-analyzer", help="perf_analyzer's path (default: PERF_ANALYZER or PATH)")
+
+
+def driver(args: Any) -> Any:
+    """A ``load(server, model, concurrency, streaming, interval_ms, tmp)`` for the chosen client."""
+    if args.client == "rapidserve":
+
+        def load_bench(server: Server, model: str, concurrency: int, streaming: bool, interval_ms: int, tmp: Path):
+            return bench(server, model, concurrency=concurrency, streaming=streaming, interval_ms=interval_ms,
+                         out=tmp / "bench.json")  # fmt: skip
+
+        return load_bench
+    binary = find_perf_analyzer(args.perf_analyzer)
+
+    def load_pa(server: Server, model: str, concurrency: int, streaming: bool, interval_ms: int, tmp: Path):
+        return perf_analyzer(binary, server, model, concurrency, streaming=streaming, interval_ms=interval_ms,
+                             out=tmp / "pa.csv")  # fmt: skip
+
+    return load_pa
+
+
 def table_row(label: str, streaming: bool, concurrency: int, row: dict[str, float]) -> list[Any]:
     """server, mode, conc, infer/s, p50 ms, p99 ms, cpu us/inf: the columns every table starts with."""
     return [

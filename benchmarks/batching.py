@@ -5,7 +5,7 @@ delay, batch-1 requests, ONNX Runtime with one thread. In-process ONNX Runtime a
 measured first on the same core; the efficiency ratio is served infer/s over the best in-process
 infer/s. Server pinned to core 0, perf_analyzer to core 1.
 
-    python benchmarks/batching.py [--perf-analyzer PATH] [--concurrency 1,16,64]
+    python benchmarks/batching.py [--client perf_analyzer|rapidserve] [--concurrency 1,16,64]
 """
 
 from __future__ import annotations
@@ -14,16 +14,16 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from _harness import Server, build_cnn, find_perf_analyzer, in_process, perf_analyzer, print_table
+from _harness import Server, add_client_arguments, build_cnn, driver, in_process, print_table
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--perf-analyzer")
+    add_client_arguments(parser)
     parser.add_argument("--concurrency", default="1,16,64")
     parser.add_argument("--interval-ms", type=int, default=5000)
     args = parser.parse_args()
-    binary = find_perf_analyzer(args.perf_analyzer)
+    load = driver(args)
     with tempfile.TemporaryDirectory() as tmp:
         repo = Path(tmp) / "repo"
         model = build_cnn(repo)
@@ -38,9 +38,7 @@ def main() -> int:
         server = Server.rapidserve(repo)
         try:
             for concurrency in (int(c) for c in args.concurrency.split(",")):
-                row = perf_analyzer(
-                    binary, server, "cnn", concurrency, interval_ms=args.interval_ms, out=Path(tmp) / "pa.csv"
-                )
+                row = load(server, "cnn", concurrency, False, args.interval_ms, Path(tmp))
                 rows.append(
                     [
                         concurrency,
@@ -54,7 +52,7 @@ def main() -> int:
         finally:
             server.stop()
     print_table(
-        f"CNN 3x112x112 served by rapidserve (best in-process: {best:,.0f} infer/s)",
+        f"CNN 3x112x112 served by rapidserve, {args.client} (best in-process: {best:,.0f} infer/s)",
         ["conc", "infer/s", "p50 ms", "p99 ms", "cpu us/inf", "x in-process"],
         rows,
     )

@@ -1,10 +1,11 @@
-"""Prediction cache: hits vs the miss path vs the no-op ceiling, unary and streaming.
+"""Prediction cache: throughput and latency as more requests repeat, from all misses to all hits.
 
-The MLP of overhead.py served twice: "mlp" without a cache (every request computed) and "mlp_cached"
-with ``response_cache { enable: true }``. perf_analyzer sends the same input every time, so after the
-first request every call to mlp_cached is a hit. Server pinned to core 0, perf_analyzer to core 1.
+The MLP of overhead.py with ``response_cache { enable: true }``, driven by ``rapidserve bench`` with
+``--duplicate-ratio`` 0, 0.5, 0.9 and 1.0 (a repeat is one of the last 256 distinct inputs, so it
+is in the cache), unary and streaming, next to the no-op ceiling of noop_server.py measured in the
+same run. Server pinned to core 0, the client to core 1.
 
-    python benchmarks/cache.py [--perf-analyzer PATH] [--concurrency 16,64]
+    python benchmarks/cache.py [--concurrency 16] [--ratios 0,0.5,0.9,1]
 """
 
 from __future__ import annotations
@@ -14,62 +15,48 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _harness import (
-    ROOT,
-    ROW_HEADER,
-    Server,
-    batching_config,
-    build_mlp,
-    find_perf_analyzer,
-    perf_analyzer,
-    print_table,
-    table_row,
-)
+from _harness import ROOT, Server, batching_config, bench, build_mlp, print_table
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--perf-analyzer")
-    parser.add_argument("--concurrency", default="16,64")
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--ratios", default="0,0.5,0.9,1")
     parser.add_argument("--interval-ms", type=int, default=3000)
     args = parser.parse_args()
-    binary = find_perf_analyzer(args.perf_analyzer)
-    levels = [int(c) for c in args.concurrency.split(",")]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         repo = Path(tmp) / "repo"
-        build_mlp(repo)
-        build_mlp(repo, "mlp_cached", batching_config(cache=True))
-
-        def run(server: Server, label: str, model: str, streaming: bool, concurrency: int) -> None:
-            row = perf_analyzer(
-                binary,
-                server,
-                model,
-                concurrency,
-                streaming=streaming,
-                interval_ms=args.interval_ms,
-                out=Path(tmp) / "pa.csv",
-            )
-            rows.append(table_row(label, streaming, concurrency, row))
-
+        build_mlp(repo, "mlp", batching_config(cache=True))
+        out = Path(tmp) / "bench.json"
+        ceiling = {}
         noop = Server([sys.executable, str(ROOT / "noop_server.py")], ready_line="server ready")
         try:
             for streaming in (False, True):
-                run(noop, "no-op ceiling", "mlp", streaming, max(levels))
+                row = bench(noop, "mlp", concurrency=args.concurrency, streaming=streaming,
+                            interval_ms=args.interval_ms, out=out)  # fmt: skip
+                ceiling[streaming] = row["infer_per_s"]
+                rows.append(["no-op ceiling", "stream" if streaming else "unary", "-", row["infer_per_s"],
+                             row["p50_ms"], row["p99_ms"], row["cpu_us_per_infer"], "-", ""])  # fmt: skip
         finally:
             noop.stop()
         server = Server.rapidserve(repo)
         try:
             for streaming in (False, True):
-                for concurrency in levels:
-                    run(server, "miss path (no cache)", "mlp", streaming, concurrency)
-                    run(server, "cache hits", "mlp_cached", streaming, concurrency)
+                for ratio in (float(r) for r in args.ratios.split(",")):
+                    duplicates = ["--duplicate-ratio", str(ratio)]
+                    row = bench(server, "mlp", concurrency=args.concurrency, streaming=streaming,
+                                interval_ms=args.interval_ms, extra=duplicates, out=out)  # fmt: skip
+                    hits = row.get("server_cache_hit_ratio")
+                    rows.append(["rapidserve", "stream" if streaming else "unary", ratio, row["infer_per_s"],
+                                 row["p50_ms"], row["p99_ms"], row["cpu_us_per_infer"],
+                                 "-" if hits is None else f"{hits:.0%}",
+                                 f"{row['infer_per_s'] / ceiling[streaming]:.2f}"])  # fmt: skip
         finally:
             server.stop()
     print_table(
-        "MLP, identical inputs (perf_analyzer, gRPC)",
-        ROW_HEADER,
+        f"MLP with response_cache, {args.concurrency} concurrent (rapidserve bench, gRPC)",
+        ["server", "mode", "dup ratio", "infer/s", "p50 ms", "p99 ms", "cpu us/inf", "hits", "x ceiling"],
         rows,
     )
     return 0

@@ -5,7 +5,7 @@ thread. Server pinned to core 0, perf_analyzer to core 1. Prints infer/s, latenc
 the server's CPU microseconds per inference for each load point, and rapidserve's throughput as a
 fraction of the no-op ceiling measured in the same run.
 
-    python benchmarks/overhead.py [--perf-analyzer PATH] [--concurrency 1,16,64]
+    python benchmarks/overhead.py [--client perf_analyzer|rapidserve] [--concurrency 1,16,64]
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from _harness import (
     ROOT,
     ROW_HEADER,
     Server,
+    add_client_arguments,
     build_mlp,
-    find_perf_analyzer,
+    driver,
     in_process,
-    perf_analyzer,
     print_table,
     table_row,
 )
@@ -32,11 +32,11 @@ HEADER = [*ROW_HEADER, "x ceiling"]
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--perf-analyzer")
+    add_client_arguments(parser)
     parser.add_argument("--concurrency", default="1,16,64")
     parser.add_argument("--interval-ms", type=int, default=3000)
     args = parser.parse_args()
-    binary = find_perf_analyzer(args.perf_analyzer)
+    load = driver(args)
     levels = [int(c) for c in args.concurrency.split(",")]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -46,15 +46,7 @@ def main() -> int:
         print(f"in-process ONNX Runtime, batch 1, one thread: {rate:,.0f} infer/s, {p50 * 1000:.1f} us per call")
 
         def run(server: Server, name: str, streaming: bool, concurrency: int) -> dict[str, float]:
-            row = perf_analyzer(
-                binary,
-                server,
-                "mlp",
-                concurrency,
-                streaming=streaming,
-                interval_ms=args.interval_ms,
-                out=Path(tmp) / "pa.csv",
-            )
+            row = load(server, "mlp", concurrency, streaming, args.interval_ms, Path(tmp))
             rows.append([*table_row(name, streaming, concurrency, row), ""])
             return row
 
@@ -74,7 +66,7 @@ def main() -> int:
             rows[-1][-1] = f"{row['Inferences/Second'] / ceiling[True]:.2f}"
         finally:
             server.stop()
-    print_table("MLP 64->256->256->10, batch-1 requests (perf_analyzer, gRPC)", HEADER, rows)
+    print_table(f"MLP 64->256->256->10, batch-1 requests ({args.client}, gRPC)", HEADER, rows)
     return 0
 
 
