@@ -228,6 +228,13 @@ class Server:
         self._drain.wait(5)
 
 
+def _run_measured(server: Server, command: list[str]) -> tuple[subprocess.CompletedProcess[str], float]:
+    """Run a load generator; also returns the server's CPU seconds per wall second meanwhile."""
+    cpu0, wall0 = server.cpu_seconds(), time.monotonic()
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    return result, (server.cpu_seconds() - cpu0) / (time.monotonic() - wall0)
+
+
 def perf_analyzer(
     binary: str,
     server: Server,
@@ -254,9 +261,7 @@ def perf_analyzer(
         ]  # fmt: skip
         if streaming:
             command.append("--streaming")
-        cpu0, wall0 = server.cpu_seconds(), time.monotonic()
-        result = subprocess.run(command, capture_output=True, text=True, timeout=900)
-        cpu1, wall1 = server.cpu_seconds(), time.monotonic()
+        result, cpu_util = _run_measured(server, command)
         if result.returncode == 0:
             break
         if attempt or "stable measurement" not in result.stdout + result.stderr:
@@ -264,7 +269,7 @@ def perf_analyzer(
     with out.open() as f:
         row = {k: float(v) for k, v in next(csv.DictReader(f)).items() if v not in ("", None)}
     row["relaxed"] = float(attempt)
-    row["cpu_util"] = (cpu1 - cpu0) / (wall1 - wall0)
+    row["cpu_util"] = cpu_util
     row["cpu_us_per_infer"] = row["cpu_util"] * 1e6 / row["Inferences/Second"]
     return row
 
@@ -292,15 +297,13 @@ def bench(
     ]  # fmt: skip
     if streaming:
         command.append("--streaming")
-    cpu0, wall0 = server.cpu_seconds(), time.monotonic()
-    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
-    cpu1, wall1 = server.cpu_seconds(), time.monotonic()
+    result, cpu_util = _run_measured(server, command)
     if result.returncode != 0:
         raise RuntimeError(f"rapidserve bench failed:\n{result.stdout[-3000:]}\n{result.stderr[-2000:]}")
     (row,) = json.loads(out.read_text())
     row["Inferences/Second"] = row["infer_per_s"]
     row["p50 latency"], row["p99 latency"] = row["p50_ms"] * 1000, row["p99_ms"] * 1000
-    row["cpu_util"] = (cpu1 - cpu0) / (wall1 - wall0)
+    row["cpu_util"] = cpu_util
     row["cpu_us_per_infer"] = row["cpu_util"] * 1e6 / row["infer_per_s"] if row["infer_per_s"] else float("nan")
     return row
 

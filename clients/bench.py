@@ -42,15 +42,6 @@ COLUMNS = [
 ]  # fmt: skip
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
 class Payloads:
     """Serialized ModelInferRequests, built once. ``get(i)`` is request i: the data rows in turn, or
     with a duplicate ratio, a new distinct request (its first element set to a running number) or,
@@ -170,7 +161,7 @@ class _OneStream:
         future = asyncio.get_running_loop().create_future()
         self._waiting[request_id] = future
         encoded = request_id.encode()
-        self._outbox.put_nowait(payload + b"\x1a" + _varint(len(encoded)) + encoded)  # id: the last one wins
+        self._outbox.put_nowait(payload + b"\x1a" + protos.varint(len(encoded)) + encoded)  # id: the last one wins
         return await future
 
     async def close(self) -> None:

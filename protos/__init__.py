@@ -70,6 +70,16 @@ RepositoryModelUnloadRequest = _message("RepositoryModelUnloadRequest")
 RepositoryModelUnloadResponse = _message("RepositoryModelUnloadResponse")
 
 
+def varint(value: int) -> bytes:
+    """A non-negative integer in protobuf's varint wire encoding (for messages patched as bytes)."""
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
 def method_path(rpc: str) -> str:
     """The gRPC path of one RPC of GRPCInferenceService, e.g. ``/inference.GRPCInferenceService/ModelInfer``."""
     return f"/{SERVICE_NAME}/{SERVICE.methods_by_name[rpc].name}"

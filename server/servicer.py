@@ -339,26 +339,17 @@ def _encoded(model: ModelVersion, entry: CacheEntry) -> bytes:
     return data
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
 def _with_id(response: bytes, request_id: str) -> bytes:
     """Set ``id`` (field 3) on a serialized response: a field appended later wins when parsed."""
     if not request_id:
         return response
     encoded = request_id.encode()
-    return response + b"\x1a" + _varint(len(encoded)) + encoded
+    return response + b"\x1a" + protos.varint(len(encoded)) + encoded
 
 
 def _stream_ok(response: bytes) -> bytes:
     """A serialized ``ModelStreamInferResponse`` wrapping a serialized response (field 2)."""
-    return b"\x12" + _varint(len(response)) + response
+    return b"\x12" + protos.varint(len(response)) + response
 
 
 def serialize(message: Any) -> bytes:
