@@ -17,6 +17,7 @@ import math
 import multiprocessing
 import random
 import sys
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +37,7 @@ __all__ = ["Payloads", "add_arguments", "run"]
 HOT_SET = 256  # a duplicate repeats one of the last this-many distinct requests
 COLUMNS = [
     "mode", "concurrency", "request_rate", "infer_per_s", "requests_per_s", "p50_ms", "p90_ms", "p95_ms",
-    "p99_ms", "p999_ms", "mean_ms", "errors", "stable", "client_cpu", "server_queue_us",
+    "p99_ms", "p999_ms", "mean_ms", "errors", "stable", "met_p99_bound", "client_cpu", "server_queue_us",
     "server_compute_input_us", "server_compute_infer_us", "server_compute_output_us", "server_avg_batch",
     "server_cache_hit_ratio",
 ]  # fmt: skip
@@ -59,24 +60,47 @@ class Payloads:
         self._ratio = duplicate_ratio
         self._rng = random.Random(seed)
         self._recent: list[bytes] = []
-        # numbering starts somewhere new on every run, so that an earlier run's requests are not in the cache
-        self._distinct = random.SystemRandom().randrange(1 << 22)
-        first_name, first = next(iter(batches[0].items()))
         if duplicate_ratio is not None:
-            if first.dtype.kind not in "iuf" or first.size == 0:
-                raise ValueError(f"--duplicate-ratio makes distinct requests by numbering input '{first_name}', "
-                                 f"which needs numbers, not {first.dtype}")  # fmt: skip
-            raw = np.ascontiguousarray(first).tobytes()
-            offset = self._messages[0].find(raw)
-            self._prefix, self._suffix = self._messages[0][:offset], self._messages[0][offset + first.itemsize :]
-            self._dtype = first.dtype
+            self._number_first_input(batches[0])
+
+    def _number_first_input(self, batch: dict[str, np.ndarray[Any, Any]]) -> None:
+        """Distinct requests carry a running number in the first one or two elements of the first input,
+        as digits of a base every value of which the dtype holds exactly (2048 for FP16, 256 for UINT8)."""
+        name, first = next(iter(batch.items()))
+        if first.dtype.kind not in "iuf" or first.size == 0:
+            raise ValueError(f"--duplicate-ratio numbers distinct requests in input '{name}', which needs numbers, "
+                             f"not {first.dtype}")  # fmt: skip
+        dtype = first.dtype
+        if dtype.kind == "f":
+            self._base = 2 ** (np.finfo(dtype).nmant + 1)
+        else:
+            info = np.iinfo(dtype)
+            self._base = min(int(info.max), 2**31 - 1) + 1
+        self._digits = min(first.size, 2)
+        self._capacity = self._base**self._digits
+        self._dtype = dtype
+        # the first input's raw bytes come last but for the other inputs' (field 7, in input order)
+        tail = sum(1 + len(protos.varint(a.nbytes)) + a.nbytes for a in batch.values())
+        message = self._messages[0]
+        offset = len(message) - tail + 1 + len(protos.varint(first.nbytes))
+        width = self._digits * dtype.itemsize
+        self._prefix, self._suffix = message[:offset], message[offset + width :]
+        # a new place in the numbering on every run and worker, so an earlier run's requests miss the cache
+        self._distinct = random.SystemRandom().randrange(self._capacity // 2)
+        check = protos.ModelInferRequest.FromString(self.distinct())
+        if check.raw_input_contents[0][:width] != self._digits_of(self._distinct).tobytes():
+            raise AssertionError("the numbered request does not hold its number where expected")
+
+    def _digits_of(self, number: int) -> np.ndarray[Any, Any]:
+        return np.array([(number // self._base**i) % self._base for i in range(self._digits)], self._dtype)
 
     def distinct(self) -> bytes:
         self._distinct += 1
-        value = np.array([self._distinct], self._dtype)
-        if self._dtype.kind == "f" and value[0] != self._distinct:
-            raise ValueError(f"more distinct requests than {self._dtype} can number")
-        return self._prefix + value.tobytes() + self._suffix
+        if self._distinct == self._capacity:
+            warning = (f"warning: {self._digits} {self._dtype} element(s) number only {self._capacity} distinct "
+                       "requests; numbering starts over, so later 'distinct' ones repeat earlier ones")  # fmt: skip
+            print(warning, file=sys.stderr)
+        return self._prefix + self._digits_of(self._distinct % self._capacity).tobytes() + self._suffix
 
     def get(self, index: int) -> bytes:
         if self._ratio is None:
@@ -129,6 +153,7 @@ class _OneStream:
         self._waiting: dict[str, asyncio.Future[str]] = {}
         self._reader = asyncio.create_task(self._read())
         self._codes = {code.value[0]: code.name for code in grpc.StatusCode}
+        self._broken = ""  # the stream's final status once it ended: later sends fail with it at once
 
     async def _requests(self) -> Any:
         while (payload := await self._outbox.get()) is not None:
@@ -152,11 +177,15 @@ class _OneStream:
             status = str(exc.code().name)
         else:
             status = "UNAVAILABLE"
+        self._broken = status
         for future in self._waiting.values():
             if not future.done():
                 future.set_result(status)
 
     async def send(self, payload: bytes, index: int) -> str:
+        if self._broken:
+            await asyncio.sleep(0)  # a closed loop must not spin without yielding
+            return self._broken
         request_id = str(index)
         future = asyncio.get_running_loop().create_future()
         self._waiting[request_id] = future
@@ -187,6 +216,7 @@ class Job:
     seed: int = 0
     quiet: bool = False
     batch_size: int = 1
+    start_at: float = 0.0  # wall-clock time to begin at (workers start together)
 
 
 async def _run_job(job: Job) -> LoadPoint:
@@ -194,6 +224,7 @@ async def _run_job(job: Job) -> LoadPoint:
     options = [("grpc.max_receive_message_length", 2**31 - 1), ("grpc.max_send_message_length", 2**31 - 1)]
     async with grpc.aio.insecure_channel(job.url, options=options) as channel:
         await asyncio.wait_for(channel.channel_ready(), 30)
+        await asyncio.sleep(max(job.start_at - time.time(), 0))
         streams = max(1, math.ceil(job.level / 16)) if job.mode == "concurrency" else 4  # 16 in flight each
         transport = Stream(channel, streams) if job.streaming else Unary(channel, job.timeout_s)
         get = payloads.get
@@ -228,10 +259,15 @@ def measure(job: Job, workers: int = 1) -> dict[str, Any]:
     if workers <= 1:
         point = _worker(job)
         return {**point.summary(), "stable": point.stable, "client_cpu_max": point.summary()["client_cpu"]}
+    # every worker starts at the same moment and measures the same windows, so they can be added up
+    fixed = Measurement(job.measurement.window_s, job.measurement.warmup_s, job.measurement.stability,
+                        max_windows=job.measurement.max_windows, min_windows=job.measurement.max_windows)  # fmt: skip
+    start_at = time.time() + 5.0  # spawning and importing take a few seconds
     shares = []
     for i in range(workers):
         level = job.level / workers if job.mode == "request_rate" else len(range(i, int(job.level), workers))
-        shares.append(Job(**{**job.__dict__, "level": level, "seed": job.seed + i, "quiet": True}))
+        shares.append(Job(**{**job.__dict__, "level": level, "seed": job.seed + i, "quiet": True,
+                             "measurement": fixed, "start_at": start_at}))  # fmt: skip
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
         points = pool.map(_worker, [s for s in shares if s.level > 0])
     merged = [_merge(same) for same in zip(*(p.windows[-3:] for p in points), strict=False)]
@@ -386,6 +422,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     mode = "request_rate" if args.request_rate else "concurrency"
     levels = [float(x) for x in (args.request_rate or args.concurrency or "1").split(",")]
+    if min(levels) <= 0:
+        print(f"error: {mode.replace('_', ' ')} levels must be positive, got {levels}", file=sys.stderr)
+        return 2
     measurement = Measurement(
         window_s=args.measurement_interval / 1000,
         warmup_s=args.warmup_s,
@@ -403,9 +442,17 @@ def run(args: argparse.Namespace) -> int:
                "request_rate": level if mode == "request_rate" else "", **summary, **stats.delta()}  # fmt: skip
         rows.append(row)
         _warn(row, args)
-        if args.max_p99_ms is not None and not row["p99_ms"] <= args.max_p99_ms:
-            break
+        if args.max_p99_ms is not None:
+            row["met_p99_bound"] = bool(row["p99_ms"] <= args.max_p99_ms)
+            if not row["met_p99_bound"]:
+                break
     _print_table(rows, args)
+    if args.max_p99_ms is not None:
+        met = [r for r in rows if r["met_p99_bound"]]
+        best = f"{met[-1]['request_rate'] or met[-1]['concurrency']:g}" if met else "none"
+        print(
+            f"highest {'rate' if mode == 'request_rate' else 'concurrency'} with p99 <= {args.max_p99_ms:g} ms: {best}"
+        )
     if args.out:
         _write(rows, args.out)
     if args.plot:
@@ -451,7 +498,8 @@ def _print_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
         ])  # fmt: skip
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     via = "ModelStreamInfer streams" if args.streaming else "unary ModelInfer"
-    print(f"\n{args.model} at {args.url}, {via}, batch {args.batch_size}")
+    print(f"\n{args.model} at {args.url}, {via}, batch {args.batch_size} "
+          "(server columns: its statistics over the whole load point, warm-up included)")  # fmt: skip
     for i, row in enumerate(table):
         print("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
         if i == 0:
@@ -460,7 +508,8 @@ def _print_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
 
 def _write(rows: list[dict[str, Any]], path: Path) -> None:
     if path.suffix == ".json":
-        path.write_text(json.dumps(rows, indent=2, default=str) + "\n")
+        clean = [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()} for r in rows]
+        path.write_text(json.dumps(clean, indent=2, default=str) + "\n")
         return
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")

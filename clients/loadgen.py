@@ -189,6 +189,8 @@ async def open_loop(
     batch_size: int = 1,
 ) -> LoadPoint:
     """Send at ``rate`` requests per second; latency from each request's scheduled time."""
+    if rate <= 0:
+        raise ValueError(f"the request rate must be positive, got {rate}")
     windows = _Windows(measurement, on_window)
     rng = random.Random(seed)
     outstanding: set[asyncio.Task[None]] = set()

@@ -87,3 +87,42 @@ def test_bad_arguments_say_what_is_wrong(server, capsys) -> None:
     assert "unknown model 'nope'" in capsys.readouterr().err
     assert main(["bench", "scale", "--url", server.url, "--duplicate-ratio", "1.5", *FAST]) == 2
     assert "between 0 and 1" in capsys.readouterr().err
+
+
+def test_a_latency_bound_stops_the_sweep_and_names_the_best_level(server, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "bound.json"
+    assert main(["bench", "scale", "--url", server.url, "--request-rate", "50,100", "--max-p99-ms", "1000", *FAST,
+                 "--out", str(out)]) == 0  # fmt: skip
+    assert [r["met_p99_bound"] for r in rows(out)] == [True, True]
+    assert "with p99 <= 1000 ms: 100" in capsys.readouterr().out
+    assert main(["bench", "scale", "--url", server.url, "--request-rate", "50,100", "--max-p99-ms", "0.000001",
+                 *FAST, "--out", str(out)]) == 0  # fmt: skip
+    assert [r["met_p99_bound"] for r in rows(out)] == [False]  # the sweep stopped at the first rate
+    assert "with p99 <= 1e-06 ms: none" in capsys.readouterr().out
+
+
+def test_two_worker_processes_add_up(server, tmp_path: Path) -> None:
+    out = tmp_path / "workers.json"
+    assert main(["bench", "scale", "--url", server.url, "--request-rate", "200", "--workers", "2", *FAST,
+                 "--out", str(out)]) == 0  # fmt: skip
+    (row,) = rows(out)
+    assert 160 < row["requests_per_s"] < 240 and row["errors"] == {}
+
+
+def test_a_stream_that_breaks_counts_errors_instead_of_hanging() -> None:
+    import asyncio
+
+    import grpc
+
+    from rapidserve.clients.bench import Stream
+
+    async def scenario() -> list[str]:
+        async with grpc.aio.insecure_channel("127.0.0.1:1") as channel:  # nothing listens there
+            stream = Stream(channel, 2)
+            results = await asyncio.wait_for(asyncio.gather(*(stream.send(b"", i) for i in range(4))), 30)
+            again = await asyncio.wait_for(stream.send(b"", 4), 5)
+            await stream.close()
+            return [*results, again]
+
+    statuses = asyncio.run(scenario())
+    assert all(s == "UNAVAILABLE" for s in statuses), statuses
