@@ -225,7 +225,7 @@ async def _run_job(job: Job) -> LoadPoint:
     async with grpc.aio.insecure_channel(job.url, options=options) as channel:
         await asyncio.wait_for(channel.channel_ready(), 30)
         await asyncio.sleep(max(job.start_at - time.time(), 0))
-        streams = max(1, math.ceil(job.level / 16)) if job.mode == "concurrency" else 4  # 16 in flight each
+        streams = max(1, math.ceil(job.level / 2)) if job.mode == "concurrency" else 16  # 2 in flight each
         transport = Stream(channel, streams) if job.streaming else Unary(channel, job.timeout_s)
         get = payloads.get
         transport_send = transport.send
@@ -386,7 +386,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", default="localhost:8001")
     parser.add_argument("--model-version", default="")
     parser.add_argument(
-        "--streaming", action="store_true", help="send over ModelStreamInfer streams (one per 16 in flight)"
+        "--streaming", action="store_true", help="send over ModelStreamInfer streams (one per 2 requests in flight)"
     )
     loads = parser.add_mutually_exclusive_group()
     loads.add_argument("--concurrency", default=None, help="closed loop: comma-separated levels (default 1)")
