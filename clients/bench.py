@@ -27,7 +27,7 @@ import grpc
 import numpy as np
 
 from rapidserve import protos
-from rapidserve.clients.client import Client
+from rapidserve.clients.client import Client, InferenceServerError
 from rapidserve.clients.loadgen import LoadPoint, Measurement, Window, closed_loop, open_loop, summarize
 from rapidserve.server import codec
 from rapidserve.server.datatypes import DATATYPES
@@ -336,8 +336,12 @@ class ServerStats:
 def _inputs(client: Client, args: argparse.Namespace) -> tuple[list[dict[str, np.ndarray[Any, Any]]], int]:
     """The request batches to send, and the batch size of each."""
     metadata = client.model_metadata(args.model, args.model_version)
-    config = client.model_config(args.model, args.model_version)
-    batching = config.max_batch_size > 0
+    try:
+        batching = client.model_config(args.model, args.model_version).max_batch_size > 0
+    except InferenceServerError as exc:  # a server without the configuration extension (MLServer)
+        if exc.code != grpc.StatusCode.UNIMPLEMENTED:
+            raise
+        batching = all(t.shape and t.shape[0] == -1 for t in metadata.inputs)
     shapes = dict(_shape(s) for s in args.shape)
     if args.input_data not in ("random", "zero"):
         path = Path(args.input_data)
