@@ -37,6 +37,7 @@ class EngineOptions:
     graph_level: int | None = None  # config optimization.graph.level
     gpu_accelerators: tuple[str, ...] = ()  # config optimization.execution_accelerators, e.g. "tensorrt"
     cuda_graphs: bool = False
+    max_batch_size: int = 0  # the config's; 0: the model does not batch
     input_names: tuple[str, ...] = ()  # names from the config, for backends whose files carry none
     output_names: tuple[str, ...] = ()
 

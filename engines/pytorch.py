@@ -3,7 +3,8 @@
 Inputs bind to ``forward`` positionally. A ``.pt2`` program describes its inputs (names, dtypes,
 dynamic dims) itself; TorchScript has only argument names, so its config must give datatypes and dims.
 Outputs are named ``OUTPUT__0``, ``OUTPUT__1``, ... (Triton's PyTorch convention) unless the config
-names them, in the order ``forward`` returns them. Runs on CPU, or CUDA for a KIND_GPU instance.
+names them, in the order ``forward`` returns them. Runs on CPU, or CUDA for a KIND_GPU instance
+(``rapidserve.engines.torch_cuda``: FP16/BF16, pinned buffers, a stream per instance, CUDA graphs).
 
 ``intra_op_thread_count`` sets torch's thread count, which is one setting for the whole process:
 the last PyTorch model loaded with it wins.
@@ -19,6 +20,7 @@ import ml_dtypes
 import numpy as np
 
 from rapidserve.engines.base import EngineOptions, TensorSpec, missing_extra
+from rapidserve.engines.torch_cuda import CudaRunner
 
 __all__ = ["TorchEngine", "load"]
 
@@ -79,6 +81,15 @@ class TorchEngine:
         if path.suffix == ".pt2" and not options.output_names:
             self._outputs = _exported_outputs(program)
             self._output_names = tuple(spec.name for spec in self._outputs)
+        precision = options.parameters.get("precision", "fp32")
+        self._cuda: CudaRunner | None = None
+        if self._device.type == "cuda":
+            self._cuda = CudaRunner(
+                torch, self._module, self._device, precision=precision, graphs=options.cuda_graphs,
+                max_batch=options.max_batch_size, buckets=options.parameters.get("cuda_graph_batch_sizes", ""),
+            )  # fmt: skip
+        elif precision != "fp32" or options.cuda_graphs:
+            raise ValueError("parameter 'precision' other than fp32, and CUDA graphs, need a GPU instance (KIND_GPU)")
 
     @property
     def inputs(self) -> Sequence[TensorSpec]:
@@ -93,9 +104,12 @@ class TorchEngine:
     ) -> dict[str, np.ndarray[Any, Any]]:
         torch = self._torch
         args = [self._to_tensor(inputs[spec.name]) for spec in self._inputs]
-        with torch.inference_mode():
-            result = self._module(*args)
-        tensors = list(result) if isinstance(result, (tuple, list)) else [result]
+        if self._cuda is not None:
+            tensors = self._cuda(args)
+        else:
+            with torch.inference_mode():
+                result = self._module(*args)
+            tensors = list(result) if isinstance(result, (tuple, list)) else [result]
         if len(tensors) != len(self._output_names):
             raise RuntimeError(f"forward() returned {len(tensors)} tensors, expected {len(self._output_names)}")
         by_name = dict(zip(self._output_names, tensors, strict=True))
@@ -111,7 +125,7 @@ class TorchEngine:
         else:
             # Request tensors are read-only views of the gRPC message; torch needs writable memory.
             tensor = torch.from_numpy(array if array.flags.writeable else array.copy())
-        return tensor.to(self._device, non_blocking=True)
+        return tensor  # on the host: the CUDA runner stages it through pinned memory
 
 
 def _to_numpy(torch: Any, tensor: Any) -> np.ndarray[Any, Any]:

@@ -293,6 +293,7 @@ def _engine_options(config: Any, device: str) -> EngineOptions:
         graph_level=optimization.graph.level if optimization.HasField("graph") else None,
         gpu_accelerators=tuple(acc.name for acc in optimization.execution_accelerators.gpu_execution_accelerator),
         cuda_graphs=optimization.cuda.graphs,
+        max_batch_size=config.max_batch_size,
         input_names=tuple(entry.name for entry in config.input),
         output_names=tuple(entry.name for entry in config.output),
     )
