@@ -30,6 +30,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from rapidserve.server.gpu_metrics import GpuCollector
 from rapidserve.server.manager import ModelManager
 from rapidserve.server.stats import QUANTILES, Histogram, LatencyWindow, ServerStats
 
@@ -289,6 +290,7 @@ class MetricsServer:
             RapidServeCollector(lambda: _on_loop(loop, lambda: take_snapshot(manager, stats), SNAPSHOT_TIMEOUT_S))
         )
         ProcessCollector(namespace="rapidserve", registry=self.registry)
+        self.registry.register(GpuCollector())
         self._http, self._thread = start_http_server(port, addr=host, registry=self.registry)
         self.port = int(self._http.server_port)
         return self.port

@@ -91,3 +91,43 @@ def test_statistics_follow_tritons_meanings() -> None:
 def test_latency_buckets_span_sub_millisecond_to_seconds() -> None:
     assert LATENCY_BUCKETS_S[0] <= 0.0001 and LATENCY_BUCKETS_S[-1] >= 10
     assert list(LATENCY_BUCKETS_S) == sorted(LATENCY_BUCKETS_S)
+
+
+def _nvml_starts() -> bool:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:
+        return False
+    return True
+
+
+def test_gpu_metrics_without_a_gpu_report_nothing_and_say_why(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from rapidserve.server.gpu_metrics import GpuCollector
+
+    if _nvml_starts():
+        pytest.skip("this machine has a GPU: test_gpu_metrics_read_every_gpu covers it")
+    collector = GpuCollector()
+    with caplog.at_level(logging.INFO, logger="rapidserve.server.gpu_metrics"):
+        assert list(collector.collect()) == []
+        assert list(collector.collect()) == []  # said once, not on every scrape
+    assert [r.message for r in caplog.records if "no GPU metrics" in r.message].__len__() == 1
+    names = {family.name for family in collector.describe()}
+    assert names == {"rapidserve_gpu_utilization_ratio", "rapidserve_gpu_memory_used_bytes",
+                     "rapidserve_gpu_memory_total_bytes"}  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _nvml_starts(), reason="needs an NVIDIA GPU and driver (NVML)")
+def test_gpu_metrics_read_every_gpu() -> None:
+    import pynvml
+
+    from rapidserve.server.gpu_metrics import GpuCollector
+
+    families = {family.name: family for family in GpuCollector().collect()}
+    total = families["rapidserve_gpu_memory_total_bytes"].samples
+    assert len(total) == pynvml.nvmlDeviceGetCount() and all(s.value > 0 for s in total)
+    assert all(0 <= s.value <= 1 for s in families["rapidserve_gpu_utilization_ratio"].samples)
