@@ -17,7 +17,7 @@ import numpy as np
 
 from rapidserve.engines.base import EngineInputError, EngineOptions, TensorSpec, missing_extra
 
-__all__ = ["OnnxRuntimeEngine", "load"]
+__all__ = ["OnnxRuntimeEngine", "load", "select_providers"]
 
 # ONNX tensor element types (as ORT names them) -> v2 datatypes
 _ORT_TYPES = {
@@ -57,6 +57,8 @@ class OnnxRuntimeEngine:
         self._session = ort.InferenceSession(
             str(path), sess_options=_session_options(ort, options), providers=_providers(ort, options)
         )
+        # on a GPU, inputs go to the device once and outputs are bound there (I/O binding)
+        self._device_id = int(options.device.partition(":")[2] or 0) if options.device.startswith("cuda") else None
         self._inputs = tuple(_spec(arg) for arg in self._session.get_inputs())
         self._outputs = tuple(_spec(arg) for arg in self._session.get_outputs())
         self._string_inputs = {spec.name for spec in self._inputs if spec.datatype == "BYTES"}
@@ -84,8 +86,22 @@ class OnnxRuntimeEngine:
         feed = {name: _as_ort_string(arr) if name in self._string_inputs else arr for name, arr in inputs.items()}
         if self._bf16:
             return self._infer_bf16(feed, outputs)
+        if self._device_id is not None and not self._string_inputs:
+            return self._infer_bound(feed, outputs)
         results = self._session.run(list(outputs), feed)
         return dict(zip(outputs, results, strict=True))
+
+    def _infer_bound(
+        self, feed: dict[str, np.ndarray[Any, Any]], outputs: Sequence[str]
+    ) -> dict[str, np.ndarray[Any, Any]]:
+        """One copy of each input to the device, outputs left there until the one copy back."""
+        binding = self._session.io_binding()
+        for name, array in feed.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(array))
+        for name in outputs:
+            binding.bind_output(name, "cuda", self._device_id)
+        self._session.run_with_iobinding(binding)
+        return dict(zip(outputs, binding.copy_outputs_to_cpu(), strict=True))
 
     def _infer_bf16(
         self, feed: dict[str, np.ndarray[Any, Any]], outputs: Sequence[str]
@@ -158,9 +174,15 @@ def _session_options(ort: Any, options: EngineOptions) -> Any:
 
 
 def _providers(ort: Any, options: EngineOptions) -> list[Any]:
+    return select_providers(options, set(ort.get_available_providers()))
+
+
+def select_providers(options: EngineOptions, available: set[str]) -> list[Any]:
+    """ONNX Runtime's execution providers for an instance, most preferred first: CPU for a CPU
+    instance; for a GPU instance TensorRT (when the config names it), CUDA, then CPU for what they
+    leave, each on the instance's device."""
     if not options.device.startswith("cuda"):
         return ["CPUExecutionProvider"]
-    available = set(ort.get_available_providers())
     if "CUDAExecutionProvider" not in available:
         raise RuntimeError(
             "the model asks for a GPU (instance_group KIND_GPU) but this onnxruntime has no CUDA provider; "

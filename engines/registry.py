@@ -14,6 +14,7 @@ __all__ = ["BACKENDS", "DEFAULT_FILENAMES", "PLATFORMS", "backend_for_file", "lo
 BACKENDS: dict[str, str] = {
     "onnxruntime": "rapidserve.engines.onnx_runtime",
     "pytorch": "rapidserve.engines.pytorch",
+    "tensorrt": "rapidserve.engines.tensorrt",
 }
 
 # backend -> model file names it understands, in order of preference

@@ -14,7 +14,7 @@ __all__ = ["servable", "write_model"]
 _PLATFORM = {"onnx": "onnxruntime_onnx", "torchscript": "pytorch_libtorch", "tensorrt": "tensorrt_plan"}
 _FILE = {"onnx": "model.onnx", "torchscript": "model.pt", "tensorrt": "model.plan"}
 # what `rapidserve serve` has a backend for; a repository holding anything else would never be ready
-_SERVABLE = frozenset({"onnx", "torchscript"})
+_SERVABLE = frozenset({"onnx", "torchscript", "tensorrt"})
 
 
 def servable(format_: str) -> bool:

@@ -5,7 +5,7 @@ static QDQ ONNX (explicit quantization), with one optimization profile over the 
 Written against the TensorRT 10 Python API and unverified here: TensorRT cannot be installed on these
 machines (its wheels download their libraries from NVIDIA's index) and they have no GPU, so the step
 reports itself skipped and why. A plan only runs on the GPU model and TensorRT version that built it.
-Device memory and the stream come from torch, so no second CUDA wrapper is needed.
+Validation and benchmarks run the plan with the server's own TensorRT engine.
 """
 
 from __future__ import annotations
@@ -63,35 +63,16 @@ def build_plan(trt: Any, onnx_path: Path, target: Path, *, fp16: bool, int8: boo
 
 
 def plan_runner(path: Path) -> Runner:
-    """Run a plan on batches of numpy arrays (for validation and benchmarks)."""
-    import tensorrt as trt
-    import torch
+    """Run a plan on batches of numpy arrays (for validation and benchmarks), with the server's engine."""
+    from rapidserve.engines.base import EngineOptions
+    from rapidserve.engines.tensorrt import TensorRTEngine
 
-    logger = trt.Logger(trt.Logger.WARNING)
-    engine = trt.Runtime(logger).deserialize_cuda_engine(path.read_bytes())
-    context = engine.create_execution_context()
-    stream = torch.cuda.Stream()
-    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-    outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+    engine = TensorRTEngine(path, EngineOptions(device="cuda:0"))
+    names = [spec.name for spec in engine.outputs]
 
     def run(batch: dict[str, np.ndarray[Any, Any]]) -> list[np.ndarray[Any, Any]]:
-        keep = []
-        for name, array in batch.items():
-            tensor = torch.from_numpy(np.ascontiguousarray(array)).cuda()
-            if not context.set_input_shape(name, tuple(tensor.shape)):
-                raise ValueError(f"input '{name}' shape {tuple(tensor.shape)} is outside the engine's profile")
-            context.set_tensor_address(name, tensor.data_ptr())
-            keep.append(tensor)
-        results = []
-        for name in outputs:
-            dtype = torch.from_numpy(np.empty(0, trt.nptype(engine.get_tensor_dtype(name)))).dtype
-            tensor = torch.empty(tuple(context.get_tensor_shape(name)), dtype=dtype, device="cuda")
-            context.set_tensor_address(name, tensor.data_ptr())
-            results.append(tensor)
-        if not context.execute_async_v3(stream.cuda_stream):
-            raise RuntimeError("TensorRT execution failed")
-        stream.synchronize()
-        return [t.cpu().numpy() for t in results]
+        results = engine.infer(batch, names)
+        return [results[name] for name in names]
 
     return run
 

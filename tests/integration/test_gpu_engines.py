@@ -1,0 +1,58 @@
+"""The GPU backends' CPU side: ONNX Runtime provider selection, and what a TensorRT plan says on a
+machine without TensorRT. Their GPU runs are in tests marked ``gpu`` and ``benchmarks/gpu_check.py``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rapidserve.engines.base import EngineOptions
+from rapidserve.engines.onnx_runtime import select_providers
+from rapidserve.engines.registry import load_engine
+
+CUDA, TRT, CPU = "CUDAExecutionProvider", "TensorrtExecutionProvider", "CPUExecutionProvider"
+
+
+def test_providers_follow_the_instance_kind_and_the_accelerators() -> None:
+    everything = {CUDA, TRT, CPU}
+    assert select_providers(EngineOptions(device="cpu"), everything) == [CPU]
+    assert select_providers(EngineOptions(device="cuda:1"), everything) == [(CUDA, {"device_id": 1}), CPU]
+    tensorrt = EngineOptions(device="cuda:0", gpu_accelerators=("tensorrt",))
+    assert select_providers(tensorrt, everything) == [(TRT, {"device_id": 0}), (CUDA, {"device_id": 0}), CPU]
+    with pytest.raises(RuntimeError, match="onnxruntime-gpu"):
+        select_providers(EngineOptions(device="cuda:0"), {CPU})
+    with pytest.raises(RuntimeError, match="no TensorRT provider"):
+        select_providers(tensorrt, {CUDA, CPU})
+
+
+def test_a_plan_without_tensorrt_says_how_to_get_it(tmp_path: Path) -> None:
+    pytest.importorskip("torch", reason="the TensorRT backend takes CUDA memory from torch")
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("TensorRT is installed here: the gpu tests cover it")
+    plan = tmp_path / "model.plan"
+    plan.write_bytes(b"not a plan")
+    with pytest.raises(ImportError, match="TensorRT is not installed"):
+        load_engine("tensorrt", plan, EngineOptions(device="cuda:0"))
+
+
+@pytest.mark.gpu
+def test_onnx_runtime_on_cuda_binds_io_and_matches_the_cpu(tmp_path: Path) -> None:
+    ort = pytest.importorskip("onnxruntime", reason="needs onnxruntime")
+    if CUDA not in ort.get_available_providers():
+        pytest.skip("needs onnxruntime-gpu and a CUDA device")
+    from testmodels import add_sub_graph, write_model
+
+    folder = write_model(tmp_path, "add_sub", add_sub_graph())
+    path = folder / "1" / "model.onnx"
+    a, b = (np.random.default_rng(i).standard_normal((3, 16)).astype(np.float32) for i in (0, 1))
+    feed = {"INPUT0": a, "INPUT1": b}
+    cpu = load_engine("onnxruntime", path, EngineOptions()).infer(feed, ["OUTPUT0", "OUTPUT1"])
+    gpu = load_engine("onnxruntime", path, EngineOptions(device="cuda:0")).infer(feed, ["OUTPUT0", "OUTPUT1"])
+    for name in cpu:
+        np.testing.assert_allclose(gpu[name], cpu[name], rtol=1e-5, atol=1e-5)
