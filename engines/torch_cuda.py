@@ -48,7 +48,8 @@ class CudaRunner:
         self._torch = torch
         self._device = device
         self._dtype = precision_dtype(torch, precision)
-        self._module = module.to(device=device, dtype=self._dtype) if self._dtype != torch.float32 else module
+        module = module.to(device)
+        self._module = module.to(dtype=self._dtype) if self._dtype != torch.float32 else module
         self._stream = torch.cuda.Stream(device=device)
         self._pinned: dict[tuple[int, tuple[int, ...], Any], Any] = {}
         self._buckets = parse_buckets(buckets, max_batch) if graphs and max_batch > 0 else ()
