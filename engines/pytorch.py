@@ -5,6 +5,7 @@ dynamic dims) itself; TorchScript has only argument names, so its config must gi
 Outputs are named ``OUTPUT__0``, ``OUTPUT__1``, ... (Triton's PyTorch convention) unless the config
 names them, in the order ``forward`` returns them. Runs on CPU, or CUDA for a KIND_GPU instance
 (``rapidserve.engines.torch_cuda``: FP16/BF16, pinned buffers, a stream per instance, CUDA graphs).
+The parameter ``torch_compile`` (``true`` for inductor, or a backend's name) compiles the module at load.
 
 ``intra_op_thread_count`` sets torch's thread count, which is one setting for the whole process:
 the last PyTorch model loaded with it wins.
@@ -81,6 +82,10 @@ class TorchEngine:
         if path.suffix == ".pt2" and not options.output_names:
             self._outputs = _exported_outputs(program)
             self._output_names = tuple(spec.name for spec in self._outputs)
+        compile_backend = options.parameters.get("torch_compile", "")
+        if compile_backend not in ("", "0", "false"):  # "1"/"true": inductor; or a backend's name
+            backend = "inductor" if compile_backend in ("1", "true") else compile_backend
+            self._module = torch.compile(self._module, backend=backend)
         precision = options.parameters.get("precision", "fp32")
         self._cuda: CudaRunner | None = None
         if self._device.type == "cuda":

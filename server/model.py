@@ -276,13 +276,22 @@ def _instance_devices(config: Any) -> list[str]:
     for group in config.instance_group:
         if group.count == 0:
             group.count = 1
-        if group.kind == KIND_GPU:
-            gpus = list(group.gpus) or [0]
+        if group.kind == KIND_GPU:  # `count` instances on each listed GPU, or on every visible one
+            gpus = list(group.gpus) or list(range(max(_visible_gpus(), 1)))
             devices += [f"cuda:{gpu}" for gpu in gpus for _ in range(group.count)]
         else:
             group.kind = KIND_CPU
             devices += ["cpu"] * group.count
     return devices
+
+
+def _visible_gpus() -> int:
+    """CUDA devices torch sees (0 without torch or CUDA: a KIND_GPU instance then fails to load, saying why)."""
+    try:
+        import torch
+    except ImportError:
+        return 0
+    return int(torch.cuda.device_count())
 
 
 def _engine_options(config: Any, device: str) -> EngineOptions:

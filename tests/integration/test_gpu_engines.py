@@ -56,3 +56,42 @@ def test_onnx_runtime_on_cuda_binds_io_and_matches_the_cpu(tmp_path: Path) -> No
     gpu = load_engine("onnxruntime", path, EngineOptions(device="cuda:0")).infer(feed, ["OUTPUT0", "OUTPUT1"])
     for name in cpu:
         np.testing.assert_allclose(gpu[name], cpu[name], rtol=1e-5, atol=1e-5)
+
+
+def test_instances_go_on_the_listed_gpus_and_cpus() -> None:
+    from rapidserve import protos
+    from rapidserve.server.model import KIND_CPU, KIND_GPU, _instance_devices
+
+    config = protos.ModelConfig(name="m")
+    config.instance_group.add(kind=KIND_GPU, count=2, gpus=[0, 1])
+    config.instance_group.add(kind=KIND_CPU, count=3)
+    assert _instance_devices(config) == ["cuda:0", "cuda:0", "cuda:1", "cuda:1", "cpu", "cpu", "cpu"]
+    default = protos.ModelConfig(name="m")
+    assert _instance_devices(default) == ["cpu"]
+
+
+def test_torch_compile_is_applied_when_the_config_asks(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch", reason="needs the torch extra")
+    from rapidserve.engines.pytorch import TorchEngine
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3)).eval()
+    batch = torch.export.Dim("batch", min=1, max=16)
+    program = torch.export.export(model, (torch.zeros(2, 4),), dynamic_shapes=({0: batch},))
+    torch.export.save(program, str(tmp_path / "model.pt2"))
+    compiled_graphs = []
+
+    def recording_backend(graph, example_inputs):  # compiles nothing: runs the graph as it is
+        compiled_graphs.append(graph)
+        return graph.forward
+
+    from torch._dynamo import register_backend
+
+    register_backend(recording_backend, name="rapidserve_test_recording")
+    compiled = TorchEngine(
+        tmp_path / "model.pt2", EngineOptions(parameters={"torch_compile": "rapidserve_test_recording"})
+    )
+    plain = TorchEngine(tmp_path / "model.pt2", EngineOptions())
+    x = {compiled.inputs[0].name: np.ones((3, 4), np.float32)}
+    out = compiled.outputs[0].name
+    np.testing.assert_allclose(compiled.infer(x, [out])[out], plain.infer(x, [out])[out])
+    assert compiled_graphs  # the request went through torch.compile
