@@ -107,6 +107,12 @@ def in_process(seconds: float) -> dict[str, dict[int, tuple[float, float]]]:
     return results
 
 
+def bucket_for(batch: int, buckets: tuple[int, ...]) -> int | None:
+    from rapidserve.engines.buckets import bucket_for as choose
+
+    return choose(batch, buckets)
+
+
 def served(seconds: float, tmp: Path) -> list[dict[str, Any]]:
     import torch
 
@@ -124,19 +130,20 @@ def served(seconds: float, tmp: Path) -> list[dict[str, Any]]:
         f'parameters {{ key: "cuda_graph_batch_sizes" value: {{ string_value: "{",".join(map(str, BATCHES))}" }} }}\n'
     )
     env = dict(os.environ)
-    server = subprocess.Popen(
-        [sys.executable, "-m", "rapidserve", "serve", "--model-repository", str(repo), "--grpc-port", "18601",
-         "--metrics-port", "0", "--host", "127.0.0.1"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-    )  # fmt: skip
+    log_path = tmp / "server.log"
+    with log_path.open("w") as log_file:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "rapidserve", "serve", "--model-repository", str(repo), "--grpc-port", "18601",
+             "--metrics-port", "0", "--host", "127.0.0.1"],
+            stdout=log_file, stderr=subprocess.STDOUT, text=True, env=env,
+        )  # fmt: skip
     rows = []
     try:
-        assert server.stdout is not None
-        for line in server.stdout:
-            if "server ready" in line:
-                break
-        else:
-            raise RuntimeError("the server exited before it was ready")
+        deadline = time.monotonic() + 90
+        while "server ready" not in log_path.read_text():
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not become ready:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.5)
         out = tmp / "bench.json"
         levels = ",".join(map(str, CONCURRENCY))
         subprocess.run(
@@ -171,7 +178,7 @@ def main() -> int:
         spec = importlib.util.find_spec(name)
         ok = spec is not None and (name != "onnxruntime" or "CUDAExecutionProvider" in
                                    __import__("onnxruntime").get_available_providers())  # fmt: skip
-        print(f"{what}: {'checked by the gpu tests' if ok else 'not checked (not installed with GPU support)'}")
+        print(f"{what}: {'installed: see the gpu tests' if ok else 'not checked (not installed with GPU support)'}")
     if not args.skip_tests:
         tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", str(ROOT / "tests")], cwd=ROOT)
         print(f"gpu tests: exit code {tests.returncode}")
@@ -187,9 +194,9 @@ def main() -> int:
     print(f"{'conc':>5} {'infer/s':>9} {'p99 ms':>8} {'avg batch':>10} {'x in-process':>13}")
     for row in rows:
         avg = row.get("server_avg_batch") or 1
-        nearest = min(BATCHES, key=lambda b: abs(b - avg))
+        bucket = bucket_for(round(avg), BATCHES) or max(BATCHES)  # the graph the server's batches replayed
         print(f"{row['concurrency']:>5} {row['infer_per_s']:>9,.0f} {row['p99_ms']:>8.1f} {avg:>10.1f} "
-              f"{row['infer_per_s'] / graphs[nearest][0]:>13.2f}")  # fmt: skip
+              f"{row['infer_per_s'] / graphs[bucket][0]:>13.2f}")  # fmt: skip
     return 0
 
 

@@ -65,6 +65,11 @@ class TorchEngine:
         if path.suffix == ".pt2":
             program = torch.export.load(str(path))
             inputs = _exported_inputs(program)
+            if self._device.type == "cuda":
+                # constants lifted out of the graph, and devices written into it, move too
+                from torch.export.passes import move_to_device_pass
+
+                program = move_to_device_pass(program, self._device)
             self._module = program.module().to(self._device)
         else:
             self._module = torch.jit.load(str(path), map_location=self._device).eval()

@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from rapidserve.engines.base import EngineOptions, TensorSpec, missing_extra
@@ -31,6 +32,29 @@ _DATATYPES = {
     "FLOAT": "FP32", "HALF": "FP16", "BF16": "BF16", "INT8": "INT8", "INT32": "INT32", "INT64": "INT64",
     "BOOL": "BOOL", "UINT8": "UINT8",
 }  # fmt: skip
+
+
+_TORCH_DTYPES = {
+    "FP32": lambda t: t.float32, "FP16": lambda t: t.float16, "BF16": lambda t: t.bfloat16,
+    "INT8": lambda t: t.int8, "INT32": lambda t: t.int32, "INT64": lambda t: t.int64,
+    "BOOL": lambda t: t.bool, "UINT8": lambda t: t.uint8,
+}  # fmt: skip
+
+
+def _to_torch(torch: Any, array: np.ndarray[Any, Any]) -> Any:
+    """A host tensor of a request array (read-only views of the message are copied; BF16 goes
+    through its 16-bit pattern, which numpy and torch share)."""
+    if array.dtype == ml_dtypes.bfloat16:
+        return torch.from_numpy(np.ascontiguousarray(array).view(np.int16).copy()).view(torch.bfloat16)
+    return torch.from_numpy(array if array.flags.writeable and array.flags.c_contiguous else np.array(array))
+
+
+def _to_numpy(torch: Any, tensor: Any) -> np.ndarray[Any, Any]:
+    if tensor.dtype == torch.bfloat16:
+        bits: np.ndarray[Any, Any] = tensor.view(torch.int16).numpy()
+        return bits.view(ml_dtypes.bfloat16)
+    array: np.ndarray[Any, Any] = tensor.numpy()
+    return array
 
 
 def load(path: Path, options: EngineOptions) -> TensorRTEngine:
@@ -99,14 +123,14 @@ class TensorRTEngine:
                 context.set_optimization_profile_async(profile, self._stream.cuda_stream)
                 self._profile = profile
             for spec, shape in zip(self._inputs, shapes, strict=True):
-                tensor = torch.from_numpy(np.ascontiguousarray(inputs[spec.name])).to(self._device, non_blocking=True)
+                tensor = _to_torch(torch, inputs[spec.name]).to(self._device, non_blocking=True)
                 if not context.set_input_shape(spec.name, shape):
                     raise ValueError(f"input '{spec.name}' shape {list(shape)} is outside the engine's profile")
                 context.set_tensor_address(spec.name, tensor.data_ptr())
                 keep.append(tensor)
             results = {}
             for spec in self._outputs:
-                dtype = torch.from_numpy(np.empty(0, self._trt.nptype(self._engine.get_tensor_dtype(spec.name)))).dtype
+                dtype = _TORCH_DTYPES[spec.datatype or "FP32"](torch)
                 tensor = torch.empty(tuple(context.get_tensor_shape(spec.name)), dtype=dtype, device=self._device)
                 context.set_tensor_address(spec.name, tensor.data_ptr())
                 results[spec.name] = tensor
@@ -114,7 +138,7 @@ class TensorRTEngine:
                 raise RuntimeError("TensorRT execution failed")
             host = {name: results[name].to("cpu", non_blocking=False) for name in outputs}
         self._stream.synchronize()
-        return {name: tensor.numpy() for name, tensor in host.items()}
+        return {name: _to_numpy(torch, tensor) for name, tensor in host.items()}
 
     def close(self) -> None:
         del self._context, self._engine

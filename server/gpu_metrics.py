@@ -48,11 +48,16 @@ class GpuCollector(Collector):
             return
         readings = []
         for index in range(nvml.nvmlDeviceGetCount()):
-            handle = nvml.nvmlDeviceGetHandleByIndex(index)
-            uuid = nvml.nvmlDeviceGetUUID(handle)
-            memory = nvml.nvmlDeviceGetMemoryInfo(handle)
-            utilization = nvml.nvmlDeviceGetUtilizationRates(handle)
-            readings.append((str(uuid), utilization.gpu / 100, float(memory.used), float(memory.total)))
+            try:
+                handle = nvml.nvmlDeviceGetHandleByIndex(index)
+                uuid = nvml.nvmlDeviceGetUUID(handle)
+                memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+                utilization = nvml.nvmlDeviceGetUtilizationRates(handle)
+            except nvml.NVMLError as exc:  # e.g. utilization is not supported on a MIG slice or vGPU
+                log.debug("GPU %d skipped in this scrape: %s", index, exc)
+                continue
+            name = uuid.decode() if isinstance(uuid, bytes) else str(uuid)
+            readings.append((name, utilization.gpu / 100, float(memory.used), float(memory.total)))
         yield from self._families(readings)
 
     @staticmethod

@@ -48,8 +48,11 @@ def build_plan(trt: Any, onnx_path: Path, target: Path, *, fp16: bool, int8: boo
     if int8:
         config.set_flag(trt.BuilderFlag.INT8)  # the Q/DQ nodes carry the scales: no calibrator
     profile = builder.create_optimization_profile()
+    opt = min(opt, max_batch)
     for index in range(network.num_inputs):
         tensor = network.get_input(index)
+        if tuple(tensor.shape)[:1] != (-1,):
+            raise Skipped(f"input '{tensor.name}' has a fixed batch dimension: export the ONNX with a dynamic one")
         rest = tuple(tensor.shape)[1:]
         if any(d < 0 for d in rest):
             raise Skipped(f"input '{tensor.name}' has dynamic dimensions beyond the batch: one profile cannot cover it")

@@ -53,7 +53,9 @@ def test_onnx_runtime_on_cuda_binds_io_and_matches_the_cpu(tmp_path: Path) -> No
     a, b = (np.random.default_rng(i).standard_normal((3, 16)).astype(np.float32) for i in (0, 1))
     feed = {"INPUT0": a, "INPUT1": b}
     cpu = load_engine("onnxruntime", path, EngineOptions()).infer(feed, ["OUTPUT0", "OUTPUT1"])
-    gpu = load_engine("onnxruntime", path, EngineOptions(device="cuda:0")).infer(feed, ["OUTPUT0", "OUTPUT1"])
+    on_gpu = load_engine("onnxruntime", path, EngineOptions(device="cuda:0"))
+    assert on_gpu.providers[0] == CUDA  # not a silent fallback to the CPU
+    gpu = on_gpu.infer(feed, ["OUTPUT0", "OUTPUT1"])
     for name in cpu:
         np.testing.assert_allclose(gpu[name], cpu[name], rtol=1e-5, atol=1e-5)
 
@@ -95,3 +97,27 @@ def test_torch_compile_is_applied_when_the_config_asks(tmp_path: Path) -> None:
     out = compiled.outputs[0].name
     np.testing.assert_allclose(compiled.infer(x, [out])[out], plain.infer(x, [out])[out])
     assert compiled_graphs  # the request went through torch.compile
+
+
+@pytest.mark.gpu
+def test_a_tensorrt_plan_matches_onnx_runtime_on_the_cpu(tmp_path: Path) -> None:
+    trt = pytest.importorskip("tensorrt", reason="needs TensorRT (and a CUDA device)")
+    torch = pytest.importorskip("torch", reason="the TensorRT backend takes CUDA memory from torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from testmodels import add_sub_graph, write_model
+
+    from rapidserve.engines.prepare.tensorrt import build_plan
+
+    folder = write_model(tmp_path, "add_sub", add_sub_graph())
+    onnx_path = folder / "1" / "model.onnx"
+    plan = build_plan(trt, onnx_path, tmp_path / "model.plan", fp16=False, int8=False, opt=4, max_batch=8)
+    engine = load_engine("tensorrt", plan, EngineOptions(device="cuda:0"))
+    assert [s.name for s in engine.inputs] == ["INPUT0", "INPUT1"] and engine.inputs[0].shape[0] == -1
+    for rows in (1, 5, 8):
+        a, b = (np.random.default_rng(rows + i).standard_normal((rows, 16)).astype(np.float32) for i in (0, 1))
+        feed = {"INPUT0": a, "INPUT1": b}
+        expected = load_engine("onnxruntime", onnx_path, EngineOptions()).infer(feed, ["OUTPUT0"])
+        np.testing.assert_allclose(engine.infer(feed, ["OUTPUT0"])["OUTPUT0"], expected["OUTPUT0"], rtol=1e-5)
+    with pytest.raises(ValueError, match="no optimization profile"):
+        engine.infer({"INPUT0": np.zeros((9, 16), np.float32), "INPUT1": np.zeros((9, 16), np.float32)}, ["OUTPUT0"])

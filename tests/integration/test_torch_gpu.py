@@ -57,12 +57,15 @@ def test_cuda_matches_the_cpu(program: Path, precision: str, tolerance: float) -
 
 @pytest.mark.gpu
 @needs_cuda
-def test_cuda_graphs_pad_batches_and_return_only_their_rows(program: Path) -> None:
-    graphed = engine(program, "cuda:0", cuda_graphs=True, parameters={"cuda_graph_batch_sizes": "1,4,16"})
-    eager = engine(program, "cuda:0")
+@pytest.mark.parametrize(("precision", "tolerance"), [("fp32", 1e-5), ("fp16", 1e-3)])
+def test_cuda_graphs_pad_batches_and_return_only_their_rows(program: Path, precision: str, tolerance: float) -> None:
+    settings = {"cuda_graph_batch_sizes": "1,4,16", "precision": precision}
+    graphed = engine(program, "cuda:0", cuda_graphs=True, parameters=settings)
+    eager = engine(program, "cuda:0", parameters={"precision": precision})
     rng = np.random.default_rng(1)
     for rows in (1, 3, 4, 5, 16, 3, 20):  # 3 and 5 are padded; 20 is past every bucket and runs eagerly
         x = rng.standard_normal((rows, 16)).astype(np.float32)
         got = run(graphed, x)
         assert got.shape == (rows, 8)
-        np.testing.assert_allclose(got, run(eager, x), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(got, run(eager, x), rtol=tolerance, atol=tolerance)
+    assert graphed._cuda.captured == [1, 4, 16]  # the batches above really replayed graphs
