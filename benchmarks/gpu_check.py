@@ -108,6 +108,8 @@ def in_process(seconds: float) -> dict[str, dict[int, tuple[float, float]]]:
 
 
 def bucket_for(batch: int, buckets: tuple[int, ...]) -> int | None:
+    """rapidserve's own bucket rule, imported here: rapidserve may become importable only once
+    ``main`` has linked the source tree."""
     from rapidserve.engines.buckets import bucket_for as choose
 
     return choose(batch, buckets)
