@@ -249,10 +249,11 @@ class DynamicBatcher:
         while self._free and self._queues.count:
             now = time.monotonic()
             batch, ready_at = self._form(now)
-            if not batch:
-                if ready_at is not None:
-                    self._arm_delay_timer(ready_at)
+            if ready_at is not None:
+                self._arm_delay_timer(ready_at)
                 return
+            if not batch:
+                break  # only finished (cancelled, timed out) requests were left: they are gone now
             self._start(self._free.pop(), batch, now)
         idle = self._idle
         if not self._queues.count and not self._running and idle is not None and not idle.done():

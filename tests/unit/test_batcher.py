@@ -278,6 +278,23 @@ async def test_close_finishes_queued_work_then_refuses_new_requests() -> None:
     assert [r["y"][0, 0] for r in await asyncio.gather(*tasks)] == [0, 2, 4]
 
 
+async def test_close_returns_when_only_cancelled_requests_are_left_queued() -> None:
+    # a server stopping with grace 0 cancels every call: the queue then holds nothing but those
+    engine = FakeEngine()
+    batcher = make(engine, max_batch_size=1)
+    engine.hold()
+    running = asyncio.ensure_future(batcher.submit(request(0), ["y"]))
+    await wait_started(engine)
+    queued = [asyncio.ensure_future(batcher.submit(request(i), ["y"])) for i in range(1, 4)]
+    await asyncio.sleep(0.01)
+    for task in queued:
+        task.cancel()
+    closing = asyncio.ensure_future(batcher.close())
+    engine.release()
+    await asyncio.wait_for(closing, 5)
+    assert (await running)["y"][0, 0] == 0 and [float(b[0, 0]) for b in engine.batches] == [0.0]
+
+
 async def test_fast_models_run_on_the_event_loop_and_slow_ones_in_a_worker_thread() -> None:
     fast = FakeEngine()
     batcher = make(fast, inline_below_s=0.05)
