@@ -20,7 +20,7 @@ from grpc_reflection.v1alpha import reflection
 from rapidserve import protos
 from rapidserve.server.cache import PredictionCache
 from rapidserve.server.manager import ModelManager
-from rapidserve.server.servicer import InferenceServicer, serialize
+from rapidserve.server.servicer import InferenceServicer, deserializer, serialize
 from rapidserve.server.settings import ServerSettings
 from rapidserve.server.stats import ServerStats
 
@@ -133,7 +133,7 @@ def _inference_handler(servicer: InferenceServicer) -> grpc.GenericRpcHandler:
         request = protos.message_class(method.input_type)
         response = protos.message_class(method.output_type)
         serializer = serialize if rpc in ("ModelInfer", "ModelStreamInfer") else response.SerializeToString
-        return {"request_deserializer": request.FromString, "response_serializer": serializer}
+        return {"request_deserializer": deserializer(request), "response_serializer": serializer}
 
     handlers = {rpc: grpc.unary_unary_rpc_method_handler(getattr(servicer, rpc), **serializers(rpc)) for rpc in _UNARY}
     handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(

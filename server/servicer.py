@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from rapidserve import __version__, protos
 from rapidserve.server import codec
@@ -35,7 +36,7 @@ from rapidserve.server.model import ModelVersion
 from rapidserve.server.stats import Duration, ServerStats
 from rapidserve.server.types import InferResponse
 
-__all__ = ["STATUS_OF", "InferenceServicer", "serialize", "status_of"]
+__all__ = ["STATUS_OF", "InferenceServicer", "Undecodable", "deserializer", "serialize", "status_of"]
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +64,37 @@ def status_of(exc: RapidServeError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+class Undecodable:
+    """What the request deserializer gives for bytes that are not the RPC's message, so that the
+    call ends INVALID_ARGUMENT with the parser's reason (grpcio would answer UNKNOWN)."""
+
+    def __init__(self, message_type: str, error: Exception) -> None:
+        self.reason = f"the request is not a valid {message_type}: {error}"
+
+
+def deserializer(message_class: Any) -> Callable[[bytes], Any]:
+    """A request deserializer that returns ``Undecodable`` instead of raising."""
+    parse, name = message_class.FromString, message_class.DESCRIPTOR.full_name
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except DecodeError as exc:
+            return Undecodable(name, exc)
+
+    return deserialize
+
+
 def _rpc(handler: Handler) -> Handler:
     """Turn rapidserve errors into gRPC statuses; anything unexpected is logged and INTERNAL."""
 
     @functools.wraps(handler)
     async def wrapper(self: InferenceServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
+            if isinstance(request, Undecodable):
+                if handler.__name__ == "ModelInfer":
+                    self.stats.failed(InvalidRequest.reason)
+                raise InvalidRequest(request.reason)
             return await handler(self, request, context)
         except RapidServeError as exc:
             await context.abort(status_of(exc), str(exc))
@@ -227,6 +253,8 @@ class _StreamAnswers:
     async def read(self, requests: AsyncIterator[Any]) -> None:
         try:
             async for request in requests:
+                if isinstance(request, Undecodable):
+                    raise ValueError(request.reason)
                 while self._in_flight >= STREAM_MAX_IN_FLIGHT:  # stop reading: backpressure
                     self._slot_free = asyncio.get_running_loop().create_future()
                     await self._slot_free
