@@ -1,7 +1,8 @@
 """``rapidserve bench``: load-test a KServe v2 gRPC server (rapidserve, Triton, anything that speaks it).
 
-Requests are serialized once and sent as raw bytes (no protobuf work per request on the client);
-answers are not decoded, only their status (a stream's answers are parsed for their id and error).
+Requests are serialized once and sent as raw bytes over ``rapidserve.clients.h2grpc``, a lean HTTP/2
+gRPC client that costs a fraction of grpcio's per call; answers are not decoded, only their status (a
+stream's answers are parsed for their id and error).
 Closed loop over a concurrency sweep, or open loop at fixed request rates, measured by
 ``rapidserve.clients.loadgen``; the server's own breakdown (queue, compute, batch size, cache hits)
 comes from the statistics RPC, read before and after each load point.
@@ -28,12 +29,14 @@ import numpy as np
 
 from rapidserve import protos
 from rapidserve.clients.client import Client, InferenceServerError
+from rapidserve.clients.h2grpc import Connection, Reply
 from rapidserve.clients.loadgen import LoadPoint, Measurement, Window, closed_loop, open_loop, summarize
 from rapidserve.server import codec
 from rapidserve.server.datatypes import DATATYPES
 
 __all__ = ["Payloads", "add_arguments", "run"]
 
+_CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 HOT_SET = 256  # a duplicate repeats one of the last this-many distinct requests
 COLUMNS = [
     "mode", "concurrency", "request_rate", "infer_per_s", "requests_per_s", "p50_ms", "p90_ms", "p95_ms",
@@ -115,72 +118,71 @@ class Payloads:
 
 
 class Unary:
-    def __init__(self, channel: grpc.aio.Channel, timeout_s: float | None) -> None:
-        self._call = channel.unary_unary(protos.method_path("ModelInfer"))  # bytes in, bytes out
+    def __init__(self, connection: Connection, timeout_s: float | None) -> None:
+        self._unary = connection.unary
+        self._path = protos.method_path("ModelInfer")
         self._timeout = timeout_s
 
     async def send(self, payload: bytes, index: int) -> str:
-        try:
-            await self._call(payload, timeout=self._timeout)
-        except grpc.aio.AioRpcError as exc:
-            return str(exc.code().name)
-        return "OK"
+        return (await self._unary(self._path, payload, self._timeout)).code.name
 
     async def close(self) -> None:
         pass
 
 
-class Stream:
+class Streams:
     """Requests over ``count`` ModelStreamInfer streams (request i on stream i mod count): a stream
     carries one write at a time, so one stream alone cannot keep a busy server fed."""
 
-    def __init__(self, channel: grpc.aio.Channel, count: int = 1) -> None:
-        self._streams = [_OneStream(channel) for _ in range(max(count, 1))]
+    def __init__(self, streams: list[_OneStream]) -> None:
+        self._streams = streams
+
+    @classmethod
+    async def open(cls, connection: Connection, count: int = 1) -> Streams:
+        return cls([await _OneStream.open(connection) for _ in range(max(count, 1))])
 
     async def send(self, payload: bytes, index: int) -> str:
         return await self._streams[index % len(self._streams)].send(payload, index)
 
     async def close(self) -> None:
-        await asyncio.gather(*(s.close() for s in self._streams))
+        for stream in self._streams:
+            stream.close()
 
 
 class _OneStream:
     """One ModelStreamInfer stream, answers matched by request id."""
 
-    def __init__(self, channel: grpc.aio.Channel) -> None:
-        self._outbox: asyncio.Queue[bytes | None] = asyncio.Queue()
-        self._call = channel.stream_stream(protos.method_path("ModelStreamInfer"))(self._requests())
+    def __init__(self) -> None:
         self._waiting: dict[str, asyncio.Future[str]] = {}
-        self._reader = asyncio.create_task(self._read())
-        self._codes = {code.value[0]: code.name for code in grpc.StatusCode}
+        self._parse = protos.ModelStreamInferResponse.FromString
         self._broken = ""  # the stream's final status once it ended: later sends fail with it at once
 
-    async def _requests(self) -> Any:
-        while (payload := await self._outbox.get()) is not None:
-            yield payload
+    @classmethod
+    async def open(cls, connection: Connection) -> _OneStream:
+        self = cls()
+        self._stream = await connection.stream(protos.method_path("ModelStreamInfer"), self._on_message)
+        self._stream.status.add_done_callback(self._ended)
+        return self
 
-    async def _read(self) -> None:
-        parse = protos.ModelStreamInferResponse.FromString
-        try:
-            async for data in self._call:
-                response = parse(data)
-                future = self._waiting.pop(response.infer_response.id, None)
-                if future is None or future.done():
-                    continue
-                if response.error_message:
-                    params = response.infer_response.parameters
-                    code = params["grpc_code"].int64_param if "grpc_code" in params else -1
-                    future.set_result(self._codes.get(code, "UNKNOWN"))
-                else:
-                    future.set_result("OK")
-        except grpc.aio.AioRpcError as exc:
-            status = str(exc.code().name)
+    def _on_message(self, data: bytes) -> None:
+        response = self._parse(data)
+        future = self._waiting.pop(response.infer_response.id, None)
+        if future is None or future.done():
+            return
+        if response.error_message:
+            params = response.infer_response.parameters
+            code = params["grpc_code"].int64_param if "grpc_code" in params else -1
+            future.set_result(_CODE_NAMES.get(code, "UNKNOWN"))
         else:
-            status = "UNAVAILABLE"
-        self._broken = status
+            future.set_result("OK")
+
+    def _ended(self, status: asyncio.Future[Reply]) -> None:
+        code = status.result().code
+        self._broken = "UNAVAILABLE" if code == grpc.StatusCode.OK else code.name  # unanswered requests
         for future in self._waiting.values():
             if not future.done():
-                future.set_result(status)
+                future.set_result(self._broken)
+        self._waiting.clear()
 
     async def send(self, payload: bytes, index: int) -> str:
         if self._broken:
@@ -190,14 +192,11 @@ class _OneStream:
         future = asyncio.get_running_loop().create_future()
         self._waiting[request_id] = future
         encoded = request_id.encode()
-        self._outbox.put_nowait(payload + b"\x1a" + protos.varint(len(encoded)) + encoded)  # id: the last one wins
+        self._stream.write(payload + b"\x1a" + protos.varint(len(encoded)) + encoded)  # id: the last one wins
         return await future
 
-    async def close(self) -> None:
-        self._outbox.put_nowait(None)
-        self._call.cancel()
-        self._reader.cancel()
-        await asyncio.gather(self._reader, return_exceptions=True)
+    def close(self) -> None:
+        self._stream.cancel()
 
 
 @dataclass
@@ -221,12 +220,11 @@ class Job:
 
 async def _run_job(job: Job) -> LoadPoint:
     payloads = Payloads(job.model, job.version, job.batches, job.duplicate_ratio, job.seed)
-    options = [("grpc.max_receive_message_length", 2**31 - 1), ("grpc.max_send_message_length", 2**31 - 1)]
-    async with grpc.aio.insecure_channel(job.url, options=options) as channel:
-        await asyncio.wait_for(channel.channel_ready(), 30)
+    connection = await Connection.open(job.url)
+    try:
         await asyncio.sleep(max(job.start_at - time.time(), 0))
         streams = max(1, math.ceil(job.level / 2)) if job.mode == "concurrency" else 16  # 2 in flight each
-        transport = Stream(channel, streams) if job.streaming else Unary(channel, job.timeout_s)
+        transport = await Streams.open(connection, streams) if job.streaming else Unary(connection, job.timeout_s)
         get = payloads.get
         transport_send = transport.send
 
@@ -246,12 +244,16 @@ async def _run_job(job: Job) -> LoadPoint:
             return await open_loop(send, job.level, job.measurement, progress, job.poisson, job.seed, job.batch_size)
         finally:
             await transport.close()
+    finally:
+        connection.close()
 
 
 def _worker(job: Job) -> LoadPoint:
-    # The standard event loop, not uvloop: a grpc.aio client on uvloop with thousands of calls in
-    # flight sees some fail CANCELLED that nobody cancelled (seen here with grpcio 1.85, uvloop 0.23).
-    return asyncio.run(_run_job(job))
+    try:
+        import uvloop
+    except ImportError:  # Windows
+        return asyncio.run(_run_job(job))
+    return uvloop.run(_run_job(job))
 
 
 def measure(job: Job, workers: int = 1) -> dict[str, Any]:

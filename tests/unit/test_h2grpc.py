@@ -1,0 +1,391 @@
+"""The bench's HTTP/2 gRPC client against a scripted HTTP/2 peer: each test makes the server side
+do one thing a real server may do (split frames, padding, CONTINUATION, small windows, PING, resets,
+GOAWAY, HTTP errors, stalls) and checks the call's outcome and what the client put on the wire.
+Against a real rapidserve server: tests/integration/test_h2grpc.py."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+import hpack
+import pytest
+
+from rapidserve.clients import h2grpc
+from rapidserve.clients.h2grpc import (
+    CONTINUATION,
+    DATA,
+    END_HEADERS,
+    END_STREAM,
+    GOAWAY,
+    HEADERS,
+    PADDED,
+    PING,
+    RST_STREAM,
+    SETTINGS,
+    WINDOW_UPDATE,
+    Connection,
+    frame,
+)
+
+pytestmark = pytest.mark.timeout(30)
+METHOD = "/test.Service/Call"
+Script = Callable[["Peer", int, int, int, bytes], Awaitable[None]]
+
+
+def grpc_message(data: bytes) -> bytes:
+    return b"\0" + len(data).to_bytes(4, "big") + data
+
+
+class Peer:
+    """A scripted HTTP/2 server on a free port. After the client's preface it sends ``settings``;
+    then every frame from the client is recorded and handed to ``script``. ``received[stream]``
+    collects each stream's DATA bytes."""
+
+    def __init__(self, script: Script, settings: dict[int, int] | None = None) -> None:
+        self.script = script
+        self.settings = settings or {}
+        self.frames: list[tuple[int, int, int, bytes]] = []
+        self.received: dict[int, bytearray] = defaultdict(bytearray)
+        self.encoder = hpack.Encoder()  # with indexing, so the client's decoder table is exercised
+        self.writer: asyncio.StreamWriter | None = None
+        self.closed = asyncio.Event()
+
+    async def __aenter__(self) -> Peer:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.url = f"127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.writer is not None:  # read on until the client hangs up, so ``frames`` holds all it sent
+            await asyncio.wait_for(self.closed.wait(), 5)
+            self.writer.close()
+        self._server.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        assert await reader.readexactly(24) == h2grpc.PREFACE
+        payload = b"".join(struct.pack(">HI", k, v) for k, v in self.settings.items())
+        self.send(SETTINGS, 0, 0, payload)
+        try:
+            while True:
+                length_kind, flags, stream_id = struct.unpack(">IBI", await reader.readexactly(9))
+                payload = await reader.readexactly(length_kind >> 8)
+                kind = length_kind & 0xFF
+                self.frames.append((kind, flags, stream_id, payload))
+                if kind == DATA:
+                    self.received[stream_id] += payload
+                await self.script(self, kind, flags, stream_id, payload)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            self.closed.set()
+
+    def send(self, kind: int, flags: int, stream_id: int, payload: bytes = b"") -> None:
+        assert self.writer is not None
+        self.writer.write(frame(kind, flags, stream_id, payload))
+
+    def headers(self, stream_id: int, pairs: list[tuple[str, str]], end_stream: bool = False) -> None:
+        self.send(HEADERS, END_HEADERS | (END_STREAM if end_stream else 0), stream_id, self.encoder.encode(pairs))
+
+    def answer(self, stream_id: int, body: bytes, status: int = 0, message: str = "") -> None:
+        """A whole gRPC answer: initial headers, one DATA frame, trailers."""
+        self.headers(stream_id, [(":status", "200"), ("content-type", "application/grpc")])
+        self.send(DATA, 0, stream_id, grpc_message(body))
+        trailers = [("grpc-status", str(status))] + ([("grpc-message", message)] if message else [])
+        self.headers(stream_id, trailers, end_stream=True)
+
+    def kinds(self, kind: int) -> list[tuple[int, int, int, bytes]]:
+        return [f for f in self.frames if f[0] == kind]
+
+
+async def echo(peer: Peer, kind: int, flags: int, stream_id: int, payload: bytes) -> None:
+    """Answer each call, once the client half-closed it, with its own message reversed."""
+    if kind == DATA and flags & END_STREAM:
+        peer.answer(stream_id, bytes(peer.received[stream_id][5:])[::-1])
+
+
+def run(scenario: Callable[[], Awaitable[Any]]) -> Any:
+    return asyncio.run(asyncio.wait_for(scenario(), 20))
+
+
+def test_unary_call_and_request_headers() -> None:
+    async def scenario() -> None:
+        async with Peer(echo) as peer:
+            connection = await Connection.open(peer.url)
+            replies = [await connection.unary(METHOD, b"abc"), await connection.unary(METHOD, b"xyz", timeout_s=2.5)]
+            connection.close()
+        assert replies == [h2grpc.Reply(grpc.StatusCode.OK, "", b"cba"), h2grpc.Reply(grpc.StatusCode.OK, "", b"zyx")]
+        decoder = hpack.Decoder()
+        blocks = [dict(decoder.decode(f[3])) for f in peer.kinds(HEADERS)]
+        assert blocks[0][":path"] == METHOD and blocks[0]["content-type"] == "application/grpc"
+        assert blocks[0]["te"] == "trailers" and blocks[0][":authority"] == peer.url
+        assert "grpc-timeout" not in blocks[0] and blocks[1]["grpc-timeout"] == "2500000u"
+        assert [f[2] for f in peer.kinds(HEADERS)] == [1, 3]  # odd stream ids, in order
+        # the client acknowledged the server's SETTINGS and opened a large receive window
+        assert any(f[1] == h2grpc.ACK for f in peer.kinds(SETTINGS))
+        assert struct.unpack(">I", peer.kinds(WINDOW_UPDATE)[0][3])[0] > 1 << 20
+
+    run(scenario)
+
+
+def test_an_answer_in_pieces_padded_continued_and_interrupted_by_ping() -> None:
+    body = bytes(range(256)) * 40
+
+    async def script(peer: Peer, kind: int, flags: int, stream_id: int, payload: bytes) -> None:
+        if not (kind == DATA and flags & END_STREAM):
+            return
+        block = peer.encoder.encode([(":status", "200"), ("content-type", "application/grpc")])
+        peer.send(HEADERS, 0, stream_id, block[:3])  # the header block continues in CONTINUATION frames
+        peer.send(CONTINUATION, 0, stream_id, block[3:5])
+        peer.send(CONTINUATION, END_HEADERS, stream_id, block[5:])
+        message = grpc_message(body)
+        peer.send(DATA, PADDED, stream_id, bytes([7]) + message[:3] + b"\0" * 7)  # padded, the prefix split
+        peer.send(PING, 0, 0, b"12345678")
+        peer.send(DATA, 0, stream_id, message[3:5000])
+        peer.send(DATA, 0, stream_id, message[5000:])
+        trailers = peer.encoder.encode([("grpc-status", "0")])
+        peer.send(HEADERS, PADDED | END_HEADERS | END_STREAM, stream_id, bytes([2]) + trailers + b"\0\0")
+
+    async def scenario() -> None:
+        async with Peer(script) as peer:
+            connection = await Connection.open(peer.url)
+            reply = await connection.unary(METHOD, b"x")
+            connection.close()
+        assert reply.code == grpc.StatusCode.OK and reply.response == body
+        assert (PING, h2grpc.ACK, 0, b"12345678") in peer.frames
+
+    run(scenario)
+
+
+def test_large_message_respects_flow_control_and_frame_size() -> None:
+    message = bytes(range(251)) * 1000  # 251 KB: several frames, far over a 1000-byte window
+
+    async def script(peer: Peer, kind: int, flags: int, stream_id: int, payload: bytes) -> None:
+        if kind == DATA:
+            outstanding = len(peer.received[stream_id]) - peer.granted.get(stream_id, 0)
+            assert len(payload) <= 16_384 and outstanding <= 1000, "the client overran its window"
+            peer.granted[stream_id] = len(peer.received[stream_id])
+            peer.send(WINDOW_UPDATE, 0, 0, struct.pack(">I", len(payload)))
+            peer.send(WINDOW_UPDATE, 0, stream_id, struct.pack(">I", len(payload)))
+            if flags & END_STREAM:
+                peer.answer(stream_id, bytes(peer.received[stream_id][5:]))
+
+    async def scenario() -> None:
+        async with Peer(script, {h2grpc.SETTINGS_INITIAL_WINDOW_SIZE: 1000}) as peer:
+            peer.granted = {}
+            connection = await Connection.open(peer.url)
+            reply = await connection.unary(METHOD, message)
+            connection.close()
+        assert reply.code == grpc.StatusCode.OK and reply.response == message
+        assert len(peer.kinds(DATA)) > 250
+
+    run(scenario)
+
+
+@pytest.mark.parametrize(
+    ("answer", "code", "message"),
+    [
+        (lambda p, s: p.headers(s, [(":status", "200"), ("content-type", "application/grpc"), ("grpc-status", "5"),
+                                    ("grpc-message", "no model %27x%27 (100%25)")], end_stream=True),
+         grpc.StatusCode.NOT_FOUND, "no model 'x' (100%)"),  # trailers-only, percent-encoded message
+        (lambda p, s: p.answer(s, b"", status=8, message="queue full"), grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full"),
+        (lambda p, s: p.headers(s, [(":status", "503")], end_stream=True), grpc.StatusCode.UNAVAILABLE, "HTTP 503"),
+        (lambda p, s: p.send(RST_STREAM, 0, s, struct.pack(">I", 0x7)), grpc.StatusCode.UNAVAILABLE, "0x7"),
+        (lambda p, s: p.send(RST_STREAM, 0, s, struct.pack(">I", 0x2)), grpc.StatusCode.INTERNAL, "0x2"),
+        (lambda p, s: (p.headers(s, [(":status", "200")]), p.send(DATA, END_STREAM, s, grpc_message(b"a"))),
+         grpc.StatusCode.INTERNAL, "without a grpc-status"),
+        (lambda p, s: (p.headers(s, [(":status", "200")]), p.send(DATA, 0, s, b"\x01\0\0\0\x01z")),
+         grpc.StatusCode.INTERNAL, "compressed"),
+    ],
+)  # fmt: skip
+def test_failed_calls_end_with_the_right_status(answer: Callable[[Peer, int], Any], code: grpc.StatusCode,
+                                                message: str) -> None:  # fmt: skip
+    async def script(peer: Peer, kind: int, flags: int, stream_id: int, payload: bytes) -> None:
+        if kind == DATA and flags & END_STREAM:
+            answer(peer, stream_id)
+
+    async def scenario() -> None:
+        async with Peer(script) as peer:
+            connection = await Connection.open(peer.url)
+            reply = await connection.unary(METHOD, b"q")
+            after = await connection.unary(METHOD, b"q")  # the connection still works after a failed call
+            connection.close()
+        assert reply.code == code and message in reply.message and reply.response is None, reply
+        assert after.code == code
+
+    run(scenario)
+
+
+def test_deadline_and_cancel_reset_the_stream() -> None:
+    async def silent(peer: Peer, kind: int, flags: int, stream_id: int, payload: bytes) -> None:
+        pass
+
+    async def scenario() -> None:
+        async with Peer(silent) as peer:
+            connection = await Connection.open(peer.url)
+            reply = await connection.unary(METHOD, b"q", timeout_s=0.2)
+            task = asyncio.create_task(connection.unary(METHOD, b"q"))
+            await asyncio.sleep(0.1)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await asyncio.sleep(0.1)
+            connection.close()
+        assert reply.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert [(f[2], f[3]) for f in peer.kinds(RST_STREAM)] == [(1, b"\0\0\0\x08"), (3, b"\0\0\0\x08")]
+
+    run(scenario)
+
+
+def test_goaway_and_a_lost_connection_end_calls_unavailable() -> None:
+    async def script(peer: Peer, kind: int, flags: int, stream_id: int, payload: bytes) -> None:
+        if kind == DATA and stream_id == 3:  # with calls 1 and 3 open: only 1 will be served
+            peer.send(GOAWAY, 0, 0, struct.pack(">II", 1, 0) + b"shutting down")
+            peer.answer(1, b"served")
+
+    async def scenario() -> None:
+        async with Peer(script) as peer:
+            connection = await Connection.open(peer.url)
+            first = asyncio.create_task(connection.unary(METHOD, b"1"))
+            await asyncio.sleep(0.05)
+            second = await connection.unary(METHOD, b"3")
+            third = await connection.unary(METHOD, b"5")
+            assert (await first).response == b"served"
+            connection.close()
+        assert second.code == third.code == grpc.StatusCode.UNAVAILABLE and "shutting down" in second.message
+
+        async def hang_up(peer: Peer, kind: int, flags: int, stream_id: int, payload: bytes) -> None:
+            if kind == DATA:
+                assert peer.writer is not None
+                peer.writer.close()
+
+        async with Peer(hang_up) as peer:
+            connection = await Connection.open(peer.url)
+            lost = await connection.unary(METHOD, b"1")
+            later = await connection.unary(METHOD, b"1")
+        assert lost.code == later.code == grpc.StatusCode.UNAVAILABLE and "lost" in lost.message
+
+    run(scenario)
+
+
+def test_max_concurrent_streams_is_respected() -> None:
+    active: set[int] = set()
+    most = 0
+
+    async def script(peer: Peer, kind: int, flags: int, stream_id: int, payload: bytes) -> None:
+        nonlocal most
+        if kind == HEADERS:
+            active.add(stream_id)
+            most = max(most, len(active))
+        if kind == DATA and flags & END_STREAM:  # answered a little later, the peer reading on meanwhile
+            asyncio.get_running_loop().call_later(
+                0.05, lambda: (active.discard(stream_id), peer.answer(stream_id, b"ok"))
+            )
+
+    async def scenario() -> None:
+        async with Peer(script, {h2grpc.SETTINGS_MAX_CONCURRENT_STREAMS: 2}) as peer:
+            connection = await Connection.open(peer.url)
+            replies = await asyncio.gather(*(connection.unary(METHOD, b"q") for _ in range(6)))
+            connection.close()
+        assert all(r.response == b"ok" for r in replies)
+        assert most == 2
+
+    run(scenario)
+
+
+def test_streaming_call_and_bench_streams_that_break() -> None:
+    from rapidserve.clients.bench import Streams
+
+    async def script(peer: Peer, kind: int, flags: int, stream_id: int, payload: bytes) -> None:
+        if kind == HEADERS:
+            peer.headers(stream_id, [(":status", "200"), ("content-type", "application/grpc")])
+        elif kind == DATA and payload:
+            peer.send(DATA, 0, stream_id, grpc_message(payload[5:] * 2) + grpc_message(b"!"))
+        if kind == DATA and flags & END_STREAM:
+            peer.headers(stream_id, [("grpc-status", "0")], end_stream=True)
+
+    async def scenario() -> None:
+        async with Peer(script) as peer:
+            connection = await Connection.open(peer.url)
+            got: list[bytes] = []
+            stream = await connection.stream(METHOD, got.append)
+            stream.write(b"ab")
+            stream.write(b"cd")
+            stream.end()
+            assert (await stream.status).code == grpc.StatusCode.OK
+            assert got == [b"abab", b"!", b"cdcd", b"!"]
+
+            async def reset(peer: Peer, kind: int, flags: int, stream_id: int, payload: bytes) -> None:
+                if kind == DATA:
+                    peer.send(RST_STREAM, 0, stream_id, struct.pack(">I", 0x7))
+
+            peer.script = reset
+            streams = await Streams.open(connection, 2)
+            results = await asyncio.gather(*(streams.send(b"", i) for i in range(4)))
+            again = await streams.send(b"", 4)
+            await streams.close()
+            connection.close()
+        assert [*results, again] == ["UNAVAILABLE"] * 5
+
+    run(scenario)
+
+
+def test_open_fails_clearly_when_nothing_listens() -> None:
+    async def scenario() -> None:
+        with pytest.raises(OSError):
+            await Connection.open("127.0.0.1:1")
+        with pytest.raises(ValueError, match="HOST:PORT"):
+            await Connection.open("localhost")
+
+    run(scenario)
+
+
+def test_on_uvloop_as_the_bench_runs_it() -> None:
+    uvloop = pytest.importorskip("uvloop", reason="uvloop is not available on Windows")
+
+    async def scenario() -> list[h2grpc.Reply]:
+        async with Peer(echo) as peer:
+            connection = await Connection.open(peer.url)
+            replies = await asyncio.gather(*(connection.unary(METHOD, bytes([i]) * 3000) for i in range(20)))
+            connection.close()
+            return replies
+
+    replies = uvloop.run(asyncio.wait_for(scenario(), 20))
+    assert [r.response for r in replies] == [bytes([i]) * 3000 for i in range(20)]
+
+
+def test_grpc_timeout_header_fits_eight_digits() -> None:
+    assert h2grpc.grpc_timeout(2.5) == "2500000u"
+    assert h2grpc.grpc_timeout(1e-9) == "1u"
+    assert h2grpc.grpc_timeout(1000) == "1000000m"  # 10^9 us would be 10 digits
+    assert h2grpc.grpc_timeout(86_400 * 365 * 10) == "5256000M"
+
+
+def test_remembered_header_blocks_follow_the_servers_table() -> None:
+    # The peer's encoder indexes what it sends: the 2nd and 4th trailers are both the one byte 0xbe
+    # ("dynamic entry 62"), which means grpc-status 0 the first time and 7 the second (after the 3rd
+    # answer inserted grpc-status 7 in front). A decoder cache that ignored the table would say OK.
+    statuses = iter([0, 0, 7, 7])
+    trailers: list[bytes] = []
+
+    async def script(peer: Peer, kind: int, flags: int, stream_id: int, payload: bytes) -> None:
+        if kind == DATA and flags & END_STREAM:
+            peer.headers(stream_id, [(":status", "200"), ("content-type", "application/grpc")])
+            block = peer.encoder.encode([("grpc-status", str(next(statuses)))])
+            trailers.append(block)
+            peer.send(HEADERS, END_HEADERS | END_STREAM, stream_id, block)
+
+    async def scenario() -> list[grpc.StatusCode]:
+        async with Peer(script) as peer:
+            connection = await Connection.open(peer.url)
+            codes = [(await connection.unary(METHOD, b"q")).code for _ in range(4)]
+            connection.close()
+            return codes
+
+    assert run(scenario) == [grpc.StatusCode.OK] * 2 + [grpc.StatusCode.PERMISSION_DENIED] * 2
+    assert trailers[1] == trailers[3] == b"\xbe"
