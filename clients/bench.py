@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import csv
 import json
 import math
@@ -118,16 +119,38 @@ class Payloads:
 
 
 class Unary:
-    def __init__(self, connection: Connection, timeout_s: float | None) -> None:
-        self._unary = connection.unary
+    """ModelInfer calls on one connection; when the server closes it (a restart, a max connection
+    age), the next call opens a new one, as a gRPC channel would (at most one attempt per 100 ms)."""
+
+    def __init__(self, connection: Connection, url: str, timeout_s: float | None) -> None:
+        self._connection = connection
+        self._url = url
         self._path = protos.method_path("ModelInfer")
         self._timeout = timeout_s
+        self._reconnecting: asyncio.Lock | None = None
+        self._last_attempt = 0.0
+        self._retired: list[Connection] = []  # replaced ones: the server may still be finishing calls there
 
     async def send(self, payload: bytes, index: int) -> str:
-        return (await self._unary(self._path, payload, self._timeout)).code.name
+        if self._connection.closed:
+            await self._reconnect()
+        return (await self._connection.unary(self._path, payload, self._timeout)).code.name
+
+    async def _reconnect(self) -> None:
+        self._reconnecting = self._reconnecting or asyncio.Lock()
+        async with self._reconnecting:
+            if not self._connection.closed:
+                return  # another caller reconnected meanwhile
+            await asyncio.sleep(max(self._last_attempt + 0.1 - time.monotonic(), 0))
+            self._last_attempt = time.monotonic()
+            with contextlib.suppress(OSError, asyncio.TimeoutError):  # else: counted UNAVAILABLE on the old one
+                fresh = await Connection.open(self._url, timeout_s=5)
+                self._retired.append(self._connection)
+                self._connection = fresh
 
     async def close(self) -> None:
-        pass
+        for connection in (*self._retired, self._connection):
+            connection.close()
 
 
 class Streams:
@@ -139,7 +162,8 @@ class Streams:
 
     @classmethod
     async def open(cls, connection: Connection, count: int = 1) -> Streams:
-        return cls([await _OneStream.open(connection) for _ in range(max(count, 1))])
+        count = min(max(count, 1), connection.max_streams)  # streams never end: more would wait forever
+        return cls([await _OneStream.open(connection) for _ in range(count)])
 
     async def send(self, payload: bytes, index: int) -> str:
         return await self._streams[index % len(self._streams)].send(payload, index)
@@ -167,6 +191,9 @@ class _OneStream:
     def _on_message(self, data: bytes) -> None:
         response = self._parse(data)
         future = self._waiting.pop(response.infer_response.id, None)
+        if future is None and response.error_message and self._waiting:
+            # an error the server could not tie to a request (no id): charge it to the oldest one
+            future = self._waiting.pop(next(iter(self._waiting)))
         if future is None or future.done():
             return
         if response.error_message:
@@ -177,7 +204,7 @@ class _OneStream:
             future.set_result("OK")
 
     def _ended(self, status: asyncio.Future[Reply]) -> None:
-        code = status.result().code
+        code = grpc.StatusCode.CANCELLED if status.cancelled() else status.result().code
         self._broken = "UNAVAILABLE" if code == grpc.StatusCode.OK else code.name  # unanswered requests
         for future in self._waiting.values():
             if not future.done():
@@ -224,7 +251,9 @@ async def _run_job(job: Job) -> LoadPoint:
     try:
         await asyncio.sleep(max(job.start_at - time.time(), 0))
         streams = max(1, math.ceil(job.level / 2)) if job.mode == "concurrency" else 16  # 2 in flight each
-        transport = await Streams.open(connection, streams) if job.streaming else Unary(connection, job.timeout_s)
+        transport = (
+            await Streams.open(connection, streams) if job.streaming else Unary(connection, job.url, job.timeout_s)
+        )
         get = payloads.get
         transport_send = transport.send
 

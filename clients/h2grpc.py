@@ -104,17 +104,16 @@ class Stream:
 
     def __init__(self, connection: Connection, call: _Call) -> None:
         self._connection, self._call = connection, call
-        self.status: asyncio.Future[Reply] = call.done
+        # shielded: cancelling an await of ``status`` must not end the call without telling the server
+        self.status: asyncio.Future[Reply] = asyncio.shield(call.done)
 
     def write(self, message: bytes) -> None:
-        """Queue one message (sent now, or as soon as flow control allows)."""
-        if not self.status.done():
-            self._connection._send(self._call, message, end=False)
+        """Queue one message (sent now, or as soon as flow control allows); ignored after ``end``."""
+        self._connection._send(self._call, message, end=False)
 
     def end(self) -> None:
         """Half-close: no more messages from this side."""
-        if not self.status.done():
-            self._connection._send(self._call, b"", end=True, framed=False)
+        self._connection._send(self._call, b"", end=True, framed=False)
 
     def cancel(self) -> None:
         self._connection._reset(self._call, grpc.StatusCode.CANCELLED, "cancelled by the client")
@@ -135,9 +134,9 @@ class Connection(asyncio.Protocol):
         self._calls: dict[int, _Call] = {}
         self._next_id = 1
         self._blocks: dict[tuple[str, float | None], bytes] = {}  # encoded request header blocks
-        self._decoder = hpack.Decoder()
+        self._decoder = hpack.Decoder(max_header_list_size=1 << 24)  # room for large trailers (status details)
         self._table = self._decoder.header_table.dynamic_entries  # newest entry first
-        self._decoded: dict[bytes, tuple[object, int, dict[bytes, bytes]]] = {}  # see _decode
+        self._decoded: dict[bytes, tuple[object, int, int, dict[bytes, bytes]]] = {}  # see _decode
         self._rx = bytearray()  # the start of a frame that has not fully arrived
         self._need = 0  # how many bytes that frame needs
         self._headers_in_progress: tuple[int, int, bytearray] | None = None  # (stream, flags, fragments)
@@ -165,9 +164,20 @@ class Connection(asyncio.Protocol):
         try:
             await asyncio.wait_for(asyncio.shield(connection._ready), timeout_s)
         except BaseException:
+            connection._ready.cancel()  # nobody will wait for it any more
             connection.close()
             raise
         return connection
+
+    @property
+    def closed(self) -> bool:
+        """True once no new call can start here (closed, lost, or the server is going away)."""
+        return self._closed is not None
+
+    @property
+    def max_streams(self) -> int:
+        """The server's limit on calls in flight at once (MAX_CONCURRENT_STREAMS)."""
+        return self._max_streams
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]  # (uvloop's is no asyncio.Transport subclass)
@@ -191,13 +201,23 @@ class Connection(asyncio.Protocol):
             self._transport.close()
 
     def _shut(self, reply: Reply) -> None:
-        self._closed = self._closed or reply
+        self._refuse_new_calls(reply)
         for call in list(self._calls.values()):
             self._finish(call, reply)
-        while self._slots:
+
+    def _refuse_new_calls(self, reply: Reply) -> None:
+        self._closed = self._closed or reply
+        self._wake_waiters()
+
+    def _wake_waiters(self) -> None:
+        """Let calls waiting for a stream slot go on: as many as there are free slots, or all of them
+        once no new call may start (they then end with the reason)."""
+        free = MAX_WINDOW if self._closed is not None else self._max_streams - len(self._calls)
+        while self._slots and free > 0:
             waiter = self._slots.popleft()
-            if not waiter.done():
+            if not waiter.done():  # (a waiter whose call was cancelled passes the slot on)
                 waiter.set_result(None)
+                free -= 1
 
     # ---- starting calls
 
@@ -206,6 +226,7 @@ class Connection(asyncio.Protocol):
         started = await self._start(method, timeout_s, None)
         if started is None:
             assert self._closed is not None
+            await asyncio.sleep(0)  # a caller looping on a closed connection must still let others run
             return self._closed
         call, head = started
         self._send(call, message, end=True, head=head)  # headers and message in one write
@@ -232,32 +253,45 @@ class Connection(asyncio.Protocol):
         self, method: str, timeout_s: float | None, on_message: Callable[[bytes], None] | None
     ) -> tuple[_Call, bytes] | None:
         """A new call and its HEADERS frame (for the caller to write), or None if no call may start."""
+        begun = self._loop.time()
+        waited = False
         while len(self._calls) >= self._max_streams and self._closed is None:
+            waited = True
             waiter = self._loop.create_future()
             self._slots.append(waiter)
-            await waiter
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():  # woken, then cancelled: pass the slot on
+                    self._wake_waiters()
+                raise
         if self._closed is not None or self._transport is None:
             return None
         if self._next_id > MAX_WINDOW:
-            self._closed = Reply(grpc.StatusCode.UNAVAILABLE, "this connection used up its stream ids; open a new one")
+            self._refuse_new_calls(Reply(grpc.StatusCode.UNAVAILABLE, "this connection used up its stream ids"))
             return None
         call = _Call(self._next_id, self._loop.create_future(), self._stream_window, on_message)
         self._next_id += 2
         self._calls[call.id] = call
-        block = self._blocks.get((method, timeout_s)) or self._header_block(method, timeout_s)
+        if timeout_s is None or not waited:
+            block = self._blocks.get((method, timeout_s)) or self._header_block(method, timeout_s)
+        else:  # the deadline counts from the call, so a wait for a slot uses some of it up
+            timeout_s = max(timeout_s - (self._loop.time() - begun), 1e-6)
+            block = self._header_block(method, timeout_s, remember=False)
         if timeout_s is not None:
             call.timer = self._loop.call_later(timeout_s, self._reset, call, grpc.StatusCode.DEADLINE_EXCEEDED,
-                                               f"deadline of {timeout_s:g} s exceeded")  # fmt: skip
+                                               "deadline exceeded")  # fmt: skip
         return call, frame(HEADERS, END_HEADERS, call.id, block)
 
-    def _header_block(self, method: str, timeout_s: float | None) -> bytes:
+    def _header_block(self, method: str, timeout_s: float | None, remember: bool = True) -> bytes:
         headers = [(":method", "POST"), (":scheme", "http"), (":path", method), (":authority", self._authority),
                    ("content-type", "application/grpc"), ("te", "trailers"),
                    ("user-agent", "rapidserve-bench")]  # fmt: skip
         if timeout_s is not None:
             headers.append(("grpc-timeout", grpc_timeout(timeout_s)))
         block = hpack.Encoder().encode([hpack.NeverIndexedHeaderTuple(k, v) for k, v in headers])
-        self._blocks[(method, timeout_s)] = block
+        if remember:
+            self._blocks[(method, timeout_s)] = block
         return block
 
     # ---- sending
@@ -265,7 +299,7 @@ class Connection(asyncio.Protocol):
     def _send(self, call: _Call, message: bytes, end: bool, framed: bool = True, head: bytes = b"") -> None:
         """Send one message (gRPC's 5-byte prefix added) within the flow-control windows; queue the rest.
         ``head``, the call's HEADERS frame, goes first, in the same write when the message fits."""
-        if self._transport is None or call.done.done():
+        if self._transport is None or call.done.done() or call.sent_end or call.end_after_outbox:
             return
         data = b"\0" + len(message).to_bytes(4, "big") + message if framed else message
         size = len(data)
@@ -329,11 +363,8 @@ class Connection(asyncio.Protocol):
             call.timer.cancel()
         if not call.done.done():
             call.done.set_result(reply)
-        while self._slots and len(self._calls) < self._max_streams:
-            waiter = self._slots.popleft()
-            if not waiter.done():  # (a waiter whose call was cancelled passes the slot on)
-                waiter.set_result(None)
-                break
+        if self._slots:
+            self._wake_waiters()
 
     # ---- receiving
 
@@ -369,6 +400,8 @@ class Connection(asyncio.Protocol):
         elif kind == HEADERS:
             payload = _unpad(flags, payload)
             if flags & PRIORITY_FLAG:
+                if len(payload) < 5:
+                    raise _ProtocolError("a HEADERS frame too short for its priority fields")
                 payload = payload[5:]
             if flags & END_HEADERS:
                 self._on_headers(stream_id, flags, payload)
@@ -386,16 +419,21 @@ class Connection(asyncio.Protocol):
             if not flags & ACK:
                 self._on_settings(payload)
         elif kind == WINDOW_UPDATE:
+            _expect_length(kind, payload, 4)
             self._on_window_update(stream_id, payload)
         elif kind == PING:
+            _expect_length(kind, payload, 8)
             if not flags & ACK and self._transport is not None:
                 self._transport.write(frame(PING, ACK, 0, payload))
         elif kind == RST_STREAM:
+            _expect_length(kind, payload, 4)
             if (call := self._calls.get(stream_id)) is not None:
                 (code,) = struct.unpack(">I", payload[:4])
                 status = _RESET_CODES.get(code, grpc.StatusCode.INTERNAL)
                 self._finish(call, Reply(status, f"the server reset the stream (HTTP/2 error code {code:#x})"))
         elif kind == GOAWAY:
+            if len(payload) < 8:
+                raise _ProtocolError(f"a GOAWAY frame of {len(payload)} bytes")
             self._on_goaway(payload)
         elif kind == PUSH_PROMISE:
             raise _ProtocolError("PUSH_PROMISE although push was disabled")
@@ -414,19 +452,31 @@ class Connection(asyncio.Protocol):
             self._transport.write(frame(WINDOW_UPDATE, 0, stream_id, struct.pack(">I", call.consumed)))
             call.consumed = 0
         data = _unpad(flags, payload)
+        if call.headers is None:
+            self._reset(call, grpc.StatusCode.INTERNAL, "the server sent data before its response headers")
+            return
         if call.buffer or len(data) < 5 or len(data) != 5 + int.from_bytes(data[1:5], "big") or data[0]:
             call.buffer += data
             self._split_messages(call)
-        elif call.on_message is None:
-            call.response = data[5:]  # the common case: one whole uncompressed message in one frame
         else:
-            call.on_message(data[5:])
-        if flags & END_STREAM and not call.done.done():
-            self._finish(call, Reply(grpc.StatusCode.INTERNAL, "the server ended the stream without a grpc-status"))
+            self._deliver(call, data[5:])  # the common case: one whole uncompressed message in one frame
+        if flags & END_STREAM and call.id in self._calls:
+            self._ended_by_server(
+                call, Reply(grpc.StatusCode.INTERNAL, "the server ended the call without a grpc-status")
+            )
+
+    def _deliver(self, call: _Call, message: bytes) -> None:
+        if call.on_message is None:
+            call.response = message
+            return
+        try:
+            call.on_message(message)
+        except Exception as exc:  # the caller's handler failed: that ends this call, not the connection
+            self._reset(call, grpc.StatusCode.INTERNAL, f"handling an answer failed: {type(exc).__name__}: {exc}")
 
     def _split_messages(self, call: _Call) -> None:
         buffer = call.buffer
-        while len(buffer) >= 5:
+        while len(buffer) >= 5 and call.id in self._calls:
             size = int.from_bytes(buffer[1:5], "big")
             if len(buffer) < 5 + size:
                 return
@@ -434,20 +484,25 @@ class Connection(asyncio.Protocol):
                 reason = "the server sent a compressed message, which this client never asks for"
                 self._reset(call, grpc.StatusCode.INTERNAL, reason)
                 return
-            message = bytes(buffer[5 : 5 + size])
+            message = bytes(memoryview(buffer)[5 : 5 + size])
             del buffer[: 5 + size]
-            if call.on_message is None:
-                call.response = message
-            else:
-                call.on_message(message)
+            self._deliver(call, message)
 
     def _on_headers(self, stream_id: int, flags: int, block: bytes) -> None:
         headers = self._decode(block)  # every block, even a dropped call's: it keeps the HPACK table in step
         call = self._calls.get(stream_id)
         if call is None:
             return
-        if call.headers is None and not flags & END_STREAM:
-            call.headers = headers  # the response's initial headers; the status comes in the trailers
+        if call.headers is None and not flags & END_STREAM:  # the initial headers; the status comes last
+            http = headers.get(b":status", b"")
+            if http != b"200" or not headers.get(b"content-type", b"").startswith(b"application/grpc"):
+                code = (
+                    _HTTP_CODES.get(int(http), grpc.StatusCode.UNKNOWN) if http.isdigit() else grpc.StatusCode.INTERNAL
+                )
+                kind = headers.get(b"content-type", b"no content type").decode(errors="replace")
+                self._reset(call, code, f"the server answered HTTP {http.decode(errors='replace')} ({kind}), not gRPC")
+                return
+            call.headers = headers
             return
         initial = call.headers if call.headers is not None else headers  # trailers-only: one block has both
         status = headers.get(b"grpc-status")
@@ -460,28 +515,33 @@ class Connection(asyncio.Protocol):
             message = f"the server answered HTTP {http.decode(errors='replace') or '(no status)'} without a grpc-status"
         if call.buffer and code == grpc.StatusCode.OK:
             code, message = grpc.StatusCode.INTERNAL, "the stream ended inside a message"
-        if not call.sent_end and self._transport is not None:  # the server ended first: close our half too
+        elif code == grpc.StatusCode.OK and call.on_message is None and call.response is None:
+            code, message = grpc.StatusCode.INTERNAL, "the server ended a unary call without an answer"
+        self._ended_by_server(call, Reply(code, message, call.response if code == grpc.StatusCode.OK else None))
+
+    def _ended_by_server(self, call: _Call, reply: Reply) -> None:
+        if not call.sent_end and self._transport is not None:  # we were still sending: close our half too
             self._transport.write(frame(RST_STREAM, 0, call.id, struct.pack(">I", NO_ERROR)))
-        self._finish(call, Reply(code, message, call.response if code == grpc.StatusCode.OK else None))
+        self._finish(call, reply)
 
     def _decode(self, block: bytes) -> dict[bytes, bytes]:
         """Decode a header block. A server sends the same few blocks over and over (``:status 200``,
         ``grpc-status 0``); one whose decoding left the dynamic table as it was means the same until
         the table changes, so it is remembered together with the table's state: its newest entry (held,
         so never reused) and its length. That skips hpack's pure-Python decoder on almost every answer."""
-        table = self._table
-        state = (table[0] if table else None, len(table))
+        table, limits = self._table, self._decoder.header_table
+        state = (table[0] if table else None, len(table), limits.maxsize)
         known = self._decoded.get(block)
-        if known is not None and known[0] is state[0] and known[1] == state[1]:
-            return known[2]
+        if known is not None and known[0] is state[0] and known[1:3] == state[1:]:
+            return known[3]
         try:
             headers = dict(self._decoder.decode(block, raw=True))
         except hpack.HPACKError as exc:
             raise _ProtocolError(f"undecodable header block: {exc}") from exc
-        if (table[0] if table else None) is state[0] and len(table) == state[1]:
+        if (table[0] if table else None) is state[0] and (len(table), limits.maxsize) == state[1:]:
             if len(self._decoded) >= 64:
                 self._decoded.clear()
-            self._decoded[block] = (state[0], state[1], headers)
+            self._decoded[block] = (*state, headers)
         return headers
 
     def _on_settings(self, payload: bytes) -> None:
@@ -495,6 +555,8 @@ class Connection(asyncio.Protocol):
                 for call in self._calls.values():
                     call.send_window += delta
             elif key == SETTINGS_MAX_FRAME_SIZE:
+                if not DEFAULT_FRAME <= value < 1 << 24:
+                    raise _ProtocolError(f"MAX_FRAME_SIZE {value} is outside [2^14, 2^24-1]")
                 self._max_frame = value
             elif key == SETTINGS_MAX_CONCURRENT_STREAMS:
                 self._max_streams = value
@@ -502,15 +564,24 @@ class Connection(asyncio.Protocol):
         self._transport.write(frame(SETTINGS, ACK, 0))
         if not self._ready.done():
             self._ready.set_result(None)
+        if any(c.send_window > MAX_WINDOW for c in self._calls.values()):
+            raise _ProtocolError("INITIAL_WINDOW_SIZE pushed a stream's window over 2^31-1")
+        self._wake_waiters()
         self._flush_blocked()
 
     def _on_window_update(self, stream_id: int, payload: bytes) -> None:
-        increment = struct.unpack(">I", payload[:4])[0] & 0x7FFFFFFF
+        increment = struct.unpack(">I", payload)[0] & 0x7FFFFFFF
+        if increment == 0:
+            raise _ProtocolError("a WINDOW_UPDATE of 0")
         if stream_id == 0:
             self._send_window += increment
+            if self._send_window > MAX_WINDOW:
+                raise _ProtocolError("WINDOW_UPDATE pushed the connection's window over 2^31-1")
             self._flush_blocked()
         elif (call := self._calls.get(stream_id)) is not None:
             call.send_window += increment
+            if call.send_window > MAX_WINDOW:
+                raise _ProtocolError(f"WINDOW_UPDATE pushed stream {stream_id}'s window over 2^31-1")
             if call.id in self._blocked:
                 self._flush(call)
 
@@ -519,7 +590,7 @@ class Connection(asyncio.Protocol):
         last_id &= 0x7FFFFFFF
         detail = payload[8:].decode("utf-8", "replace")
         reason = f"the server is going away (HTTP/2 error code {code:#x}{': ' + detail if detail else ''})"
-        self._closed = self._closed or Reply(grpc.StatusCode.UNAVAILABLE, reason)
+        self._refuse_new_calls(Reply(grpc.StatusCode.UNAVAILABLE, reason))
         for call in [c for c in self._calls.values() if c.id > last_id]:
             self._finish(call, Reply(grpc.StatusCode.UNAVAILABLE, reason + "; this call was not processed"))
 
@@ -542,6 +613,11 @@ def grpc_timeout(seconds: float) -> str:
 
 class _ProtocolError(Exception):
     pass
+
+
+def _expect_length(kind: int, payload: bytes, length: int) -> None:
+    if len(payload) != length:
+        raise _ProtocolError(f"a frame of type {kind} with {len(payload)} bytes instead of {length}")
 
 
 def _unpad(flags: int, payload: bytes) -> bytes:

@@ -6,6 +6,7 @@ Against a real rapidserve server: tests/integration/test_h2grpc.py."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import struct
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
@@ -34,6 +35,7 @@ from rapidserve.clients.h2grpc import (
 
 pytestmark = pytest.mark.timeout(30)
 METHOD = "/test.Service/Call"
+GRPC_OK = [(":status", "200"), ("content-type", "application/grpc")]
 Script = Callable[["Peer", int, int, int, bytes], Awaitable[None]]
 
 
@@ -52,7 +54,8 @@ class Peer:
         self.frames: list[tuple[int, int, int, bytes]] = []
         self.received: dict[int, bytearray] = defaultdict(bytearray)
         self.encoder = hpack.Encoder()  # with indexing, so the client's decoder table is exercised
-        self.writer: asyncio.StreamWriter | None = None
+        self.writer: asyncio.StreamWriter | None = None  # the latest connection's
+        self.writers: list[asyncio.StreamWriter] = []
         self.closed = asyncio.Event()
 
     async def __aenter__(self) -> Peer:
@@ -63,11 +66,15 @@ class Peer:
     async def __aexit__(self, *exc: object) -> None:
         if self.writer is not None:  # read on until the client hangs up, so ``frames`` holds all it sent
             await asyncio.wait_for(self.closed.wait(), 5)
-            self.writer.close()
+        for writer in self.writers:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
         self._server.close()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.writer = writer
+        self.writers.append(writer)
         assert await reader.readexactly(24) == h2grpc.PREFACE
         payload = b"".join(struct.pack(">HI", k, v) for k, v in self.settings.items())
         self.send(SETTINGS, 0, 0, payload)
@@ -197,10 +204,15 @@ def test_large_message_respects_flow_control_and_frame_size() -> None:
         (lambda p, s: p.headers(s, [(":status", "503")], end_stream=True), grpc.StatusCode.UNAVAILABLE, "HTTP 503"),
         (lambda p, s: p.send(RST_STREAM, 0, s, struct.pack(">I", 0x7)), grpc.StatusCode.UNAVAILABLE, "0x7"),
         (lambda p, s: p.send(RST_STREAM, 0, s, struct.pack(">I", 0x2)), grpc.StatusCode.INTERNAL, "0x2"),
-        (lambda p, s: (p.headers(s, [(":status", "200")]), p.send(DATA, END_STREAM, s, grpc_message(b"a"))),
+        (lambda p, s: (p.headers(s, GRPC_OK), p.send(DATA, END_STREAM, s, grpc_message(b"a"))),
          grpc.StatusCode.INTERNAL, "without a grpc-status"),
-        (lambda p, s: (p.headers(s, [(":status", "200")]), p.send(DATA, 0, s, b"\x01\0\0\0\x01z")),
+        (lambda p, s: (p.headers(s, GRPC_OK), p.send(DATA, 0, s, b"\x01\0\0\0\x01z")),
          grpc.StatusCode.INTERNAL, "compressed"),
+        (lambda p, s: (p.headers(s, [(":status", "502"), ("content-type", "text/html")]), p.send(DATA, 0, s, b"<html>")),
+         grpc.StatusCode.UNAVAILABLE, "HTTP 502 (text/html), not gRPC"),  # a proxy's error page
+        (lambda p, s: p.send(DATA, 0, s, grpc_message(b"a")), grpc.StatusCode.INTERNAL, "before its response headers"),
+        (lambda p, s: p.headers(s, [*GRPC_OK, ("grpc-status", "0")], end_stream=True),
+         grpc.StatusCode.INTERNAL, "without an answer"),
     ],
 )  # fmt: skip
 def test_failed_calls_end_with_the_right_status(answer: Callable[[Peer, int], Any], code: grpc.StatusCode,
@@ -375,7 +387,8 @@ def test_remembered_header_blocks_follow_the_servers_table() -> None:
 
     async def script(peer: Peer, kind: int, flags: int, stream_id: int, payload: bytes) -> None:
         if kind == DATA and flags & END_STREAM:
-            peer.headers(stream_id, [(":status", "200"), ("content-type", "application/grpc")])
+            peer.headers(stream_id, GRPC_OK)
+            peer.send(DATA, 0, stream_id, grpc_message(b"answer"))
             block = peer.encoder.encode([("grpc-status", str(next(statuses)))])
             trailers.append(block)
             peer.send(HEADERS, END_HEADERS | END_STREAM, stream_id, block)
@@ -389,3 +402,100 @@ def test_remembered_header_blocks_follow_the_servers_table() -> None:
 
     assert run(scenario) == [grpc.StatusCode.OK] * 2 + [grpc.StatusCode.PERMISSION_DENIED] * 2
     assert trailers[1] == trailers[3] == b"\xbe"
+
+
+def test_calls_waiting_for_a_stream_slot_end_when_the_server_goes_away() -> None:
+    async def script(peer: Peer, kind: int, flags: int, stream_id: int, payload: bytes) -> None:
+        if kind == DATA and stream_id == 1:  # one call in flight, the limit; three more wait for a slot
+            asyncio.get_running_loop().call_later(0.1, peer.send, GOAWAY, 0, 0, struct.pack(">II", 1, 0))
+
+    async def scenario() -> list[h2grpc.Reply]:
+        async with Peer(script, {h2grpc.SETTINGS_MAX_CONCURRENT_STREAMS: 1}) as peer:
+            connection = await Connection.open(peer.url)
+            calls = [asyncio.create_task(connection.unary(METHOD, b"q")) for _ in range(4)]
+            await asyncio.sleep(0.3)
+            waiting = [c for c in calls[1:] if c.done()]
+            connection.close()  # ends call 1, which the server kept (it is <= GOAWAY's last id)
+            return [c.result() for c in waiting] + [await calls[0]]
+
+    replies = run(scenario)
+    assert [r.code for r in replies] == [grpc.StatusCode.UNAVAILABLE] * 3 + [grpc.StatusCode.CANCELLED]
+    assert "going away" in replies[0].message
+
+
+def test_a_closed_loop_on_a_closed_connection_keeps_the_event_loop_running() -> None:
+    from rapidserve.clients.bench import Unary
+    from rapidserve.clients.loadgen import Measurement, closed_loop
+
+    async def hang_up(peer: Peer, kind: int, flags: int, stream_id: int, payload: bytes) -> None:
+        if kind == HEADERS:
+            peer.send(GOAWAY, 0, 0, struct.pack(">II", 0, 0))
+
+    async def scenario() -> dict[str, Any]:
+        async with Peer(hang_up) as peer:
+            connection = await Connection.open(peer.url)
+            unary = Unary(connection, peer.url, None)
+
+            async def send(index: int) -> str:
+                return await unary.send(b"q", index)
+
+            point = await closed_loop(send, 4, Measurement(window_s=0.1, warmup_s=0.05, max_windows=3))
+            await unary.close()
+            return point.summary()
+
+    summary = run(scenario)  # before the fix this never yielded: the windows never closed on time
+    assert set(summary["errors"]) == {"UNAVAILABLE"} and summary["requests_per_s"] == 0
+
+
+def test_window_changes_mid_call_and_bad_frames() -> None:
+    message = bytes(200_000)
+
+    async def script(peer: Peer, kind: int, flags: int, stream_id: int, payload: bytes) -> None:
+        if kind == DATA and len(peer.received[stream_id]) == 100:  # the window it opened with: widen it now
+            peer.send(SETTINGS, 0, 0, struct.pack(">HI", h2grpc.SETTINGS_INITIAL_WINDOW_SIZE, 1 << 20))
+            peer.send(WINDOW_UPDATE, 0, 0, struct.pack(">I", 1 << 20))
+        if kind == DATA and flags & END_STREAM:
+            peer.answer(stream_id, b"%d" % (len(peer.received[stream_id]) - 5))
+
+    async def bad(peer: Peer, kind: int, flags: int, stream_id: int, payload: bytes) -> None:
+        if kind == DATA:
+            peer.send(WINDOW_UPDATE, 0, 0, b"\0\0")  # a WINDOW_UPDATE must be 4 bytes
+
+    async def scenario() -> tuple[h2grpc.Reply, h2grpc.Reply, h2grpc.Reply]:
+        async with Peer(script, {h2grpc.SETTINGS_INITIAL_WINDOW_SIZE: 100}) as peer:
+            connection = await Connection.open(peer.url)
+            big = await connection.unary(METHOD, message)
+            connection.close()
+        assert len(peer.kinds(DATA)[0][3]) == 100  # within the first window, then on after SETTINGS widened it
+        async with Peer(bad) as peer:
+            connection = await Connection.open(peer.url)
+            broken = await connection.unary(METHOD, b"q")
+            after = await connection.unary(METHOD, b"q")
+        assert (GOAWAY, 0, 0, struct.pack(">II", 0, h2grpc.PROTOCOL_ERROR)) in peer.frames
+        return big, broken, after
+
+    big, broken, after = run(scenario)
+    assert big.code == grpc.StatusCode.OK and big.response == b"200000"
+    assert broken.code == grpc.StatusCode.INTERNAL and "protocol error" in broken.message
+    assert after.code == grpc.StatusCode.INTERNAL  # the connection is closed for good
+
+
+def test_a_failing_message_handler_ends_only_its_stream() -> None:
+    async def scenario() -> tuple[h2grpc.Reply, h2grpc.Reply]:
+        async with Peer(echo) as peer:
+            connection = await Connection.open(peer.url)
+
+            def explode(message: bytes) -> None:
+                raise ValueError("cannot parse")
+
+            stream = await connection.stream(METHOD, explode)
+            stream.write(b"x")
+            stream.end()
+            failed = await stream.status
+            fine = await connection.unary(METHOD, b"ok")
+            connection.close()
+            return failed, fine
+
+    failed, fine = run(scenario)
+    assert failed.code == grpc.StatusCode.INTERNAL and "ValueError: cannot parse" in failed.message
+    assert fine.response == b"ko"
