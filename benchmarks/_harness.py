@@ -255,10 +255,13 @@ def perf_analyzer(
     core: int = 1,
     interval_ms: int = 3000,
     stability: int = 15,
+    async_mode: bool = False,
     out: Path,
 ) -> dict[str, float]:
-    """One perf_analyzer load point; adds ``cpu_util`` (server CPU seconds per wall second) and
-    ``cpu_us_per_infer`` (server CPU microseconds per inference) measured around the run.
+    """One perf_analyzer load point (``async_mode``: its ``--async``, one thread with N requests in
+    flight, instead of its default of one blocking thread per request); adds ``cpu_util`` (server CPU
+    seconds per wall second) and ``cpu_us_per_infer`` (server CPU microseconds per inference) measured
+    around the run.
 
     This machine is noisy: when perf_analyzer finds no stable measurement, the point is measured
     again once with windows twice as long and a 30% stability band, and ``relaxed`` is set to 1.
@@ -271,6 +274,8 @@ def perf_analyzer(
         ]  # fmt: skip
         if streaming:
             command.append("--streaming")
+        if async_mode:
+            command.append("--async")
         result, cpu_util = _run_measured(server, command)
         if result.returncode == 0:
             break

@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import contextlib
 import csv
+import itertools
 import json
 import math
 import multiprocessing
@@ -119,11 +120,12 @@ class Payloads:
 
 
 class Unary:
-    """ModelInfer calls on one connection; when the server closes it (a restart, a max connection
-    age), the next call opens a new one, as a gRPC channel would (at most one attempt per 100 ms)."""
+    """ModelInfer calls, request i on connection i mod n. When the server closes a connection (a
+    restart, a max connection age), the next call there opens a new one, as a gRPC channel would (at
+    most one attempt per 100 ms)."""
 
-    def __init__(self, connection: Connection, url: str, timeout_s: float | None) -> None:
-        self._connection = connection
+    def __init__(self, connections: list[Connection], url: str, timeout_s: float | None) -> None:
+        self._connections = list(connections)
         self._url = url
         self._path = protos.method_path("ModelInfer")
         self._timeout = timeout_s
@@ -132,24 +134,26 @@ class Unary:
         self._retired: list[Connection] = []  # replaced ones: the server may still be finishing calls there
 
     async def send(self, payload: bytes, index: int) -> str:
-        if self._connection.closed:
-            await self._reconnect()
-        return (await self._connection.unary(self._path, payload, self._timeout)).code.name
+        slot = index % len(self._connections)
+        connection = self._connections[slot]
+        if connection.closed:
+            connection = await self._reconnect(slot)
+        return (await connection.unary(self._path, payload, self._timeout)).code.name
 
-    async def _reconnect(self) -> None:
+    async def _reconnect(self, slot: int) -> Connection:
         self._reconnecting = self._reconnecting or asyncio.Lock()
         async with self._reconnecting:
-            if not self._connection.closed:
-                return  # another caller reconnected meanwhile
-            await asyncio.sleep(max(self._last_attempt + 0.1 - time.monotonic(), 0))
-            self._last_attempt = time.monotonic()
-            with contextlib.suppress(OSError, asyncio.TimeoutError):  # else: counted UNAVAILABLE on the old one
-                fresh = await Connection.open(self._url, timeout_s=5)
-                self._retired.append(self._connection)
-                self._connection = fresh
+            if self._connections[slot].closed:  # (else another caller reconnected it meanwhile)
+                await asyncio.sleep(max(self._last_attempt + 0.1 - time.monotonic(), 0))
+                self._last_attempt = time.monotonic()
+                with contextlib.suppress(OSError, asyncio.TimeoutError):  # else: UNAVAILABLE on the old one
+                    fresh = await Connection.open(self._url, timeout_s=5)
+                    self._retired.append(self._connections[slot])
+                    self._connections[slot] = fresh
+            return self._connections[slot]
 
     async def close(self) -> None:
-        for connection in (*self._retired, self._connection):
+        for connection in (*self._retired, *self._connections):
             connection.close()
 
 
@@ -161,9 +165,12 @@ class Streams:
         self._streams = streams
 
     @classmethod
-    async def open(cls, connection: Connection, count: int = 1) -> Streams:
-        count = min(max(count, 1), connection.max_streams)  # streams never end: more would wait forever
-        return cls([await _OneStream.open(connection) for _ in range(count)])
+    async def open(cls, connections: list[Connection], count: int = 1) -> Streams:
+        """``count`` streams, stream k on connection k mod n (at most each one's MAX_CONCURRENT_STREAMS:
+        streams never end, so more would wait forever)."""
+        count = min(max(count, 1), sum(c.max_streams for c in connections))
+        spread = [c for _, c in zip(range(count), itertools.cycle(connections))]
+        return cls([await _OneStream.open(c) for c in spread])
 
     async def send(self, payload: bytes, index: int) -> str:
         return await self._streams[index % len(self._streams)].send(payload, index)
@@ -243,16 +250,26 @@ class Job:
     quiet: bool = False
     batch_size: int = 1
     start_at: float = 0.0  # wall-clock time to begin at (workers start together)
+    connections: int | None = None  # None: one per 6 requests in flight (closed loop), as perf_analyzer
+
+
+CONTEXTS_PER_CONNECTION = 6  # perf_analyzer's clients share one gRPC connection per 6 (seen with `ss`)
+
+
+def connection_count(job: Job) -> int:
+    if job.connections:
+        return job.connections
+    return max(1, math.ceil(job.level / CONTEXTS_PER_CONNECTION)) if job.mode == "concurrency" else 1
 
 
 async def _run_job(job: Job) -> LoadPoint:
     payloads = Payloads(job.model, job.version, job.batches, job.duplicate_ratio, job.seed)
-    connection = await Connection.open(job.url)
+    connections = [await Connection.open(job.url) for _ in range(connection_count(job))]
     try:
         await asyncio.sleep(max(job.start_at - time.time(), 0))
         streams = max(1, math.ceil(job.level / 2)) if job.mode == "concurrency" else 16  # 2 in flight each
         transport = (
-            await Streams.open(connection, streams) if job.streaming else Unary(connection, job.url, job.timeout_s)
+            await Streams.open(connections, streams) if job.streaming else Unary(connections, job.url, job.timeout_s)
         )
         get = payloads.get
         transport_send = transport.send
@@ -274,7 +291,8 @@ async def _run_job(job: Job) -> LoadPoint:
         finally:
             await transport.close()
     finally:
-        connection.close()
+        for connection in connections:
+            connection.close()
 
 
 def _worker(job: Job) -> LoadPoint:
@@ -437,6 +455,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stability-percentage", type=float, default=10.0)
     parser.add_argument("--max-trials", type=int, default=10)
     parser.add_argument("--workers", type=int, default=1, help="client processes (when one core cannot keep up)")
+    parser.add_argument(
+        "--connections",
+        type=int,
+        help="HTTP/2 connections per worker (default: one per 6 requests in flight in a closed loop, as "
+        "perf_analyzer's clients share them; 1 in an open loop)",
+    )
     parser.add_argument("--timeout-s", type=float, help="per-request deadline (unary)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="results as .csv or .json (by extension)")
@@ -448,6 +472,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.duplicate_ratio is not None and not 0 <= args.duplicate_ratio <= 1:
         print("error: --duplicate-ratio must be between 0 and 1", file=sys.stderr)
+        return 2
+    if args.connections is not None and args.connections < 1:
+        print("error: --connections must be at least 1", file=sys.stderr)
         return 2
     try:
         with Client(args.url, timeout_s=30) as client:
@@ -470,7 +497,8 @@ def run(args: argparse.Namespace) -> int:
     rows: list[dict[str, Any]] = []
     for level in levels:
         job = Job(args.url, args.model, args.model_version, batches, args.streaming, mode, level, measurement,
-                  args.duplicate_ratio, args.poisson, args.timeout_s, args.seed, args.quiet, batch_size)  # fmt: skip
+                  args.duplicate_ratio, args.poisson, args.timeout_s, args.seed, args.quiet, batch_size,
+                  connections=args.connections)  # fmt: skip
         stats.start()
         summary = measure(job, args.workers)
         row = {"mode": mode, "concurrency": int(level) if mode == "concurrency" else "",

@@ -46,7 +46,7 @@ def grpc_message(data: bytes) -> bytes:
 class Peer:
     """A scripted HTTP/2 server on a free port. After the client's preface it sends ``settings``;
     then every frame from the client is recorded and handed to ``script``. ``received[stream]``
-    collects each stream's DATA bytes."""
+    collects each stream's DATA bytes (on the connection the current frame came from)."""
 
     def __init__(self, script: Script, settings: dict[int, int] | None = None) -> None:
         self.script = script
@@ -73,7 +73,9 @@ class Peer:
         self._server.close()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.writer = writer
+        # each connection has its own HPACK table and stream ids: the script sees the current one's
+        encoder, received = hpack.Encoder(), defaultdict(bytearray)
+        self.writer, self.encoder, self.received = writer, encoder, received
         self.writers.append(writer)
         assert await reader.readexactly(24) == h2grpc.PREFACE
         payload = b"".join(struct.pack(">HI", k, v) for k, v in self.settings.items())
@@ -84,8 +86,9 @@ class Peer:
                 payload = await reader.readexactly(length_kind >> 8)
                 kind = length_kind & 0xFF
                 self.frames.append((kind, flags, stream_id, payload))
+                self.writer, self.encoder, self.received = writer, encoder, received  # answer on this connection
                 if kind == DATA:
-                    self.received[stream_id] += payload
+                    received[stream_id] += payload
                 await self.script(self, kind, flags, stream_id, payload)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
@@ -337,7 +340,7 @@ def test_streaming_call_and_bench_streams_that_break() -> None:
                     peer.send(RST_STREAM, 0, stream_id, struct.pack(">I", 0x7))
 
             peer.script = reset
-            streams = await Streams.open(connection, 2)
+            streams = await Streams.open([connection], 2)
             results = await asyncio.gather(*(streams.send(b"", i) for i in range(4)))
             again = await streams.send(b"", 4)
             await streams.close()
@@ -434,7 +437,7 @@ def test_a_closed_loop_on_a_closed_connection_keeps_the_event_loop_running() -> 
     async def scenario() -> dict[str, Any]:
         async with Peer(hang_up) as peer:
             connection = await Connection.open(peer.url)
-            unary = Unary(connection, peer.url, None)
+            unary = Unary([connection], peer.url, None)
 
             async def send(index: int) -> str:
                 return await unary.send(b"q", index)
@@ -499,3 +502,26 @@ def test_a_failing_message_handler_ends_only_its_stream() -> None:
     failed, fine = run(scenario)
     assert failed.code == grpc.StatusCode.INTERNAL and "ValueError: cannot parse" in failed.message
     assert fine.response == b"ko"
+
+
+def test_bench_spreads_calls_over_connections_like_perf_analyzer() -> None:
+    from rapidserve.clients.bench import Job, Unary, connection_count
+    from rapidserve.clients.loadgen import Measurement
+
+    def job(mode: str, level: float, connections: int | None = None) -> Job:
+        return Job("h:1", "m", "", [], False, mode, level, Measurement(), connections=connections)
+
+    # perf_analyzer's contexts share one connection per 6 (1, 16 and 64 in flight: 1, 3 and 11 seen)
+    assert [connection_count(job("concurrency", c)) for c in (1, 6, 7, 16, 64)] == [1, 1, 2, 3, 11]
+    assert connection_count(job("request_rate", 500)) == 1 and connection_count(job("concurrency", 64, 2)) == 2
+
+    async def scenario() -> list[str]:
+        async with Peer(echo) as peer:
+            connections = [await Connection.open(peer.url) for _ in range(3)]
+            unary = Unary(connections, peer.url, None)
+            statuses = await asyncio.gather(*(unary.send(b"q", i) for i in range(6)))
+            await unary.close()
+        assert sorted(f[2] for f in peer.kinds(HEADERS)) == [1, 1, 1, 3, 3, 3]  # two calls on each
+        return statuses
+
+    assert run(scenario) == ["OK"] * 6
