@@ -8,6 +8,7 @@ import itertools
 import json
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -238,11 +239,16 @@ class Server:
         self._drain.wait(5)
 
 
-def _run_measured(server: Server, command: list[str]) -> tuple[subprocess.CompletedProcess[str], float]:
-    """Run a load generator; also returns the server's CPU seconds per wall second meanwhile."""
+def _run_measured(server: Server, command: list[str]) -> tuple[subprocess.CompletedProcess[str], float, float]:
+    """Run a load generator; also returns the server's CPU seconds per wall second meanwhile, and the
+    load generator's own (its whole run, start-up and warm-up included)."""
     cpu0, wall0 = server.cpu_seconds(), time.monotonic()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     result = subprocess.run(command, capture_output=True, text=True, timeout=900)
-    return result, (server.cpu_seconds() - cpu0) / (time.monotonic() - wall0)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    wall = time.monotonic() - wall0
+    client = (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) / wall
+    return result, (server.cpu_seconds() - cpu0) / wall, client
 
 
 def perf_analyzer(
@@ -276,7 +282,7 @@ def perf_analyzer(
             command.append("--streaming")
         if async_mode:
             command.append("--async")
-        result, cpu_util = _run_measured(server, command)
+        result, cpu_util, client_cpu = _run_measured(server, command)
         if result.returncode == 0:
             break
         if attempt or "stable measurement" not in result.stdout + result.stderr:
@@ -285,6 +291,7 @@ def perf_analyzer(
         row = {k: float(v) for k, v in next(csv.DictReader(f)).items() if v not in ("", None)}
     row["relaxed"] = float(attempt)
     row["cpu_util"] = cpu_util
+    row["client_cpu_run"] = client_cpu
     row["cpu_us_per_infer"] = row["cpu_util"] * 1e6 / row["Inferences/Second"]
     return row
 
@@ -312,13 +319,14 @@ def bench(
     ]  # fmt: skip
     if streaming:
         command.append("--streaming")
-    result, cpu_util = _run_measured(server, command)
+    result, cpu_util, client_cpu = _run_measured(server, command)
     if result.returncode != 0:
         raise RuntimeError(f"rapidserve bench failed:\n{result.stdout[-3000:]}\n{result.stderr[-2000:]}")
     (row,) = json.loads(out.read_text())
     row["Inferences/Second"] = row["infer_per_s"]
     row["p50 latency"], row["p99 latency"] = row["p50_ms"] * 1000, row["p99_ms"] * 1000
     row["cpu_util"] = cpu_util
+    row["client_cpu_run"] = client_cpu
     row["cpu_us_per_infer"] = row["cpu_util"] * 1e6 / row["infer_per_s"] if row["infer_per_s"] else float("nan")
     return row
 
