@@ -1,14 +1,17 @@
-"""rapidserve next to its peers on the same models and loads: Seldon MLServer (when installed) runs the
-same ONNX files through ONNX Runtime with adaptive batching. Every server pinned to core 0 in turn,
-``rapidserve bench`` on core 1.
+"""rapidserve next to its peers on the same models and loads: Seldon MLServer and NVIDIA Triton (each
+when installed) serve the same ONNX files through ONNX Runtime with dynamic batching. Every server is
+pinned to core 0 in turn, ``rapidserve bench`` on core 1.
 
-The peers live in their own environment (their dependencies clash with rapidserve's): make one with
-``python -m venv PEERS && PEERS/bin/pip install mlserver onnxruntime`` and pass ``--peers-python
-PEERS/bin/python``. NVIDIA Triton through ``nvidia-pytriton`` is not offered: pytriton 0.7.0's Python
-backend stub fails to load a model on Python 3.11.7 here (multiprocessing's resource tracker calls
-``RLock._recursion_count``, which its embedded interpreter lacks).
+The peers live in their own environments (their dependencies clash with rapidserve's):
+- MLServer: ``python -m venv MLS && MLS/bin/pip install mlserver onnxruntime``, then ``--mlserver-python
+  MLS/bin/python``.
+- Triton, through ``nvidia-pytriton`` (which bundles the real server): ``python3.12 -m venv TRI &&
+  TRI/bin/pip install nvidia-pytriton onnxruntime``, then ``--triton-python TRI/bin/python``. On Python
+  3.11.7 pytriton 0.7.0's Python backend stub fails to load a model here (multiprocessing's resource
+  tracker calls ``RLock._recursion_count``); 3.12 works.
 
-    python benchmarks/peers.py --peers-python PEERS/bin/python [--concurrency 1,16,64]
+    python benchmarks/peers.py [--mlserver-python MLS/bin/python] [--triton-python TRI/bin/python]
+                               [--concurrency 1,16,64]
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from _harness import ROOT, Server, batching_config, bench, build_cnn, build_mlp,
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--peers-python", required=True, help="the python of an environment with mlserver")
+    parser.add_argument("--mlserver-python", "--peers-python", help="the python of an environment with mlserver")
+    parser.add_argument("--triton-python", help="the python of an environment with nvidia-pytriton")
     parser.add_argument("--concurrency", default="1,16,64")
     parser.add_argument("--interval-ms", type=int, default=3000)
     args = parser.parse_args()
@@ -48,13 +52,21 @@ def main() -> int:
                 measure("rapidserve", server, name)
         finally:
             server.stop()
-        for name, path in models.items():  # the MLServer launcher serves one model
-            command = [args.peers_python, str(ROOT / "peers" / "mlserver_server.py"), str(path), "--name", name]
-            server = Server(command, ready_line="server ready")
-            try:
-                measure("MLServer", server, name)
-            finally:
-                server.stop()
+        peers = {
+            "MLServer": (args.mlserver_python, "mlserver_server.py"),
+            "Triton": (args.triton_python, "triton_server.py"),
+        }
+        for label, (python, launcher) in peers.items():
+            if python is None:
+                continue
+            for name, path in models.items():  # a launcher serves one model
+                server = Server(
+                    [python, str(ROOT / "peers" / launcher), str(path), "--name", name], ready_line="server ready"
+                )
+                try:
+                    measure(label, server, name)
+                finally:
+                    server.stop()
     print_table(
         f"Peers, unary gRPC, rapidserve bench (in-process ONNX Runtime best on the CNN: {cnn_best:,.0f} infer/s)",
         ["server", "model", "conc", "infer/s", "p50 ms", "p99 ms", "cpu us/inf", "x in-process"],
