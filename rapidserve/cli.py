@@ -38,68 +38,28 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _flag(text: str) -> bool:
+    """Triton's boolean flag values: ``--grpc-use-ssl`` alone, or ``=true|false|1|0``."""
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _bool_option(group: Any, name: str, help: str) -> None:
+    group.add_argument(
+        f"--{name}", nargs="?", const=True, type=_flag, default=_flag(_env(name, "false")), metavar="BOOL", help=help
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rapidserve", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="serve a model repository over gRPC (KServe v2, Triton-compatible)")
-    serve.add_argument(
-        "--model-repository",
-        action="append",
-        default=_env("model-repository", many=True),
-        help="Triton-layout model repository (repeatable); without one, the built-in demo",
-    )
-    serve.add_argument("--host", default=_env("host", "0.0.0.0"))
-    serve.add_argument("--grpc-port", type=int, default=int(_env("grpc-port", 8001)))
-    serve.add_argument(
-        "--metrics-port",
-        type=int,
-        default=int(_env("metrics-port", 8002)),
-        help="Prometheus metrics at http://HOST:PORT/metrics (0: any free port)",
-    )
-    serve.add_argument(
-        "--no-metrics",
-        action="store_true",
-        default=_env("no-metrics", "") not in ("", "0", "false"),
-        help="serve no /metrics endpoint (statistics are still recorded for the ModelStatistics RPC)",
-    )
-    serve.add_argument(
-        "--model-control-mode", choices=("none", "explicit", "poll"), default=_env("model-control-mode", "none")
-    )
-    serve.add_argument(
-        "--load-model",
-        action="append",
-        default=_env("load-model", [], many=True),
-        help="model to load at start in explicit mode (repeatable; '*' = all)",
-    )
-    serve.add_argument("--repository-poll-secs", type=float, default=float(_env("repository-poll-secs", 15)))
-    serve.add_argument("--model-load-thread-count", type=int, default=int(_env("model-load-thread-count", 4)))
-    serve.add_argument("--grpc-max-message-bytes", type=int, default=int(_env("grpc-max-message-bytes", 2**31 - 1)))
-    serve.add_argument(
-        "--exit-timeout-secs",
-        type=float,
-        default=float(_env("exit-timeout-secs", 30)),
-        help="on SIGTERM/SIGINT, how long in-flight requests may take to finish",
-    )
-    serve.add_argument(
-        "--batching-mode",
-        choices=("adaptive", "fixed"),
-        default=_env("batching-mode", "adaptive"),
-        help="adaptive (default): wait for a fuller batch only while more requests are expected in time; "
-        "fixed: Triton's behaviour, always wait out max_queue_delay_microseconds",
-    )
-    serve.add_argument(
-        "--cache-size",
-        type=_size,
-        default=_size(_env("cache-size", "256MiB")),
-        help="bytes for the prediction cache of models with response_cache { enable: true } "
-        "(suffixes like 512KiB, 256MiB, 1GB; 0 disables it; default 256MiB)",
-    )
-    serve.add_argument(
-        "--log-level",
-        default=_env("log-level", "INFO"),
-        choices=("DEBUG", "INFO", "WARNING", "ERROR", "debug", "info", "warning", "error"),
-    )
+    _serve_arguments(serve)
 
     infer = commands.add_parser("infer", help="send one request and print the outputs")
     infer.add_argument("model")
@@ -134,6 +94,172 @@ def _parser() -> argparse.ArgumentParser:
     health.add_argument("--timeout-s", type=float, default=3.0)
     health.add_argument("--log-level", default=_env("log-level", "WARNING"))
     return parser
+
+
+def _serve_arguments(serve: argparse.ArgumentParser) -> None:
+    # Options that may be given several times read their environment variable only when no flag
+    # gives them: a flag on the command line replaces the environment, it never adds to it.
+    serve.add_argument(
+        "--model-repository",
+        action="append",
+        default=None,
+        help="Triton-layout model repository (repeatable); without one, the built-in demo",
+    )
+    serve.add_argument("--host", default=_env("host", "0.0.0.0"), help="address of the gRPC port (default 0.0.0.0)")
+    serve.add_argument("--grpc-port", type=int, default=int(_env("grpc-port", 8001)))
+    serve.add_argument(
+        "--metrics-port",
+        type=int,
+        default=int(_env("metrics-port", 8002)),
+        help="Prometheus metrics at http://HOST:PORT/metrics (0: any free port)",
+    )
+    serve.add_argument(
+        "--metrics-host",
+        default=_env("metrics-host"),
+        help="address of the metrics port (default: --host), e.g. 127.0.0.1 to keep /metrics off the network",
+    )
+    serve.add_argument(
+        "--no-metrics",
+        action="store_true",
+        default=_env("no-metrics", "") not in ("", "0", "false"),
+        help="serve no /metrics endpoint (statistics are still recorded for the ModelStatistics RPC)",
+    )
+    serve.add_argument(
+        "--model-control-mode", choices=("none", "explicit", "poll"), default=_env("model-control-mode", "none")
+    )
+    serve.add_argument(
+        "--load-model",
+        action="append",
+        default=None,
+        help="model to load at start in explicit mode (repeatable; '*' = all)",
+    )
+    serve.add_argument("--repository-poll-secs", type=float, default=float(_env("repository-poll-secs", 15)))
+    serve.add_argument("--model-load-thread-count", type=int, default=int(_env("model-load-thread-count", 4)))
+    serve.add_argument(
+        "--exit-timeout-secs",
+        type=float,
+        default=float(_env("exit-timeout-secs", 30)),
+        help="on SIGTERM/SIGINT, how long in-flight requests may take to finish",
+    )
+    serve.add_argument(
+        "--batching-mode",
+        choices=("adaptive", "fixed"),
+        default=_env("batching-mode", "adaptive"),
+        help="adaptive (default): wait for a fuller batch only while more requests are expected in time; "
+        "fixed: Triton's behaviour, always wait out max_queue_delay_microseconds",
+    )
+    serve.add_argument(
+        "--cache-size",
+        type=_size,
+        default=_size(_env("cache-size", "256MiB")),
+        help="bytes for the prediction cache of models with response_cache { enable: true } "
+        "(suffixes like 512KiB, 256MiB, 1GB; 0 disables it; default 256MiB)",
+    )
+    serve.add_argument(
+        "--log-level",
+        default=_env("log-level", "INFO"),
+        choices=("DEBUG", "INFO", "WARNING", "ERROR", "debug", "info", "warning", "error"),
+    )
+
+    tls = serve.add_argument_group("TLS (Triton's flags; certificates are re-read on SIGHUP)")
+    _bool_option(tls, "grpc-use-ssl", "serve gRPC over TLS (needs --grpc-server-cert and --grpc-server-key)")
+    _bool_option(tls, "grpc-use-ssl-mutual", "TLS that also requires a client certificate signed by --grpc-root-cert")
+    tls.add_argument("--grpc-server-cert", type=Path, default=_env("grpc-server-cert"), metavar="PEM")
+    tls.add_argument("--grpc-server-key", type=Path, default=_env("grpc-server-key"), metavar="PEM")
+    tls.add_argument(
+        "--grpc-root-cert", type=Path, default=_env("grpc-root-cert"), metavar="PEM", help="CA for client certificates"
+    )
+
+    access = serve.add_argument_group("access control")
+    access.add_argument(
+        "--grpc-restricted-protocol",
+        action="append",
+        default=None,
+        metavar="PROTOCOLS:KEY=VALUE",
+        help="require the header triton-grpc-protocol-KEY: VALUE for the comma-separated protocols (health, "
+        "metadata, inference, shared-memory, model-config, model-repository, statistics, trace, logging); "
+        "VALUE @FILE reads the value from FILE (repeatable, one group per protocol)",
+    )
+    _bool_option(
+        access,
+        "allow-model-upload",
+        "let RepositoryModelLoad bring model files (file:<version>/<name>); only ONNX models unless "
+        "--allow-code-models-upload",
+    )
+    _bool_option(
+        access,
+        "allow-code-models-upload",
+        "with --allow-model-upload, also accept uploads of formats that run code when loaded (TorchScript, "
+        ".pt2 programs, TensorRT plans): only for callers you would give a shell",
+    )
+    access.add_argument(
+        "--max-upload-bytes",
+        type=_size,
+        default=_size(_env("max-upload-bytes", "1GiB")),
+        help="the most bytes of files one RepositoryModelLoad may bring (default 1GiB)",
+    )
+
+    limits = serve.add_argument_group("limits")
+    limits.add_argument(
+        "--grpc-max-message-bytes",
+        type=_size,
+        default=_size(_env("grpc-max-message-bytes", "64MiB")),
+        help="the largest request or response message (default 64MiB; raise it for big tensors); a larger "
+        "request is refused RESOURCE_EXHAUSTED before its body is read",
+    )
+    limits.add_argument(
+        "--max-inflight-bytes",
+        type=_size,
+        default=_size(_env("max-inflight-bytes", "1GiB")),
+        help="request bytes admitted at once across all calls (default 1GiB); over it RESOURCE_EXHAUSTED",
+    )
+    limits.add_argument(
+        "--grpc-request-read-timeout-secs",
+        type=float,
+        default=float(_env("grpc-request-read-timeout-secs", 30)),
+        help="a call's request message must arrive within this many seconds (default 30)",
+    )
+    limits.add_argument(
+        "--grpc-handshake-timeout-secs",
+        type=float,
+        default=float(_env("grpc-handshake-timeout-secs", 10)),
+        help="close connections that have not finished the TLS and HTTP/2 handshake by then (default 10)",
+    )
+    limits.add_argument(
+        "--grpc-max-concurrent-streams",
+        type=int,
+        default=int(_env("grpc-max-concurrent-streams", 1024)),
+        help="calls in flight on one connection (default 1024)",
+    )
+    limits.add_argument("--grpc-keepalive-time", type=int, default=int(_env("grpc-keepalive-time", 7_200_000)),
+                        metavar="MS", help="ping an idle connection after this long (default 7200000)")  # fmt: skip
+    limits.add_argument("--grpc-keepalive-timeout", type=int, default=int(_env("grpc-keepalive-timeout", 20_000)),
+                        metavar="MS", help="close it if the ping is not answered by then (default 20000)")  # fmt: skip
+    _bool_option(limits, "grpc-keepalive-permit-without-calls", "allow keepalive pings on connections with no calls")
+    limits.add_argument(
+        "--grpc-http2-max-pings-without-data",
+        type=int,
+        default=int(_env("grpc-http2-max-pings-without-data", 2)),
+        help="pings the server sends with no data in between (default 2)",
+    )
+    limits.add_argument(
+        "--grpc-http2-min-recv-ping-interval-without-data",
+        type=int,
+        default=int(_env("grpc-http2-min-recv-ping-interval-without-data", 300_000)),
+        metavar="MS",
+        help="a client ping sooner than this after the last is a strike (default 300000)",
+    )
+    limits.add_argument(
+        "--grpc-http2-max-ping-strikes",
+        type=int,
+        default=int(_env("grpc-http2-max-ping-strikes", 2)),
+        help="strikes before the connection is closed with GOAWAY (default 2; 0: no limit)",
+    )
+
+
+def _env_list(value: list[str] | None, name: str) -> list[str]:
+    """A repeatable option: the flags given, else its environment variable (comma-separated)."""
+    return value if value is not None else list(_env(name, [], many=True))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -173,42 +299,22 @@ def _health(args: argparse.Namespace) -> int:
 async def _serve(args: argparse.Namespace) -> int:
     from rapidserve.server.app import InferenceServer
     from rapidserve.server.errors import RapidServeError
-    from rapidserve.server.settings import ServerSettings
 
-    demo = not args.model_repository
-    if demo:
-        from rapidserve.server.demo import demo_repository
-
-        repositories: tuple[Path, ...] = (demo_repository(),)
-    else:
-        repositories = tuple(Path(p) for p in args.model_repository)
-        missing = [str(p) for p in repositories if not p.is_dir()]
-        if missing:
-            log.error("model repository not found (not a directory): %s", ", ".join(missing))
-            return 2
-    settings = ServerSettings(
-        model_repositories=repositories,
-        host=args.host,
-        grpc_port=args.grpc_port,
-        model_control_mode=args.model_control_mode,
-        load_models=tuple(args.load_model),
-        repository_poll_secs=args.repository_poll_secs,
-        model_load_threads=args.model_load_thread_count,
-        grpc_max_message_bytes=args.grpc_max_message_bytes,
-        grace_period_s=args.exit_timeout_secs,
-        batching_mode=args.batching_mode,
-        cache_size_bytes=args.cache_size,
-        metrics_port=args.metrics_port,
-        metrics_enabled=not args.no_metrics,
-    )
+    try:
+        settings, demo = _settings(args)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
+    _raise_open_file_limit()
     server = InferenceServer(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, server.reload_certificates)
     try:
         await server.start()
-    except (OSError, RuntimeError, RapidServeError) as exc:
+    except (OSError, RuntimeError, ValueError, RapidServeError) as exc:
         log.error("cannot start: %s", exc)
         await server.stop(0)
         return 1
@@ -228,6 +334,82 @@ async def _serve(args: argparse.Namespace) -> int:
     log.info("shutting down: finishing in-flight requests (up to %.0f s)", settings.grace_period_s)
     await server.stop()
     return 0
+
+
+def _settings(args: argparse.Namespace) -> tuple[Any, bool]:
+    """The server's settings from the parsed flags; ValueError says which flag is wrong."""
+    from rapidserve.server.access import check_groups, parse_restriction
+    from rapidserve.server.settings import ServerSettings, TlsSettings, UploadPolicy
+
+    repositories_given = _env_list(args.model_repository, "model-repository")
+    demo = not repositories_given
+    if demo:
+        from rapidserve.server.demo import demo_repository
+
+        repositories: tuple[Path, ...] = (demo_repository(),)
+    else:
+        repositories = tuple(Path(p) for p in repositories_given)
+        missing = [str(p) for p in repositories if not p.is_dir()]
+        if missing:
+            raise ValueError(f"model repository not found (not a directory): {', '.join(missing)}")
+    tls = None
+    if args.grpc_use_ssl or args.grpc_use_ssl_mutual:
+        if args.grpc_server_cert is None or args.grpc_server_key is None:
+            raise ValueError("--grpc-use-ssl needs --grpc-server-cert and --grpc-server-key")
+        if args.grpc_use_ssl_mutual and args.grpc_root_cert is None:
+            raise ValueError("--grpc-use-ssl-mutual needs --grpc-root-cert (the CA client certificates chain to)")
+        tls = TlsSettings(args.grpc_server_cert, args.grpc_server_key, args.grpc_root_cert, args.grpc_use_ssl_mutual)
+    try:
+        restrictions = tuple(
+            parse_restriction(text) for text in _env_list(args.grpc_restricted_protocol, "grpc-restricted-protocol")
+        )
+        check_groups(restrictions)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--grpc-restricted-protocol: {exc}") from None
+    if args.allow_code_models_upload and not args.allow_model_upload:
+        raise ValueError("--allow-code-models-upload needs --allow-model-upload")
+    settings = ServerSettings(
+        model_repositories=repositories,
+        host=args.host,
+        grpc_port=args.grpc_port,
+        model_control_mode=args.model_control_mode,
+        load_models=tuple(_env_list(args.load_model, "load-model")),
+        repository_poll_secs=args.repository_poll_secs,
+        model_load_threads=args.model_load_thread_count,
+        grpc_max_message_bytes=args.grpc_max_message_bytes,
+        max_inflight_bytes=args.max_inflight_bytes,
+        grace_period_s=args.exit_timeout_secs,
+        batching_mode=args.batching_mode,
+        cache_size_bytes=args.cache_size,
+        metrics_port=args.metrics_port,
+        metrics_enabled=not args.no_metrics,
+        metrics_host=args.metrics_host,
+        tls=tls,
+        restricted_protocols=restrictions,
+        uploads=UploadPolicy(args.allow_model_upload, args.allow_code_models_upload, args.max_upload_bytes),
+        grpc_handshake_timeout_s=args.grpc_handshake_timeout_secs,
+        grpc_keepalive_time_ms=args.grpc_keepalive_time,
+        grpc_keepalive_timeout_ms=args.grpc_keepalive_timeout,
+        grpc_keepalive_permit_without_calls=args.grpc_keepalive_permit_without_calls,
+        grpc_http2_max_pings_without_data=args.grpc_http2_max_pings_without_data,
+        grpc_http2_min_recv_ping_interval_without_data_ms=args.grpc_http2_min_recv_ping_interval_without_data,
+        grpc_http2_max_ping_strikes=args.grpc_http2_max_ping_strikes,
+        grpc_max_concurrent_streams=args.grpc_max_concurrent_streams,
+        grpc_request_read_timeout_s=args.grpc_request_read_timeout_secs,
+    )
+    return settings, demo
+
+
+def _raise_open_file_limit() -> None:
+    """Every connection is a file descriptor: take the hard limit, so that a flood of idle connections
+    (closed after --grpc-handshake-timeout-secs) leaves room for real clients."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _run_loop(main: Any) -> int:

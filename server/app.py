@@ -18,10 +18,11 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from rapidserve import protos
+from rapidserve.server.access import RestrictionInterceptor
 from rapidserve.server.cache import PredictionCache
 from rapidserve.server.manager import ModelManager
 from rapidserve.server.servicer import InferenceServicer, deserializer, serialize
-from rapidserve.server.settings import ServerSettings
+from rapidserve.server.settings import ServerSettings, TlsSettings
 from rapidserve.server.stats import ServerStats
 
 __all__ = ["InferenceServer"]
@@ -55,6 +56,7 @@ class InferenceServer:
             batching_mode=settings.batching_mode,
             cache=PredictionCache(settings.cache_size_bytes) if settings.cache_size_bytes > 0 else None,
             on_change=self._readiness_changed,
+            uploads=settings.uploads,
         )
         self._health_updates: set[asyncio.Task[None]] = set()
         self._server: grpc.aio.Server | None = None
@@ -62,18 +64,14 @@ class InferenceServer:
         self._health = health_aio.HealthServicer()
         self.stats = ServerStats()
         self._metrics: Any = None
+        self._certificates: _Certificates | None = None
         self.port = 0
         self.metrics_port = 0
 
     async def start(self) -> None:
-        limit = self.settings.grpc_max_message_bytes
-        server = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", limit),
-                ("grpc.max_send_message_length", limit),
-                ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not share it
-            ]
-        )
+        settings = self.settings
+        interceptors = [RestrictionInterceptor(settings.restricted_protocols)] if settings.restricted_protocols else []
+        server = grpc.aio.server(options=grpc_server_options(settings), interceptors=interceptors)
         server.add_generic_rpc_handlers((_inference_handler(InferenceServicer(self.manager, stats=self.stats)),))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         _register_health_descriptor()
@@ -82,19 +80,25 @@ class InferenceServer:
             server,
             pool=protos.POOL,
         )
-        self.port = server.add_insecure_port(f"{self.settings.host}:{self.settings.grpc_port}")
+        address = f"{settings.host}:{settings.grpc_port}"
+        if settings.tls is not None:
+            self._certificates = _Certificates(settings.tls)
+            self.port = server.add_secure_port(address, self._certificates.credentials())
+        else:
+            self.port = server.add_insecure_port(address)
         if self.port == 0:
-            raise OSError(f"cannot bind {self.settings.host}:{self.settings.grpc_port}")
+            raise OSError(f"cannot bind {address}")
         await self._set_health(False)
         self._server = server
         await server.start()
-        log.info("gRPC server listening on %s:%d", self.settings.host, self.port)
-        if self.settings.metrics_enabled:
+        log.info("gRPC server listening on %s:%d%s", settings.host, self.port, " (TLS)" if settings.tls else "")
+        if settings.metrics_enabled:
             from rapidserve.server.metrics import MetricsServer  # prometheus_client loads only when used
 
             self._metrics = MetricsServer(self.manager, self.stats)
-            self.metrics_port = await self._metrics.start(self.settings.host, self.settings.metrics_port)
-            log.info("Prometheus metrics at http://%s:%d/metrics", self.settings.host, self.metrics_port)
+            metrics_host = settings.metrics_host or settings.host
+            self.metrics_port = await self._metrics.start(metrics_host, settings.metrics_port)
+            log.info("Prometheus metrics at http://%s:%d/metrics", metrics_host, self.metrics_port)
         await self.manager.start()
         self._follow_readiness = True
         await self._set_health(self.manager.ready)
@@ -113,6 +117,19 @@ class InferenceServer:
         if self._metrics is not None:
             await asyncio.to_thread(self._metrics.stop)
 
+    def reload_certificates(self) -> None:
+        """Re-read the TLS certificate and key files (SIGHUP); connections made from now on use them.
+        Files that do not load are logged and the server keeps the certificates it has."""
+        if self._certificates is None:
+            log.info("SIGHUP: no TLS configured, nothing to reload")
+            return
+        try:
+            self._certificates.reload()
+        except (OSError, ValueError) as exc:
+            log.error("TLS certificates not reloaded, the previous ones stay in use: %s", exc)
+        else:
+            log.info("TLS certificates reloaded; new connections use them")
+
     def _readiness_changed(self) -> None:
         """Models were loaded or unloaded: the health service follows ServerReady."""
         if not self._follow_readiness:
@@ -125,6 +142,57 @@ class InferenceServer:
         status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
         for service in ("", protos.SERVICE_NAME):
             await self._health.set(service, status)
+
+
+def grpc_server_options(settings: ServerSettings) -> list[tuple[str, int]]:
+    """gRPC core's channel arguments for the server's limits and keepalive policy."""
+    limit = settings.grpc_max_message_bytes
+    return [
+        ("grpc.max_receive_message_length", limit),  # checked from the message's length prefix, unread
+        ("grpc.max_send_message_length", limit),
+        ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not share it
+        ("grpc.server_handshake_timeout_ms", max(int(settings.grpc_handshake_timeout_s * 1000), 1)),
+        ("grpc.max_concurrent_streams", settings.grpc_max_concurrent_streams),
+        ("grpc.keepalive_time_ms", settings.grpc_keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", settings.grpc_keepalive_timeout_ms),
+        ("grpc.keepalive_permit_without_calls", int(settings.grpc_keepalive_permit_without_calls)),
+        ("grpc.http2.max_pings_without_data", settings.grpc_http2_max_pings_without_data),
+        ("grpc.http2.min_ping_interval_without_data_ms", settings.grpc_http2_min_recv_ping_interval_without_data_ms),
+        ("grpc.http2.max_ping_strikes", settings.grpc_http2_max_ping_strikes),
+        # Without BDP probing a call's flow-control window opens only while the server is reading its
+        # message, so requests the server has not admitted yet cannot fill its memory.
+        ("grpc.http2.bdp_probe", 0),
+    ]
+
+
+class _Certificates:
+    """The server's TLS credentials, swapped without a restart: gRPC asks ``_fetch`` at every new
+    handshake (on one of its own threads), and gets the new configuration once after a reload."""
+
+    def __init__(self, tls: TlsSettings) -> None:
+        self._tls = tls
+        self._initial = self._configuration()
+        self._pending: Any = None
+
+    def credentials(self) -> grpc.ServerCredentials:
+        return grpc.dynamic_ssl_server_credentials(
+            self._initial, self._fetch, require_client_authentication=self._tls.mutual
+        )
+
+    def reload(self) -> None:
+        self._pending = self._configuration()
+
+    def _fetch(self) -> Any:
+        pending, self._pending = self._pending, None
+        return pending
+
+    def _configuration(self) -> Any:
+        tls = self._tls
+        key, cert = tls.server_key.read_bytes(), tls.server_cert.read_bytes()
+        root = tls.root_cert.read_bytes() if tls.root_cert is not None else None
+        if b"-----BEGIN" not in key or b"-----BEGIN" not in cert:
+            raise ValueError(f"{tls.server_cert} and {tls.server_key} must be PEM files")
+        return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=root)
 
 
 def _inference_handler(servicer: InferenceServicer) -> grpc.GenericRpcHandler:

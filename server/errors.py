@@ -12,6 +12,7 @@ __all__ = [
     "NotAllowed",
     "Overloaded",
     "RapidServeError",
+    "TooLarge",
     "Unavailable",
 ]
 
@@ -41,6 +42,13 @@ class Overloaded(RapidServeError):
     """The model's queue is full (RESOURCE_EXHAUSTED)."""
 
     reason = "rejected"
+
+
+class TooLarge(RapidServeError):
+    """Something the caller sent is over a configured size limit (RESOURCE_EXHAUSTED): the message
+    names the limit and the flag that raises it."""
+
+    reason = "too_large"
 
 
 class DeadlineExceeded(RapidServeError):

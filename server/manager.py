@@ -26,6 +26,7 @@ from rapidserve.server.errors import ModelLoadError, ModelNotFound, NotAllowed, 
 from rapidserve.server.model import ModelVersion, build_version
 from rapidserve.server.repository import fingerprint, read_source
 from rapidserve.server.repository import list_models as _list_models
+from rapidserve.server.settings import UploadPolicy
 
 __all__ = ["ControlMode", "IndexEntry", "ModelManager"]
 
@@ -65,6 +66,7 @@ class ModelManager:
         batching_mode: str = "adaptive",
         cache: PredictionCache | None = None,
         on_change: Callable[[], None] | None = None,
+        uploads: UploadPolicy | None = None,
     ) -> None:
         if control_mode not in ("none", "explicit", "poll"):
             raise ValueError(f"model control mode must be none, explicit or poll, not {control_mode!r}")
@@ -75,6 +77,7 @@ class ModelManager:
         self._batching_mode = batching_mode
         self.cache = cache
         self._on_change = on_change  # called after every load, reload and unload (health follows readiness)
+        self._uploads_policy = uploads or UploadPolicy()
         self._models: dict[str, _Model] = {}
         self._startup: set[str] = set()
         self._started = False

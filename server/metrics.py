@@ -42,7 +42,9 @@ T = TypeVar("T")
 LABELS = ["model", "version"]
 SNAPSHOT_TIMEOUT_S = 3.0  # under Prometheus's usual scrape timeout; the process metrics still answer
 # every version reports these from zero, so that rate() and increase() see the first failure
-MODEL_FAILURE_REASONS = ("invalid", "rejected", "timeout", "cancelled", "engine_error", "unavailable", "internal")
+MODEL_FAILURE_REASONS = (
+    "invalid", "rejected", "too_large", "timeout", "cancelled", "engine_error", "unavailable", "internal"
+)  # fmt: skip
 
 # (attribute of ModelStats, family name, help) for the histograms
 _HISTOGRAMS = (

@@ -29,6 +29,7 @@ from rapidserve.server.errors import (
     NotAllowed,
     Overloaded,
     RapidServeError,
+    TooLarge,
     Unavailable,
 )
 from rapidserve.server.manager import ModelManager
@@ -45,6 +46,7 @@ STATUS_OF: dict[type[RapidServeError], grpc.StatusCode] = {
     ModelLoadError: grpc.StatusCode.INVALID_ARGUMENT,
     ModelNotFound: grpc.StatusCode.NOT_FOUND,
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    TooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     EngineError: grpc.StatusCode.INTERNAL,

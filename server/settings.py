@@ -2,12 +2,35 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["ServerSettings"]
+__all__ = ["ServerSettings", "TlsSettings", "UploadPolicy", "parse_bytes"]
 
 INT32_MAX = 2**31 - 1
+MiB, GiB = 2**20, 2**30
+
+
+@dataclass(frozen=True, slots=True)
+class TlsSettings:
+    """TLS on the gRPC port (Triton's ``--grpc-use-ssl*`` flags). The files are read at start and
+    again on ``InferenceServer.reload_certificates()`` (SIGHUP)."""
+
+    server_cert: Path
+    server_key: Path
+    root_cert: Path | None = None  # CA that client certificates must chain to (mutual TLS)
+    mutual: bool = False  # require and verify a client certificate
+
+
+@dataclass(frozen=True, slots=True)
+class UploadPolicy:
+    """What ``RepositoryModelLoad`` may bring with it. By default nothing: a caller can only (re)load
+    models already in the repository. Formats that run code when loaded (TorchScript, torch.export
+    programs, TensorRT plans, anything torch unpickles) need their own opt-in."""
+
+    allow_files: bool = False
+    allow_code_models: bool = False
+    max_bytes: int = GiB  # all files of one load together
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,13 +42,31 @@ class ServerSettings:
     load_models: tuple[str, ...] = ()
     repository_poll_secs: float = 15.0
     model_load_threads: int = 4
-    # tritonclient opens channels allowing INT32_MAX-byte messages; gRPC's own default is 4 MiB
-    grpc_max_message_bytes: int = INT32_MAX
+    # the largest request or response message; over it a request is refused before its body is read
+    grpc_max_message_bytes: int = 64 * MiB
+    # decoded request bytes admitted at once across all models and calls; over it RESOURCE_EXHAUSTED
+    max_inflight_bytes: int = GiB
     grace_period_s: float = 30.0
     batching_mode: str = "adaptive"  # adaptive | fixed (Triton's exact behaviour); a model may override
     cache_size_bytes: int = 256 * 2**20  # server-wide prediction cache; 0 disables it
     metrics_port: int = 8002  # Prometheus /metrics; 0 picks a free port (tests)
     metrics_enabled: bool = True
+    metrics_host: str | None = None  # None: the same address as the gRPC port (``host``)
+    tls: TlsSettings | None = None
+    # (protocols, header, value) groups of --grpc-restricted-protocol; see rapidserve.server.access
+    restricted_protocols: tuple[tuple[tuple[str, ...], str, str], ...] = ()
+    uploads: UploadPolicy = field(default_factory=UploadPolicy)
+    # connections: a peer that has not finished the TLS/HTTP/2 handshake by then is closed
+    grpc_handshake_timeout_s: float = 10.0
+    grpc_keepalive_time_ms: int = 7_200_000  # Triton's defaults for its --grpc-keepalive-* flags
+    grpc_keepalive_timeout_ms: int = 20_000
+    grpc_keepalive_permit_without_calls: bool = False
+    grpc_http2_max_pings_without_data: int = 2
+    grpc_http2_min_recv_ping_interval_without_data_ms: int = 300_000
+    grpc_http2_max_ping_strikes: int = 2
+    grpc_max_concurrent_streams: int = 1024  # per connection
+    # a request's message must arrive within this long of its call starting (bounds slow senders)
+    grpc_request_read_timeout_s: float = 30.0
 
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
