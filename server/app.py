@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection
 
 from rapidserve import protos
 from rapidserve.server.access import RestrictionInterceptor
+from rapidserve.server.admission import Admission
 from rapidserve.server.cache import PredictionCache
 from rapidserve.server.manager import ModelManager
 from rapidserve.server.servicer import InferenceServicer, deserializer, serialize
@@ -35,7 +36,6 @@ _UNARY = (
     "ModelReady",
     "ServerMetadata",
     "ModelMetadata",
-    "ModelInfer",
     "ModelConfig",
     "ModelStatistics",
     "RepositoryIndex",
@@ -65,6 +65,7 @@ class InferenceServer:
         self.stats = ServerStats()
         self._metrics: Any = None
         self._certificates: _Certificates | None = None
+        self._servicer: InferenceServicer | None = None
         self.port = 0
         self.metrics_port = 0
 
@@ -72,7 +73,15 @@ class InferenceServer:
         settings = self.settings
         interceptors = [RestrictionInterceptor(settings.restricted_protocols)] if settings.restricted_protocols else []
         server = grpc.aio.server(options=grpc_server_options(settings), interceptors=interceptors)
-        server.add_generic_rpc_handlers((_inference_handler(InferenceServicer(self.manager, stats=self.stats)),))
+        self._servicer = InferenceServicer(
+            self.manager,
+            stats=self.stats,
+            admission=Admission(
+                settings.max_inflight_bytes, settings.grpc_max_message_bytes, settings.grpc_request_read_timeout_s
+            ),
+            max_response_bytes=settings.grpc_max_message_bytes,
+        )
+        server.add_generic_rpc_handlers((_inference_handler(self._servicer),))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         _register_health_descriptor()
         reflection.enable_server_reflection(
@@ -108,8 +117,13 @@ class InferenceServer:
             log.error("not every startup model loaded: the server stays live but not ready")
 
     async def stop(self, grace_s: float | None = None) -> None:
+        """Drain: readiness and health go NOT_SERVING first; new calls and new requests on open streams
+        get UNAVAILABLE; requests already accepted finish (within the grace period), then the models
+        are unloaded. Returns as soon as the last accepted request is answered."""
         grace = self.settings.grace_period_s if grace_s is None else grace_s
         self._follow_readiness = False  # the unloads below must not turn health back on
+        if self._servicer is not None:
+            self._servicer.drain()
         await self._set_health(False)
         if self._server is not None:
             await self._server.stop(grace)
@@ -204,6 +218,8 @@ def _inference_handler(servicer: InferenceServicer) -> grpc.GenericRpcHandler:
         return {"request_deserializer": deserializer(request), "response_serializer": serializer}
 
     handlers = {rpc: grpc.unary_unary_rpc_method_handler(getattr(servicer, rpc), **serializers(rpc)) for rpc in _UNARY}
+    # the same as unary on the wire; as stream-unary the servicer decides when the message is read
+    handlers["ModelInfer"] = grpc.stream_unary_rpc_method_handler(servicer.ModelInfer, **serializers("ModelInfer"))
     handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
         servicer.ModelStreamInfer, **serializers("ModelStreamInfer")
     )

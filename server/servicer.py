@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import logging
 import time
 from collections import deque
@@ -19,6 +20,7 @@ from google.protobuf.message import DecodeError
 
 from rapidserve import __version__, protos
 from rapidserve.server import codec
+from rapidserve.server.admission import Admission
 from rapidserve.server.cache import CacheEntry, cache_key
 from rapidserve.server.errors import (
     DeadlineExceeded,
@@ -36,6 +38,7 @@ from rapidserve.server.manager import ModelManager
 from rapidserve.server.model import ModelVersion
 from rapidserve.server.stats import Duration, ServerStats
 from rapidserve.server.types import InferResponse
+from rapidserve.server.wire import parse_infer_request
 
 __all__ = ["STATUS_OF", "InferenceServicer", "Undecodable", "deserializer", "serialize", "status_of"]
 
@@ -54,6 +57,8 @@ STATUS_OF: dict[type[RapidServeError], grpc.StatusCode] = {
 }
 
 STREAM_MAX_IN_FLIGHT = 1024
+# a stream stops reading while its requests in flight and its answers not yet written hold this much
+STREAM_MAX_PENDING_BYTES = 64 * 2**20
 EXTENSIONS = ("model_repository", "model_configuration", "statistics", "parameters")
 
 Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
@@ -75,8 +80,10 @@ class Undecodable:
 
 
 def deserializer(message_class: Any) -> Callable[[bytes], Any]:
-    """A request deserializer that returns ``Undecodable`` instead of raising."""
-    parse, name = message_class.FromString, message_class.DESCRIPTOR.full_name
+    """A request deserializer that returns ``Undecodable`` instead of raising. Inference requests
+    keep large tensor data as views of the received bytes (``rapidserve.server.wire``)."""
+    name = message_class.DESCRIPTOR.full_name
+    parse = parse_infer_request if name == "inference.ModelInferRequest" else message_class.FromString
 
     def deserialize(data: bytes) -> Any:
         try:
@@ -103,21 +110,47 @@ def _rpc(handler: Handler) -> Handler:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.exception("unexpected error in %s", handler.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+            await context.abort(grpc.StatusCode.INTERNAL, _unexpected(handler.__name__, exc))
 
     return wrapper  # type: ignore[return-value]
+
+
+_error_ids = itertools.count(1)
+
+
+def _unexpected(where: str, exc: BaseException) -> str:
+    """Log an unexpected exception with its traceback; the caller gets only a reference to it."""
+    error_id = f"E{next(_error_ids)}"
+    log.error("unexpected error %s in %s", error_id, where, exc_info=exc)
+    return f"internal error in {where} (reference {error_id} in the server log)"
 
 
 class InferenceServicer:
     """Implements ``inference.GRPCInferenceService``; one method per RPC."""
 
     def __init__(
-        self, manager: ModelManager, *, stats: ServerStats | None = None, server_name: str = "rapidserve"
+        self,
+        manager: ModelManager,
+        *,
+        stats: ServerStats | None = None,
+        server_name: str = "rapidserve",
+        admission: Admission | None = None,
+        max_response_bytes: int = 2**31 - 1,
     ) -> None:
         self._manager = manager
         self.stats = stats or ServerStats()  # inference requests that named no loaded model
         self._server_name = server_name
+        self._admission = admission or Admission(2**62, 2**31, read_timeout_s=3600.0)
+        self._max_response_bytes = max_response_bytes
+        self._streams: set[_StreamAnswers] = set()
+        self.draining = False
+
+    def drain(self) -> None:
+        """Shutting down: new inference requests (unary, or on open streams) get UNAVAILABLE; streams
+        end once the requests they had accepted are answered."""
+        self.draining = True
+        for stream in list(self._streams):
+            stream.wake()
 
     @_rpc
     async def ServerLive(self, request: Any, context: Any) -> Any:
@@ -125,7 +158,7 @@ class InferenceServicer:
 
     @_rpc
     async def ServerReady(self, request: Any, context: Any) -> Any:
-        return protos.ServerReadyResponse(ready=self._manager.ready)
+        return protos.ServerReadyResponse(ready=self._manager.ready and not self.draining)
 
     @_rpc
     async def ModelReady(self, request: Any, context: Any) -> Any:
@@ -151,8 +184,30 @@ class InferenceServicer:
         return protos.ModelConfigResponse(config=self._manager.get(request.name, request.version).config)
 
     @_rpc
-    async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        return await self._infer(request, _deadline(context))
+    async def ModelInfer(self, requests: Any, context: grpc.aio.ServicerContext) -> Any:
+        """Served as a stream-unary method (the same on the wire as unary), so that the server decides
+        when the request's message is read: only once the in-flight byte budget has room for it."""
+        if self.draining:
+            self.stats.failed(Unavailable.reason)
+            raise Unavailable("the server is shutting down; retry on another replica")
+        deadline = _deadline(context)
+        try:
+            message, held = await self._admission.read(context.read, _message_size, deadline)
+        except RapidServeError as exc:
+            self.stats.failed(exc.reason)
+            raise
+        try:
+            if message is grpc.aio.EOF:
+                self.stats.failed(InvalidRequest.reason)
+                raise InvalidRequest("the call ended without a ModelInferRequest message")
+            if isinstance(message, Undecodable):
+                self.stats.failed(InvalidRequest.reason)
+                raise InvalidRequest(message.reason)
+            answer = self._infer(message, deadline)
+            del message  # _infer lets go of the message once it is decoded
+            return await answer
+        finally:
+            self._admission.release(held)
 
     async def ModelStreamInfer(
         self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
@@ -164,15 +219,19 @@ class InferenceServicer:
         A request's ``timeout`` parameter (microseconds) is its deadline, as a unary call's would be.
         """
         stream = _StreamAnswers(self)
-        reader = asyncio.create_task(stream.read(requests))
+        self._streams.add(stream)
+        reader = asyncio.create_task(stream.read(context))
         try:
             while (item := await stream.next()) is not None:
                 yield item
         finally:
             reader.cancel()
             stream.cancel_pending()
+            self._streams.discard(stream)
         if stream.broken:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad stream message: {stream.broken[0]}")
+        if self.draining and not stream.done_reading:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another replica")
 
     @_rpc
     async def ModelStatistics(self, request: Any, context: Any) -> Any:
@@ -215,14 +274,33 @@ class InferenceServicer:
         return protos.RepositoryModelUnloadResponse()
 
     async def _infer(self, request: Any, deadline: float | None) -> Any:
-        """A ``ModelInferResponse``, or for a cache hit its serialized bytes, ready-made."""
+        """A ``ModelInferResponse``, or for a cache hit its serialized bytes, ready-made. The message is
+        let go once decoded: the caller must not keep a reference (its bytes would be held twice)."""
         model = self._model_for(request)
         key = _wire_cache_key(request, model) if model.caches else None
         if key is not None:
             entry = model.cache_lookup(key)
             if entry is not None:  # a hit skips decoding, validation, the queue and encoding
-                return _with_id(_encoded(model, entry), request.id)
-        return codec.encode_response(await model.infer(_decode(model, request, deadline), key))
+                return _with_id(self._checked(model, _encoded(model, entry)), request.id)
+        if _heavy(request):  # many elements to convert: keep the event loop free meanwhile
+            decoded = await asyncio.to_thread(_decode, model, request, deadline)
+        else:
+            decoded = _decode(model, request, deadline)
+        del request
+        return self._checked(model, codec.encode_response(await model.infer(decoded, key)))
+
+    def _checked(self, model: ModelVersion, response: Any) -> Any:
+        """Refuse an answer larger than the client is allowed to receive, saying so (gRPC itself would
+        fail it with a bare RESOURCE_EXHAUSTED on the client's side)."""
+        size = len(response) if isinstance(response, bytes) else response.ByteSize()
+        if size > self._max_response_bytes:
+            error = EngineError(
+                f"model '{model.name}' produced a response of {size} bytes, more than the server sends "
+                f"({self._max_response_bytes}, --grpc-max-message-bytes); ask for fewer outputs or a smaller batch"
+            )
+            model.rejected(error)
+            raise error
+        return response
 
     def _model_for(self, request: Any) -> ModelVersion:
         """The version an inference request names; failures count without a model label."""
@@ -238,49 +316,62 @@ class _StreamAnswers:
 
     Requests to models without the cache are queued with ``ModelVersion.start`` and answered from the
     batcher's completion callback: no task per message. Cached models, whose misses are
-    single-flight coroutines, get a task each.
+    single-flight coroutines, and requests costly to decode get a task each.
+
+    Backpressure: the stream stops reading while ``STREAM_MAX_IN_FLIGHT`` requests are unanswered, or
+    while its unanswered requests and its answers not yet handed to gRPC hold
+    ``STREAM_MAX_PENDING_BYTES``; a client that never reads its answers cannot grow the server's memory.
+    Every request is also admitted against the server's in-flight byte budget.
     """
 
     def __init__(self, servicer: InferenceServicer) -> None:
         self._servicer = servicer
-        self._ready: deque[Any] = deque()
+        self._admission = servicer._admission
+        self._ready: deque[bytes] = deque()
         self._wakeup: asyncio.Future[None] | None = None
-        self._in_flight = 0
+        self._in_flight = 0  # read and not yet handed to gRPC (answers in _ready included)
+        self._pending_bytes = 0  # of requests being answered, and of answers in _ready
         self._slot_free: asyncio.Future[None] | None = None
         self._started: set[asyncio.Future[Any]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._done_reading = False
+        self.done_reading = False
         self.broken: list[BaseException] = []
 
-    async def read(self, requests: AsyncIterator[Any]) -> None:
+    async def read(self, context: grpc.aio.ServicerContext) -> None:
         try:
-            async for request in requests:
+            while True:
+                while self._in_flight >= STREAM_MAX_IN_FLIGHT or self._pending_bytes >= STREAM_MAX_PENDING_BYTES:
+                    self._slot_free = asyncio.get_running_loop().create_future()
+                    await self._slot_free  # stop reading: backpressure
+                request = await context.read()
+                if request is grpc.aio.EOF:
+                    break
                 if isinstance(request, Undecodable):
                     raise ValueError(request.reason)
-                while self._in_flight >= STREAM_MAX_IN_FLIGHT:  # stop reading: backpressure
-                    self._slot_free = asyncio.get_running_loop().create_future()
-                    await self._slot_free
                 self._in_flight += 1
-                self._begin(request)
+                self._begin(request, _message_size(request))
         except Exception as exc:  # a message that does not parse, or the stream broke
             self.broken.append(exc)
-        self._done_reading = True
-        self._wake()
+        self.done_reading = True
+        self.wake()
 
-    async def next(self) -> Any:
-        """The next serialized answer, or None once the requests ended and all are answered."""
+    async def next(self) -> bytes | None:
+        """The next serialized answer; None once the requests ended (or the server is draining) and
+        every accepted request is answered."""
         while not self._ready:
-            if self._done_reading and not self._in_flight:
-                return None  # (answers still in _ready count as in flight)
+            if not self._in_flight and (self.done_reading or self._servicer.draining):
+                return None
             self._wakeup = asyncio.get_running_loop().create_future()
             await self._wakeup
         # the slot frees only once the answer is handed to gRPC to write: a client that stops
         # reading stops the server from reading, and answers cannot pile up
-        self._release_slot()
-        return self._ready.popleft()
+        answer = self._ready.popleft()
+        self._release_slot(len(answer))
+        return answer
 
-    def _release_slot(self) -> None:
+    def _release_slot(self, size: int) -> None:
         self._in_flight -= 1
+        self._pending_bytes -= size
         if self._slot_free is not None and not self._slot_free.done():
             self._slot_free.set_result(None)
 
@@ -288,52 +379,69 @@ class _StreamAnswers:
         for future in (*self._started, *self._tasks):
             future.cancel()
 
-    def _begin(self, request: Any) -> None:
+    def _begin(self, request: Any, size: int) -> None:
         servicer = self._servicer
+        if servicer.draining:
+            servicer.stats.failed(Unavailable.reason)
+            self._emit(request, Unavailable("the server is shutting down; retry on another replica"), 0)
+            return
+        if not self._admission.admit(size):
+            servicer.stats.failed(Overloaded.reason)
+            self._emit(request, self._admission.refusal(), 0)
+            return
+        self._pending_bytes += size
         try:
             model = servicer._model_for(request)
-            if model.caches:
-                task = asyncio.create_task(self._answer_async(request))
+            if model.caches or _heavy(request):
+                task = asyncio.create_task(self._answer_async(request, size))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
                 return
             started = model.start(_decode(model, request, _stream_deadline(request)))
         except Exception as exc:
-            self._emit(request, exc)
+            self._emit(request, exc, size)
             return
         self._started.add(started.future)
-        started.future.add_done_callback(lambda future: self._finish(request, model, started))
+        started.future.add_done_callback(lambda future: self._finish(request, model, started, size))
 
-    def _finish(self, request: Any, model: ModelVersion, started: Any) -> None:
+    def _finish(self, request: Any, model: ModelVersion, started: Any, size: int) -> None:
         self._started.discard(started.future)
         try:
-            self._emit(request, codec.encode_response(model.finish(started)).SerializeToString())
+            answer = self._servicer._checked(model, codec.encode_response(model.finish(started)))
+            self._emit(request, answer.SerializeToString(), size)
         except asyncio.CancelledError:  # the stream ended: nobody to answer
-            self._release_slot()
-            self._wake()
+            self._admission.release(size)
+            self._release_slot(size)
+            self.wake()
         except Exception as exc:
-            self._emit(request, exc)
+            self._emit(request, exc, size)
 
-    async def _answer_async(self, request: Any) -> None:
+    async def _answer_async(self, request: Any, size: int) -> None:
         try:
             answer = await self._servicer._infer(request, _stream_deadline(request))
-            self._emit(request, answer if isinstance(answer, bytes) else answer.SerializeToString())
+            self._emit(request, answer if isinstance(answer, bytes) else answer.SerializeToString(), size)
+        except asyncio.CancelledError:  # the stream ended
+            self._admission.release(size)
+            raise
         except Exception as exc:
-            self._emit(request, exc)
+            self._emit(request, exc, size)
 
-    def _emit(self, request: Any, answer: bytes | Exception) -> None:
-        """Queue one answer (a serialized response, or the error to report) and free its slot."""
+    def _emit(self, request: Any, answer: bytes | Exception, size: int) -> None:
+        """Queue one answer (a serialized response, or the error to report); the request's bytes are
+        released from the server's budget and the answer's counted against this stream's."""
         if isinstance(answer, RapidServeError):
             result = _stream_error(request, status_of(answer), str(answer))
         elif isinstance(answer, Exception):
-            log.error("unexpected error in ModelStreamInfer", exc_info=answer)
-            result = _stream_error(request, grpc.StatusCode.INTERNAL, f"internal error: {answer}")
+            result = _stream_error(request, grpc.StatusCode.INTERNAL, _unexpected("ModelStreamInfer", answer))
         else:
             result = _stream_ok(answer)  # wrapping bytes is cheaper than copying the message
+        if size:
+            self._admission.release(size)
+        self._pending_bytes += len(result) - size
         self._ready.append(result)
-        self._wake()
+        self.wake()
 
-    def _wake(self) -> None:
+    def wake(self) -> None:
         if self._wakeup is not None and not self._wakeup.done():
             self._wakeup.set_result(None)
 
@@ -344,6 +452,17 @@ def _decode(model: ModelVersion, request: Any, deadline: float | None) -> Any:
     except RapidServeError as exc:
         model.rejected(exc)
         raise
+
+
+def _heavy(request: Any) -> bool:
+    """Whether decoding could hold the event loop for long (many BYTES or typed elements)."""
+    heavy = getattr(codec, "heavy", None)  # TEMPORARY until the codec provides it
+    return bool(heavy(request)) if heavy is not None else False
+
+
+def _message_size(message: Any) -> int:
+    """The bytes a received message holds (0 for one that did not parse: it holds none)."""
+    return 0 if isinstance(message, Undecodable) or message is grpc.aio.EOF else int(message.ByteSize())
 
 
 def _wire_cache_key(request: Any, model: ModelVersion) -> bytes | None:

@@ -35,16 +35,22 @@ class RemoteServer:
         return f"http://127.0.0.1:{port}/metrics"
 
     def _wait_for(self, pattern: str, timeout_s: float = 60) -> int:
+        return int(self.wait_for_line(pattern, timeout_s).group(1))
+
+    def wait_for_line(self, pattern: str, timeout_s: float = 60) -> re.Match[str]:
+        """The first log line from now on that matches ``pattern``; RuntimeError if the server exits."""
         deadline = time.monotonic() + timeout_s
         assert self.proc.stdout is not None
         while time.monotonic() < deadline:
             line = self.proc.stdout.readline()
             if not line:
-                raise RuntimeError(f"server exited with {self.proc.wait()}:\n{self.log}")
+                code = self.proc.wait()
+                self.proc.stdout.close()
+                raise RuntimeError(f"server exited with {code}:\n{self.log}")
             self.log += line
             match = re.search(pattern, line)
             if match:
-                return int(match.group(1))
+                return match
         raise TimeoutError(self.log)
 
     def wait_ready(self, client: tc.InferenceServerClient, timeout_s: float = 60) -> None:

@@ -103,6 +103,39 @@ def slow_graph(rows: int = 256, size: int = 256, repeats: int = 48) -> Any:
     )
 
 
+def sum_graph() -> Any:
+    """x FP32 [n] (any length) -> total FP32 [1]: big requests, small answers (memory probes)."""
+    from onnx import TensorProto, helper
+
+    return helper.make_graph(
+        [helper.make_node("ReduceSum", ["x"], ["total"], keepdims=1)],
+        "sum",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"])],
+        [helper.make_tensor_value_info("total", TensorProto.FLOAT, [1])],
+    )
+
+
+def tile_graph(times: int) -> Any:
+    """x FP32 [n] -> y FP32 [n * times], x repeated: small requests, large answers."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    return helper.make_graph(
+        [helper.make_node("Tile", ["x", "repeats"], ["y"])],
+        "tile",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m"])],
+        [numpy_helper.from_array(np.array([times], np.int64), "repeats")],
+    )
+
+
+SUM_CONFIG = """
+max_batch_size: 0
+input [ { name: "x", data_type: TYPE_FP32, dims: [ -1 ] } ]
+output [ { name: "total", data_type: TYPE_FP32, dims: [ 1 ] } ]
+parameters { key: "intra_op_thread_count" value: { string_value: "1" } }
+"""
+
+
 ALL_DATATYPES = list(ONNX_TYPES)
 ADD_SUB_CONFIG = """
 name: "add_sub"

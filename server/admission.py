@@ -1,0 +1,140 @@
+"""Admission by bytes: how much request data the server holds at once, across all calls and models.
+
+gRPC has no content length: a request's size is known only once its message has been read, and while
+it is read gRPC buffers it (and Python copies it once more). So a unary call reserves room for the
+largest message the server accepts before it reads, and holds its real size from then until it is
+answered:
+
+- a call whose message could not fit beside the bytes already held is refused at once
+  (``Overloaded``, RESOURCE_EXHAUSTED), before its body is read;
+- a call that would fit, but only once reads in progress end, waits for them (FIFO), at most until the
+  read timeout or its deadline;
+- a message must arrive within the read timeout, so a slow sender cannot hold a reservation forever.
+
+Stream messages cannot be refused unread (the answer needs their ``id``): each stream reads one
+message at a time and admits it by its real size, answering RESOURCE_EXHAUSTED when it does not fit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from rapidserve.server.errors import DeadlineExceeded, Overloaded
+
+__all__ = ["Admission"]
+
+T = TypeVar("T")
+
+# While gRPC hands a message over it exists twice (its buffers and the Python bytes).
+COPIES_WHILE_READING = 2
+
+
+class Admission:
+    def __init__(self, budget_bytes: int, max_message_bytes: int, read_timeout_s: float) -> None:
+        self.budget = budget_bytes
+        self.reserve = min(COPIES_WHILE_READING * max_message_bytes, budget_bytes)
+        self.read_timeout_s = read_timeout_s
+        self.held = 0  # bytes of admitted requests not yet answered
+        self.reading = 0  # reads in progress, each reserving ``reserve``
+        self._waiting: deque[asyncio.Future[None]] = deque()
+
+    def _room_to_read(self) -> bool:
+        return self.held + (self.reading + 1) * self.reserve <= self.budget
+
+    def refusal(self) -> Overloaded:
+        return Overloaded(
+            f"the server holds {self.held} bytes of requests and admits {self.budget} at once "
+            f"(--max-inflight-bytes); a new request could need {self.reserve}; retry later"
+        )
+
+    async def read(
+        self, receive: Callable[[], Awaitable[T]], size_of: Callable[[T], int], deadline: float | None
+    ) -> tuple[T, int]:
+        """Receive one unary message within the budget; returns it and the bytes it holds, which the
+        caller gives back with ``release`` once the request is answered."""
+        if self.held + self.reserve > self.budget:
+            raise self.refusal()
+        give_up = time.monotonic() + self.read_timeout_s
+        if deadline is not None:
+            give_up = min(give_up, deadline)
+        if self._waiting or not self._room_to_read():
+            await self._wait_turn(give_up)  # a read slot is ours when it returns
+        else:
+            self.reading += 1
+        try:
+            message = await asyncio.wait_for(receive(), max(give_up - time.monotonic(), 0.001))
+            size = size_of(message)
+            if not self.admit(size):  # (cannot happen while reservations hold: checked all the same)
+                raise self.refusal()
+        except asyncio.TimeoutError:
+            raise self._late(deadline) from None
+        finally:
+            self.reading -= 1  # the reservation goes only once the real size is held
+            self._wake()
+        return message, size
+
+    def admit(self, size: int) -> bool:
+        """Hold ``size`` more bytes if they fit in the budget (stream messages, already read)."""
+        if self.held + size > self.budget:
+            return False
+        self.held += size
+        return True
+
+    def release(self, size: int) -> None:
+        self.held -= size
+        self._wake()
+
+    async def _wait_turn(self, give_up: float) -> None:
+        waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._waiting.append(waiter)
+        try:
+            granted = await asyncio.wait_for(asyncio.shield(waiter), max(give_up - time.monotonic(), 0.001))
+        except BaseException as exc:
+            if waiter.done() and not waiter.cancelled() and waiter.result():
+                self.reading -= 1  # the slot was handed over just as this call gave up
+            waiter.cancel()
+            with contextlib.suppress(ValueError):
+                self._waiting.remove(waiter)
+            self._wake()
+            if isinstance(exc, asyncio.TimeoutError):
+                raise Overloaded(
+                    f"other requests are being read and the server admits {self.budget} bytes at once "
+                    "(--max-inflight-bytes); retry later"
+                ) from None
+            raise
+        if not granted:
+            raise self.refusal()
+
+    def _wake(self) -> None:
+        """Hand read slots to waiters in arrival order; refuse those that cannot fit at all."""
+        while self._waiting:
+            first = self._waiting[0]
+            if first.done():
+                self._waiting.popleft()
+            elif self.held + self.reserve > self.budget:
+                self._waiting.popleft()
+                first.set_result(False)
+            elif self._room_to_read():
+                self._waiting.popleft()
+                self.reading += 1
+                first.set_result(True)
+            else:
+                return  # room comes back when a read ends or a request is answered
+
+    @staticmethod
+    def _late(deadline: float | None) -> Exception:
+        if deadline is not None and time.monotonic() >= deadline:
+            return DeadlineExceeded("the deadline passed before the request's message arrived")
+        return DeadlineExceeded(
+            "the request's message did not arrive in time (--grpc-request-read-timeout-secs); "
+            "the client sent its headers but not its body"
+        )
+
+
+def message_size(message: Any) -> int:
+    return int(message.ByteSize())

@@ -1,0 +1,285 @@
+"""Attacks on the transport, scaled down for CI: oversized and concurrent large messages (server RSS
+measured from /proc), bodies that never arrive, answers too large to send, streams that are never
+read, stalled connections, ping floods and unexpected errors."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from remote import RemoteServer
+from testmodels import SUM_CONFIG, identity_graph, sum_graph, tile_graph, write_model
+
+from rapidserve import Client, InferenceServerError, protos
+from rapidserve.clients import h2grpc
+from rapidserve.server import servicer
+
+MiB = 2**20
+INFER = protos.method_path("ModelInfer")
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    repo = tmp_path_factory.mktemp("transport")
+    write_model(repo, "sum", sum_graph(), SUM_CONFIG)
+    write_model(
+        repo,
+        "tile",
+        tile_graph(4),
+        'max_batch_size: 0 input [{ name: "x" data_type: TYPE_FP32 dims: [-1] }] '
+        'output [{ name: "y" data_type: TYPE_FP32 dims: [-1] }]',
+    )
+    write_model(repo, "identity", identity_graph(["FP32"]))
+    return repo
+
+
+def _sum_request(count: int) -> bytes:
+    request = protos.ModelInferRequest(model_name="sum")
+    request.inputs.add(name="x", datatype="FP32", shape=[count])
+    request.raw_input_contents.append(np.ones(count, np.float32).tobytes())
+    return request.SerializeToString()
+
+
+class Probe:
+    """A server in its own process, whose memory is read from /proc."""
+
+    def __init__(self, repo: Path, *args: str) -> None:
+        self.remote = RemoteServer("--model-repository", str(repo), "--no-metrics", *args)
+        self.channel = grpc.insecure_channel(self.remote.url, options=[("grpc.max_send_message_length", 2**31 - 1)])
+        self.infer = self.channel.unary_unary(INFER)
+        deadline = time.monotonic() + 60
+        while True:  # ready once a small request goes through
+            try:
+                self.infer(_sum_request(4), timeout=5)
+                break
+            except grpc.RpcError:
+                assert time.monotonic() < deadline, self.remote.log
+                time.sleep(0.1)
+        self.baseline_mb = self.memory_mb("VmRSS")
+
+    def memory_mb(self, key: str) -> float:
+        for line in Path(f"/proc/{self.remote.proc.pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+        raise AssertionError(f"no {key} in /proc")
+
+    def growth_mb(self) -> float:
+        """How far the peak RSS rose above the RSS measured once the server was ready."""
+        return self.memory_mb("VmHWM") - self.baseline_mb
+
+    def call(self, data: bytes, timeout_s: float = 60) -> grpc.StatusCode:
+        try:
+            self.infer(data, timeout=timeout_s)
+        except grpc.RpcError as exc:
+            return exc.code()
+        return grpc.StatusCode.OK
+
+    def close(self) -> None:
+        self.channel.close()
+        self.remote.stop()
+
+
+@pytest.fixture
+def probe(repo: Path) -> Iterator[Probe]:
+    started: list[Probe] = []
+
+    def start(*args: str) -> Probe:
+        started.append(Probe(repo, *args))
+        return started[-1]
+
+    yield start  # type: ignore[misc]
+    for p in started:
+        p.close()
+
+
+def test_a_message_over_the_limit_is_refused_before_it_is_buffered(probe) -> None:
+    server = probe("--grpc-max-message-bytes", "64MiB")
+    data = _sum_request(70 * MiB // 4)
+    with pytest.raises(grpc.RpcError) as info:
+        server.infer(data, timeout=60)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "larger than max" in info.value.details()
+    assert server.growth_mb() < 20, f"the server grew {server.growth_mb():.0f} MB for a refused 70 MB message"
+    assert server.call(_sum_request(4)) == grpc.StatusCode.OK
+
+
+def test_concurrent_large_requests_stay_within_the_in_flight_budget(probe) -> None:
+    """8 concurrent 32 MiB requests under a 96 MiB budget (the 1 GiB / 8 x 256 MB probe, scaled by 8)."""
+    server = probe("--max-inflight-bytes", "96MiB", "--grpc-max-message-bytes", "40MiB")
+    data = _sum_request(32 * MiB // 4)
+    codes: list[grpc.StatusCode] = []
+    threads = [threading.Thread(target=lambda: codes.append(server.call(data))) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
+    assert grpc.StatusCode.OK in codes
+    # unbounded, the same load held 8 x 32 MiB several times over (gRPC's buffers, Python's copies)
+    assert server.growth_mb() < 96 + 64, f"peak RSS rose {server.growth_mb():.0f} MB over a 96 MiB budget"
+    assert server.call(_sum_request(4)) == grpc.StatusCode.OK
+
+
+def test_over_the_budget_the_answer_is_resource_exhausted_naming_the_flag(repo: Path, serve) -> None:
+    server = serve(repo, max_inflight_bytes=24 * MiB, grpc_max_message_bytes=8 * MiB)
+    server.server._servicer._admission.admit(10 * MiB)  # as if a request of 10 MiB were being served
+    try:
+        with Client(server.url) as client:
+            with pytest.raises(InferenceServerError) as info:
+                client.infer("sum", {"x": np.ones(4, np.float32)})
+            assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "--max-inflight-bytes" in info.value.message
+    finally:
+        server.server._servicer._admission.release(10 * MiB)
+    with Client(server.url) as client:
+        assert client.infer("sum", {"x": np.ones(4, np.float32)})["total"][0] == 4
+
+
+def test_a_call_whose_body_never_arrives_ends_deadline_exceeded(repo: Path, serve) -> None:
+    server = serve(repo, grpc_request_read_timeout_s=0.3)
+
+    async def stalled_then_healthy() -> tuple[h2grpc.Reply, h2grpc.Reply]:
+        connection = await h2grpc.Connection.open(server.url)
+        try:
+            stream = await connection.stream(INFER, lambda data: None)  # headers sent, no message, no end
+            healthy = await connection.unary(INFER, _sum_request(4), timeout_s=10)
+            return await asyncio.wait_for(stream.status, 10), healthy
+        finally:
+            connection.close()
+
+    stalled, healthy = asyncio.run(stalled_then_healthy())
+    assert healthy.code == grpc.StatusCode.OK
+    assert stalled.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "did not arrive in time" in stalled.message
+
+
+def test_an_answer_over_the_message_limit_is_internal_and_says_why(repo: Path, serve) -> None:
+    server = serve(repo, grpc_max_message_bytes=MiB)
+    x = np.arange(100_000, dtype=np.float32)  # 0.4 MB in, 1.6 MB out
+    with Client(server.url) as client:
+        with pytest.raises(InferenceServerError) as info:
+            client.infer("tile", {"x": x})
+        assert info.value.code == grpc.StatusCode.INTERNAL
+        assert "--grpc-max-message-bytes" in info.value.message and "tile" in info.value.message
+        np.testing.assert_array_equal(client.infer("tile", {"x": x[:10]})["y"], np.tile(x[:10], 4))
+
+
+async def test_a_stream_whose_answers_are_not_read_stops_being_read(repo: Path, serve, monkeypatch) -> None:
+    monkeypatch.setattr(servicer, "STREAM_MAX_PENDING_BYTES", 2 * MiB)
+    server = serve(repo)
+    x = np.arange(64 * 1024, dtype=np.float32)  # 256 KiB in, 1 MiB out
+    request = protos.ModelInferRequest(model_name="tile")
+    request.inputs.add(name="x", datatype="FP32", shape=[x.size])
+    request.raw_input_contents.append(x.tobytes())
+    sent = 60
+    # no BDP probing: the client's window stays small, so answers it does not read stay on the server
+    channel = grpc.aio.insecure_channel(server.url, options=[("grpc.http2.bdp_probe", 0)])
+    stream = channel.stream_stream(
+        protos.method_path("ModelStreamInfer"), response_deserializer=protos.ModelStreamInferResponse.FromString
+    )
+    call = stream(iter([request.SerializeToString()] * sent))
+    with Client(server.url) as client:
+
+        def inferences() -> int:
+            stats = client.model_statistics("tile").model_stats
+            return stats[0].inference_count if stats else 0
+
+        seen, last_change = 0, time.monotonic()
+        while time.monotonic() - last_change < 1.0:  # until no new request has started for a second
+            await asyncio.sleep(0.05)
+            now = await asyncio.to_thread(inferences)
+            if now != seen:
+                seen, last_change = now, time.monotonic()
+        assert seen < 12, f"{seen} of {sent} requests were read while their answers were not"
+        answers = 0
+        async for response in call:
+            assert not response.error_message
+            answers += 1
+        assert answers == sent
+        assert await asyncio.to_thread(inferences) == sent
+    await channel.close()
+
+
+def test_stalled_connections_are_closed_and_do_not_stop_a_healthy_client(repo: Path, serve) -> None:
+    server = serve(repo, grpc_handshake_timeout_s=1.0)
+    host, port = server.url.rsplit(":", 1)
+    stalled = [socket.create_connection((host, int(port))) for _ in range(500)]  # never send the preface
+    try:
+        with Client(server.url, timeout_s=10) as client:
+            assert client.infer("sum", {"x": np.ones(8, np.float32)})["total"][0] == 8
+        deadline = time.monotonic() + 15
+        for sock in stalled:  # the server's own SETTINGS may come first; then it must hang up
+            sock.settimeout(max(deadline - time.monotonic(), 0.01))
+            try:
+                while sock.recv(4096):
+                    pass
+            except TimeoutError:
+                pytest.fail("a connection that sent nothing was still open well after the handshake timeout")
+    finally:
+        for sock in stalled:
+            sock.close()
+
+
+def test_a_ping_flood_is_answered_with_goaway(repo: Path, serve) -> None:
+    server = serve(repo, grpc_http2_max_ping_strikes=2, grpc_http2_min_recv_ping_interval_without_data_ms=60_000)
+    host, port = server.url.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(h2grpc.PREFACE + h2grpc.frame(h2grpc.SETTINGS, 0, 0))
+        for i in range(10):
+            sock.sendall(h2grpc.frame(h2grpc.PING, 0, 0, i.to_bytes(8, "big")))
+        received = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            received += chunk
+    goaway = [payload for kind, payload in _frames(received) if kind == h2grpc.GOAWAY]
+    assert goaway, "the server never sent GOAWAY to a client pinging without data"
+    error_code = int.from_bytes(goaway[0][4:8], "big")
+    assert error_code == 0xB  # ENHANCE_YOUR_CALM: too many pings
+
+
+def _frames(data: bytes) -> list[tuple[int, bytes]]:
+    frames, pos = [], 0
+    while pos + 9 <= len(data):
+        length = int.from_bytes(data[pos : pos + 3], "big")
+        frames.append((data[pos + 3], data[pos + 9 : pos + 9 + length]))
+        pos += 9 + length
+    return frames
+
+
+def test_the_server_announces_its_limit_on_streams_per_connection(repo: Path, serve) -> None:
+    server = serve(repo, grpc_max_concurrent_streams=7)
+
+    async def announced() -> int:
+        connection = await h2grpc.Connection.open(server.url)
+        try:
+            return connection.max_streams
+        finally:
+            connection.close()
+
+    assert asyncio.run(announced()) == 7
+
+
+def test_unexpected_errors_reach_the_caller_without_internals(repo: Path, serve, caplog) -> None:
+    server = serve(repo)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("/var/secret/path exploded")
+
+    server.server.manager.index = broken
+    with Client(server.url) as client, pytest.raises(InferenceServerError) as info:
+        client.repository_index()
+    assert info.value.code == grpc.StatusCode.INTERNAL
+    assert "/var/secret" not in info.value.message and "Traceback" not in info.value.message
+    reference = info.value.message.rsplit("reference ", 1)[1].split()[0]
+    assert any(reference in r.getMessage() and r.exc_info for r in caplog.records)  # the log keeps the details
