@@ -11,6 +11,14 @@
 # Without a model repository the server builds and serves the demo model "digits" (into
 # ~/.cache/rapidserve, hence the home directory). Mount your own with
 #   docker run -v /path/to/models:/models:ro -e RAPIDSERVE_MODEL_REPOSITORY=/models ...
+#
+# The server's defaults are the hardened ones (docs/security.md): no model uploads, config paths confined
+# to each model's folder, 64 MiB messages, 1 GiB of requests in flight, handshake and read timeouts. TLS
+# and access keys come from mounted files, never from the image:
+#   -e RAPIDSERVE_GRPC_USE_SSL=true -e RAPIDSERVE_GRPC_SERVER_CERT=/run/secrets/server.pem ...
+#   -e RAPIDSERVE_GRPC_RESTRICTED_PROTOCOL="model-repository,statistics:admin-key=@/run/secrets/admin-key"
+# Run it read-only with no capabilities: --read-only --tmpfs /tmp --tmpfs /home/rapidserve/.cache:uid=1000
+#   --cap-drop ALL --security-opt no-new-privileges
 
 FROM python:3.11-slim
 
@@ -44,5 +52,7 @@ EXPOSE 8001 8002
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
     CMD ["rapidserve", "health", "--url", "localhost:8001"]
 
+# SIGTERM drains: in-flight requests finish (up to --exit-timeout-secs, 30), then the server exits.
+STOPSIGNAL SIGTERM
 ENTRYPOINT ["rapidserve"]
 CMD ["serve"]

@@ -175,7 +175,7 @@ def test_compose_runs_the_three_services_from_the_repository_dockerfile() -> Non
     context = (DEPLOY / build["context"]).resolve()
     assert context == REPO
     assert (context / build.get("dockerfile", "Dockerfile")).resolve() == REPO / "Dockerfile"
-    assert {"8001:8001", "8002:8002"} <= set(services["rapidserve"]["ports"])
+    assert {"8001:8001", "127.0.0.1:8002:8002"} <= set(services["rapidserve"]["ports"])  # /metrics: loopback
 
     for name in ("prometheus", "grafana"):
         image, _, tag = services[name]["image"].partition(":")
@@ -183,6 +183,16 @@ def test_compose_runs_the_three_services_from_the_repository_dockerfile() -> Non
         for volume in services[name]["volumes"]:
             host = volume.split(":", 1)[0]
             assert (DEPLOY / host).exists(), f"{name} mounts {host}, which is missing"
+
+
+def test_compose_runs_the_server_hardened() -> None:
+    service = load_yaml(DEPLOY / "docker-compose.yml")["services"]["rapidserve"]
+    assert service["read_only"] is True and service["cap_drop"] == ["ALL"]
+    assert "no-new-privileges:true" in service["security_opt"]
+    grace = int(str(service["stop_grace_period"]).rstrip("s"))
+    assert grace > int(service["environment"]["RAPIDSERVE_EXIT_TIMEOUT_SECS"])  # drain finishes before a kill
+    uploads = {k: v for k, v in service["environment"].items() if "UPLOAD" in k}
+    assert not uploads, "the compose file must not turn uploads on"
 
 
 def test_prometheus_scrapes_rapidserve_metrics_port() -> None:
