@@ -5,7 +5,8 @@ gRPC client that costs a fraction of grpcio's per call; answers are not decoded,
 stream's answers are parsed for their id and error).
 Closed loop over a concurrency sweep, or open loop at fixed request rates, measured by
 ``rapidserve.clients.loadgen``; the server's own breakdown (queue, compute, batch size, cache hits)
-comes from the statistics RPC, read before and after each load point.
+comes from the statistics RPC, read before and after each load point. TLS (mutual too) and headers
+apply to every connection, the bench's own and the ``Client`` that reads metadata and statistics.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import random
 import sys
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,8 @@ import grpc
 import numpy as np
 
 from rapidserve import protos
+from rapidserve.clients._options import Headers, Tls, client_options, tls
+from rapidserve.clients._options import add_arguments as client_arguments
 from rapidserve.clients.client import Client, InferenceServerError
 from rapidserve.clients.h2grpc import Connection, Reply
 from rapidserve.clients.loadgen import LoadPoint, Measurement, Window, closed_loop, open_loop, summarize
@@ -124,9 +128,11 @@ class Unary:
     restart, a max connection age), the next call there opens a new one, as a gRPC channel would (at
     most one attempt per 100 ms)."""
 
-    def __init__(self, connections: list[Connection], url: str, timeout_s: float | None) -> None:
+    def __init__(
+        self, connections: list[Connection], connect: Callable[[], Awaitable[Connection]], timeout_s: float | None
+    ) -> None:
         self._connections = list(connections)
-        self._url = url
+        self._connect = connect  # opens a new connection to the same server, as the first ones were
         self._path = protos.method_path("ModelInfer")
         self._timeout = timeout_s
         self._reconnecting: asyncio.Lock | None = None
@@ -147,14 +153,13 @@ class Unary:
                 await asyncio.sleep(max(self._last_attempt + 0.1 - time.monotonic(), 0))
                 self._last_attempt = time.monotonic()
                 with contextlib.suppress(OSError, asyncio.TimeoutError):  # else: UNAVAILABLE on the old one
-                    fresh = await Connection.open(self._url, timeout_s=5)
+                    fresh = await asyncio.wait_for(self._connect(), 5)
                     self._retired.append(self._connections[slot])
                     self._connections[slot] = fresh
             return self._connections[slot]
 
     async def close(self) -> None:
-        for connection in (*self._retired, *self._connections):
-            connection.close()
+        await _close((*self._retired, *self._connections))
 
 
 class Streams:
@@ -251,6 +256,8 @@ class Job:
     batch_size: int = 1
     start_at: float = 0.0  # wall-clock time to begin at (workers start together)
     connections: int | None = None  # None: one per 6 requests in flight (closed loop), as perf_analyzer
+    tls: Tls | None = None
+    headers: Headers = ()
 
 
 CONTEXTS_PER_CONNECTION = 6  # perf_analyzer's clients share one gRPC connection per 6 (seen with `ss`)
@@ -264,12 +271,18 @@ def connection_count(job: Job) -> int:
 
 async def _run_job(job: Job) -> LoadPoint:
     payloads = Payloads(job.model, job.version, job.batches, job.duplicate_ratio, job.seed)
-    connections = [await Connection.open(job.url) for _ in range(connection_count(job))]
+    context = job.tls.ssl_context() if job.tls is not None else None
+    hostname = job.tls.target_name if job.tls is not None else None
+
+    def connect() -> Awaitable[Connection]:
+        return Connection.open(job.url, ssl=context, server_hostname=hostname, headers=job.headers)
+
+    connections = [await connect() for _ in range(connection_count(job))]
     try:
         await asyncio.sleep(max(job.start_at - time.time(), 0))
         streams = max(1, math.ceil(job.level / 2)) if job.mode == "concurrency" else 16  # 2 in flight each
         transport = (
-            await Streams.open(connections, streams) if job.streaming else Unary(connections, job.url, job.timeout_s)
+            await Streams.open(connections, streams) if job.streaming else Unary(connections, connect, job.timeout_s)
         )
         get = payloads.get
         transport_send = transport.send
@@ -291,8 +304,15 @@ async def _run_job(job: Job) -> LoadPoint:
         finally:
             await transport.close()
     finally:
-        for connection in connections:
-            connection.close()
+        await _close(connections)
+
+
+async def _close(connections: Sequence[Connection]) -> None:
+    """Close, and wait (not for long) until the sockets are closed."""
+    for connection in connections:
+        connection.close()
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(asyncio.gather(*(c.wait_closed() for c in connections)), 5)
 
 
 def _worker(job: Job) -> LoadPoint:
@@ -343,13 +363,14 @@ def _merge(windows: tuple[Window, ...]) -> Window:
 class ServerStats:
     """The statistics RPC before and after a load point: the server's side of it."""
 
-    def __init__(self, url: str, model: str, version: str) -> None:
+    def __init__(self, url: str, model: str, version: str, options: dict[str, Any] | None = None) -> None:
         self._url, self._model, self._version = url, model, version
+        self._options = options or {}  # Client's TLS and headers
         self._before: Any = None
 
     def _read(self) -> Any:
         try:
-            with Client(self._url, timeout_s=10) as client:
+            with Client(self._url, timeout_s=10, **self._options) as client:
                 return client.model_statistics(self._model, self._version).model_stats[0]
         except Exception:
             return None  # a server without the statistics extension
@@ -467,6 +488,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", type=Path, help="a PNG of latency percentiles against throughput")
     parser.add_argument("--quiet", action="store_true", help="no per-window progress")
     parser.add_argument("--log-level", default="WARNING")
+    client_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -477,7 +499,11 @@ def run(args: argparse.Namespace) -> int:
         print("error: --connections must be at least 1", file=sys.stderr)
         return 2
     try:
-        with Client(args.url, timeout_s=30) as client:
+        options = client_options(args)
+        security = tls(**{k: v for k, v in options.items() if k != "headers"})
+        if security is not None:
+            security.ssl_context()  # the HTTP/2 connections' (made in each worker): refused here if it cannot be
+        with Client(args.url, timeout_s=30, **options) as client:
             batches, batch_size = _inputs(client, args)
     except Exception as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -493,14 +519,18 @@ def run(args: argparse.Namespace) -> int:
         stability=args.stability_percentage / 100,
         max_windows=max(args.max_trials, 3),
     )
-    stats = ServerStats(args.url, args.model, args.model_version)
+    stats = ServerStats(args.url, args.model, args.model_version, options)
     rows: list[dict[str, Any]] = []
     for level in levels:
         job = Job(args.url, args.model, args.model_version, batches, args.streaming, mode, level, measurement,
                   args.duplicate_ratio, args.poisson, args.timeout_s, args.seed, args.quiet, batch_size,
-                  connections=args.connections)  # fmt: skip
+                  connections=args.connections, tls=security, headers=tuple(options["headers"].items()))  # fmt: skip
         stats.start()
-        summary = measure(job, args.workers)
+        try:
+            summary = measure(job, args.workers)
+        except OSError as exc:  # (ConnectionError, ssl.SSLError, TimeoutError)
+            print(f"error: cannot open an HTTP/2 connection to {args.url}: {exc}", file=sys.stderr)
+            return 1
         row = {"mode": mode, "concurrency": int(level) if mode == "concurrency" else "",
                "request_rate": level if mode == "request_rate" else "", **summary, **stats.delta()}  # fmt: skip
         rows.append(row)

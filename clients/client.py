@@ -3,6 +3,8 @@
 ``Client`` is synchronous; ``AsyncClient`` is for asyncio and by default multiplexes concurrent
 ``infer`` calls over one persistent ``ModelStreamInfer`` stream, which costs the server about a third
 of a unary call's CPU. Every failure raises ``InferenceServerError`` carrying the gRPC status code.
+Both speak plaintext or TLS (mutual TLS too), with tritonclient's option names, and can send headers
+with every call (e.g. the ``triton-grpc-protocol-<key>`` a server's restricted protocols ask for).
 """
 
 from __future__ import annotations
@@ -12,12 +14,14 @@ import contextlib
 import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
 
 from rapidserve import protos
+from rapidserve.clients._options import Tls, channel, check_headers, hint, tls
 from rapidserve.engines.base import TensorSpec
 from rapidserve.server import codec
 from rapidserve.server.types import ParamValue
@@ -73,8 +77,11 @@ def _metadata(response: Any) -> ModelMetadata:
     )
 
 
-def _error(exc: grpc.RpcError) -> InferenceServerError:
-    return InferenceServerError(exc.code(), exc.details() or "")
+def _error(exc: grpc.RpcError, security: Tls | None = None) -> InferenceServerError:
+    details = exc.details() or ""
+    if exc.code() == grpc.StatusCode.UNAVAILABLE:
+        details += hint(details, security)
+    return InferenceServerError(exc.code(), details)
 
 
 def _load_request(model: str, config_json: str | None, files: Mapping[str, bytes] | None) -> Any:
@@ -87,12 +94,31 @@ def _load_request(model: str, config_json: str | None, files: Mapping[str, bytes
 
 
 class Client:
-    """Synchronous client. ``timeout_s`` (per client, or per call) becomes the gRPC deadline."""
+    """Synchronous client. ``timeout_s`` (per client, or per call) becomes the gRPC deadline.
+
+    TLS: ``ssl=True`` verifies the server's certificate against ``root_certificates`` (a PEM file;
+    default: the system's CAs) and, for mutual TLS, presents ``certificate_chain`` with its
+    ``private_key`` (PEM files, read once here); ``ssl_target_name`` is the name the server's
+    certificate must carry when it is not the URL's host. ``headers`` go with every call as gRPC
+    metadata (text values; names are lower-cased). A bad option raises ``ValueError`` here.
+    """
 
     def __init__(
-        self, url: str = "localhost:8001", *, timeout_s: float | None = None, max_message_bytes: int = INT32_MAX
+        self,
+        url: str = "localhost:8001",
+        *,
+        timeout_s: float | None = None,
+        max_message_bytes: int = INT32_MAX,
+        ssl: bool = False,
+        root_certificates: str | Path | None = None,
+        private_key: str | Path | None = None,
+        certificate_chain: str | Path | None = None,
+        ssl_target_name: str | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
-        self._channel = grpc.insecure_channel(url, options=_channel_options(max_message_bytes))
+        self._tls = tls(ssl, root_certificates, private_key, certificate_chain, ssl_target_name)
+        self._metadata = check_headers(headers) or None
+        self._channel = channel(url, self._tls, _channel_options(max_message_bytes))
         self._stubs = _stubs(self._channel)
         self._timeout_s = timeout_s
 
@@ -107,9 +133,11 @@ class Client:
 
     def _call(self, rpc: str, request: Any, timeout_s: float | None = None) -> Any:
         try:
-            return self._stubs[rpc](request, timeout=timeout_s if timeout_s is not None else self._timeout_s)
+            return self._stubs[rpc](
+                request, timeout=timeout_s if timeout_s is not None else self._timeout_s, metadata=self._metadata
+            )
         except grpc.RpcError as exc:
-            raise _error(exc) from None
+            raise _error(exc, self._tls) from None
 
     def infer(
         self,
@@ -171,7 +199,11 @@ class Client:
 class AsyncClient:
     """asyncio client. With ``streaming=True`` (the default) ``infer`` calls share one persistent
     ``ModelStreamInfer`` stream, matched to their answers by request id; ``streaming=False`` makes
-    each ``infer`` a unary call. Use as ``async with AsyncClient(url) as client``."""
+    each ``infer`` a unary call. Use as ``async with AsyncClient(url) as client``.
+
+    ``ssl``, ``root_certificates``, ``private_key``, ``certificate_chain``, ``ssl_target_name`` and
+    ``headers`` as for ``Client``; the headers go with every unary call and with the stream.
+    """
 
     def __init__(
         self,
@@ -180,8 +212,16 @@ class AsyncClient:
         timeout_s: float | None = None,
         streaming: bool = True,
         max_message_bytes: int = INT32_MAX,
+        ssl: bool = False,
+        root_certificates: str | Path | None = None,
+        private_key: str | Path | None = None,
+        certificate_chain: str | Path | None = None,
+        ssl_target_name: str | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
-        self._channel = grpc.aio.insecure_channel(url, options=_channel_options(max_message_bytes))
+        self._tls = tls(ssl, root_certificates, private_key, certificate_chain, ssl_target_name)
+        self._metadata = check_headers(headers) or None
+        self._channel = channel(url, self._tls, _channel_options(max_message_bytes), aio=True)
         self._stubs = _stubs(self._channel)
         self._timeout_s = timeout_s
         self._streaming = streaming
@@ -200,9 +240,11 @@ class AsyncClient:
 
     async def _call(self, rpc: str, request: Any, timeout_s: float | None = None) -> Any:
         try:
-            return await self._stubs[rpc](request, timeout=timeout_s if timeout_s is not None else self._timeout_s)
+            return await self._stubs[rpc](
+                request, timeout=timeout_s if timeout_s is not None else self._timeout_s, metadata=self._metadata
+            )
         except grpc.RpcError as exc:
-            raise _error(exc) from None
+            raise _error(exc, self._tls) from None
 
     async def infer(
         self,
@@ -225,7 +267,7 @@ class AsyncClient:
             # a stream has no per-message deadline: the server reads this one as the request's
             request.parameters["timeout"].int64_param = max(int(timeout * 1e6), 1)
         if self._stream is None or self._stream.broken:
-            self._stream = _Multiplexer(self._stubs["ModelStreamInfer"])
+            self._stream = _Multiplexer(self._stubs["ModelStreamInfer"], self._metadata, self._tls)
         try:
             return codec.decode_response(await self._stream.send(request, timeout))
         except InferenceServerError as exc:
@@ -267,12 +309,15 @@ class _Multiplexer:
     stream breaks, every waiting call fails with the stream's status and the next call opens a new one.
     """
 
-    def __init__(self, stub: Any) -> None:
+    def __init__(
+        self, stub: Any, metadata: tuple[tuple[str, str], ...] | None = None, security: Tls | None = None
+    ) -> None:
         # gRPC allows one outstanding write per stream: requests queue up and gRPC pulls them
         self._outbox: asyncio.Queue[Any] = asyncio.Queue()
-        self._call = stub(self._requests())
+        self._call = stub(self._requests(), metadata=metadata)
         self._waiting: dict[str, asyncio.Future[Any]] = {}
         self._ids = itertools.count()
+        self._tls = security
         self._reader = asyncio.create_task(self._read())
         self._broken: InferenceServerError | None = None
 
@@ -314,7 +359,7 @@ class _Multiplexer:
                 if future is not None and not future.done():
                     future.set_result(response)
         except grpc.RpcError as exc:
-            self._broken = _error(exc)
+            self._broken = _error(exc, self._tls)
         else:
             self._broken = InferenceServerError(grpc.StatusCode.UNAVAILABLE, "the server closed the stream")
         for future in self._waiting.values():

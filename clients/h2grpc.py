@@ -6,27 +6,33 @@ reports its own overhead at low concurrency (benchmarks/RESULTS.md, "one request
 call is a header block encoded once per method plus the message, written in one ``transport.write``;
 an answer is parsed from the frames without creating protobuf or grpc objects.
 
-Scope: plaintext HTTP/2 with prior knowledge (h2c, what ``grpc.insecure_channel`` speaks), unary and
-bidirectional-streaming calls, identity message encoding. The framing follows RFC 9113 (flow control
+Scope: HTTP/2 with prior knowledge in plaintext (h2c, what ``grpc.insecure_channel`` speaks) or over TLS
+with ALPN ``h2`` (mutual TLS too: see ``ssl_context``), unary and bidirectional-streaming calls, identity
+message encoding, extra request headers fixed per connection. The framing follows RFC 9113 (flow control
 both ways, CONTINUATION, padding, SETTINGS, PING, RST_STREAM, GOAWAY); HPACK comes from the ``hpack``
 package. Request header blocks use never-indexed literals only, so they never touch the server's
-decoding table and can be reused verbatim on every call.
+decoding table and can be reused verbatim on every call; TLS and extra headers change what a block holds,
+not what a call costs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+import ssl as _ssl
 import struct
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import NamedTuple
 from urllib.parse import unquote
 
 import grpc
 import hpack
 
-__all__ = ["Connection", "Reply", "Stream"]
+from rapidserve.clients._options import check_headers
+
+__all__ = ["Connection", "Reply", "Stream", "ssl_context"]
 
 # frame types, flags, settings and error codes of RFC 9113
 DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = range(10)
@@ -126,11 +132,14 @@ class Connection(asyncio.Protocol):
     exception): the connection closing or going away ends pending calls UNAVAILABLE, as grpcio does.
     """
 
-    def __init__(self, authority: str) -> None:
+    def __init__(self, authority: str, tls: bool = False, headers: Iterable[tuple[str, str]] = ()) -> None:
         self._authority = authority
+        self._tls = tls
+        self._extra_headers = tuple(headers)
         self._transport: asyncio.Transport | None = None
         self._loop = asyncio.get_running_loop()
         self._ready: asyncio.Future[None] = self._loop.create_future()  # the server's first SETTINGS
+        self._lost: asyncio.Future[None] = self._loop.create_future()  # the transport closed
         self._calls: dict[int, _Call] = {}
         self._next_id = 1
         self._blocks: dict[tuple[str, float | None], bytes] = {}  # encoded request header blocks
@@ -153,14 +162,32 @@ class Connection(asyncio.Protocol):
     # ---- opening and closing
 
     @classmethod
-    async def open(cls, url: str, timeout_s: float = 30.0) -> Connection:
-        """Connect to ``host:port`` (``[v6addr]:port`` too) and wait for the server's SETTINGS."""
+    async def open(
+        cls,
+        url: str,
+        timeout_s: float = 30.0,
+        *,
+        ssl: _ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
+        headers: Mapping[str, str] | Iterable[tuple[str, str]] | None = None,
+    ) -> Connection:
+        """Connect to ``host:port`` (``[v6addr]:port`` too) and wait for the server's SETTINGS.
+
+        ``ssl`` (see ``ssl_context``) makes it TLS; the server must then select ALPN ``h2``.
+        ``server_hostname`` is the name its certificate must carry when that is not ``host``.
+        ``headers`` go with every call (names lower-case; checked here). A failure to connect raises
+        ``OSError`` (``ConnectionError``, ``ssl.SSLError``, ``TimeoutError``) saying why."""
         host, _, port = url.rpartition(":")
         if not host or not port.isdigit():
             raise ValueError(f"expected HOST:PORT, got {url!r}")
+        if server_hostname is not None and ssl is None:
+            raise ValueError("server_hostname applies to TLS only: pass ssl too")
         loop = asyncio.get_running_loop()
-        connection = cls(url)
-        await asyncio.wait_for(loop.create_connection(lambda: connection, host.strip("[]"), int(port)), timeout_s)
+        connection = cls(url, ssl is not None, check_headers(headers))
+        tls = {"ssl": ssl, "server_hostname": server_hostname} if ssl is not None else {}
+        await asyncio.wait_for(
+            loop.create_connection(lambda: connection, host.strip("[]"), int(port), **tls), timeout_s
+        )
         try:
             await asyncio.wait_for(asyncio.shield(connection._ready), timeout_s)
         except BaseException:
@@ -180,6 +207,12 @@ class Connection(asyncio.Protocol):
         return self._max_streams
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._tls and (alpn := transport.get_extra_info("ssl_object").selected_alpn_protocol()) != "h2":
+            self._ready.set_exception(ConnectionError(
+                f"{self._authority} did not select HTTP/2 in the TLS handshake (ALPN {alpn or 'none'}, "
+                "expected h2): not a gRPC server?"))  # fmt: skip
+            transport.abort()  # type: ignore[attr-defined]
+            return
         self._transport = transport  # type: ignore[assignment]  # (uvloop's is no asyncio.Transport subclass)
         settings = struct.pack(">HIHIHI", SETTINGS_ENABLE_PUSH, 0, SETTINGS_INITIAL_WINDOW_SIZE, RECEIVE_WINDOW,
                                SETTINGS_MAX_FRAME_SIZE, (1 << 24) - 1)  # fmt: skip
@@ -188,10 +221,15 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
+        if not self._lost.done():
+            self._lost.set_result(None)
         reason = f"connection to {self._authority} lost" + (f": {exc}" if exc else "")
         self._shut(Reply(grpc.StatusCode.UNAVAILABLE, reason))
         if not self._ready.done():
-            self._ready.set_exception(ConnectionError(reason))
+            hint = ""
+            if exc is None:  # the server hung up: a TLS mismatch shows up so
+                hint = " (a client certificate missing or refused?)" if self._tls else " (does the server expect TLS?)"
+            self._ready.set_exception(ConnectionError(f"{reason} before the HTTP/2 handshake finished{hint}"))
 
     def close(self) -> None:
         """End every call CANCELLED and close the connection."""
@@ -199,6 +237,13 @@ class Connection(asyncio.Protocol):
         if self._transport is not None:
             self._transport.write(frame(GOAWAY, 0, 0, struct.pack(">II", 0, NO_ERROR)))
             self._transport.close()
+            if self._tls:  # our close_notify is out; waiting for the server's (gRPC servers send none) takes 30 s
+                self._transport.abort()
+
+    async def wait_closed(self) -> None:
+        """Wait until the socket is closed, after ``close`` (which only starts closing it)."""
+        if self._transport is not None:
+            await asyncio.shield(self._lost)
 
     def _shut(self, reply: Reply) -> None:
         self._refuse_new_calls(reply)
@@ -284,9 +329,9 @@ class Connection(asyncio.Protocol):
         return call, frame(HEADERS, END_HEADERS, call.id, block)
 
     def _header_block(self, method: str, timeout_s: float | None, remember: bool = True) -> bytes:
-        headers = [(":method", "POST"), (":scheme", "http"), (":path", method), (":authority", self._authority),
-                   ("content-type", "application/grpc"), ("te", "trailers"),
-                   ("user-agent", "rapidserve-bench")]  # fmt: skip
+        headers = [(":method", "POST"), (":scheme", "https" if self._tls else "http"), (":path", method),
+                   (":authority", self._authority), ("content-type", "application/grpc"), ("te", "trailers"),
+                   ("user-agent", "rapidserve-bench"), *self._extra_headers]  # fmt: skip
         if timeout_s is not None:
             headers.append(("grpc-timeout", grpc_timeout(timeout_s)))
         block = hpack.Encoder().encode([hpack.NeverIndexedHeaderTuple(k, v) for k, v in headers])
@@ -600,6 +645,30 @@ class Connection(asyncio.Protocol):
             self._transport.write(frame(GOAWAY, 0, 0, struct.pack(">II", 0, PROTOCOL_ERROR)))
             self._transport.close()
         self._shut(Reply(grpc.StatusCode.INTERNAL, f"HTTP/2 protocol error from the server: {reason}"))
+
+
+def ssl_context(
+    root_certificates: str | Path | None = None,
+    private_key: str | Path | None = None,
+    certificate_chain: str | Path | None = None,
+) -> _ssl.SSLContext:
+    """A client TLS context for ``Connection.open``: verifies the server against ``root_certificates``
+    (a PEM file; None: the system's CAs), presents ``certificate_chain`` and ``private_key`` (PEM files)
+    for mutual TLS, and offers ALPN ``h2``, which gRPC servers require."""
+    if (private_key is None) != (certificate_chain is None):
+        raise ValueError("a client certificate needs both private_key and certificate_chain (PEM files)")
+    try:
+        context = _ssl.create_default_context(cafile=root_certificates)
+    except _ssl.SSLError as exc:
+        raise ValueError(f"root_certificates {root_certificates} holds no usable PEM certificate ({exc})") from None
+    if certificate_chain is not None:
+        try:
+            context.load_cert_chain(certificate_chain, private_key)
+        except _ssl.SSLError as exc:
+            raise ValueError(f"certificate_chain {certificate_chain} and private_key {private_key} are not a PEM "
+                             f"certificate and its key ({exc})") from None  # fmt: skip
+    context.set_alpn_protocols(["h2"])
+    return context
 
 
 def grpc_timeout(seconds: float) -> str:

@@ -74,6 +74,9 @@ def _parser() -> argparse.ArgumentParser:
     infer.add_argument("--timeout-s", type=float, default=None)
     infer.add_argument("--seed", type=int, default=0)
     infer.add_argument("--log-level", default=_env("log-level", "WARNING"))
+    from rapidserve.clients._options import add_arguments as client_arguments
+
+    client_arguments(infer, _env)
 
     bench = commands.add_parser("bench", help="load-test a model over gRPC: closed or open loop, perf_analyzer-style")
     from rapidserve.clients.bench import add_arguments as bench_arguments
@@ -93,6 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     health.add_argument("--url", default=_env("url", "localhost:8001"))
     health.add_argument("--timeout-s", type=float, default=3.0)
     health.add_argument("--log-level", default=_env("log-level", "WARNING"))
+    client_arguments(health, _env)
     return parser
 
 
@@ -285,11 +289,24 @@ def _health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(args.url) as channel:
+    from rapidserve.clients._options import channel, client_options, hint, tls
+
+    try:
+        options = client_options(args)
+        headers = tuple(options.pop("headers").items())
+        security = tls(**options)
+        opened = channel(args.url, security, [])
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1  # (a container health check reserves 2)
+    with opened:
         try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=args.timeout_s)
+            reply = health_pb2_grpc.HealthStub(opened).Check(
+                health_pb2.HealthCheckRequest(), timeout=args.timeout_s, metadata=headers or None
+            )
         except grpc.RpcError as exc:
-            print(f"unhealthy: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            details = exc.details() or ""
+            print(f"unhealthy: {exc.code().name}: {details}{hint(details, security)}", file=sys.stderr)
             return 1
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     print(status)
@@ -339,7 +356,7 @@ async def _serve(args: argparse.Namespace) -> int:
 def _settings(args: argparse.Namespace) -> tuple[Any, bool]:
     """The server's settings from the parsed flags; ValueError says which flag is wrong."""
     from rapidserve.server.access import check_groups, parse_restriction
-    from rapidserve.server.settings import ServerSettings, TlsSettings, UploadPolicy
+    from rapidserve.server.settings import INT32_MAX, ServerSettings, TlsSettings, UploadPolicy
 
     repositories_given = _env_list(args.model_repository, "model-repository")
     demo = not repositories_given
@@ -366,6 +383,10 @@ def _settings(args: argparse.Namespace) -> tuple[Any, bool]:
         check_groups(restrictions)
     except (OSError, ValueError) as exc:
         raise ValueError(f"--grpc-restricted-protocol: {exc}") from None
+    for flag, value in (("grpc-max-message-bytes", args.grpc_max_message_bytes),
+                        ("grpc-max-concurrent-streams", args.grpc_max_concurrent_streams)):  # fmt: skip
+        if not 0 < value <= INT32_MAX:
+            raise ValueError(f"--{flag} must be between 1 and {INT32_MAX} (gRPC's limit), got {value}")
     if args.allow_code_models_upload and not args.allow_model_upload:
         raise ValueError("--allow-code-models-upload needs --allow-model-upload")
     settings = ServerSettings(
@@ -425,9 +446,15 @@ def _run_loop(main: Any) -> int:
 def _infer(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from rapidserve.clients._options import client_options
     from rapidserve.clients.client import Client, InferenceServerError
 
-    with Client(args.url, timeout_s=args.timeout_s) as client:
+    try:
+        client = Client(args.url, timeout_s=args.timeout_s, **client_options(args))
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    with client:
         try:
             inputs = _read_inputs(args)
             if not inputs:

@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 import struct
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
 import hpack
 import pytest
+from certs import Pki, make_pki
 
 from rapidserve.clients import h2grpc
 from rapidserve.clients.h2grpc import (
@@ -46,11 +49,15 @@ def grpc_message(data: bytes) -> bytes:
 class Peer:
     """A scripted HTTP/2 server on a free port. After the client's preface it sends ``settings``;
     then every frame from the client is recorded and handed to ``script``. ``received[stream]``
-    collects each stream's DATA bytes (on the connection the current frame came from)."""
+    collects each stream's DATA bytes (on the connection the current frame came from). With ``tls``
+    (a server context) it speaks TLS."""
 
-    def __init__(self, script: Script, settings: dict[int, int] | None = None) -> None:
+    def __init__(
+        self, script: Script, settings: dict[int, int] | None = None, tls: ssl.SSLContext | None = None
+    ) -> None:
         self.script = script
         self.settings = settings or {}
+        self.tls = tls
         self.frames: list[tuple[int, int, int, bytes]] = []
         self.received: dict[int, bytearray] = defaultdict(bytearray)
         self.encoder = hpack.Encoder()  # with indexing, so the client's decoder table is exercised
@@ -59,7 +66,7 @@ class Peer:
         self.closed = asyncio.Event()
 
     async def __aenter__(self) -> Peer:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0, ssl=self.tls)
         self.url = f"127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
         return self
 
@@ -141,6 +148,64 @@ def test_unary_call_and_request_headers() -> None:
         assert struct.unpack(">I", peer.kinds(WINDOW_UPDATE)[0][3])[0] > 1 << 20
 
     run(scenario)
+
+
+def server_context(pki: Pki, alpn: list[str]) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(pki.server_cert, pki.server_key)
+    if alpn:
+        context.set_alpn_protocols(alpn)
+    return context
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plaintext", "tls"])
+def test_extra_headers_go_with_every_call_and_tls_says_https(tmp_path: Path, tls: bool) -> None:
+    pki = make_pki(tmp_path)
+
+    async def scenario() -> list[h2grpc.Reply]:
+        async with Peer(echo, tls=server_context(pki, ["h2"]) if tls else None) as peer:
+            connection = await Connection.open(peer.url, ssl=h2grpc.ssl_context(pki.ca) if tls else None,
+                                               headers={"X-Key": "secret", "x-tag": "a b"})  # fmt: skip
+            replies = [await connection.unary(METHOD, b"abc"), await connection.unary(METHOD, b"xyz", timeout_s=2)]
+            stream = await connection.stream(METHOD, lambda message: None)
+            stream.end()
+            await stream.status
+            connection.close()
+            await connection.wait_closed()
+        blocks = [dict(hpack.Decoder().decode(f[3])) for f in peer.kinds(HEADERS)]
+        assert [b[":scheme"] for b in blocks] == ["https" if tls else "http"] * 3
+        assert all(b["x-key"] == "secret" and b["x-tag"] == "a b" for b in blocks)
+        return replies
+
+    assert [r.response for r in run(scenario)] == [b"cba", b"zyx"]
+
+
+def test_a_tls_server_must_select_h2(tmp_path: Path) -> None:
+    pki, other = make_pki(tmp_path, "a"), make_pki(tmp_path, "b")
+
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            await reader.read()
+        writer.close()
+
+    async def attempt(alpn: list[str], **options: Any) -> None:
+        server = await asyncio.start_server(hang_up, "127.0.0.1", 0, ssl=server_context(pki, alpn))
+        try:
+            url = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+            await Connection.open(url, 5, **options)
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    for alpn, selected in (([], "none"), (["http/1.1", "h2c"], "http/1.1")):
+        context = h2grpc.ssl_context(pki.ca)
+        context.set_alpn_protocols(["h2", "http/1.1"])  # (a client offering h2 only gets no ALPN answer)
+        with pytest.raises(ConnectionError, match=f"did not select HTTP/2 .*ALPN {selected}, expected h2"):
+            run(lambda: attempt(alpn, ssl=context))  # noqa: B023
+    with pytest.raises(ssl.SSLCertVerificationError):  # a server certificate the given CA did not sign
+        run(lambda: attempt(["h2"], ssl=h2grpc.ssl_context(other.ca)))
+    with pytest.raises(ssl.SSLCertVerificationError, match="Hostname mismatch"):
+        run(lambda: attempt(["h2"], ssl=h2grpc.ssl_context(pki.ca), server_hostname="elsewhere.example"))
 
 
 def test_an_answer_in_pieces_padded_continued_and_interrupted_by_ping() -> None:
@@ -437,7 +502,7 @@ def test_a_closed_loop_on_a_closed_connection_keeps_the_event_loop_running() -> 
     async def scenario() -> dict[str, Any]:
         async with Peer(hang_up) as peer:
             connection = await Connection.open(peer.url)
-            unary = Unary([connection], peer.url, None)
+            unary = Unary([connection], lambda: Connection.open(peer.url), None)
 
             async def send(index: int) -> str:
                 return await unary.send(b"q", index)
@@ -518,7 +583,7 @@ def test_bench_spreads_calls_over_connections_like_perf_analyzer() -> None:
     async def scenario() -> list[str]:
         async with Peer(echo) as peer:
             connections = [await Connection.open(peer.url) for _ in range(3)]
-            unary = Unary(connections, peer.url, None)
+            unary = Unary(connections, lambda: Connection.open(peer.url), None)
             statuses = await asyncio.gather(*(unary.send(b"q", i) for i in range(6)))
             await unary.close()
         assert sorted(f[2] for f in peer.kinds(HEADERS)) == [1, 1, 1, 3, 3, 3]  # two calls on each
