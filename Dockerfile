@@ -17,6 +17,9 @@
 # and access keys come from mounted files, never from the image:
 #   -e RAPIDSERVE_GRPC_USE_SSL=true -e RAPIDSERVE_GRPC_SERVER_CERT=/run/secrets/server.pem ...
 #   -e RAPIDSERVE_GRPC_RESTRICTED_PROTOCOL="model-repository,statistics:admin-key=@/run/secrets/admin-key"
+# With TLS, the health check below needs the CA too: -e RAPIDSERVE_ROOT_CERTIFICATES=/run/secrets/ca.pem
+# (plus RAPIDSERVE_PRIVATE_KEY / RAPIDSERVE_CERTIFICATE_CHAIN under mutual TLS, RAPIDSERVE_SSL_TARGET_NAME
+# when the certificate does not name localhost, RAPIDSERVE_HEADER when `health` is a restricted protocol).
 # Run it read-only with no capabilities: --read-only --tmpfs /tmp --tmpfs /home/rapidserve/.cache:uid=1000
 #   --cap-drop ALL --security-opt no-new-privileges
 

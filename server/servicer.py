@@ -203,7 +203,7 @@ class InferenceServicer:
             if isinstance(message, Undecodable):
                 self.stats.failed(InvalidRequest.reason)
                 raise InvalidRequest(message.reason)
-            answer = self._infer(message, deadline)
+            answer = self._infer(message, deadline, held)
             del message  # _infer lets go of the message once it is decoded
             return await answer
         finally:
@@ -273,7 +273,7 @@ class InferenceServicer:
         await self._manager.unload(request.model_name)
         return protos.RepositoryModelUnloadResponse()
 
-    async def _infer(self, request: Any, deadline: float | None) -> Any:
+    async def _infer(self, request: Any, deadline: float | None, size: int) -> Any:
         """A ``ModelInferResponse``, or for a cache hit its serialized bytes, ready-made. The message is
         let go once decoded: the caller must not keep a reference (its bytes would be held twice)."""
         model = self._model_for(request)
@@ -282,7 +282,7 @@ class InferenceServicer:
             entry = model.cache_lookup(key)
             if entry is not None:  # a hit skips decoding, validation, the queue and encoding
                 return _with_id(self._checked(model, _encoded(model, entry)), request.id)
-        if _heavy(request):  # many elements to convert: keep the event loop free meanwhile
+        if codec.heavy(request, size):  # many elements to convert: keep the event loop free meanwhile
             decoded = await asyncio.to_thread(_decode, model, request, deadline)
         else:
             decoded = _decode(model, request, deadline)
@@ -392,7 +392,7 @@ class _StreamAnswers:
         self._pending_bytes += size
         try:
             model = servicer._model_for(request)
-            if model.caches or _heavy(request):
+            if model.caches or codec.heavy(request, size):
                 task = asyncio.create_task(self._answer_async(request, size))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
@@ -418,7 +418,7 @@ class _StreamAnswers:
 
     async def _answer_async(self, request: Any, size: int) -> None:
         try:
-            answer = await self._servicer._infer(request, _stream_deadline(request))
+            answer = await self._servicer._infer(request, _stream_deadline(request), size)
             self._emit(request, answer if isinstance(answer, bytes) else answer.SerializeToString(), size)
         except asyncio.CancelledError:  # the stream ended
             self._admission.release(size)
@@ -448,16 +448,10 @@ class _StreamAnswers:
 
 def _decode(model: ModelVersion, request: Any, deadline: float | None) -> Any:
     try:
-        return codec.decode_request(request, deadline)
+        return codec.decode_request(request, deadline, model.spec)
     except RapidServeError as exc:
         model.rejected(exc)
         raise
-
-
-def _heavy(request: Any) -> bool:
-    """Whether decoding could hold the event loop for long (many BYTES or typed elements)."""
-    heavy = getattr(codec, "heavy", None)  # TEMPORARY until the codec provides it
-    return bool(heavy(request)) if heavy is not None else False
 
 
 def _message_size(message: Any) -> int:
