@@ -8,7 +8,8 @@ Reads Triton's onnxruntime-backend parameter names from the config (``intra_op_t
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Mapping, Sequence
+import mmap
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import numpy as np
 
 from rapidserve.engines.base import EngineInputError, EngineOptions, TensorSpec, missing_extra
 
-__all__ = ["OnnxRuntimeEngine", "load", "select_providers"]
+__all__ = ["OnnxRuntimeEngine", "external_data_locations", "load", "select_providers"]
 
 # ONNX tensor element types (as ORT names them) -> v2 datatypes
 _ORT_TYPES = {
@@ -49,6 +50,49 @@ def _import_ort() -> Any:
 
 def load(path: Path, options: EngineOptions) -> OnnxRuntimeEngine:
     return OnnxRuntimeEngine(path, options)
+
+
+def external_data_locations(path: Path) -> list[str]:
+    """The ``location`` of every tensor of an ONNX model whose data lives in another file (ONNX Runtime
+    opens those itself, relative to the model's folder), read without that data. A model whose bytes
+    hold no ``location`` key has none, which spares parsing the usual model."""
+    with open(path, "rb") as file:
+        if not file.seek(0, 2):
+            return []
+        with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            if data.find(b"location") < 0:
+                return []
+    try:
+        import onnx
+    except ImportError as exc:
+        raise missing_extra("onnx", "cpu") from exc
+    model = onnx.load(str(path), load_external_data=False)
+    tensors = list(_graph_tensors(model.graph))
+    tensors += [t for function in model.functions for node in function.node for t in _node_tensors(node)]
+    return [entry.value for tensor in tensors for entry in tensor.external_data if entry.key == "location"]
+
+
+def _graph_tensors(graph: Any) -> Iterator[Any]:
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield from (sparse.values, sparse.indices)
+    for node in graph.node:
+        yield from _node_tensors(node)
+
+
+def _node_tensors(node: Any) -> Iterator[Any]:
+    """The tensors in a node's attributes, subgraphs (If, Loop, Scan bodies) included."""
+    for attribute in node.attribute:
+        if attribute.HasField("t"):
+            yield attribute.t
+        yield from attribute.tensors
+        sparse = [attribute.sparse_tensor] if attribute.HasField("sparse_tensor") else []
+        for tensor in [*sparse, *attribute.sparse_tensors]:
+            yield from (tensor.values, tensor.indices)
+        if attribute.HasField("g"):
+            yield from _graph_tensors(attribute.g)
+        for graph in attribute.graphs:
+            yield from _graph_tensors(graph)
 
 
 class OnnxRuntimeEngine:

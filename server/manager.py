@@ -12,9 +12,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,9 +23,10 @@ from typing import Any
 
 from rapidserve.server.cache import PredictionCache
 from rapidserve.server.config import parse_config_json
-from rapidserve.server.errors import ModelLoadError, ModelNotFound, NotAllowed, Unavailable
+from rapidserve.server.errors import ModelLoadError, ModelNotFound, NotAllowed, RapidServeError, TooLarge, Unavailable
 from rapidserve.server.model import ModelVersion, build_version
-from rapidserve.server.repository import fingerprint, read_source
+from rapidserve.server.paths import MAX_NAME_BYTES, check_upload_path, shown
+from rapidserve.server.repository import choose_files, fingerprint, read_source, upload_listing
 from rapidserve.server.repository import list_models as _list_models
 from rapidserve.server.settings import UploadPolicy
 
@@ -34,6 +36,9 @@ log = logging.getLogger(__name__)
 
 ControlMode = str  # "none" | "explicit" | "poll"
 READY, LOADING, UNLOADING, UNAVAILABLE = "READY", "LOADING", "UNLOADING", "UNAVAILABLE"
+# backends whose model files are data only: an upload for any other needs --allow-code-models-upload
+DATA_ONLY_BACKENDS = frozenset({"onnxruntime"})
+MAX_UPLOAD_FILES = 10_000  # a model with external data may have many files; each costs a write and an inode
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +57,7 @@ class _Model:
     fingerprint: str = ""
     upload: Path | None = None  # the folder of uploaded files the current versions were loaded from
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0  # coroutines holding or waiting for the lock (an entry is dropped only with none)
 
 
 class ModelManager:
@@ -124,16 +130,18 @@ class ModelManager:
         """The version that serves a request; ``""`` picks the highest loaded version."""
         model = self._models.get(name)
         if model is None:
-            raise ModelNotFound(f"unknown model '{name}'")
+            raise ModelNotFound(f"unknown model '{shown(name)}'")
         if not model.versions:
             if model.state == LOADING:
                 raise Unavailable(f"model '{name}' is loading")
             raise ModelNotFound(f"model '{name}' is not loaded ({model.reason or 'not loaded'})")
         if not version:
             return model.versions[max(model.versions)]
-        if not version.isdigit() or int(version) not in model.versions:
+        # ASCII digits only (isdigit() takes "²" and other scripts' digits), and few enough for int()
+        if not (version.isascii() and version.isdigit() and len(version) <= 19) or int(version) not in model.versions:
             raise ModelNotFound(
-                f"model '{name}' has no version '{version}'; loaded: {', '.join(map(str, sorted(model.versions)))}"
+                f"model '{name}' has no version '{shown(version, 24)}'; "
+                f"loaded: {', '.join(map(str, sorted(model.versions)))}"
             )
         return model.versions[int(version)]
 
@@ -190,9 +198,16 @@ class ModelManager:
                 "start the server with --model-control-mode explicit"
             )
         _check_name(name)
+        if files:
+            self._check_upload_policy(files)
         config = parse_config_json(config_json, f"config for '{name}'") if config_json else None
-        if files and config is None:
-            raise ModelLoadError("loading model files requires the 'config' parameter too")
+        if files:
+            if config is None:
+                raise ModelLoadError("loading model files requires the 'config' parameter too")
+            self._check_upload(name, config, files)
+        elif name not in self._list():
+            raise ModelNotFound(f"model '{name}' is not in the model repository")
+        # Every refusal above comes before the load touches any state: no entry, no LOADING, no folder.
         # The load goes on if the caller goes away (a cancelled load would leave engines half-built).
         task = asyncio.create_task(self._load(name, config=config, files=files or None), name=f"load-{name}")
         self._tasks.add(task)
@@ -203,7 +218,7 @@ class ModelManager:
         if self.control_mode != "explicit":
             raise NotAllowed(f"unloading models is not allowed in model control mode '{self.control_mode}'")
         if name not in self._models or not self._models[name].versions:
-            raise ModelNotFound(f"model '{name}' is not loaded")
+            raise ModelNotFound(f"model '{shown(name)}' is not loaded")
         await self._unload(name, "unloaded")
 
     # -- internals -----------------------------------------------------------------------------
@@ -218,49 +233,103 @@ class ModelManager:
         except (ModelLoadError, ModelNotFound) as exc:
             log.error("%s", exc)
 
-    async def _load(self, name: str, *, config: Any = None, files: Mapping[str, bytes] | None = None) -> None:
+    def _check_upload_policy(self, files: Mapping[str, bytes]) -> None:
+        policy = self._uploads_policy
+        if not policy.allow_files:
+            raise NotAllowed(
+                "loading model files through the API is not allowed on this server; "
+                "start it with --allow-model-upload to allow it"
+            )
+        if len(files) > MAX_UPLOAD_FILES:
+            raise TooLarge(f"the upload has {len(files)} files; at most {MAX_UPLOAD_FILES} are taken per load")
+        size = sum(len(data) for data in files.values())
+        if size > policy.max_bytes:
+            raise TooLarge(
+                f"the uploaded files total {size} bytes, over this server's limit of {policy.max_bytes} "
+                "bytes per load; raise it with --max-upload-bytes"
+            )
+
+    def _check_upload(self, name: str, config: Any, files: Mapping[str, bytes]) -> None:
+        """Refuse an upload before anything is written: bad paths, and models whose backend would run
+        code (decided as the load would decide it, config override included) unless allowed."""
+        for path in files:
+            check_upload_path(path)
+        folders = {path.rsplit("/", 1)[0] for path in files if "/" in path}
+        clash = next((path for path in files if path in folders), None)
+        if clash is not None:
+            raise ModelLoadError(f"file parameter 'file:{shown(clash)}' is also the folder of another file")
+        probe = type(config)()
+        probe.CopyFrom(config)
+        if not probe.name:
+            probe.name = name
+        backend, _ = choose_files(probe, upload_listing(name, files))
+        if backend not in DATA_ONLY_BACKENDS and not self._uploads_policy.allow_code_models:
+            raise NotAllowed(
+                f"model '{name}': the uploaded model would load with the '{backend}' backend, whose formats "
+                "(TorchScript, torch.export programs, TensorRT plans) run code when loaded; this server takes "
+                "only ONNX models through the API unless started with --allow-code-models-upload"
+            )
+
+    @contextlib.asynccontextmanager
+    async def _hold(self, name: str) -> AsyncIterator[_Model]:
+        """The model's entry, locked. An entry left without versions for a name the repository did not
+        have when last listed (an unknown name, a failed upload, an unloaded upload) is dropped once
+        nobody waits on it, so callers cannot fill the index with names."""
         model = self._models.setdefault(name, _Model())
-        async with model.lock:
+        model.users += 1
+        try:
+            async with model.lock:
+                yield model
+        finally:
+            model.users -= 1
+            if not model.users and not model.versions and name not in self._listed and self._models.get(name) is model:
+                del self._models[name]
+
+    async def _load(self, name: str, *, config: Any = None, files: Mapping[str, bytes] | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        async with self._hold(name) as model:
             previous_state = model.state
             model.state = LOADING if not model.versions else model.state
-            directory = upload = self._write_upload(name, files) if files else None
+            directory = upload = None
             try:
-                if directory is None:
+                if files:
+                    directory = upload = await loop.run_in_executor(self._loader, self._write_upload, name, files)
+                else:
                     available = self._list()
                     if name not in available:
                         raise ModelNotFound(f"model '{name}' is not in the model repository")
                     directory = available[name]
-                loop = asyncio.get_running_loop()
-                stamp = fingerprint(directory)
+                if upload is None:  # taken before reading, kept if the load fails: poll mode reloads on an edit
+                    model.fingerprint = await loop.run_in_executor(self._loader, fingerprint, directory)
                 source = await loop.run_in_executor(self._loader, read_source, directory, config)
                 loaded = await asyncio.gather(
                     *(loop.run_in_executor(self._loader, build_version, source, v) for v in source.files)
                 )
             except BaseException as exc:
-                model.reason = str(exc) or type(exc).__name__
+                error = _public(exc, name, directory)
+                model.reason = str(error) or type(error).__name__
                 model.state = previous_state if model.versions else UNAVAILABLE
                 if upload is not None:
                     shutil.rmtree(upload.parent, ignore_errors=True)
                 self._changed()
-                if isinstance(exc, (ModelLoadError, ModelNotFound)) or not isinstance(exc, Exception):
+                if error is exc:
                     raise
-                raise ModelLoadError(f"model '{name}' failed to load: {type(exc).__name__}: {exc}") from exc
+                raise error from exc  # the cause stays for the log; callers see the message only
             old, old_upload = model.versions, model.upload
             model.upload = upload
             if self.cache is not None:
                 self.cache.drop_model(name)  # a reload of the same version must not serve old answers
             model.versions = {lv.version: ModelVersion(name, lv, self._batching_mode, self.cache) for lv in loaded}
-            model.state, model.reason, model.fingerprint = READY, "", stamp
+            model.state, model.reason = READY, ""
             versions = ", ".join(str(v) for v in sorted(model.versions))
             log.info("model '%s' ready (versions %s, backend %s)", name, versions, source.backend)
         self._changed()
         self._retire(old.values(), old_upload)
 
     async def _unload(self, name: str, reason: str) -> None:
-        model = self._models.get(name)
-        if model is None:
+        if name not in self._models:
             return
-        async with model.lock:
+        async with self._hold(name) as model:
             old, old_upload = model.versions, model.upload
             model.versions, model.upload = {}, None
             model.state, model.reason = UNAVAILABLE, reason
@@ -300,26 +369,55 @@ class ModelManager:
             await self._unload(name, "removed from the repository")
         for name, directory in available.items():
             model = self._models.get(name)
+            # _load records the fingerprint it takes before reading, failed or not: a failed load is
+            # retried once edited, and an edit made while a load runs is seen at the next poll
             if model is None or fingerprint(directory) != model.fingerprint:
                 await self._load_quietly(name)
-                model = self._models[name]
-                model.fingerprint = fingerprint(directory)  # a failed load is not retried until edited
 
     def _write_upload(self, name: str, files: Mapping[str, bytes]) -> Path:
-        """Write uploaded model files into a fresh folder of their own (removed when retired)."""
+        """Write uploaded model files (paths already checked) into a fresh folder of their own, removed
+        when the versions loaded from it retire. Runs in a loader thread."""
         directory = Path(tempfile.mkdtemp(dir=self._uploads.name)) / name
-        root = directory.resolve()
-        for relative, data in files.items():
-            target = (directory / relative).resolve()
-            if root not in target.parents:
-                shutil.rmtree(directory.parent, ignore_errors=True)
-                raise ModelLoadError(f"file parameter 'file:{relative}' escapes the model directory")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(data)
+        try:
+            for relative, data in files.items():
+                target = directory / relative
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(data)
+        except OSError as exc:
+            shutil.rmtree(directory.parent, ignore_errors=True)
+            raise ModelLoadError(f"model '{name}': the uploaded files could not be stored: {exc.strerror}") from None
         return directory
 
 
+def _public(exc: BaseException, name: str, directory: Path | None) -> BaseException:
+    """The error a caller may see: the model folder's location (a repository's path, or the temp folder
+    of an upload) shown as the model's name; anything unexpected becomes ModelLoadError."""
+    if not isinstance(exc, Exception):
+        return exc
+    text = (
+        str(exc) if isinstance(exc, RapidServeError) else f"model '{name}' failed to load: {type(exc).__name__}: {exc}"
+    )
+    if directory is not None:
+        for parent in {str(directory.parent), os.path.realpath(directory.parent)}:
+            text = text.replace(parent + os.sep, "")
+    if isinstance(exc, RapidServeError):
+        return exc if text == str(exc) else type(exc)(text)
+    return ModelLoadError(text)
+
+
 def _check_name(name: str) -> None:
-    """Model names become folder names: one plain path component only."""
-    if not name or name in (".", "..") or any(c in name for c in "/\\\0"):
-        raise ModelLoadError(f"invalid model name {name!r}: it must be a plain folder name")
+    """Model names become folder names: one plain file name of at most MAX_NAME_BYTES bytes (UTF-8), not
+    hidden (the repository skips those), without separators or control characters."""
+    size = len(name.encode("utf-8", "surrogatepass"))
+    if (
+        not name
+        or size > MAX_NAME_BYTES
+        or name.startswith(".")
+        or not name.isprintable()
+        or "/" in name
+        or "\\" in name
+    ):
+        raise ModelLoadError(
+            f"invalid model name '{shown(name, 40)}' ({size} bytes): it must be a plain folder name of 1 to "
+            f"{MAX_NAME_BYTES} bytes, printable, without '/' or '\\' and not starting with '.'"
+        )

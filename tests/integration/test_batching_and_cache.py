@@ -11,6 +11,7 @@ import pytest
 from testmodels import scale_graph, write_model
 
 from rapidserve import Client
+from rapidserve.server.settings import UploadPolicy
 
 pytestmark = pytest.mark.timeout(120)
 INT64 = 7
@@ -52,7 +53,7 @@ def test_hundreds_of_concurrent_clients_with_different_batch_sizes_get_their_own
 def test_cache_hits_skip_the_queue_and_a_reload_never_serves_stale_answers(tmp_path: Path, serve) -> None:
     config = "max_batch_size: 8\nresponse_cache { enable: true }\n"
     write_model(tmp_path, "scale", scale_graph("scale", INT64, 3), config)
-    server = serve(tmp_path, model_control_mode="explicit", load_models=("*",))
+    server = serve(tmp_path, model_control_mode="explicit", load_models=("*",), uploads=UploadPolicy(allow_files=True))
     x = np.arange(8, dtype=np.int64).reshape(2, 4)
     with Client(server.url) as c:
         for _ in range(5):

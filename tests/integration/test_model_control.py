@@ -14,6 +14,7 @@ import pytest
 from testmodels import add_sub_graph, scale_graph, slow_graph, write_model
 
 from rapidserve import Client, InferenceServerError
+from rapidserve.server.settings import UploadPolicy
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -99,7 +100,7 @@ def test_explicit_mode_load_unload_and_config_override(tmp_path: Path, serve) ->
 def test_load_with_uploaded_model_files(tmp_path: Path, serve) -> None:
     from onnx import helper
 
-    server = serve(tmp_path, model_control_mode="explicit")
+    server = serve(tmp_path, model_control_mode="explicit", uploads=UploadPolicy(allow_files=True))
     model = helper.make_model(scale_graph("up", INT64, 5), opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     with Client(server.url) as client:
@@ -165,6 +166,32 @@ def test_poll_mode_picks_up_new_models_versions_and_removals(tmp_path: Path, ser
         assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION
 
 
+def test_poll_mode_sees_an_edit_made_while_the_model_was_loading(
+    tmp_path: Path, serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fingerprint is taken before the load reads the folder, so an edit made during the load (here
+    from inside the load itself, once the engine has read its file) is picked up by the next poll."""
+    from rapidserve.server import manager
+
+    build_version = manager.build_version
+    edited = threading.Event()
+
+    def build_then_edit(source, version):
+        loaded = build_version(source, version)
+        if not edited.is_set():
+            write_model(tmp_path, "scale", scale_graph("scale", INT64, 7), version=2)
+            edited.set()
+        return loaded
+
+    monkeypatch.setattr(manager, "build_version", build_then_edit)
+    server = serve(tmp_path, model_control_mode="poll", repository_poll_secs=0.05)
+    with Client(server.url) as client:
+        triple_repo(tmp_path, "scale", versions={1: 3})  # a poll loads it, not the startup
+        wait_until(edited.is_set, timeout_s=10)
+        wait_until(lambda: client.is_model_ready("scale", "2"), timeout_s=5)
+        assert client.infer("scale", ones())["y"][0, 0] == 7
+
+
 def test_warmup_runs_before_ready_and_a_failing_warmup_keeps_the_model_unavailable(tmp_path: Path, serve) -> None:
     good = """max_batch_size: 4
 model_warmup [ { name: "rand" batch_size: 3 count: 2 inputs { key: "x" value: { data_type: TYPE_INT64 dims: [4] random_data: true } } },
@@ -206,7 +233,7 @@ def test_upload_names_cannot_escape_and_each_upload_replaces_the_last(tmp_path: 
         return model.SerializeToString()
 
     (tmp_path / "repo").mkdir()
-    server = serve(tmp_path / "repo", model_control_mode="explicit")
+    server = serve(tmp_path / "repo", model_control_mode="explicit", uploads=UploadPolicy(allow_files=True))
     with Client(server.url) as client:
         for bad in ("../../escape", "/abs", "a/b", ".."):
             with pytest.raises(InferenceServerError, match="invalid model name") as info:

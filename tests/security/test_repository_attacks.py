@@ -1,0 +1,487 @@
+"""Attacks on the repository API: uploads that would run code, config paths that reach outside the
+model's folder, names and versions built to break the server, and loads that leave debris behind."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from testmodels import ONNX_TYPES, scale_graph, write_model
+
+from rapidserve import Client, InferenceServerError
+from rapidserve.server.settings import UploadPolicy
+
+pytestmark = pytest.mark.timeout(60)
+
+INT64 = ONNX_TYPES["INT64"]
+ALLOW_FILES = UploadPolicy(allow_files=True)
+
+
+def onnx_bytes(factor: int, name: str = "s") -> bytes:
+    from onnx import helper
+
+    model = helper.make_model(scale_graph(name, INT64, factor), opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def ones() -> dict[str, np.ndarray]:
+    return {"x": np.ones((1, 4), np.int64)}
+
+
+def refused(call: Callable[[], object]) -> InferenceServerError:
+    with pytest.raises(InferenceServerError) as info:
+        call()
+    return info.value
+
+
+def index(client: Client) -> dict[str, tuple[str, str]]:
+    return {m.name: (m.state, m.reason) for m in client.repository_index()}
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    (tmp_path / "repo").mkdir()
+    return tmp_path / "repo"
+
+
+@pytest.fixture
+def uploads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[], list[Path]]:
+    """Servers started in this test keep their upload folders under a fresh temp dir; the returned
+    function lists what is left in them."""
+    root = tmp_path / "tmp"
+    root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(root))
+    return lambda: sorted(p for folder in root.glob("rapidserve-uploads-*") for p in folder.iterdir())
+
+
+def no_trace(client: Client, name: str, left: Callable[[], list[Path]]) -> None:
+    """A refused or failed load leaves no entry (LOADING or otherwise) and no upload folder."""
+    assert name not in index(client)
+    assert not client.is_model_ready(name)
+    assert left() == []
+
+
+# -- uploads ---------------------------------------------------------------------------------------
+
+
+def test_uploads_are_refused_unless_the_server_allows_them(repo: Path, serve, uploads) -> None:
+    server = serve(repo, model_control_mode="explicit")
+    with Client(server.url) as client:
+        error = refused(lambda: client.load_model("up", "{}", files={"1/model.onnx": onnx_bytes(2)}))
+        assert error.code == grpc.StatusCode.FAILED_PRECONDITION
+        assert "--allow-model-upload" in error.message
+        no_trace(client, "up", uploads)
+
+
+def torchscript(module: object) -> bytes:
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.jit.save(torch.jit.script(module), buffer)
+    return buffer.getvalue()
+
+
+CODE_UPLOADS = {
+    "torchscript by name": ({}, {"1/model.pt": b"PK-not-really"}),
+    "torch.export by name": ({}, {"1/model.pt2": b"PK-not-really"}),
+    "TensorRT plan by name": ({}, {"1/model.plan": b"ftrt-not-really"}),
+    "pt renamed onnx, platform": (
+        {"platform": "pytorch_libtorch", "default_model_filename": "model.onnx"},
+        {"1/model.onnx": b"PK-not-really"},
+    ),
+    "pt renamed onnx, backend": (
+        {"backend": "pytorch", "default_model_filename": "model.onnx"},
+        {"1/model.onnx": b"PK-not-really"},
+    ),
+    "plan named by backend": ({"backend": "tensorrt"}, {"1/model.plan": b"x"}),
+    # the version policy serves version 2, a TorchScript file, though version 1 looks harmless
+    "latest version is code": ({}, {"1/model.onnx": onnx_bytes(2), "2/model.pt": b"PK-not-really"}),
+}
+
+
+@pytest.mark.parametrize("case", list(CODE_UPLOADS))
+def test_formats_that_run_code_are_refused_even_when_uploads_are_allowed(case: str, repo: Path, serve, uploads) -> None:
+    config, files = CODE_UPLOADS[case]
+    server = serve(repo, model_control_mode="explicit", uploads=ALLOW_FILES)
+    with Client(server.url) as client:
+        error = refused(lambda: client.load_model("code", json.dumps(config), files=files))
+        assert error.code == grpc.StatusCode.FAILED_PRECONDITION, error.message
+        assert "--allow-code-models-upload" in error.message
+        no_trace(client, "code", uploads)
+
+
+def test_code_formats_load_once_the_server_allows_them(repo: Path, serve, uploads) -> None:
+    policy = UploadPolicy(allow_files=True, allow_code_models=True)
+    server = serve(repo, model_control_mode="explicit", uploads=policy)
+    config = {
+        "backend": "pytorch",
+        "input": [{"name": "INPUT__0", "data_type": "TYPE_FP32", "dims": [2, 4]}],
+        "output": [{"name": "OUTPUT__0", "data_type": "TYPE_FP32", "dims": [2, 4]}],
+    }
+    import torch
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(4, 4).eval()
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    with torch.no_grad():
+        expected = linear(torch.from_numpy(x)).numpy()
+    with Client(server.url) as client:
+        client.load_model("scripted", json.dumps(config), files={"1/model.pt": torchscript(linear)})
+        np.testing.assert_allclose(client.infer("scripted", {"INPUT__0": x})["OUTPUT__0"], expected, rtol=1e-6)
+
+
+def test_upload_size_is_capped_per_load(repo: Path, serve, uploads) -> None:
+    model = onnx_bytes(4)
+    config = json.dumps({"backend": "onnxruntime"})
+    half = len(model) // 2
+    files = {"1/model.onnx": model, "warmup/a.bin": b"\0" * half, "warmup/b.bin": b"\0" * (len(model) - half)}
+    total = 2 * len(model)
+    server = serve(repo, model_control_mode="explicit", uploads=UploadPolicy(allow_files=True, max_bytes=total))
+    with Client(server.url) as client:
+        over = dict(files, **{"warmup/c.bin": b"\0"})
+        error = refused(lambda: client.load_model("big", config, files=over))
+        assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "--max-upload-bytes" in error.message and str(total) in error.message
+        no_trace(client, "big", uploads)
+        many = {f"warmup/{i}.bin": b"" for i in range(10_001)}
+        error = refused(lambda: client.load_model("big", config, files=many))
+        assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "10001 files" in error.message
+        no_trace(client, "big", uploads)
+        client.load_model("big", config, files=files)  # exactly at the limit
+        assert client.infer("big", ones())["y"][0, 0] == 4
+
+
+def test_a_failed_upload_leaves_no_entry_no_folder_and_no_temp_path(repo: Path, tmp_path: Path, serve, uploads) -> None:
+    server = serve(repo, model_control_mode="explicit", uploads=ALLOW_FILES)
+    config = json.dumps({"backend": "onnxruntime"})
+    with Client(server.url) as client:
+        for files in ({"1/model.onnx": b"not a model"}, {"../escape.onnx": b"x"}, {"1/model.pt": b"x"}):
+            error = refused(lambda files=files: client.load_model("broken", config, files=files))
+            assert error.code == grpc.StatusCode.INVALID_ARGUMENT, error.message
+            assert str(tmp_path) not in error.message and "rapidserve-uploads" not in error.message
+            no_trace(client, "broken", uploads)
+        client.load_model("broken", config, files={"1/model.onnx": onnx_bytes(3)})  # the name is still usable
+        assert client.infer("broken", ones())["y"][0, 0] == 3
+        assert index(client)["broken"][0] == "READY"
+
+
+def test_a_refused_upload_of_a_loaded_model_keeps_it_serving(repo: Path, serve, uploads) -> None:
+    write_model(repo, "scale", scale_graph("scale", INT64, 3))
+    server = serve(repo, model_control_mode="explicit", load_models=("*",), uploads=ALLOW_FILES)
+    with Client(server.url) as client:
+        error = refused(lambda: client.load_model("scale", "{}", files={"1/model.pt": b"x"}))
+        assert error.code == grpc.StatusCode.FAILED_PRECONDITION
+        assert index(client)["scale"][0] == "READY"
+        assert client.infer("scale", ones())["y"][0, 0] == 3
+        assert uploads() == []
+
+
+# -- model names and phantom entries ----------------------------------------------------------------
+
+
+def test_unknown_names_leave_no_entry_and_real_failures_keep_their_reason(tmp_path: Path, serve) -> None:
+    write_model(tmp_path, "scale", scale_graph("scale", INT64, 3))
+    server = serve(tmp_path, model_control_mode="explicit")
+    with Client(server.url) as client:
+        for name in ("ghost", "ghost2", "ghost"):
+            error = refused(lambda name=name: client.load_model(name))
+            assert error.code == grpc.StatusCode.NOT_FOUND
+        assert set(index(client)) == {"scale"}
+        error = refused(lambda: client.load_model("scale", '{"default_model_filename": "none.onnx"}'))
+        assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+        state, reason = index(client)["scale"]
+        assert state == "UNAVAILABLE" and "none.onnx" in reason
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["m" * 256, "é" * 128, "m" * 300, "a\0b", "a/b", "..", ".", ".hidden", "", "a\nb"],
+    ids=[
+        "256 bytes",
+        "256 bytes of UTF-8",
+        "300 chars",
+        "NUL",
+        "slash",
+        "dotdot",
+        "dot",
+        "leading dot",
+        "empty",
+        "newline",
+    ],
+)
+def test_invalid_model_names_are_invalid_argument_without_temp_paths(
+    name: str, repo: Path, tmp_path: Path, serve, uploads
+) -> None:
+    server = serve(repo, model_control_mode="explicit", uploads=ALLOW_FILES)
+    with Client(server.url) as client:
+        for files in (None, {"1/model.onnx": onnx_bytes(2)}):
+            error = refused(lambda files=files: client.load_model(name, '{"backend": "onnxruntime"}', files=files))
+            assert error.code == grpc.StatusCode.INVALID_ARGUMENT, error.message
+            assert "invalid model name" in error.message
+            assert "rapidserve-uploads" not in error.message and str(tmp_path) not in error.message
+            assert len(error.message) < 500
+        assert index(client) == {} and uploads() == []
+
+
+@pytest.mark.parametrize("name", ["m" * 255, "é" * 127 + "m"], ids=["255 ASCII", "255 bytes of UTF-8"])
+def test_a_name_at_the_length_limit_loads(name: str, repo: Path, serve, uploads) -> None:
+    server = serve(repo, model_control_mode="explicit", uploads=ALLOW_FILES)
+    with Client(server.url) as client:
+        error = refused(lambda: client.load_model(name))
+        assert error.code == grpc.StatusCode.NOT_FOUND  # valid, merely not in the repository
+        client.load_model(name, '{"backend": "onnxruntime"}', files={"1/model.onnx": onnx_bytes(6)})
+        assert client.infer(name, ones())["y"][0, 0] == 6
+
+
+# -- versions --------------------------------------------------------------------------------------
+
+# "²" and "\u0661" (ARABIC-INDIC DIGIT ONE) pass str.isdigit(); int() refuses the first and reads the second as 1
+ODD_VERSIONS = ["9" * 5000, "²", "\u0661", "-1", " 1", "1 ", "1.0", "+1", "0x1"]
+
+
+def test_odd_version_strings_are_not_found(tmp_path: Path, serve) -> None:
+    write_model(tmp_path, "scale", scale_graph("scale", INT64, 3))
+    server = serve(tmp_path)
+    with Client(server.url) as client:
+        for version in ODD_VERSIONS:
+            assert not client.is_model_ready("scale", version)
+            for call in (
+                lambda v=version: client.infer("scale", ones(), version=v),
+                lambda v=version: client.model_metadata("scale", v),
+                lambda v=version: client.model_config("scale", v),
+            ):
+                error = refused(call)
+                assert error.code == grpc.StatusCode.NOT_FOUND, (version[:10], error.message[:200])
+                assert "no version" in error.message and "loaded: 1" in error.message
+                assert len(error.message) < 300
+        assert client.infer("scale", ones(), version="1")["y"][0, 0] == 3
+
+
+# -- paths a config names --------------------------------------------------------------------------
+
+
+def outside_model(tmp_path: Path) -> Path:
+    """A working ONNX model outside the repository: the thing an attacker wants served or probed."""
+    write_model(tmp_path / "outside", "secret", scale_graph("secret", INT64, 42))
+    return tmp_path / "outside" / "secret" / "1" / "model.onnx"
+
+
+def template(message: str) -> str:
+    """A message with every quoted value (model names, the paths a caller gave) blanked out; what is
+    left must not show a host path."""
+    text = re.sub(r"'[^']*'", "'<v>'", message)
+    assert "/tmp" not in text and "/outside" not in text and "/repo" not in text, message
+    return text
+
+
+def same_answer(errors: list[InferenceServerError]) -> None:
+    """Every error is INVALID_ARGUMENT and reads the same once the values are blanked out: nothing
+    tells whether a target exists."""
+    for error in errors:
+        assert error.code == grpc.StatusCode.INVALID_ARGUMENT, error.message
+    texts = {template(error.message) for error in errors}
+    assert len(texts) == 1, texts
+
+
+def test_default_model_filename_outside_the_version_folder_is_refused(tmp_path: Path, serve) -> None:
+    secret = outside_model(tmp_path)
+    missing = str(secret).replace("secret", "absent")
+    repo = tmp_path / "repo"
+    write_model(repo, "scale", scale_graph("scale", INT64, 3))
+    write_model(repo, "other", scale_graph("other", INT64, 5))
+    server = serve(repo, model_control_mode="explicit", load_models=("*",))
+    with Client(server.url) as client:
+        errors = []
+        for given in (str(secret), missing, "../../other/1/model.onnx", "../1/model.onnx", "1/model.onnx"):
+            override = json.dumps({"default_model_filename": given})
+            errors.append(refused(lambda o=override: client.load_model("scale", o)))
+            assert client.infer("scale", ones())["y"][0, 0] == 3  # the old version still serves
+        same_answer(errors)
+        assert "default_model_filename" in errors[0].message
+
+
+def test_default_model_filename_in_config_pbtxt_cannot_reach_outside(tmp_path: Path, serve) -> None:
+    secret = outside_model(tmp_path)
+    repo = tmp_path / "repo"
+    givens = {"abs": str(secret), "absent": str(secret).replace("secret", "absent"), "up": "../../../outside"}
+    for name, given in givens.items():
+        write_model(repo, name, scale_graph(name, INT64, 3), f'default_model_filename: "{given}"')
+    server = serve(repo)
+    with Client(server.url) as client:
+        reasons = index(client)
+        for name in givens:
+            assert reasons[name][0] == "UNAVAILABLE" and not client.is_model_ready(name)
+        texts = {template(reasons[name][1]) for name in givens}
+        assert len(texts) == 1, texts
+        assert "default_model_filename" in texts.pop()
+
+
+@pytest.mark.parametrize("via", ["config.pbtxt", "override"])
+def test_a_symlink_leading_out_of_the_model_folder_is_refused(via: str, tmp_path: Path, serve) -> None:
+    secret = outside_model(tmp_path)
+    repo = tmp_path / "repo"
+    for name, target in (("linked", secret), ("dangling", secret.with_name("absent.onnx"))):
+        (repo / name / "1").mkdir(parents=True)
+        (repo / name / "1" / "model.onnx").symlink_to(target)
+    # a version folder that is a link out of the model folder is no better
+    (repo / "linkdir").mkdir()
+    (repo / "linkdir" / "1").symlink_to(secret.parent, target_is_directory=True)
+    # a link that stays inside the model folder is fine
+    write_model(repo, "inside", scale_graph("inside", INT64, 7))
+    os.rename(repo / "inside" / "1" / "model.onnx", repo / "inside" / "real.onnx")
+    (repo / "inside" / "1" / "model.onnx").symlink_to(Path("..") / "real.onnx")
+    explicit = via == "override"
+    server = serve(repo, model_control_mode="explicit" if explicit else "none")
+    with Client(server.url) as client:
+        if explicit:
+            for name in ("linked", "dangling", "linkdir", "inside"):
+                with pytest.raises(InferenceServerError) if name != "inside" else contextlib.nullcontext():
+                    client.load_model(name, json.dumps({"backend": "onnxruntime"}))
+        reasons = index(client)
+        texts = {template(reasons[name][1]) for name in ("linked", "dangling", "linkdir")}
+        assert len(texts) == 1, texts
+        assert not any(client.is_model_ready(name) for name in ("linked", "dangling", "linkdir"))
+        assert client.infer("inside", ones())["y"][0, 0] == 7
+
+
+WARMUP = (
+    'max_batch_size: 4\nmodel_warmup [ { name: "w" batch_size: 1 inputs { key: "x" value: '
+    '{ data_type: TYPE_INT64 dims: [4] input_data_file: "%s" } } } ]'
+)
+
+
+def warmup_override(file: str) -> str:
+    entry = {
+        "name": "w",
+        "batch_size": 1,
+        "inputs": {"x": {"data_type": "TYPE_INT64", "dims": [4], "input_data_file": file}},
+    }
+    return json.dumps({"max_batch_size": 4, "model_warmup": [entry]})
+
+
+def test_warmup_files_outside_the_warmup_folder_are_refused(tmp_path: Path, serve) -> None:
+    repo = tmp_path / "repo"
+    write_model(repo, "scale", scale_graph("scale", INT64, 3))
+    (repo / "scale" / "warmup").mkdir()
+    (repo / "scale" / "warmup" / "zero").symlink_to("/dev/zero")
+    (repo / "scale" / "warmup" / "host").symlink_to(tmp_path / "hostname")
+    (tmp_path / "hostname").write_bytes(np.arange(4, dtype=np.int64).tobytes())  # the right size, even
+    (repo / "scale" / "1" / "x.bin").write_bytes(np.arange(4, dtype=np.int64).tobytes())  # in the model, not warmup/
+    server = serve(repo, model_control_mode="explicit", load_models=("*",))
+    givens = ["/dev/zero", "../../etc/hostname", "../../../hostname", "zero", "host", "../1/x.bin", "/etc/hostname"]
+    with Client(server.url) as client:
+        errors = [refused(lambda g=given: client.load_model("scale", warmup_override(g))) for given in givens]
+        same_answer(errors)
+        assert "input_data_file" in errors[0].message
+        assert client.infer("scale", ones())["y"][0, 0] == 3
+
+
+def test_warmup_files_in_config_pbtxt_are_confined_and_read_with_a_bound(tmp_path: Path, serve) -> None:
+    repo = tmp_path / "repo"
+    right = np.arange(4, dtype=np.int64).tobytes()
+    cases = {"devzero": "/dev/zero", "etc": "../../etc/hostname", "link": "zero", "short": "short.bin",
+             "long": "long.bin", "huge": "huge.bin", "fifo": "fifo", "folder": "folder", "good": "good.bin"}  # fmt: skip
+    for name, given in cases.items():
+        write_model(repo, name, scale_graph(name, INT64, 3), WARMUP % given)
+        warmup = repo / name / "warmup"
+        warmup.mkdir()
+        (warmup / "zero").symlink_to("/dev/zero")
+        (warmup / "short.bin").write_bytes(right[:-1])
+        (warmup / "long.bin").write_bytes(right + b"\0")
+        with open(warmup / "huge.bin", "wb") as f:
+            f.truncate(2**34)  # sparse: 16 GiB that must never be read
+        os.mkfifo(warmup / "fifo")
+        (warmup / "folder").mkdir()
+        (warmup / "good.bin").write_bytes(right)
+    server = serve(repo)
+    with Client(server.url) as client:
+        reasons = index(client)
+        assert client.is_model_ready("good")
+        for name in ("devzero", "etc", "link"):
+            assert reasons[name][0] == "UNAVAILABLE"
+        texts = {template(reasons[n][1]) for n in ("devzero", "etc", "link")}
+        assert len(texts) == 1, texts
+        for name in ("short", "long", "huge"):
+            assert reasons[name][0] == "UNAVAILABLE"
+            assert f"holds {(warmup / cases[name]).stat().st_size} bytes" in reasons[name][1], reasons[name][1]
+            assert "32" in reasons[name][1]
+        for name in ("fifo", "folder"):
+            assert reasons[name][0] == "UNAVAILABLE" and "not a regular file" in reasons[name][1], reasons[name][1]
+        assert all(str(tmp_path) not in reason for _, reason in reasons.values())
+
+
+# -- ONNX external data ----------------------------------------------------------------------------
+
+
+def external_model(location: str) -> bytes:
+    """y = x + w, with the INT64 initializer w stored in another file at ``location``."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.zeros(4, np.int64), "w")
+    w.ClearField("raw_data")
+    w.ClearField("int64_data")
+    w.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("length", "32")):
+        entry = w.external_data.add()
+        entry.key, entry.value = key, value
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "w"], ["y"])],
+        "ext",
+        [helper.make_tensor_value_info("x", INT64, ["batch", 4])],
+        [helper.make_tensor_value_info("y", INT64, ["batch", 4])],
+        [w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+WEIGHTS = np.array([10, 20, 30, 40], np.int64).tobytes()
+
+
+def test_onnx_external_data_must_stay_in_the_version_folder(repo: Path, tmp_path: Path, serve, uploads) -> None:
+    (tmp_path / "weights.bin").write_bytes(WEIGHTS)
+    repo = tmp_path / "repo"
+    givens = {
+        "abs": str(tmp_path / "weights.bin"),
+        "absent": str(tmp_path / "absent.bin"),
+        "up": "../../../weights.bin",
+        "upabsent": "../../../absent.bin",
+        "link": "link.bin",
+    }
+    for name, location in givens.items():
+        (repo / name / "1").mkdir(parents=True)
+        (repo / name / "1" / "model.onnx").write_bytes(external_model(location))
+        (repo / name / "1" / "link.bin").symlink_to(tmp_path / "weights.bin")
+    (repo / "good" / "1").mkdir(parents=True)
+    (repo / "good" / "1" / "model.onnx").write_bytes(external_model("weights.bin"))
+    (repo / "good" / "1" / "weights.bin").write_bytes(WEIGHTS)
+    server = serve(repo, model_control_mode="explicit", load_models=("*",), uploads=ALLOW_FILES)
+    with Client(server.url) as client:
+        reasons = index(client)
+        texts = {template(reasons[n][1]) for n in givens}
+        assert len(texts) == 1, texts
+        assert "external data" in texts.pop()
+        np.testing.assert_array_equal(client.infer("good", ones())["y"][0], [11, 21, 31, 41])
+        # the same through an upload (the files land in a folder of the server's choosing)
+        config = json.dumps({"backend": "onnxruntime"})
+        for location in (str(tmp_path / "weights.bin"), "../../weights.bin", "../../../../../../../../etc/hostname"):
+            error = refused(
+                lambda loc=location: client.load_model("uploaded", config, files={"1/model.onnx": external_model(loc)})
+            )
+            assert error.code == grpc.StatusCode.INVALID_ARGUMENT and "external data" in error.message
+            assert "rapidserve-uploads" not in template(error.message)
+            no_trace(client, "uploaded", uploads)
+        client.load_model("uploaded", config, files={"1/model.onnx": external_model("w.bin"), "1/w.bin": WEIGHTS})
+        np.testing.assert_array_equal(client.infer("uploaded", ones())["y"][0], [11, 21, 31, 41])
