@@ -63,7 +63,8 @@ def read_source(directory: Path, config: Any | None = None) -> ModelSource:
         config.name = directory.name
     versions = _version_dirs(directory, config.name)
     backend, names = choose_files(config, {version: _names(path) for version, path in versions.items()})
-    files = {version: _model_file(directory, versions[version], name, config.name) for version, name in names.items()}
+    named = bool(config.default_model_filename)
+    files = {v: _model_file(directory, versions[v], name, config.name, named) for v, name in names.items()}
     if backend == "onnxruntime":
         for version, path in files.items():
             _check_external_data(directory, path, f"model '{config.name}' version {version}")
@@ -198,10 +199,16 @@ def _file_name(config: Any, backend: str, version: int, names: Collection[str]) 
     raise ModelLoadError(f"model '{config.name}': {config.name}/{version}/ has none of {expected}")
 
 
-def _model_file(directory: Path, version_dir: Path, name: str, model: str) -> Path:
-    """The model file, checked to be a regular file inside the model's folder (symlinks followed)."""
+def _model_file(directory: Path, version_dir: Path, name: str, model: str, named_by_config: bool) -> Path:
+    """The model file: a regular file. One the config names (``default_model_filename``, which a caller
+    may set) must also resolve inside the model's folder; the default names are the operator's own
+    files, whose links (to a shared model store, say) are followed."""
     what = f"model '{model}': model file '{shown(name)}' of version {version_dir.name}"
-    confined_file(version_dir, name, (directory,), what, "must be a regular file inside the model's folder", plain=True)
+    if named_by_config:
+        rule = "must be a regular file inside the model's folder"
+        confined_file(version_dir, name, (directory,), what, rule, plain=True)
+    elif not (version_dir / name).is_file():
+        raise ModelLoadError(f"{what} is not a regular file")
     return version_dir / name
 
 

@@ -328,31 +328,54 @@ def test_default_model_filename_in_config_pbtxt_cannot_reach_outside(tmp_path: P
 
 
 @pytest.mark.parametrize("via", ["config.pbtxt", "override"])
-def test_a_symlink_leading_out_of_the_model_folder_is_refused(via: str, tmp_path: Path, serve) -> None:
+def test_a_named_model_file_linked_out_of_the_model_folder_is_refused(via: str, tmp_path: Path, serve) -> None:
     secret = outside_model(tmp_path)
     repo = tmp_path / "repo"
+    named = 'default_model_filename: "model.onnx"'
     for name, target in (("linked", secret), ("dangling", secret.with_name("absent.onnx"))):
         (repo / name / "1").mkdir(parents=True)
         (repo / name / "1" / "model.onnx").symlink_to(target)
+        (repo / name / "config.pbtxt").write_text(named)
     # a version folder that is a link out of the model folder is no better
     (repo / "linkdir").mkdir()
     (repo / "linkdir" / "1").symlink_to(secret.parent, target_is_directory=True)
+    (repo / "linkdir" / "config.pbtxt").write_text(named)
     # a link that stays inside the model folder is fine
-    write_model(repo, "inside", scale_graph("inside", INT64, 7))
+    write_model(repo, "inside", scale_graph("inside", INT64, 7), named)
     os.rename(repo / "inside" / "1" / "model.onnx", repo / "inside" / "real.onnx")
     (repo / "inside" / "1" / "model.onnx").symlink_to(Path("..") / "real.onnx")
     explicit = via == "override"
     server = serve(repo, model_control_mode="explicit" if explicit else "none")
     with Client(server.url) as client:
         if explicit:
+            override = json.dumps({"backend": "onnxruntime", "default_model_filename": "model.onnx"})
             for name in ("linked", "dangling", "linkdir", "inside"):
                 with pytest.raises(InferenceServerError) if name != "inside" else contextlib.nullcontext():
-                    client.load_model(name, json.dumps({"backend": "onnxruntime"}))
+                    client.load_model(name, override)
         reasons = index(client)
         texts = {template(reasons[name][1]) for name in ("linked", "dangling", "linkdir")}
         assert len(texts) == 1, texts
         assert not any(client.is_model_ready(name) for name in ("linked", "dangling", "linkdir"))
         assert client.infer("inside", ones())["y"][0, 0] == 7
+
+
+def test_the_operators_own_links_to_a_model_store_are_followed(tmp_path: Path, serve) -> None:
+    """Files found by their default names were put there by the operator, who may link them to a shared
+    store; only a caller could not create such a link."""
+    secret = outside_model(tmp_path)
+    repo = tmp_path / "repo"
+    (repo / "linked" / "1").mkdir(parents=True)
+    (repo / "linked" / "1" / "model.onnx").symlink_to(secret)
+    (repo / "linkdir").mkdir()
+    (repo / "linkdir" / "1").symlink_to(secret.parent, target_is_directory=True)
+    (repo / "dangling" / "1").mkdir(parents=True)
+    (repo / "dangling" / "1" / "model.onnx").symlink_to(secret.with_name("absent.onnx"))
+    server = serve(repo)
+    with Client(server.url) as client:
+        assert client.infer("linked", ones())["y"][0, 0] == 42
+        assert client.infer("linkdir", ones())["y"][0, 0] == 42
+        assert not client.is_model_ready("dangling")
+        assert "is not a regular file" in template(index(client)["dangling"][1])
 
 
 WARMUP = (
