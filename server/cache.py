@@ -5,12 +5,17 @@ shape, bytes) and the requested outputs: stricter than Triton's key, which leave
 shape and outputs. Entries are private read-only copies, so no two entries and no response share a
 buffer. A model's entries are dropped whenever it is loaded, reloaded or unloaded, and a computation
 that started before the drop does not insert its (possibly stale) answer afterwards.
+
+The byte bound counts what an entry really holds: its arrays (data and objects), the key, the
+encodings kept in ``memo``, the entry itself and its share of the LRU's and the model's key tables.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import struct
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -108,11 +113,13 @@ class PredictionCache:
         older entries are evicted to make room, as for an insert."""
         if kind in entry.memo or self._entries.get(entry.key) is not entry:
             return
-        if entry.nbytes + len(data) > self.capacity_bytes:
+        if entry.nbytes + sys.getsizeof(data) > self.capacity_bytes:
             return
+        before = sys.getsizeof(entry.memo)
         entry.memo[kind] = data
-        entry.nbytes += len(data)
-        self.used_bytes += len(data)
+        added = sys.getsizeof(data) + _BLOCK_SLACK + sys.getsizeof(entry.memo) - before
+        entry.nbytes += added
+        self.used_bytes += added
         self._entries.move_to_end(entry.key)
         while self.used_bytes > self.capacity_bytes:
             self._evict()
@@ -121,14 +128,22 @@ class PredictionCache:
         """Insert a copy of ``arrays``; False when it does not fit or the model was reloaded since."""
         if generation is not None and generation != self._generation.get(model, 0):
             return False
-        nbytes = sum(_nbytes(a) for a in arrays.values()) + len(key)
-        if nbytes > self.capacity_bytes or key in self._entries:
+        if key in self._entries:
             return False
-        while self.used_bytes + nbytes > self.capacity_bytes:
-            self._evict()
         frozen = {name: _frozen_copy(a) for name, a in arrays.items()}
+        nbytes = _ENTRY_BYTES + sys.getsizeof(key) + sys.getsizeof(frozen) + sum(map(_held, frozen.values()))
+        new_model = model not in self._by_model
+        if nbytes + (_MODEL_BYTES if new_model else 0) > self.capacity_bytes:
+            return False
+        while self._entries and self.used_bytes + nbytes + (_MODEL_BYTES if new_model else 0) > self.capacity_bytes:
+            self._evict()
+            new_model = model not in self._by_model
         self._entries[key] = CacheEntry(model, frozen, nbytes, key=key)
-        self._by_model.setdefault(model, set()).add(key)
+        keys = self._by_model.get(model)
+        if keys is None:
+            keys = self._by_model[model] = set()
+            self.used_bytes += _MODEL_BYTES
+        keys.add(key)
         self.used_bytes += nbytes
         return True
 
@@ -142,9 +157,12 @@ class PredictionCache:
         for key in [k for k, owner in self._inflight_model.items() if owner == model]:
             self._inflight.pop(key, None)
             self._inflight_model.pop(key, None)
-        for key in self._by_model.pop(model, ()):
-            entry = self._entries.pop(key)
-            self.used_bytes -= entry.nbytes
+        keys = self._by_model.pop(model, None)
+        if keys is None:
+            return
+        for key in keys:
+            self.used_bytes -= self._entries.pop(key).nbytes
+        self.used_bytes -= _MODEL_BYTES
 
     async def get_or_compute(
         self, key: bytes, model: str, compute: Callable[[], Awaitable[Arrays]], deadline: float | None = None
@@ -201,7 +219,11 @@ class PredictionCache:
 
     def _evict(self) -> None:
         key, entry = self._entries.popitem(last=False)
-        self._by_model[entry.model].discard(key)
+        keys = self._by_model[entry.model]
+        keys.discard(key)
+        if not keys:
+            del self._by_model[entry.model]
+            self.used_bytes -= _MODEL_BYTES
         self.used_bytes -= entry.nbytes
         self.stats.evictions += 1
 
@@ -215,13 +237,58 @@ def _contiguous(array: np.ndarray[Any, Any]) -> Any:
     return np.ascontiguousarray(array).data
 
 
-def _nbytes(array: np.ndarray[Any, Any]) -> int:
+def _held(array: np.ndarray[Any, Any]) -> int:
+    """An array's object, shape and data (``getsizeof`` counts the data of an array that owns it),
+    plus the objects of an object array."""
+    size = sys.getsizeof(array) + 3 * _BLOCK_SLACK
     if array.dtype.kind == "O":
-        return int(array.size * 8 + sum(len(x) if isinstance(x, (bytes, str)) else 8 for x in array.reshape(-1)))
-    return int(array.nbytes)
+        size += sum(map(sys.getsizeof, array.reshape(-1))) + array.size * _BLOCK_SLACK
+    return size
+
+
+def _table_bytes(most: int = 4096) -> tuple[int, int]:
+    """(per entry, fixed): bounds on the bytes the LRU's OrderedDict and a model's key set hold,
+    ``per_entry * count + fixed`` at every count up to ``most``. Their tables grow in steps, so a
+    just-grown table holds the most per entry; the smallest ones (a few entries) hold more still,
+    which ``fixed`` covers instead of charging it to every entry."""
+    entries: OrderedDict[bytes, None] = OrderedDict()
+    keys: set[bytes] = set()
+    empty = sys.getsizeof(entries) + sys.getsizeof(keys)
+    sizes = []
+    for count in range(1, most + 1):
+        key = count.to_bytes(16, "little")
+        entries[key] = None
+        keys.add(key)
+        sizes.append(sys.getsizeof(entries) + sys.getsizeof(keys) - empty)
+    per_entry = math.ceil(max(size / count for count, size in enumerate(sizes, 1) if count >= 8))
+    return per_entry, max(0, *(size - per_entry * count for count, size in enumerate(sizes, 1)))
+
+
+def _model_bytes(most: int = 64) -> int:
+    """The most bytes a model's (empty) key set and its slot in the by-model table hold, per model."""
+    by_model: dict[str, set[bytes]] = {}
+    empty = sys.getsizeof(by_model)
+    worst = 0.0
+    for count in range(1, most + 1):
+        by_model[f"model-{count}"] = set()
+        worst = max(worst, (sys.getsizeof(by_model) - empty) / count + sys.getsizeof(set()))
+    return math.ceil(worst)
+
+
+# getsizeof (like tracemalloc) counts the bytes asked for; allocators hand out more: pymalloc rounds
+# every block up to 16 bytes, malloc (numpy's buffers) adds an 8-byte header and rounds to 16.
+_BLOCK_SLACK = 8
+# Measured once: what every entry holds besides its key and arrays (the entry, its empty memo dict,
+# the int object of its byte count, its share of the tables; six blocks with the key and the arrays'
+# dict), and what a model with entries holds (its key set; the small tables' extra, see _table_bytes).
+_TABLE_BYTES, _FIRST_TABLES_BYTES = _table_bytes()
+_ENTRY_BYTES = (
+    sys.getsizeof(CacheEntry("", {}, 0)) + sys.getsizeof({}) + sys.getsizeof(1 << 30) + _TABLE_BYTES + 6 * _BLOCK_SLACK
+)
+_MODEL_BYTES = _model_bytes() + _FIRST_TABLES_BYTES  # charged while a model has entries, so once at least
 
 
 def _frozen_copy(array: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
     copy = np.array(array, copy=True)
-    copy.flags.writeable = False
+    copy.setflags(write=False)
     return copy

@@ -4,6 +4,7 @@ from what the model file describes, and the resolved ``ModelSpec`` that requests
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,13 @@ from google.protobuf import json_format, text_format
 
 from rapidserve import protos
 from rapidserve.engines.base import TensorSpec
-from rapidserve.server.datatypes import config_type_to_datatype, datatype_of, datatype_to_config_type, numpy_dtype
+from rapidserve.server.datatypes import (
+    DATATYPES,
+    config_type_to_datatype,
+    datatype_of,
+    datatype_to_config_type,
+    numpy_dtype,
+)
 from rapidserve.server.errors import InvalidRequest, ModelLoadError
 from rapidserve.server.types import InferRequest
 
@@ -77,12 +84,11 @@ def parse_config(text: str, source: str = "config.pbtxt") -> Any:
     Fields Triton has and our subset lacks (sequence batching, ensembles, ...) are dropped before
     parsing: protobuf's own unknown-field skipping cannot step over every text-format construct.
     """
-    paths: list[str] = []
+    known, paths = _walk(text, source)
     try:
-        known = _known_tokens(text_format.Tokenizer(text.splitlines()), _CONFIG, "", paths, closing=None)
         config = text_format.Parse(" ".join(known), protos.ModelConfig())
     except text_format.ParseError as exc:
-        raise ModelLoadError(f"{source}: {exc}") from None
+        raise ModelLoadError(f"{source}: {_clipped(exc)}") from None
     ignored = _unsupported(paths)
     if ignored:
         log.warning("%s: ignoring config fields rapidserve does not support: %s", source, ", ".join(ignored))
@@ -95,15 +101,23 @@ def parse_config_json(text: str, source: str) -> Any:
     try:
         json_format.Parse(text, config)
     except json_format.ParseError as exc:
-        raise ModelLoadError(f"{source}: {exc}") from None
+        raise ModelLoadError(f"{source}: {_clipped(exc)}") from None
     return config
 
 
-def unsupported_fields(text: str) -> list[str]:
+def unsupported_fields(text: str, source: str = "config.pbtxt") -> list[str]:
     """Dotted paths of the fields set in config text that rapidserve does not honour."""
+    return _unsupported(_walk(text, source)[1])
+
+
+def _walk(text: str, source: str) -> tuple[list[str], list[str]]:
+    """The tokens of the fields ``ModelConfig`` knows, and the path of every field set."""
     paths: list[str] = []
-    _known_tokens(text_format.Tokenizer(text.splitlines()), _CONFIG, "", paths, closing=None)
-    return _unsupported(paths)
+    try:
+        known = _known_tokens(text_format.Tokenizer(text.splitlines()), _CONFIG, "", paths, None, 0)
+    except text_format.ParseError as exc:
+        raise ModelLoadError(f"{source}: {_clipped(exc)}") from None
+    return known, paths
 
 
 def _unsupported(paths: list[str]) -> list[str]:
@@ -116,6 +130,17 @@ def _unsupported(paths: list[str]) -> list[str]:
 
 
 _CONFIG = protos.ModelConfig.DESCRIPTOR
+_MAX_MESSAGE = 400  # a parser's message quotes the offending line, which may be the whole file
+_MAX_NESTING = 32  # messages and lists inside each other; real configs go about 5 deep
+
+
+def _clipped(error: Exception) -> str:
+    """The error's text, its middle cut out when long: it starts with the place and ends with the reason."""
+    text = str(error)
+    if len(text) <= _MAX_MESSAGE:
+        return text
+    half = (_MAX_MESSAGE - 5) // 2
+    return f"{text[:half]} ... {text[-half:]}"
 
 
 def _is_supported(path: str) -> bool:
@@ -125,7 +150,7 @@ def _is_supported(path: str) -> bool:
     return any(".".join(parts[:i]) + ".*" in _SUPPORTED for i in range(1, len(parts) + 1))
 
 
-def _known_tokens(tok: Any, desc: Any, prefix: str, paths: list[str], closing: str | None) -> list[str]:
+def _known_tokens(tok: Any, desc: Any, prefix: str, paths: list[str], closing: str | None, depth: int) -> list[str]:
     """Walk the fields of one message in text format, recording every field path in ``paths``, and
     return the tokens of the fields ``desc`` knows (dropping the rest with their values)."""
     kept: list[str] = []
@@ -137,7 +162,7 @@ def _known_tokens(tok: Any, desc: Any, prefix: str, paths: list[str], closing: s
         path = prefix + name
         paths.append(path)
         tokens = [name, ":"] if tok.TryConsume(":") else [name]
-        tokens += _value_tokens(tok, field.message_type if field is not None else None, path + ".", paths)
+        tokens += _value_tokens(tok, field.message_type if field is not None else None, path + ".", paths, depth + 1)
         if not tok.TryConsume(","):
             tok.TryConsume(";")
         if field is not None:
@@ -145,17 +170,23 @@ def _known_tokens(tok: Any, desc: Any, prefix: str, paths: list[str], closing: s
     return kept
 
 
-def _value_tokens(tok: Any, desc: Any, prefix: str, paths: list[str]) -> list[str]:
+def _value_tokens(tok: Any, desc: Any, prefix: str, paths: list[str], depth: int) -> list[str]:
+    if depth > _MAX_NESTING:
+        raise tok.ParseError(f"values are nested more than {_MAX_NESTING} levels deep")
     if tok.TryConsume("["):
         tokens = ["["]
         while not tok.TryConsume("]"):
-            tokens += _value_tokens(tok, desc, prefix, paths)
+            if tok.AtEnd():
+                raise tok.ParseError("expected ']'")
+            tokens += _value_tokens(tok, desc, prefix, paths, depth + 1)
             if tok.TryConsume(","):
                 tokens.append(",")
         return [*tokens, "]"]
     for opening, closing in (("{", "}"), ("<", ">")):
         if tok.TryConsume(opening):
-            return ["{", *_known_tokens(tok, desc, prefix, paths, closing), "}"]
+            return ["{", *_known_tokens(tok, desc, prefix, paths, closing, depth), "}"]
+    if tok.AtEnd():
+        raise tok.ParseError("expected a value")
     tokens = [tok.token]
     tok.NextToken()
     while tok.token[:1] in ("'", '"'):  # adjacent string literals concatenate
@@ -177,11 +208,15 @@ class ModelSpec:
     # (name, numpy dtype, full shape) per input, and the output names: what validate() checks first
     _checks: tuple[tuple[str, Any, tuple[int, ...]], ...] = field(init=False, repr=False, compare=False)
     _output_names: frozenset[str] = field(init=False, repr=False, compare=False)
+    # name -> (spec, v2 datatype, full shape): what check_input() compares a tensor's header with
+    _by_name: dict[str, tuple[TensorSpec, str, tuple[int, ...]]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         checks = tuple((s.name, numpy_dtype(s.datatype or "FP32"), self.full_shape(s)) for s in self.inputs)
         object.__setattr__(self, "_checks", checks)
         object.__setattr__(self, "_output_names", frozenset(s.name for s in self.outputs))
+        by_name = {s.name: (s, s.datatype or "FP32", self.full_shape(s)) for s in self.inputs}
+        object.__setattr__(self, "_by_name", by_name)
 
     def full_shape(self, spec: TensorSpec) -> tuple[int, ...]:
         dims = spec.shape or ()
@@ -215,13 +250,44 @@ class ModelSpec:
                 batch = shape[0]
         return not request.outputs or self._output_names.issuperset(request.outputs)
 
+    def check_input(self, name: str, datatype: str, shape: Sequence[int], batch: int | None) -> int | None:
+        """Check one input's header (name, datatype, shape) before any of its data is decoded.
+
+        ``batch`` is the batch size of the inputs checked so far (None before the first); the
+        result is the batch size to pass with the next input. Raises what ``validate`` would."""
+        found = self._by_name.get(name)
+        if found is None:
+            raise self._unexpected(name)
+        spec, expected, want = found
+        if datatype != expected:
+            raise _datatype_mismatch(spec, datatype)
+        if len(shape) != len(want):
+            return self._check_shape(spec, tuple(shape), batch)
+        for w, s in zip(want, shape):  # noqa: B905 - lengths checked above
+            if w != s and w != -1:
+                return self._check_shape(spec, tuple(shape), batch)
+        if self.max_batch_size == 0:
+            return batch
+        size = shape[0]
+        if size > self.max_batch_size or (batch is not None and size != batch):
+            return self._check_shape(spec, tuple(shape), batch)
+        return size
+
+    def check_names(self, inputs: Collection[str], outputs: Iterable[str]) -> None:
+        """After ``check_input`` passed for each of ``inputs`` (distinct names): no input is missing
+        and every requested output exists."""
+        if len(inputs) != len(self.inputs):
+            for spec in self.inputs:
+                if spec.name not in inputs:
+                    raise InvalidRequest(f"missing input '{spec.name}' for model '{self.name}'")
+        if outputs and not self._output_names.issuperset(outputs):
+            self._check_outputs(outputs)
+
     def _explain(self, request: InferRequest) -> None:
         expected = {spec.name: spec for spec in self.inputs}
         for name in request.inputs:
             if name not in expected:
-                raise InvalidRequest(
-                    f"unexpected input '{name}' for model '{self.name}'; it takes: {', '.join(expected)}"
-                )
+                raise self._unexpected(name)
         batch: int | None = None
         for spec in self.inputs:
             array = request.inputs.get(spec.name)
@@ -229,16 +295,19 @@ class ModelSpec:
                 raise InvalidRequest(f"missing input '{spec.name}' for model '{self.name}'")
             datatype = datatype_of(array.dtype)
             if datatype != spec.datatype:
-                raise InvalidRequest(
-                    f"input '{spec.name}': datatype {datatype} does not match the model's {spec.datatype}"
-                )
+                raise _datatype_mismatch(spec, datatype)
             batch = self._check_shape(spec, array.shape, batch)
-        names = {spec.name for spec in self.outputs}
-        for name in request.outputs:
-            if name not in names:
-                raise InvalidRequest(
-                    f"unknown output '{name}' requested from model '{self.name}'; it has: {', '.join(names)}"
-                )
+        self._check_outputs(request.outputs)
+
+    def _unexpected(self, name: str) -> InvalidRequest:
+        takes = ", ".join(spec.name for spec in self.inputs)
+        return InvalidRequest(f"unexpected input '{name}' for model '{self.name}'; it takes: {takes}")
+
+    def _check_outputs(self, outputs: Iterable[str]) -> None:
+        for name in outputs:
+            if name not in self._output_names:
+                has = ", ".join(spec.name for spec in self.outputs)
+                raise InvalidRequest(f"unknown output '{name}' requested from model '{self.name}'; it has: {has}")
 
     def _check_shape(self, spec: TensorSpec, shape: tuple[int, ...], batch: int | None) -> int | None:
         want = self.full_shape(spec)
@@ -256,6 +325,10 @@ class ModelSpec:
         if batch is not None and size != batch:
             raise InvalidRequest(f"input '{spec.name}': batch size {size} differs from the other inputs' {batch}")
         return size
+
+
+def _datatype_mismatch(spec: TensorSpec, datatype: str) -> InvalidRequest:
+    return InvalidRequest(f"input '{spec.name}': datatype {datatype} does not match the model's {spec.datatype}")
 
 
 def complete_config(
@@ -296,15 +369,31 @@ def _resolve(config: Any, declared: Any, engine: tuple[TensorSpec, ...], kind: s
                     f"{kind} '{spec.name}' has shape {list(spec.shape)} with no dynamic batch dimension, "
                     f"but max_batch_size is {config.max_batch_size}"
                 )
+            if spec.datatype not in DATATYPES:
+                raise ModelLoadError(
+                    f"the model's {kind} '{spec.name}' has datatype {spec.datatype}, which is not served"
+                )
             entry = declared.add(name=spec.name, data_type=datatype_to_config_type(spec.datatype))
             entry.dims.extend(spec.shape[1:] if batching else spec.shape)
     missing = set(by_name) - {entry.name for entry in declared}
     if kind == "input" and missing:
         raise ModelLoadError(f"config.pbtxt lacks input(s) the model needs: {', '.join(sorted(missing))}")
     resolved = []
+    seen: set[str] = set()
     for entry in declared:
-        datatype = config_type_to_datatype(entry.data_type)
+        if entry.name in seen:
+            raise ModelLoadError(f"config {kind} '{entry.name}' is declared more than once")
+        seen.add(entry.name)
+        try:
+            datatype = config_type_to_datatype(entry.data_type)
+        except ValueError:
+            raise ModelLoadError(
+                f"config {kind} '{entry.name}' has no valid data_type (got {entry.data_type}); "
+                f"expected one of {', '.join(_CONFIG_TYPE_NAMES)}"
+            ) from None
         dims = tuple(entry.dims)
+        if any(dim < -1 for dim in dims):
+            raise ModelLoadError(f"config {kind} '{entry.name}' has dims {list(dims)}; each is -1 (any size) or >= 0")
         found = by_name.get(entry.name)
         if found is None:
             raise ModelLoadError(
@@ -322,6 +411,9 @@ def _resolve(config: Any, declared: Any, engine: tuple[TensorSpec, ...], kind: s
             )
         resolved.append(TensorSpec(entry.name, datatype, dims))
     return tuple(resolved)
+
+
+_CONFIG_TYPE_NAMES = [f"TYPE_{'STRING' if t == 'BYTES' else t}" for t in DATATYPES]
 
 
 def _compatible(a: tuple[int, ...], b: tuple[int, ...]) -> bool:

@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import tracemalloc
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -35,9 +38,18 @@ def test_key_covers_dtype_shape_outputs_version_model_and_bytes() -> None:
     assert cache.key("m", 1, {"s": words}, ()) != cache.key("m", 1, {"s": np.array([b"a", b"bc"], dtype=object)}, ())
 
 
+def _costs(make: Callable[[int], dict[str, np.ndarray]]) -> tuple[int, int]:
+    """(bytes of one more entry, bytes of a model's first entry beyond that), as the cache reports them."""
+    probe = PredictionCache(1 << 30)
+    probe.put(bytes(16), "m", make(0))
+    first = probe.used_bytes
+    probe.put(bytes([1]) * 16, "m", make(1))
+    return probe.used_bytes - first, 2 * first - probe.used_bytes
+
+
 def test_lru_bounded_in_bytes_evicts_least_recently_used() -> None:
-    entry = 16 * 4 + 16  # 16 float32 + the key
-    cache = PredictionCache(3 * entry)
+    entry, model = _costs(lambda i: arrays(i, 16))
+    cache = PredictionCache(model + 3 * entry)
     keys = [bytes([i]) * 16 for i in range(4)]
     for i in range(3):
         assert cache.put(keys[i], "m", arrays(i, 16))
@@ -45,7 +57,7 @@ def test_lru_bounded_in_bytes_evicts_least_recently_used() -> None:
     assert cache.put(keys[3], "m", arrays(3, 16))
     assert cache.get(keys[1]) is None and cache.stats.evictions == 1
     assert all(cache.get(k) is not None for k in (keys[0], keys[2], keys[3]))
-    assert cache.used_bytes == 3 * entry
+    assert cache.used_bytes == model + 3 * entry == cache.capacity_bytes
     assert not cache.put(b"k" * 16, "m", arrays(0, 1000))  # bigger than the whole cache: refused
 
 
@@ -133,7 +145,8 @@ def test_the_key_from_wire_bytes_equals_the_key_from_decoded_arrays() -> None:
 
 
 def test_remembered_encodings_count_toward_the_size_limit() -> None:
-    cache = PredictionCache(3 * (64 + 16))
+    size, model = _costs(lambda i: {"y": np.zeros(16, np.float32)})
+    cache = PredictionCache(model + 3 * size)
     for i in range(3):
         cache.put(bytes([i]) * 16, "m", {"y": np.zeros(16, np.float32)})
     entry = cache.entry(b"\x02" * 16)
@@ -208,3 +221,75 @@ async def test_after_a_reload_requests_do_not_join_the_old_models_computation() 
     gate.set()
     assert (await old)[0]["y"][0] == 1
     assert cache.get(b"k" * 16)["y"][0] == 2  # the old answer was not inserted over the new one
+
+
+def _demo_answer(i: int) -> dict[str, np.ndarray]:
+    """An answer shaped like the demo model's: probabilities FP32 [1, 10] and label INT64 [1]."""
+    return {"probabilities": np.full((1, 10), i / 7, np.float32), "label": np.array([i % 10], np.int64)}
+
+
+def _string_answer(i: int) -> dict[str, np.ndarray]:
+    """BYTES elements made afresh, as an engine's are (short literals would be shared constants)."""
+    return {"echo": np.array([b"w" * (i % 50 + 2), b"o" * 3], dtype=object)}
+
+
+@pytest.mark.parametrize("answer", [_demo_answer, _string_answer])
+def test_used_bytes_is_what_the_entries_really_hold(answer: Callable[[int], dict[str, np.ndarray]]) -> None:
+    """Insert answers (with the encoded response a gRPC hit keeps), each made and then let go of as
+    a computation's would be, and compare the memory the process gained, traced by tracemalloc,
+    with what the cache says it holds."""
+    from rapidserve.server import codec
+    from rapidserve.server.types import InferResponse
+
+    count = 1500
+    encoded = [codec.encode_response(InferResponse("m", "1", answer(i))).SerializeToString() for i in range(count)]
+    held = np.zeros(count, np.int64)  # numbers go in arrays: int objects would be traced too
+    counted = np.zeros(count, np.int64)
+    start = np.zeros(1, np.int64)
+
+    def fill(cache: PredictionCache, n: int) -> None:
+        indices = iter(range(n))
+        start[0] = tracemalloc.get_traced_memory()[0]
+        for i in indices:
+            key = (i + 1000).to_bytes(16, "little")
+            cache.put(key, "m", answer(i))  # the cache keeps a copy of the arrays
+            entry = cache.entry(key)
+            assert entry is not None
+            cache.remember(entry, "grpc", bytes(memoryview(encoded[i])))  # a fresh copy, kept by the cache
+            held[i] = tracemalloc.get_traced_memory()[0] - start[0]
+            counted[i] = cache.used_bytes
+
+    gc.collect()
+    gc.disable()  # a collection in the middle would free garbage made before, hiding growth
+    tracemalloc.start()
+    try:
+        warm = PredictionCache(1 << 30)
+        fill(warm, 50)  # first-use allocations of these code paths happen here, not below
+        fill(PredictionCache(1 << 30), count)
+    finally:
+        tracemalloc.stop()
+        gc.enable()
+    ratio = counted / held
+    worst = ratio.argmin()
+    assert ratio[worst] >= 1.0, f"{worst + 1} entries hold {held[worst]} bytes, counted {counted[worst]}"
+    worst = ratio.argmax()
+    assert ratio[worst] <= 1.3, f"{worst + 1} entries hold {held[worst]} bytes, counted {counted[worst]}"
+
+
+def test_accounting_returns_to_zero_when_entries_leave() -> None:
+    cache = PredictionCache(1 << 20)
+    for i in range(20):
+        cache.put(bytes([i]) * 16, "a" if i % 2 else "b", arrays(i, 8))
+    entry = cache.entry(bytes([3]) * 16)
+    assert entry is not None
+    cache.remember(entry, "grpc", b"r" * 100)
+    cache.drop_model("a")
+    assert cache.used_bytes > 0
+    small = PredictionCache(cache.used_bytes)
+    for i in range(40):  # each insert evicts older entries of either model
+        small.put(bytes([i]) * 16, "a" if i % 3 else "b", arrays(i, 8))
+    assert 0 < small.used_bytes <= small.capacity_bytes
+    cache.drop_model("b")
+    small.drop_model("a")
+    small.drop_model("b")
+    assert cache.used_bytes == small.used_bytes == 0 and len(cache) == len(small) == 0

@@ -1,11 +1,16 @@
 from __future__ import annotations
 
+import struct
+import time
+
 import ml_dtypes
 import numpy as np
 import pytest
 
 from rapidserve import protos
+from rapidserve.engines.base import TensorSpec
 from rapidserve.server import codec
+from rapidserve.server.config import ModelSpec
 from rapidserve.server.datatypes import CONTENTS_FIELD, DATATYPES
 from rapidserve.server.errors import InvalidRequest
 from rapidserve.server.types import InferResponse
@@ -184,3 +189,245 @@ def test_parameters_and_request_fields_are_decoded() -> None:
     assert (request.model_name, request.model_version, request.id, request.outputs) == ("m", "3", "r1", ("y",))
     assert request.parameters == {"priority": 2, "flag": True, "note": "hi", "ratio": 0.5}
     assert request.deadline == 12.5
+
+
+# --- checks against the model before any decoding ----------------------------------------------
+
+SPEC = ModelSpec(
+    "m",
+    "onnxruntime_onnx",
+    4,
+    (TensorSpec("x", "FP32", (3,)), TensorSpec("s", "BYTES", ())),
+    (TensorSpec("y", "FP32", (3,)),),
+)
+
+
+def _spec_request(**overrides: tuple[str, list[int], bytes]) -> protos.ModelInferRequest:
+    tensors = {"x": ("FP32", [2, 3], b"\x00" * 24), "s": ("BYTES", [2], codec.serialize_bytes(np.array([b"a", b""])))}
+    tensors.update(overrides)
+    msg = protos.ModelInferRequest(model_name="m")
+    for name, entry in tensors.items():
+        if entry is None:
+            continue
+        datatype, shape, raw = entry
+        msg.inputs.add(name=name, datatype=datatype, shape=shape)
+        msg.raw_input_contents.append(raw)
+    return msg
+
+
+@pytest.mark.parametrize(
+    ("overrides", "outputs", "message"),
+    [
+        ({"z": ("FP32", [2, 3], b"\x00" * 24)}, (), "unexpected input 'z' for model 'm'; it takes: x, s"),
+        ({"s": None}, (), "missing input 's' for model 'm'"),
+        ({"x": ("FP64", [2, 3], b"\x00" * 48)}, (), "input 'x': datatype FP64 does not match the model's FP32"),
+        (
+            {"x": ("FP32", [2, 4], b"\x00" * 32)},
+            (),
+            "input 'x': shape [2, 4] does not match the model's [-1, 3] (-1 = any size)",
+        ),
+        (
+            {"x": ("FP32", [6], b"\x00" * 24)},
+            (),
+            "input 'x': shape [6] does not match the model's [-1, 3] (-1 = any size)",
+        ),
+        ({"x": ("FP32", [5, 3], b"\x00" * 60)}, (), "input 'x': batch size 5 exceeds the model's max_batch_size 4"),
+        ({"s": ("BYTES", [3], b"\x00" * 12)}, (), "input 's': batch size 3 differs from the other inputs' 2"),
+        ({}, ("y", "nope"), "unknown output 'nope' requested from model 'm'; it has: y"),
+    ],
+)
+def test_the_spec_is_checked_with_validates_words(overrides: dict, outputs: tuple[str, ...], message: str) -> None:
+    msg = _spec_request(**overrides)
+    for name in outputs:
+        msg.outputs.add(name=name)
+    with pytest.raises(InvalidRequest) as early:
+        codec.decode_request(msg, None, SPEC)
+    with pytest.raises(InvalidRequest) as late:
+        SPEC.validate(codec.decode_request(msg))
+    assert str(early.value) == str(late.value) == message
+
+
+def test_a_request_that_fits_the_spec_decodes_as_without_it() -> None:
+    msg = _spec_request()
+    msg.outputs.add(name="y")
+    checked, plain = codec.decode_request(msg, 3.0, SPEC), codec.decode_request(msg, 3.0)
+    assert list(checked.inputs) == list(plain.inputs) == ["x", "s"]
+    for name, array in plain.inputs.items():
+        assert checked.inputs[name].dtype == array.dtype
+        np.testing.assert_array_equal(checked.inputs[name], array)
+    assert checked.outputs == ("y",) and checked.deadline == 3.0
+    SPEC.validate(checked)
+
+
+def test_a_huge_bytes_tensor_for_an_fp32_input_is_refused_before_any_element_is_decoded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    count = 10_000_000  # 40 MB of empty elements: seconds of work element by element
+    msg = _spec_request(x=("BYTES", [count], b"\x00" * (4 * count)))
+    calls = {"deserialize": 0, "unpack": 0}
+    real_deserialize = codec.deserialize_bytes
+
+    def counting(*args: object, **kwargs: object) -> np.ndarray:
+        calls["deserialize"] += 1
+        return real_deserialize(*args, **kwargs)
+
+    monkeypatch.setattr(codec, "deserialize_bytes", counting)
+    started = time.perf_counter()
+    with pytest.raises(InvalidRequest, match="input 'x': datatype BYTES does not match the model's FP32"):
+        codec.decode_request(msg, None, SPEC)
+    assert time.perf_counter() - started < 1.0  # generous: the check itself is microseconds
+    assert calls["deserialize"] == 0
+    msg = _spec_request(s=("BYTES", [count], b"\x00" * (4 * count)))  # right datatype, batch over the limit
+    with pytest.raises(InvalidRequest, match="batch size 10000000 exceeds the model's max_batch_size 4"):
+        codec.decode_request(msg, None, SPEC)
+    assert calls["deserialize"] == 0
+
+
+def test_a_later_input_is_checked_before_an_earlier_one_is_decoded(monkeypatch: pytest.MonkeyPatch) -> None:
+    msg = protos.ModelInferRequest()
+    msg.inputs.add(name="s", datatype="BYTES", shape=[2])
+    msg.inputs.add(name="x", datatype="FP32", shape=[2, 3])
+    msg.inputs[1].contents.fp32_contents.extend([1.0] * 5)  # one short
+    msg.inputs[0].contents.bytes_contents.extend([b"a", b"b"])
+    converted = []
+    monkeypatch.setattr(codec, "_convert_contents", lambda *args: converted.append(args))
+    with pytest.raises(InvalidRequest, match="fp32_contents has 5 elements, expected 6"):
+        codec.decode_request(msg)
+    assert converted == []
+
+
+# --- shapes numpy cannot hold -------------------------------------------------------------------
+
+ABSURD_SHAPES = [
+    ([2**62, 2**62, 0], "is too large"),  # no element, yet no array has this shape
+    ([2**40, 2**40, 0], "is too large"),
+    ([0, 2**41], "is too large"),
+    ([2**41], "is too large"),
+    ([2**63 - 1, 2**63 - 1], "is too large"),
+    ([3, -1], "has a negative dimension"),
+    ([-2, -3], "has a negative dimension"),  # a positive product
+    ([1] * 65, "shape has 65 dimensions; at most 64 are supported"),
+    ([0] * 100, "shape has 100 dimensions"),
+]
+
+
+@pytest.mark.parametrize(("shape", "message"), ABSURD_SHAPES)
+@pytest.mark.parametrize("datatype", ["FP32", "BYTES", "INT8"])
+@pytest.mark.parametrize("raw", [True, False])
+def test_absurd_shapes_are_invalid_requests(shape: list[int], message: str, datatype: str, raw: bool) -> None:
+    msg = protos.ModelInferRequest()
+    tensor = msg.inputs.add(name="x", datatype=datatype, shape=shape)
+    if raw:
+        msg.raw_input_contents.append(b"")
+    else:
+        getattr(tensor.contents, CONTENTS_FIELD[datatype]).extend([])
+    assert message in _error(msg)
+    response = protos.ModelInferResponse()
+    response.outputs.add(name="y", datatype=datatype, shape=shape)
+    if raw:
+        response.raw_output_contents.append(b"")
+    with pytest.raises(InvalidRequest, match=f"output 'y': .*{message.split(';')[0][:20]}"):
+        codec.decode_response(response)
+
+
+def test_shapes_with_zero_and_large_dims_within_the_limit_still_decode() -> None:
+    msg = protos.ModelInferRequest()
+    msg.inputs.add(name="x", datatype="FP32", shape=[2**20, 0, 2**20])
+    msg.raw_input_contents.append(b"")
+    assert codec.decode_request(msg).inputs["x"].shape == (2**20, 0, 2**20)
+    msg.inputs[0].shape[:] = [1] * 64
+    msg.raw_input_contents[0] = b"\x00" * 4
+    assert codec.decode_request(msg).inputs["x"].ndim == 64
+
+
+# --- BYTES decoding -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "items",
+    [
+        [b"abcd"] * 40,  # one length: the vectorized split
+        [b""] * 40,
+        [b"\x00\x00ab\x00"] * 33,  # trailing NULs survive
+        [bytes([i % 7]) * (i % 5) for i in range(100)],  # mixed lengths
+        [b"ab"] * 10 + [b"abc"] + [b"ab"] * 30,  # one odd element among equal ones
+        [b"x" * 300],
+        [],
+    ],
+)
+def test_bytes_tensors_split_exactly(items: list[bytes]) -> None:
+    buffer = b"".join(struct.pack("<I", len(item)) + item for item in items)
+    decoded = codec.deserialize_bytes("s", buffer, len(items))
+    assert decoded.dtype == object and decoded.shape == (len(items),)
+    assert [type(item) for item in decoded] == [bytes] * len(items)
+    assert decoded.tolist() == items
+
+
+@pytest.mark.parametrize("items", [[b"ab\x00"] * 40, [b"a" * (i % 4) for i in range(40)], [b"x", b""]])
+def test_bytes_elements_are_bytes_when_the_data_is_a_view(items: list[bytes]) -> None:
+    data = b"".join(struct.pack("<I", len(item)) + item for item in items)
+    decoded = codec.deserialize_bytes("s", memoryview(data), len(items))  # large requests' raw entries are views
+    assert [type(item) for item in decoded] == [bytes] * len(items) and decoded.tolist() == items
+
+
+def test_equal_lengths_in_total_but_not_each_take_the_strict_path() -> None:
+    items = [b"ab"] * 20 + [b"a", b"abc"] + [b"ab"] * 20  # sums to what 42 two-byte elements need
+    buffer = b"".join(struct.pack("<I", len(item)) + item for item in items)
+    assert codec.deserialize_bytes("s", buffer, len(items)).tolist() == items
+
+
+@pytest.mark.parametrize(
+    ("buffer", "message"),
+    [
+        (b"\x02\x00\x00\x00ab" * 39 + b"\x09\x00\x00\x00ab", "BYTES element 39 claims 9 bytes but only 2 remain"),
+        (b"\x02\x00\x00\x00ab" * 40 + b"\x00", "1 bytes left over after 40 BYTES elements"),
+        (b"\x02\x00\x00\x00ab" * 20 + b"\x28\x00\x00\x00" + b"z" * 40 + b"\x00\x00", "ends after 21 of 40 elements"),
+        (b"\x02\x00\x00\x00ab" * 39 + b"\x02\x00\x00\x00a", "BYTES element 39 claims 2 bytes but only 1 remain"),
+    ],
+)
+def test_malformed_bytes_tensors_with_many_elements(buffer: bytes, message: str) -> None:
+    with pytest.raises(InvalidRequest, match=message):
+        codec.deserialize_bytes("s", buffer, 40)
+
+
+# --- heavy() ------------------------------------------------------------------------------------
+
+
+class _UnreadableRaw(list):
+    """Raw entries whose data must not be read (doing so copies it out of the message)."""
+
+    def __getitem__(self, index: object) -> bytes:
+        raise AssertionError("heavy() read a raw entry")
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        raise AssertionError("heavy() read the raw entries")
+
+
+class _Request:
+    def __init__(self, msg: protos.ModelInferRequest) -> None:
+        self.inputs = msg.inputs
+        self.raw_input_contents = _UnreadableRaw([None] * len(msg.raw_input_contents))
+
+
+def test_heavy_flags_costly_decodes_from_shapes_and_counts_alone() -> None:
+    digits = codec.encode_request("digits", {"pixels": np.zeros((1, 64), np.float32)})
+    assert not codec.heavy(_Request(digits))
+    assert not codec.heavy(digits, digits.ByteSize())
+    many = protos.ModelInferRequest()
+    many.inputs.add(name="s", datatype="BYTES", shape=[1_000_000])
+    many.raw_input_contents.append(b"")
+    assert codec.heavy(_Request(many))
+    big = protos.ModelInferRequest()
+    big.inputs.add(name="x", datatype="FP32", shape=[64, 1024, 1024])  # 256 MiB claimed: a slow copy
+    big.raw_input_contents.append(b"")
+    assert codec.heavy(_Request(big))
+    typed = protos.ModelInferRequest()
+    typed.inputs.add(name="x", datatype="FP32", shape=[1_000_000]).contents.fp32_contents.extend([0.0] * 1_000_000)
+    assert codec.heavy(typed)
+    assert not codec.heavy(typed, 1000)  # the caller knows the message is small
+    assert codec.heavy(digits, 200 * 2**20)  # or that it is large, whatever the shapes say
+    odd = protos.ModelInferRequest()
+    odd.inputs.add(name="x", datatype="FP32", shape=[1] * 100)
+    odd.inputs.add(name="y", datatype="NOPE", shape=[-(2**63), 2**63 - 1])
+    odd.raw_input_contents.extend([b"", b""])
+    codec.heavy(_Request(odd))  # whatever it answers, it does not raise

@@ -108,3 +108,69 @@ def test_spec_validation_messages() -> None:
             spec.validate(request)
     with pytest.raises(InvalidRequest, match="unknown output 'nope'"):
         spec.validate(InferRequest("m", "", {"x": np.zeros((1, 3), np.float32)}, outputs=("nope",)))
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("dims: [", "expected ']'"),  # used to loop forever
+        ('input [ { name: "x" dims: [ 1, 2', "expected ']'"),
+        ("name: ", "expected a value"),
+        ("input { " * 3000, "nested more than 32 levels deep"),  # used to overflow the stack
+        ("dims: " + "[" * 3000, "nested more than 32 levels deep"),
+        ("optimization < " * 40, "nested more than 32 levels deep"),
+    ],
+)
+def test_malformed_config_text_fails_to_load_at_once(text: str, message: str) -> None:
+    with pytest.raises(ModelLoadError, match=message) as info:
+        parse_config(text, "m/config.pbtxt")
+    assert str(info.value).startswith("m/config.pbtxt: ")
+    assert len(str(info.value)) <= len("m/config.pbtxt: ") + 400  # the parser quotes the line: clipped
+    with pytest.raises(ModelLoadError, match=message):
+        unsupported_fields(text)
+
+
+def test_configs_nested_as_deep_as_real_ones_still_parse() -> None:
+    text = (
+        'optimization { execution_accelerators { gpu_execution_accelerator [ { name: "tensorrt" '
+        'parameters { key: "precision_mode" value: "FP16" } } ] } }'
+    )
+    config = parse_config(text)
+    assert config.optimization.execution_accelerators.gpu_execution_accelerator[0].name == "tensorrt"
+
+
+@pytest.mark.parametrize(
+    ("config_text", "engine_in", "message"),
+    [
+        ('input [{ name: "x" dims: [3] }]', ENGINE_IN, "config input 'x' has no valid data_type \\(got 0\\)"),
+        (
+            'input [{ name: "x" data_type: 99 dims: [3] }]',
+            ENGINE_IN,
+            "no valid data_type \\(got 99\\); expected one of",
+        ),
+        (
+            'max_batch_size: 4 input [{ name: "x" data_type: TYPE_FP32 dims: [3] }, '
+            '{ name: "x" data_type: TYPE_FP32 dims: [3] }]',
+            ENGINE_IN,
+            "config input 'x' is declared more than once",
+        ),
+        ('input [{ name: "x" data_type: TYPE_FP32 dims: [-5] }]', ENGINE_IN, "has dims \\[-5\\]; each is -1"),
+        ("", (TensorSpec("x", "FP8", (-1, 3)),), "the model's input 'x' has datatype FP8, which is not served"),
+    ],
+)
+def test_configs_a_request_could_never_meet_fail_to_load(
+    config_text: str, engine_in: tuple[TensorSpec, ...], message: str
+) -> None:
+    with pytest.raises(ModelLoadError, match=message):
+        complete_config(parse_config(config_text), engine_in, ENGINE_OUT)
+
+
+def test_check_input_checks_one_header_and_carries_the_batch() -> None:
+    spec = complete_config(parse_config("max_batch_size: 4"), (*ENGINE_IN, TensorSpec("w", "INT8", (-1,))), ENGINE_OUT)
+    batch = spec.check_input("x", "FP32", [2, 3], None)
+    assert batch == 2 and spec.check_input("w", "INT8", [2], batch) == 2
+    with pytest.raises(InvalidRequest, match="input 'w': batch size 3 differs from the other inputs' 2"):
+        spec.check_input("w", "INT8", [3], batch)
+    spec.check_names({"x": None, "w": None}, ("y",))
+    with pytest.raises(InvalidRequest, match="missing input 'w'"):
+        spec.check_names({"x": None}, ())
