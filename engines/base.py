@@ -8,7 +8,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-__all__ = ["Engine", "EngineInputError", "EngineOptions", "TensorSpec", "missing_extra"]
+__all__ = ["Engine", "EngineInputError", "EngineOptions", "TensorSpec", "may_run_inline", "missing_extra"]
 
 
 class EngineInputError(ValueError):
@@ -44,8 +44,17 @@ class EngineOptions:
 
 @runtime_checkable
 class Engine(Protocol):
-    """One loaded instance of a model. ``infer`` is called from a worker thread, never concurrently
-    on the same instance; it returns only the outputs named in ``outputs``."""
+    """One loaded instance of a model. ``infer`` returns only the outputs named in ``outputs`` and is
+    never called concurrently on the same instance.
+
+    It runs in the instance's own worker thread, except for a model whose only instance is on the CPU
+    (``may_run_inline``): once its batches take well under a millisecond they run on the event loop
+    thread, where a thread hand-off would cost more than the call. A GPU instance (which waits for its
+    device) and a model with several instances (which run in parallel) always use their threads.
+    ``infer`` raises ``EngineInputError`` when the request's data is what cannot run (the caller's
+    error), any other exception for a failure of its own. A batch of several requests that raises is
+    run again in parts on the same instance, so an exception must leave the instance usable.
+    """
 
     @property
     def inputs(self) -> Sequence[TensorSpec]: ...
@@ -58,6 +67,12 @@ class Engine(Protocol):
     ) -> dict[str, np.ndarray[Any, Any]]: ...
 
     def close(self) -> None: ...
+
+
+def may_run_inline(devices: Sequence[str]) -> bool:
+    """Whether a model whose instances run on ``devices`` ("cpu", "cuda:N") may run its fast batches
+    on the event loop thread: only with exactly one instance, on the CPU."""
+    return len(devices) == 1 and devices[0] == "cpu"
 
 
 def missing_extra(library: str, extra: str) -> ImportError:

@@ -11,6 +11,8 @@ import bisect
 from collections.abc import Sequence
 from typing import Any
 
+from rapidserve.engines.base import EngineInputError
+
 __all__ = ["bucket_for", "default_buckets", "parse_buckets", "select_profile", "unpad"]
 
 
@@ -62,8 +64,9 @@ def select_profile(
 ) -> int:
     """The first optimization profile whose (min, max) range admits every input shape.
 
-    ``ranges[p][i]`` is profile p's (min shape, max shape) for input i. Raises ValueError naming the
-    shapes when no profile fits (the request asks for more than the engine was built for)."""
+    ``ranges[p][i]`` is profile p's (min shape, max shape) for input i. Raises ``EngineInputError``
+    (a ValueError) naming the shapes and the ranges when no profile fits: the request asks for more
+    than the engine was built for, which is the caller's to fix (INVALID_ARGUMENT)."""
     for index, profile in enumerate(ranges):
         if len(profile) != len(shapes):
             continue
@@ -74,4 +77,8 @@ def select_profile(
         )
         if fits:
             return index
-    raise ValueError(f"no optimization profile of the engine admits input shapes {[list(s) for s in shapes]}")
+    admitted = "; ".join(", ".join(f"{list(low)}..{list(high)}" for low, high in profile) for profile in ranges)
+    raise EngineInputError(
+        f"no optimization profile of the engine admits input shapes {[list(s) for s in shapes]}; "
+        f"the profiles admit (min..max per input): {admitted or 'none'}"
+    )

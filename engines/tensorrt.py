@@ -23,7 +23,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from rapidserve.engines.base import EngineOptions, TensorSpec, missing_extra
+from rapidserve.engines.base import EngineInputError, EngineOptions, TensorSpec, missing_extra
 from rapidserve.engines.buckets import select_profile
 
 __all__ = ["TensorRTEngine", "load"]
@@ -125,7 +125,10 @@ class TensorRTEngine:
             for spec, shape in zip(self._inputs, shapes, strict=True):
                 tensor = _to_torch(torch, inputs[spec.name]).to(self._device, non_blocking=True)
                 if not context.set_input_shape(spec.name, shape):
-                    raise ValueError(f"input '{spec.name}' shape {list(shape)} is outside the engine's profile")
+                    raise EngineInputError(
+                        f"input '{spec.name}' shape {list(shape)} is outside optimization profile {profile} "
+                        f"of the engine"
+                    )
                 context.set_tensor_address(spec.name, tensor.data_ptr())
                 keep.append(tensor)
             results = {}

@@ -11,6 +11,11 @@ request; a batch goes when it reaches ``max_batch_size`` or a preferred size, wh
 passed, or, in adaptive mode, as soon as waiting is not expected to bring another request in time.
 While every instance is busy the next batch keeps growing. Requests of a higher priority level
 (1 = highest) are taken first, FIFO within a level.
+
+Faults stay with the requests that cause them: when an instance raises on a batch of several requests,
+the batch is run again in halves on the same instance (and those halves in halves), so only requests
+that fail on their own get the error. A caller sees one line naming the model, the exception and a
+reference; the log keeps the traceback under that reference.
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import logging
+import re
+import secrets
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -28,14 +36,30 @@ from typing import Any
 import numpy as np
 
 from rapidserve.engines.base import EngineInputError
-from rapidserve.server.errors import DeadlineExceeded, EngineError, InvalidRequest, Overloaded, Unavailable
+from rapidserve.server.errors import (
+    DeadlineExceeded,
+    EngineError,
+    InvalidRequest,
+    Overloaded,
+    RapidServeError,
+    Unavailable,
+)
 from rapidserve.server.stats import ModelStats
 from rapidserve.server.types import InferRequest
 
-__all__ = ["BatchRunner", "BatcherConfig", "DynamicBatcher"]
+__all__ = ["INLINE_BELOW_S", "BatchRunner", "BatcherConfig", "DynamicBatcher"]
+
+log = logging.getLogger(__name__)
 
 Arrays = dict[str, np.ndarray[Any, Any]]
 BatchRunner = Callable[[Arrays, Sequence[str]], Arrays]
+
+# Engine time per batch under which a model allowed to run inline (``engines.base.may_run_inline``)
+# does: handing a 10 us model call to a worker thread and back costs far more than the call.
+INLINE_BELOW_S = 0.0005
+ERROR_TEXT_MAX = 200  # characters of an engine error a caller sees (one line; the log has the rest)
+INPUT_ERROR_TEXT_MAX = 1000  # an EngineInputError is written for the caller, and may list what fits
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.~-])/[\w.~+-]+(?:/[\w.~+@-]*)+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,9 +73,10 @@ class BatcherConfig:
     priority_levels: int = 0
     default_priority: int = 0
     adaptive: bool = True
-    # Batches whose engine time stays under this run on the event loop itself: handing a 10 us model
-    # call to a worker thread and back costs far more than the call. 0: always use the threads.
-    inline_below_s: float = 0.0005
+    # Batches whose engine time stays under this run on the event loop itself (INLINE_BELOW_S for a
+    # model with one CPU instance, see ``engines.base.may_run_inline``). 0: always use the threads;
+    # a batcher of several instances always does.
+    inline_below_s: float = 0.0
     # Every request has the same trailing shapes and datatypes (the model's dims have no -1 and the
     # caller validated them): any requests may share a batch, with no per-request signature to build.
     uniform_shapes: bool = False
@@ -129,6 +154,7 @@ class DynamicBatcher:
         self._seq = itertools.count()
         self._running = 0
         self._infer_s: float | None = None  # moving average of engine time per batch
+        self._inline_below_s = config.inline_below_s if len(instances) == 1 else 0.0
         self._inline = False
         self._dispatch_soon = False
         self._closed = False
@@ -304,7 +330,7 @@ class DynamicBatcher:
         return [], ready_at
 
     def _take(self, chosen: list[_Pending]) -> list[_Pending]:
-        """Remove the chosen requests (and any finished ones queued before them) from the queues."""
+        """Remove the chosen requests (and the finished ones queued among them) from the queues."""
         self._joins.dispatched(time.monotonic(), self._arrived)
         for item in chosen:
             item.dispatched = True
@@ -319,6 +345,8 @@ class DynamicBatcher:
                 self._queues.count -= 1
                 if id(item) in picked:
                     remaining -= 1
+                else:
+                    self._left_queue(item)  # cancelled between chosen ones: it leaves the count too
             if not remaining:
                 break
         return chosen
@@ -401,35 +429,71 @@ class DynamicBatcher:
     def _finish(
         self, instance: BatchRunner, batch: list[_Pending], started: float, result: Any, redispatch: bool
     ) -> None:
-        """Hand each request its rows (or the batch's error). Statistics, as Triton keeps them, count
-        the queue and compute times of the requests that succeed."""
+        """Hand each request its rows, or the error it caused."""
         self._running -= 1
         self._free.append(instance)
-        try:
-            if isinstance(result, Exception):
-                raise result
+        if type(result) is tuple:
             outputs, input_ns, infer_ns = result
             self._learn_latency(infer_ns / 1e9)
-        except EngineInputError as exc:
-            self._fail(batch, InvalidRequest(f"model '{self._name}': {exc}"))
-        except Exception as exc:
-            self._fail(batch, EngineError(f"model '{self._name}' failed: {type(exc).__name__}: {exc}"))
+            self._complete(batch, started, outputs, input_ns, infer_ns)
+        elif isinstance(result, _Isolated):
+            self._isolated(batch, started, result)
         else:
+            self._fail(batch, self._caller_error(result))
+        if redispatch:
+            self._dispatch()
+
+    def _complete(self, batch: list[_Pending], started: float, outputs: Arrays, input_ns: int, infer_ns: int) -> None:
+        """Deliver one successful run. Statistics, as Triton keeps them, count the queue and compute
+        times of the requests that succeed, and the runs that succeed as executions."""
+        try:
             split_start = time.monotonic_ns()
             delivered = self._deliver(batch, outputs)
             output_ns = time.monotonic_ns() - split_start
-            if delivered is not None:
-                for item in delivered:
-                    self._stats.queued(int((started - item.enqueued) * 1e9))
-                size = sum(item.size for item in batch)
-                self._stats.record_execution(len(delivered), size, input_ns, infer_ns, output_ns)
-        if redispatch:
-            self._dispatch()
+        except Exception as exc:  # outputs the engine should not have returned: fail, never hang
+            self._fail(batch, self._caller_error(exc))
+            return
+        if delivered is not None:
+            for item in delivered:
+                self._stats.queued(int((started - item.enqueued) * 1e9))
+            size = sum(item.size for item in batch)
+            self._stats.record_execution(len(delivered), size, input_ns, infer_ns, output_ns)
+
+    def _isolated(self, batch: list[_Pending], started: float, isolated: _Isolated) -> None:
+        """Deliver a failed batch's parts: rows to the requests that ran, errors to those that failed alone."""
+        errors: dict[tuple[type[Exception], str], RapidServeError] = {}  # one reference per distinct error
+        failed = 0
+        for part in isolated.parts:
+            requests = batch[part.start : part.stop]
+            if isinstance(part.result, Exception):
+                failed += len(requests)
+                key = (type(part.result), str(part.result))
+                if key not in errors:
+                    errors[key] = self._caller_error(part.result)
+                self._fail(requests, errors[key])
+            else:
+                self._complete(requests, started, part.result, part.input_ns, part.infer_ns)
+        log.warning(
+            "model '%s': a batch of %d requests failed (%s: %s); run again in parts, %d failed on their own",
+            self._name, len(batch), type(isolated.error).__name__, _one_line(isolated.error, ERROR_TEXT_MAX), failed,
+        )  # fmt: skip
+
+    def _caller_error(self, exc: Exception) -> RapidServeError:
+        """What a caller sees of an instance's exception: one line; an engine failure is logged with
+        its traceback under a reference that the caller's message gives."""
+        if isinstance(exc, EngineInputError):
+            return InvalidRequest(f"model '{self._name}': {_one_line(exc, INPUT_ERROR_TEXT_MAX)}")
+        reference = secrets.token_hex(4)
+        log.error("model '%s' failed (reference %s)", self._name, reference, exc_info=exc)
+        head = f"model '{self._name}' failed: {type(exc).__name__}"
+        tail = f" (reference {reference} in the server log)"
+        detail = _one_line(exc, ERROR_TEXT_MAX - len(head) - len(tail) - 2)
+        return EngineError(f"{head}: {detail}{tail}" if detail else head + tail)
 
     def _learn_latency(self, seconds: float) -> None:
         """Track engine time per batch; run batches inline while it stays small (with hysteresis)."""
         self._infer_s = seconds if self._infer_s is None else 0.8 * self._infer_s + 0.2 * seconds
-        limit = self._config.inline_below_s
+        limit = self._inline_below_s
         self._inline = limit > 0 and self._infer_s < (2 * limit if self._inline else limit)
 
     def _deliver(self, batch: list[_Pending], outputs: Arrays) -> list[_Pending] | None:
@@ -478,7 +542,40 @@ class DynamicBatcher:
         self._executor.shutdown(wait=True)
 
 
-def _run_batch(instance: BatchRunner, inputs: list[Arrays], outputs: Sequence[str]) -> tuple[Arrays, int, int]:
+@dataclass(slots=True)
+class _Part:
+    """Requests ``batch[start:stop]`` of a failed batch, run again: their outputs, or their error."""
+
+    start: int
+    stop: int
+    result: Arrays | Exception
+    input_ns: int = 0
+    infer_ns: int = 0
+
+
+@dataclass(slots=True)
+class _Isolated:
+    """A batch of several requests that failed (``error``), and the parts it was run again in."""
+
+    error: Exception
+    parts: list[_Part]
+
+
+def _run_batch(
+    instance: BatchRunner, inputs: list[Arrays], outputs: Sequence[str]
+) -> tuple[Arrays, int, int] | _Isolated:
+    """Run the batch on the instance; when a batch of several requests fails, run it again in parts."""
+    try:
+        return _run(instance, inputs, outputs)
+    except Exception as exc:
+        if len(inputs) == 1:
+            raise
+        parts: list[_Part] = []
+        _bisect(instance, inputs, outputs, 0, len(inputs), parts)
+        return _Isolated(exc, parts)
+
+
+def _run(instance: BatchRunner, inputs: list[Arrays], outputs: Sequence[str]) -> tuple[Arrays, int, int]:
     """Concatenate the requests along dim 0 (no copy for a single request) and run the instance."""
     start = time.monotonic_ns()
     if len(inputs) == 1:
@@ -488,3 +585,31 @@ def _run_batch(instance: BatchRunner, inputs: list[Arrays], outputs: Sequence[st
     ready = time.monotonic_ns()
     result = instance(merged, outputs)
     return result, ready - start, time.monotonic_ns() - ready
+
+
+def _bisect(
+    instance: BatchRunner, inputs: list[Arrays], outputs: Sequence[str], start: int, stop: int, parts: list[_Part]
+) -> None:
+    """Run both halves of the failed requests ``start:stop``; split a failing half again, down to
+    single requests, whose errors are their own. Parts are appended in request order."""
+    middle = (start + stop) // 2
+    for low, high in ((start, middle), (middle, stop)):
+        try:
+            result, input_ns, infer_ns = _run(instance, inputs[low:high], outputs)
+        except Exception as exc:
+            if high - low > 1:
+                _bisect(instance, inputs, outputs, low, high, parts)
+            else:
+                parts.append(_Part(low, high, exc))
+        else:
+            parts.append(_Part(low, high, result, input_ns, infer_ns))
+
+
+def _one_line(exc: BaseException, limit: int) -> str:
+    """An exception's message for a caller: its last non-empty line (a traceback or an engine's dump
+    ends with the error itself), whitespace collapsed, absolute paths hidden, at most ``limit`` characters."""
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    text = _ABSOLUTE_PATH.sub("<path>", " ".join(lines[-1].split())) if lines else ""
+    if limit <= 0:
+        return ""
+    return text if len(text) <= limit else text[: max(limit - 3, 0)] + "..."

@@ -15,13 +15,13 @@ from typing import Any
 
 import numpy as np
 
-from rapidserve.engines.base import Engine, EngineOptions
+from rapidserve.engines.base import Engine, EngineOptions, may_run_inline
 from rapidserve.engines.registry import load_engine
-from rapidserve.server.batcher import BatcherConfig, DynamicBatcher
+from rapidserve.server.batcher import INLINE_BELOW_S, BatcherConfig, BatchRunner, DynamicBatcher
 from rapidserve.server.cache import CacheEntry, PredictionCache
 from rapidserve.server.config import ModelSpec, complete_config
-from rapidserve.server.datatypes import BYTES, config_type_to_datatype, numpy_dtype
-from rapidserve.server.errors import ModelLoadError, RapidServeError
+from rapidserve.server.datatypes import BYTES, DATATYPES, config_type_to_datatype, datatype_of, numpy_dtype
+from rapidserve.server.errors import EngineError, ModelLoadError, RapidServeError
 from rapidserve.server.repository import ModelSource
 from rapidserve.server.stats import ModelStats
 from rapidserve.server.types import InferRequest, InferResponse
@@ -103,7 +103,7 @@ class ModelVersion:
         self._output_names = tuple(spec.name for spec in loaded.spec.outputs)
         self._batcher = DynamicBatcher(
             f"{name}/{loaded.version}",
-            [engine.infer for engine in loaded.engines],
+            [_conforming(engine.infer, loaded.spec) for engine in loaded.engines],
             batcher_config(loaded.config, batching_mode, loaded.spec),
             self.stats,
         )
@@ -239,7 +239,8 @@ BATCHING_MODES = ("adaptive", "fixed")
 
 def batcher_config(config: Any, batching_mode: str = "adaptive", spec: ModelSpec | None = None) -> BatcherConfig:
     """The batcher's settings from a completed model config; the model parameter ``batching_mode``
-    overrides the server's ``--batching-mode``."""
+    overrides the server's ``--batching-mode``. Fast batches run on the event loop only where the
+    engine contract allows it (``may_run_inline``: one instance, on the CPU)."""
     mode = config.parameters["batching_mode"].string_value if "batching_mode" in config.parameters else batching_mode
     if mode not in BATCHING_MODES:
         raise ModelLoadError(f"model '{config.name}': batching_mode must be adaptive or fixed, not '{mode}'")
@@ -265,7 +266,82 @@ def batcher_config(config: Any, batching_mode: str = "adaptive", spec: ModelSpec
         default_priority=int(dynamic.default_priority_level),
         adaptive=mode == "adaptive",
         uniform_shapes=spec is not None and all(-1 not in (s.shape or ()) for s in spec.inputs),
+        inline_below_s=INLINE_BELOW_S if may_run_inline(_configured_devices(config)) else 0.0,
     )
+
+
+def _configured_devices(config: Any) -> list[str]:
+    """A device per instance from the completed ``instance_group``, without asking CUDA: a KIND_GPU
+    group that names no GPU counts as "cuda" once per ``count`` (enough to tell a GPU model apart)."""
+    if not config.instance_group:
+        return ["cpu"]
+    devices: list[str] = []
+    for group in config.instance_group:
+        count = max(group.count, 1)
+        if group.kind == KIND_GPU:
+            devices += ([f"cuda:{gpu}" for gpu in group.gpus] or ["cuda"]) * count
+        else:
+            devices += ["cpu"] * count
+    return devices
+
+
+def _conforming(infer: BatchRunner, spec: ModelSpec) -> BatchRunner:
+    """``infer`` with its outputs held to the config: each requested output present, of the config's
+    datatype or cast to it where no value changes (``_cast``); a dtype compare per output otherwise."""
+    wanted = {s.name: numpy_dtype(s.datatype) for s in spec.outputs if s.datatype}
+
+    def run(inputs: dict[str, np.ndarray[Any, Any]], outputs: Any) -> dict[str, np.ndarray[Any, Any]]:
+        result = infer(inputs, outputs)
+        for name in outputs:
+            array = result.get(name)
+            if array is None:
+                raise EngineError(f"the engine returned no output '{name}'")
+            want = wanted.get(name)
+            if want is not None and array.dtype is not want and array.dtype != want:
+                result = dict(result)
+                result[name] = _cast(name, array, want)
+        return result
+
+    return run
+
+
+_BF16 = DATATYPES["BF16"]
+
+
+def _cast(name: str, array: np.ndarray[Any, Any], want: np.dtype[Any]) -> np.ndarray[Any, Any]:
+    """``array`` as the config's dtype when the cast keeps its kind and every value: a float to a
+    narrower float with no finite value turning infinite, an integer to an integer type that holds
+    every value; raises EngineError naming both datatypes otherwise (a model that disagrees with its
+    config is the operator's to fix, never a silent change of the values a client gets)."""
+    got = array.dtype
+    if want.kind == "O":
+        if got.kind in "OSU":
+            return array
+    elif _is_float(want) and _is_float(got):
+        with np.errstate(over="ignore"):
+            cast = array.astype(want)
+        if np.array_equal(np.isinf(cast), np.isinf(array)):
+            return cast
+        raise EngineError(f"output '{name}' is {_datatype(got)} with values beyond {_datatype(want)}, its config type")
+    elif want.kind in "iu" and got.kind in "iu":
+        info = np.iinfo(want)
+        if not array.size or (info.min <= int(array.min()) and int(array.max()) <= info.max):
+            return array.astype(want)
+        raise EngineError(f"output '{name}' is {_datatype(got)} with values beyond {_datatype(want)}, its config type")
+    raise EngineError(
+        f"output '{name}' is {_datatype(got)} but the config says {_datatype(want)}, and the values would change"
+    )
+
+
+def _is_float(dtype: np.dtype[Any]) -> bool:
+    return dtype.kind == "f" or dtype == _BF16
+
+
+def _datatype(dtype: np.dtype[Any]) -> str:
+    try:
+        return datatype_of(dtype)
+    except ValueError:
+        return str(dtype)
 
 
 def _instance_devices(config: Any) -> list[str]:
@@ -317,6 +393,8 @@ def _warmup_requests(config: Any, spec: ModelSpec, directory: Path) -> list[tupl
             dims = tuple(1 if d < 0 else d for d in spec.full_shape(tensor))
             inputs[tensor.name] = _fill(tensor.datatype or "FP32", dims, "zero", None)
         return [(inputs, 1)]
+    from rapidserve.server.paths import confined_file, shown
+
     requests = []
     rng = np.random.default_rng(0)
     for entry in config.model_warmup:
@@ -325,9 +403,18 @@ def _warmup_requests(config: Any, spec: ModelSpec, directory: Path) -> list[tupl
             dims = tuple(tensor.dims)
             if batching:
                 dims = (max(entry.batch_size, 1), *dims)
+            what = f"warm-up '{entry.name}' input '{name}'"
+            if any(d < 0 for d in dims):
+                raise ModelLoadError(f"{what}: dims {list(dims)} must not be negative")
             kind = tensor.WhichOneof("input_data_type") or "zero_data"
-            file = directory / "warmup" / tensor.input_data_file if kind == "input_data_file" else None
-            inputs[name] = _fill(config_type_to_datatype(tensor.data_type), dims, kind.split("_")[0], file, rng)
+            file = None
+            if kind == "input_data_file":  # a caller's config names it: it must stay in <model>/warmup/
+                what += f": input_data_file '{shown(tensor.input_data_file)}'"
+                rule = "must be a relative path to a regular file in the model's warmup/ folder"
+                folder = directory / "warmup"
+                file = confined_file(folder, tensor.input_data_file, (folder, directory), what, rule)
+            datatype = config_type_to_datatype(tensor.data_type)
+            inputs[name] = _fill(datatype, dims, kind.split("_")[0], file, rng, what)
         missing = {t.name for t in spec.inputs} - set(inputs)
         if missing:
             raise ModelLoadError(f"warm-up '{entry.name}' lacks input(s): {', '.join(sorted(missing))}")
@@ -336,16 +423,26 @@ def _warmup_requests(config: Any, spec: ModelSpec, directory: Path) -> list[tupl
 
 
 def _fill(
-    datatype: str, dims: tuple[int, ...], kind: str, file: Path | None, rng: np.random.Generator | None = None
+    datatype: str,
+    dims: tuple[int, ...],
+    kind: str,
+    file: Path | None,
+    rng: np.random.Generator | None = None,
+    what: str = "warm-up data",
 ) -> np.ndarray[Any, Any]:
+    """A warm-up tensor. ``file`` (already confined) must hold exactly the tensor's bytes and is never
+    read further, whatever it turns out to be."""
+    from rapidserve.server.paths import read_exactly
+
     dtype = numpy_dtype(datatype)
-    count = int(np.prod(dims))
+    count = int(np.prod(dims, dtype=object))  # exact: a fixed-width product could wrap around
     if datatype == BYTES:
         array = np.empty(count, dtype=object)
         array[:] = [b"0"] * count
         return array.reshape(dims)
     if kind == "input" and file is not None:
-        return np.frombuffer(file.read_bytes(), dtype=dtype, count=count).reshape(dims)
+        data = read_exactly(file, count * dtype.itemsize, f"{what} ({datatype} {list(dims)})")
+        return np.frombuffer(data, dtype=dtype).reshape(dims)
     if kind == "random" and rng is not None:
         if dtype.kind == "f" or datatype == "BF16":
             return rng.random(dims, dtype=np.float32).astype(dtype)

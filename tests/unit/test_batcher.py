@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 import threading
 import time
 
 import numpy as np
 import pytest
 
+from rapidserve.engines.base import EngineInputError, TensorSpec, may_run_inline
 from rapidserve.server.batcher import BatcherConfig, DynamicBatcher
+from rapidserve.server.config import complete_config, parse_config
 from rapidserve.server.errors import DeadlineExceeded, EngineError, InvalidRequest, Overloaded, Unavailable
+from rapidserve.server.model import LoadedVersion, ModelVersion
 from rapidserve.server.stats import ModelStats
 from rapidserve.server.types import InferRequest
 
@@ -373,4 +378,219 @@ async def test_finished_requests_are_not_kept_alive_by_their_queue_timeout() -> 
     engine.batches.clear()
     gc.collect()
     assert tensor() is None  # the hour-long deadline entry does not pin the request's tensors
+    await batcher.close()
+
+
+# -- the queue count ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("max_batch_size", [1, 4])
+async def test_requests_cancelled_in_the_middle_of_the_queue_leave_the_count(max_batch_size: int) -> None:
+    engine = FakeEngine()
+    batcher = make(engine, max_batch_size=max_batch_size, max_queue_size=4)
+    engine.hold()
+    running = asyncio.ensure_future(batcher.submit(request(0), ["y"]))
+    await wait_started(engine)
+    queued = [asyncio.ensure_future(batcher.submit(request(i), ["y"])) for i in (1, 2, 3, 4)]
+    await asyncio.sleep(0.01)
+    assert batcher.pending == 4
+    queued[1].cancel()
+    queued[2].cancel()  # in the middle: requests 1 and 4 stay queued around them
+    await asyncio.sleep(0)
+    engine.release()
+    results = await asyncio.gather(running, queued[0], queued[3])
+    assert [float(r["y"][0, 0]) for r in results] == [0.0, 2.0, 8.0]
+    assert batcher.pending == 0
+
+    engine.hold()
+    engine.started.clear()
+    running = asyncio.ensure_future(batcher.submit(request(5), ["y"]))
+    await wait_started(engine)
+    full = [asyncio.ensure_future(batcher.submit(request(i), ["y"])) for i in (6, 7, 8, 9)]  # max_queue_size
+    await asyncio.sleep(0.01)
+    assert not any(task.done() for task in full)  # none refused
+    with pytest.raises(Overloaded):
+        await batcher.submit(request(10), ["y"])
+    engine.release()
+    await asyncio.gather(running, *full)
+    assert batcher.pending == 0
+    await batcher.close()
+
+
+async def test_requests_past_their_deadline_in_the_middle_of_the_queue_leave_the_count() -> None:
+    engine = FakeEngine()
+    batcher = make(engine, max_batch_size=1, max_queue_size=3)
+    engine.hold()
+    running = asyncio.ensure_future(batcher.submit(request(0), ["y"]))
+    await wait_started(engine)
+    first = asyncio.ensure_future(batcher.submit(request(1), ["y"]))
+    late = request(2)
+    late.deadline = time.monotonic() + 0.01
+    expired = asyncio.ensure_future(batcher.submit(late, ["y"]))
+    last = asyncio.ensure_future(batcher.submit(request(3), ["y"]))
+    with pytest.raises(DeadlineExceeded):
+        await expired
+    engine.release()
+    await asyncio.gather(running, first, last)
+    assert batcher.pending == 0
+    await batcher.close()
+
+
+# -- fault isolation ------------------------------------------------------------------------------
+
+
+async def run_one_batch(batcher: DynamicBatcher, engine: FakeEngine, requests: list[InferRequest]) -> list:
+    """Run ``requests`` as one batch (queued while the instance is busy); their results or errors."""
+    engine.hold()
+    engine.started.clear()
+    running = asyncio.ensure_future(batcher.submit(request(0), ["y", "z"]))
+    await wait_started(engine)
+    tasks = [asyncio.ensure_future(batcher.submit(r, ["y", "z"])) for r in requests]
+    await asyncio.sleep(0.01)
+    engine.release()
+    await running
+    return await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        [7, 1, 2, 3],
+        [1, 2, 3, 7],
+        [1, 7, 2, 7, 3, 4, 5, 7],
+        [7, 7, 7],
+        [1, 2, 3, 4, 5, 6, 7, 8],
+    ],
+)
+async def test_only_the_requests_that_fail_on_their_own_get_the_error(values: list[int]) -> None:
+    engine = FakeEngine(fail_on=7.0)
+    stats = ModelStats()
+    batcher = DynamicBatcher("m", [engine.infer], BatcherConfig(max_batch_size=16, inline_below_s=0), stats)
+    rows = [1 + i % 3 for i in range(len(values))]
+    results = await run_one_batch(batcher, engine, [request(v, n) for v, n in zip(values, rows, strict=True)])
+    assert len(engine.batches[1]) == sum(rows)  # they did share one batch
+    for value, n, result in zip(values, rows, results, strict=True):
+        if value == 7:
+            assert isinstance(result, EngineError) and "RuntimeError" in str(result)
+        else:
+            x = np.full((n, 3), value, np.float32)
+            np.testing.assert_array_equal(result["y"], x * 2)
+            np.testing.assert_array_equal(result["z"], x.sum(axis=1))
+    runs = engine.batches[1:]
+    succeeded = [b for b in runs if not (b == 7).any()]
+    good_rows = sum(n for v, n in zip(values, rows, strict=True) if v != 7)
+    assert stats.execution_count == 1 + len(succeeded)  # the first request's batch, then each run that worked
+    assert stats.inference_count == 1 + good_rows
+    assert stats.queue.count == 1 + sum(v != 7 for v in values)  # each answered request once
+    assert (await batcher.submit(request(2), ["y"]))["y"][0, 0] == 4  # the instance goes on
+    await batcher.close()
+
+
+async def test_an_input_error_of_the_whole_batch_is_retried_in_parts() -> None:
+    class FourRows(FakeEngine):
+        def infer(self, inputs, outputs):
+            if len(inputs["x"]) > 4:  # like a TensorRT profile that admits at most 4 rows
+                self.batches.append(inputs["x"].copy())
+                raise EngineInputError(f"shape {list(inputs['x'].shape)} is outside every optimization profile")
+            return super().infer(inputs, outputs)
+
+    engine = FourRows()
+    batcher = make(engine)
+    results = await run_one_batch(batcher, engine, [request(1, 3), request(2, 3), request(3, 5)])
+    np.testing.assert_array_equal(results[0]["y"], np.full((3, 3), 2, np.float32))
+    np.testing.assert_array_equal(results[1]["y"], np.full((3, 3), 4, np.float32))
+    assert isinstance(results[2], InvalidRequest)  # fails alone: the caller's request is what cannot run
+    assert "outside every optimization profile" in str(results[2])
+    await batcher.close()
+
+
+async def test_an_engine_error_reaches_the_caller_as_one_line_and_the_log_keeps_the_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    dump = (
+        'engine dump\nTraceback (most recent call last):\n  File "/srv/secret/model.py", line 3\nbad row ' + "x" * 500
+    )
+
+    def explode(inputs, outputs):
+        raise RuntimeError(dump)
+
+    batcher = DynamicBatcher("m/1", [explode], BatcherConfig(max_batch_size=8, inline_below_s=0), ModelStats())
+    with caplog.at_level(logging.ERROR, logger="rapidserve.server.batcher"):
+        results = await asyncio.gather(*(batcher.submit(request(i), ["y"]) for i in range(3)), return_exceptions=True)
+    messages = [str(r) for r in results]
+    for message in messages:
+        assert "\n" not in message and "Traceback" not in message and "/srv/secret" not in message
+        assert len(message) <= 200
+        assert message.startswith("model 'm/1' failed: RuntimeError")
+    references = {re.search(r"reference (\w+)", message).group(1) for message in messages}
+    logged = {r for r in caplog.records if any(ref in r.getMessage() for ref in references)}
+    assert logged and all(r.exc_info and r.exc_info[1].args == (dump,) for r in logged)
+    assert "Traceback" in caplog.text and "/srv/secret/model.py" in caplog.text  # the operator sees it all
+    await batcher.close()
+
+
+# -- what runs on the event loop ------------------------------------------------------------------
+
+
+class Instant:
+    """An engine that takes microseconds, and records the thread that ran each call."""
+
+    inputs = (TensorSpec("x", "FP32", (-1, 3)),)
+    outputs = (TensorSpec("y", "FP32", (-1, 3)),)
+
+    def __init__(self) -> None:
+        self.threads: list[int] = []
+
+    def infer(self, inputs, outputs):
+        self.threads.append(threading.get_ident())
+        return {"y": inputs["x"] * 2}
+
+    def close(self) -> None:
+        pass
+
+
+def fast_version(instance_group: str, instances: int) -> tuple[ModelVersion, list[Instant]]:
+    config = parse_config(f'name: "fast"\nmax_batch_size: 8\ninstance_group [ {instance_group} ]')
+    engines = [Instant() for _ in range(instances)]
+    spec = complete_config(config, Instant.inputs, Instant.outputs)
+    return ModelVersion("fast", LoadedVersion(1, config, spec, engines, 0.0)), engines
+
+
+@pytest.mark.parametrize(
+    ("instance_group", "instances", "inline"),
+    [
+        ("{ kind: KIND_CPU, count: 1 }", 1, True),
+        ("{ kind: KIND_CPU, count: 2 }", 2, False),
+        ("{ kind: KIND_CPU, count: 1 }, { kind: KIND_CPU, count: 1 }", 2, False),
+        ("{ kind: KIND_GPU, count: 1, gpus: [ 0 ] }", 1, False),
+    ],
+)
+async def test_only_a_single_cpu_instance_runs_fast_batches_on_the_event_loop(
+    instance_group: str, instances: int, inline: bool
+) -> None:
+    version, engines = fast_version(instance_group, instances)
+    loop_thread = threading.get_ident()
+    for i in range(20):
+        out = await version.infer(InferRequest("fast", "", {"x": np.full((1, 3), i, np.float32)}))
+        np.testing.assert_array_equal(out.outputs["y"], np.full((1, 3), 2 * i, np.float32))
+    threads = [t for engine in engines for t in engine.threads]
+    assert len(threads) == 20
+    assert (loop_thread in threads) == inline
+    await version.close()
+
+
+def test_the_engine_contract_says_which_instances_may_run_inline() -> None:
+    assert may_run_inline(["cpu"])
+    assert not may_run_inline(["cpu", "cpu"])
+    assert not may_run_inline(["cuda:0"])
+    assert not may_run_inline([])
+
+
+async def test_the_batcher_never_runs_several_instances_inline() -> None:
+    engine = FakeEngine()
+    batcher = make(engine, instances=2, inline_below_s=10.0)  # a limit every batch is under
+    loop_thread = threading.current_thread()
+    for i in range(10):
+        await batcher.submit(request(i), ["y"])
+    assert loop_thread not in engine.threads
     await batcher.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from rapidserve.engines.base import EngineInputError
 from rapidserve.engines.buckets import bucket_for, default_buckets, parse_buckets, select_profile, unpad
 
 
@@ -50,3 +51,15 @@ def test_the_first_profile_that_admits_every_input_is_chosen() -> None:
         select_profile(profiles, [(128, 3, 224, 224)])
     with pytest.raises(ValueError):
         select_profile(profiles, [(4, 3, 112, 112)])
+
+
+def test_a_shape_outside_every_profile_is_the_callers_error_and_says_what_fits() -> None:
+    profiles = [[((1, 3), (8, 3)), ((1,), (8,))], [((9, 3), (64, 3)), ((9,), (64,))]]
+    assert select_profile(profiles, [(9, 3), (9,)]) == 1
+    with pytest.raises(EngineInputError) as info:  # INVALID_ARGUMENT at the edge, not INTERNAL
+        select_profile(profiles, [(65, 3), (65,)])
+    assert isinstance(info.value, ValueError)  # callers that catch ValueError keep working
+    message = str(info.value)
+    assert "[[65, 3], [65]]" in message and "[1, 3]..[8, 3], [1]..[8]; [9, 3]..[64, 3], [9]..[64]" in message
+    with pytest.raises(EngineInputError, match="admit"):
+        select_profile(profiles, [(4, 3)])  # one input too few
