@@ -41,7 +41,11 @@ class Admission:
         self.read_timeout_s = read_timeout_s
         self.held = 0  # bytes of admitted requests not yet answered
         self.reading = 0  # reads in progress, each reserving ``reserve``
-        self._waiting: deque[asyncio.Future[None]] = deque()
+        self._waiting: deque[asyncio.Future[bool]] = deque()
+        self._reads: dict[asyncio.Task[Any], float] = {}  # reads in progress: when each gives up
+        self._late: set[asyncio.Task[Any]] = set()  # reads the sweep cancelled
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._sweep_s = min(max(read_timeout_s / 4, 0.01), 1.0)
 
     def _room_to_read(self) -> bool:
         return self.held + (self.reading + 1) * self.reserve <= self.budget
@@ -56,27 +60,49 @@ class Admission:
         self, receive: Callable[[], Awaitable[T]], size_of: Callable[[T], int], deadline: float | None
     ) -> tuple[T, int]:
         """Receive one unary message within the budget; returns it and the bytes it holds, which the
-        caller gives back with ``release`` once the request is answered."""
+        caller gives back with ``release`` once the request is answered. (gRPC itself ends the call
+        when the client's deadline passes.)"""
         if self.held + self.reserve > self.budget:
             raise self.refusal()
         give_up = time.monotonic() + self.read_timeout_s
-        if deadline is not None:
-            give_up = min(give_up, deadline)
         if self._waiting or not self._room_to_read():
-            await self._wait_turn(give_up)  # a read slot is ours when it returns
+            await self._wait_turn(give_up if deadline is None else min(give_up, deadline))  # then a slot is ours
         else:
             self.reading += 1
+        task = asyncio.current_task()
+        assert task is not None
+        self._reads[task] = give_up  # a sweep cancels reads past their time: cheaper than a timer each
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().call_later(self._sweep_s, self._sweep)
         try:
-            message = await asyncio.wait_for(receive(), max(give_up - time.monotonic(), 0.001))
+            message = await receive()
             size = size_of(message)
             if not self.admit(size):  # (cannot happen while reservations hold: checked all the same)
                 raise self.refusal()
-        except asyncio.TimeoutError:
-            raise self._late(deadline) from None
+        except asyncio.CancelledError:
+            if task not in self._late:
+                raise
+            if hasattr(task, "uncancel"):  # Python 3.11+: this cancellation is handled here
+                task.uncancel()
+            raise self._late_error(deadline) from None
         finally:
+            del self._reads[task]
+            self._late.discard(task)
             self.reading -= 1  # the reservation goes only once the real size is held
-            self._wake()
+            if self._waiting:
+                self._wake()
         return message, size
+
+    def _sweep(self) -> None:
+        """Cancel the reads whose message has not arrived in time."""
+        now = time.monotonic()
+        for task, give_up in self._reads.items():
+            if give_up <= now and task not in self._late:
+                self._late.add(task)
+                task.cancel()
+        self._sweeper = None
+        if self._reads:
+            self._sweeper = asyncio.get_running_loop().call_later(self._sweep_s, self._sweep)
 
     def admit(self, size: int) -> bool:
         """Hold ``size`` more bytes if they fit in the budget (stream messages, already read)."""
@@ -87,7 +113,8 @@ class Admission:
 
     def release(self, size: int) -> None:
         self.held -= size
-        self._wake()
+        if self._waiting:
+            self._wake()
 
     async def _wait_turn(self, give_up: float) -> None:
         waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
@@ -127,14 +154,10 @@ class Admission:
                 return  # room comes back when a read ends or a request is answered
 
     @staticmethod
-    def _late(deadline: float | None) -> Exception:
+    def _late_error(deadline: float | None) -> Exception:
         if deadline is not None and time.monotonic() >= deadline:
             return DeadlineExceeded("the deadline passed before the request's message arrived")
         return DeadlineExceeded(
             "the request's message did not arrive in time (--grpc-request-read-timeout-secs); "
             "the client sent its headers but not its body"
         )
-
-
-def message_size(message: Any) -> int:
-    return int(message.ByteSize())
