@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import os
 import signal
@@ -217,48 +218,23 @@ def _serve_arguments(serve: argparse.ArgumentParser) -> None:
         default=_size(_env("max-inflight-bytes", "1GiB")),
         help="request bytes admitted at once across all calls (default 1GiB); over it RESOURCE_EXHAUSTED",
     )
-    limits.add_argument(
-        "--grpc-request-read-timeout-secs",
-        type=float,
-        default=float(_env("grpc-request-read-timeout-secs", 30)),
-        help="a call's request message must arrive within this many seconds (default 30)",
-    )
-    limits.add_argument(
-        "--grpc-handshake-timeout-secs",
-        type=float,
-        default=float(_env("grpc-handshake-timeout-secs", 10)),
-        help="close connections that have not finished the TLS and HTTP/2 handshake by then (default 10)",
-    )
-    limits.add_argument(
-        "--grpc-max-concurrent-streams",
-        type=int,
-        default=int(_env("grpc-max-concurrent-streams", 1024)),
-        help="calls in flight on one connection (default 1024)",
-    )
-    limits.add_argument("--grpc-keepalive-time", type=int, default=int(_env("grpc-keepalive-time", 7_200_000)),
-                        metavar="MS", help="ping an idle connection after this long (default 7200000)")  # fmt: skip
-    limits.add_argument("--grpc-keepalive-timeout", type=int, default=int(_env("grpc-keepalive-timeout", 20_000)),
-                        metavar="MS", help="close it if the ping is not answered by then (default 20000)")  # fmt: skip
+    number = functools.partial(_number, limits)
+    number("grpc-request-read-timeout-secs", float, 30, "a call's request message must arrive within this many seconds")
+    number("grpc-handshake-timeout-secs", float, 10, "close connections that have not finished the TLS and HTTP/2 "
+           "handshake by then")  # fmt: skip
+    number("grpc-max-concurrent-streams", int, 1024, "calls in flight on one connection")
+    number("grpc-keepalive-time", int, 7_200_000, "ping an idle connection after this many ms")
+    number("grpc-keepalive-timeout", int, 20_000, "close it if the ping is not answered within this many ms")
     _bool_option(limits, "grpc-keepalive-permit-without-calls", "allow keepalive pings on connections with no calls")
-    limits.add_argument(
-        "--grpc-http2-max-pings-without-data",
-        type=int,
-        default=int(_env("grpc-http2-max-pings-without-data", 2)),
-        help="pings the server sends with no data in between (default 2)",
-    )
-    limits.add_argument(
-        "--grpc-http2-min-recv-ping-interval-without-data",
-        type=int,
-        default=int(_env("grpc-http2-min-recv-ping-interval-without-data", 300_000)),
-        metavar="MS",
-        help="a client ping sooner than this after the last is a strike (default 300000)",
-    )
-    limits.add_argument(
-        "--grpc-http2-max-ping-strikes",
-        type=int,
-        default=int(_env("grpc-http2-max-ping-strikes", 2)),
-        help="strikes before the connection is closed with GOAWAY (default 2; 0: no limit)",
-    )
+    number("grpc-http2-max-pings-without-data", int, 2, "pings the server sends with no data in between")
+    number("grpc-http2-min-recv-ping-interval-without-data", int, 300_000,
+           "a client ping sooner than this many ms after the last is a strike")  # fmt: skip
+    number("grpc-http2-max-ping-strikes", int, 2, "strikes before the connection is closed with GOAWAY (0: no limit)")
+
+
+def _number(group: Any, name: str, kind: type, default: float, help: str) -> None:
+    """A numeric option whose default comes from its environment variable, else ``default``."""
+    group.add_argument(f"--{name}", type=kind, default=kind(_env(name, default)), help=f"{help} (default {default})")
 
 
 def _env_list(value: list[str] | None, name: str) -> list[str]:

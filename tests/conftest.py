@@ -10,10 +10,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from certs import Pki, make_pki
 from testmodels import build_repository
 
 from rapidserve.server.app import InferenceServer
 from rapidserve.server.settings import ServerSettings
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """A CA with a server certificate (localhost, 127.0.0.1) and a client certificate, made for this run."""
+    return make_pki(tmp_path_factory.mktemp("pki"), "a")
 
 
 @pytest.fixture(scope="session")

@@ -43,11 +43,6 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("pki"), "a")
-
-
-@pytest.fixture(scope="module")
 def other_pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     """Certificates of an unrelated CA: the server must not trust its client certificate, nor the
     client a server certificate it signed."""

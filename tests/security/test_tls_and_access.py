@@ -31,11 +31,6 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return repo
 
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("pki"), "a")
-
-
 def _credentials(pki: Pki, client_cert: bool = True) -> grpc.ChannelCredentials:
     return grpc.ssl_channel_credentials(
         pki.ca.read_bytes(),
