@@ -2,7 +2,7 @@
 (peak RSS from /proc, the worst ServerLive latency while it runs, how long until it is over).
 
 Probes: one 1.5 GB message; a 180 MB BYTES tensor sent to an FP32 input; 8 concurrent 256 MB requests
-(1 GiB in-flight budget); 3,000 TCP connections that never send the HTTP/2 preface; SIGTERM with open
+(1 GiB in-flight budget); 5,000 TCP connections that never send the HTTP/2 preface; SIGTERM with open
 streams. ``--python`` runs the server from another environment (an older version, to compare in one run);
 flags an older server does not know are left out with ``--legacy``.
 
@@ -196,7 +196,7 @@ def probe_concurrent(python: str, repo: Path, legacy: bool) -> list[str]:
 def probe_stalled(python: str, repo: Path, legacy: bool) -> list[str]:
     server = Server(python, repo)
     host, port = server.url.rsplit(":", 1)
-    sockets = [socket.create_connection((host, int(port))) for _ in range(3000)]
+    sockets = [socket.create_connection((host, int(port))) for _ in range(5000)]
     try:
         live = Liveness(server.url)
         healthy_start = time.monotonic()
@@ -211,7 +211,7 @@ def probe_stalled(python: str, repo: Path, legacy: bool) -> list[str]:
             except TimeoutError:
                 break
         closed_after = time.monotonic() - start
-        return ["3,000 connections without a preface", f"healthy call {outcome} in {healthy_ms:.0f} ms",
+        return ["5,000 connections without a preface", f"healthy call {outcome} in {healthy_ms:.0f} ms",
                 f"{server.memory_mb('VmHWM') - server.baseline_mb:,.0f}", f"{live.stop() * 1e3:,.0f}",
                 f"all closed after {closed_after:.0f}"]  # fmt: skip
     finally:

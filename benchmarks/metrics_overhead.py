@@ -37,8 +37,9 @@ from _harness import Server, build_mlp, find_perf_analyzer, perf_analyzer, print
 
 from rapidserve import protos
 from rapidserve.server.manager import ModelManager
-from rapidserve.server.servicer import InferenceServicer, serialize
+from rapidserve.server.servicer import InferenceServicer
 from rapidserve.server.stats import ModelStats
+from rapidserve.server.transport import serialize
 
 FULL = {name: getattr(ModelStats, name) for name in ("succeeded", "queued", "record_execution", "failed")}
 
@@ -114,7 +115,7 @@ async def request_path_us(repo: Path, requests: int, rounds: int, concurrency: i
 
     async def client(count: int) -> None:
         for _ in range(count):
-            serialize(await servicer._infer(protos.ModelInferRequest.FromString(wire), None))
+            serialize(await servicer.infer(protos.ModelInferRequest.FromString(wire), None, len(wire)))
 
     async def run(count: int) -> float:
         start = time.process_time()

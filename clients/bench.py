@@ -32,9 +32,9 @@ import grpc
 import numpy as np
 
 from rapidserve import protos
-from rapidserve.clients._options import Headers, Tls, client_options, tls
-from rapidserve.clients._options import add_arguments as client_arguments
 from rapidserve.clients.client import Client, InferenceServerError
+from rapidserve.clients.connection import Headers, Tls, client_options, tls
+from rapidserve.clients.connection import add_arguments as client_arguments
 from rapidserve.clients.h2grpc import Connection, Reply
 from rapidserve.clients.loadgen import LoadPoint, Measurement, Window, closed_loop, open_loop, summarize
 from rapidserve.server import codec

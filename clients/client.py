@@ -21,7 +21,7 @@ import grpc
 import numpy as np
 
 from rapidserve import protos
-from rapidserve.clients._options import Tls, channel, check_headers, hint, tls
+from rapidserve.clients.connection import Tls, channel, check_headers, hint, tls
 from rapidserve.engines.base import TensorSpec
 from rapidserve.server import codec
 from rapidserve.server.types import ParamValue

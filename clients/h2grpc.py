@@ -30,7 +30,7 @@ from urllib.parse import unquote
 import grpc
 import hpack
 
-from rapidserve.clients._options import check_headers
+from rapidserve.clients.connection import check_headers
 
 __all__ = ["Connection", "Reply", "Stream", "ssl_context"]
 

@@ -23,11 +23,11 @@ __all__ = ["main"]
 log = logging.getLogger("rapidserve")
 
 
-def _env(name: str, default: Any = None, *, many: bool = False) -> Any:
+def _env(name: str, default: Any = None, *, many: bool = False, separator: str = ",") -> Any:
     value = os.environ.get("RAPIDSERVE_" + name.upper().replace("-", "_"))
     if value is None:
         return default
-    return [v for v in value.split(",") if v] if many else value
+    return [v.strip() for v in value.split(separator) if v.strip()] if many else value
 
 
 def _size(text: str) -> int:
@@ -75,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     infer.add_argument("--timeout-s", type=float, default=None)
     infer.add_argument("--seed", type=int, default=0)
     infer.add_argument("--log-level", default=_env("log-level", "WARNING"))
-    from rapidserve.clients._options import add_arguments as client_arguments
+    from rapidserve.clients.connection import add_arguments as client_arguments
 
     client_arguments(infer, _env)
 
@@ -183,7 +183,8 @@ def _serve_arguments(serve: argparse.ArgumentParser) -> None:
         metavar="PROTOCOLS:KEY=VALUE",
         help="require the header triton-grpc-protocol-KEY: VALUE for the comma-separated protocols (health, "
         "metadata, inference, shared-memory, model-config, model-repository, statistics, trace, logging); "
-        "VALUE @FILE reads the value from FILE (repeatable, one group per protocol)",
+        "VALUE @FILE reads the value from FILE (repeatable, one group per protocol; in the environment variable, "
+        "groups are separated by ';')",
     )
     _bool_option(
         access,
@@ -223,6 +224,7 @@ def _serve_arguments(serve: argparse.ArgumentParser) -> None:
     number("grpc-handshake-timeout-secs", float, 10, "close connections that have not finished the TLS and HTTP/2 "
            "handshake by then")  # fmt: skip
     number("grpc-max-concurrent-streams", int, 1024, "calls in flight on one connection")
+    number("grpc-max-connection-idle-secs", float, 300, "close a connection that has had no call for this long")
     number("grpc-keepalive-time", int, 7_200_000, "ping an idle connection after this many ms")
     number("grpc-keepalive-timeout", int, 20_000, "close it if the ping is not answered within this many ms")
     _bool_option(limits, "grpc-keepalive-permit-without-calls", "allow keepalive pings on connections with no calls")
@@ -237,9 +239,10 @@ def _number(group: Any, name: str, kind: type, default: float, help: str) -> Non
     group.add_argument(f"--{name}", type=kind, default=kind(_env(name, default)), help=f"{help} (default {default})")
 
 
-def _env_list(value: list[str] | None, name: str) -> list[str]:
-    """A repeatable option: the flags given, else its environment variable (comma-separated)."""
-    return value if value is not None else list(_env(name, [], many=True))
+def _env_list(value: list[str] | None, name: str, separator: str = ",") -> list[str]:
+    """A repeatable option: the flags given, else its environment variable (values separated by
+    ``separator``: ``;`` where a value has commas of its own, as restriction groups do)."""
+    return value if value is not None else list(_env(name, [], many=True, separator=separator))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -265,7 +268,7 @@ def _health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from rapidserve.clients._options import channel, client_options, hint, tls
+    from rapidserve.clients.connection import channel, client_options, hint, tls
 
     try:
         options = client_options(args)
@@ -354,7 +357,8 @@ def _settings(args: argparse.Namespace) -> tuple[Any, bool]:
         tls = TlsSettings(args.grpc_server_cert, args.grpc_server_key, args.grpc_root_cert, args.grpc_use_ssl_mutual)
     try:
         restrictions = tuple(
-            parse_restriction(text) for text in _env_list(args.grpc_restricted_protocol, "grpc-restricted-protocol")
+            parse_restriction(text)
+            for text in _env_list(args.grpc_restricted_protocol, "grpc-restricted-protocol", separator=";")
         )
         check_groups(restrictions)
     except (OSError, ValueError) as exc:
@@ -363,6 +367,11 @@ def _settings(args: argparse.Namespace) -> tuple[Any, bool]:
                         ("grpc-max-concurrent-streams", args.grpc_max_concurrent_streams)):  # fmt: skip
         if not 0 < value <= INT32_MAX:
             raise ValueError(f"--{flag} must be between 1 and {INT32_MAX} (gRPC's limit), got {value}")
+    if args.max_inflight_bytes < 2 * args.grpc_max_message_bytes:
+        raise ValueError(
+            "--max-inflight-bytes must be at least twice --grpc-max-message-bytes (a message being read, "
+            "and its hand-over copy)"
+        )
     if args.allow_code_models_upload and not args.allow_model_upload:
         raise ValueError("--allow-code-models-upload needs --allow-model-upload")
     settings = ServerSettings(
@@ -392,6 +401,7 @@ def _settings(args: argparse.Namespace) -> tuple[Any, bool]:
         grpc_http2_min_recv_ping_interval_without_data_ms=args.grpc_http2_min_recv_ping_interval_without_data,
         grpc_http2_max_ping_strikes=args.grpc_http2_max_ping_strikes,
         grpc_max_concurrent_streams=args.grpc_max_concurrent_streams,
+        grpc_max_connection_idle_s=args.grpc_max_connection_idle_secs,
         grpc_request_read_timeout_s=args.grpc_request_read_timeout_secs,
     )
     return settings, demo
@@ -422,8 +432,8 @@ def _run_loop(main: Any) -> int:
 def _infer(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from rapidserve.clients._options import client_options
     from rapidserve.clients.client import Client, InferenceServerError
+    from rapidserve.clients.connection import client_options
 
     try:
         client = Client(args.url, timeout_s=args.timeout_s, **client_options(args))

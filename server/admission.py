@@ -1,15 +1,17 @@
 """Admission by bytes: how much request data the server holds at once, across all calls and models.
 
 gRPC has no content length: a request's size is known only once its message has been read, and while
-it is read gRPC buffers it (and Python copies it once more). So a unary call reserves room for the
-largest message the server accepts before it reads, and holds its real size from then until it is
-answered:
+it is read gRPC buffers it. So a unary call reserves room for the largest message the server accepts
+before it reads, and holds its real size from then until it is answered. One more message's room is
+kept for the hand-over, when gRPC copies a received message into Python (one at a time: it happens on
+the event loop's thread):
 
 - a call whose message could not fit beside the bytes already held is refused at once
   (``Overloaded``, RESOURCE_EXHAUSTED), before its body is read;
-- a call that would fit, but only once reads in progress end, waits for them (FIFO), at most until the
-  read timeout or its deadline;
-- a message must arrive within the read timeout, so a slow sender cannot hold a reservation forever.
+- a call that would fit, but only once reads in progress end, waits for them (FIFO), at most the read
+  timeout or until its deadline (then DEADLINE_EXCEEDED);
+- a message must arrive within the read timeout of its read starting, so a slow sender cannot hold a
+  reservation for long.
 
 Stream messages cannot be refused unread (the answer needs their ``id``): each stream reads one
 message at a time and admits it by its real size, answering RESOURCE_EXHAUSTED when it does not fit.
@@ -30,14 +32,17 @@ __all__ = ["Admission"]
 
 T = TypeVar("T")
 
-# While gRPC hands a message over it exists twice (its buffers and the Python bytes).
-COPIES_WHILE_READING = 2
-
 
 class Admission:
     def __init__(self, budget_bytes: int, max_message_bytes: int, read_timeout_s: float) -> None:
+        if budget_bytes < 2 * max_message_bytes:
+            raise ValueError(
+                f"an in-flight budget of {budget_bytes} bytes cannot take one message of {max_message_bytes} "
+                "bytes and its hand-over copy: it must be at least twice the message limit"
+            )
         self.budget = budget_bytes
-        self.reserve = min(COPIES_WHILE_READING * max_message_bytes, budget_bytes)
+        self.reserve = max_message_bytes  # per read in progress
+        self.handover = max_message_bytes  # one at a time, for every read
         self.read_timeout_s = read_timeout_s
         self.held = 0  # bytes of admitted requests not yet answered
         self.reading = 0  # reads in progress, each reserving ``reserve``
@@ -48,7 +53,11 @@ class Admission:
         self._sweep_s = min(max(read_timeout_s / 4, 0.01), 1.0)
 
     def _room_to_read(self) -> bool:
-        return self.held + (self.reading + 1) * self.reserve <= self.budget
+        return self.held + (self.reading + 1) * self.reserve + self.handover <= self.budget
+
+    def _could_ever_fit(self) -> bool:
+        """Whether a read could start once the reads in progress end (else: refuse at once)."""
+        return self.held + self.reserve + self.handover <= self.budget
 
     def refusal(self) -> Overloaded:
         return Overloaded(
@@ -62,29 +71,29 @@ class Admission:
         """Receive one unary message within the budget; returns it and the bytes it holds, which the
         caller gives back with ``release`` once the request is answered. (gRPC itself ends the call
         when the client's deadline passes.)"""
-        if self.held + self.reserve > self.budget:
+        if not self._could_ever_fit():
             raise self.refusal()
-        give_up = time.monotonic() + self.read_timeout_s
         if self._waiting or not self._room_to_read():
-            await self._wait_turn(give_up if deadline is None else min(give_up, deadline))  # then a slot is ours
+            await self._wait_turn(deadline)  # then a slot is ours
         else:
             self.reading += 1
         task = asyncio.current_task()
         assert task is not None
-        self._reads[task] = give_up  # a sweep cancels reads past their time: cheaper than a timer each
+        # a sweep cancels reads past their time: cheaper than a timer each
+        self._reads[task] = time.monotonic() + self.read_timeout_s
         if self._sweeper is None:
             self._sweeper = asyncio.get_running_loop().call_later(self._sweep_s, self._sweep)
         try:
             message = await receive()
             size = size_of(message)
-            if not self.admit(size):  # (cannot happen while reservations hold: checked all the same)
+            if not self.admit(size):  # (stream messages admitted meanwhile may have used the room)
                 raise self.refusal()
         except asyncio.CancelledError:
             if task not in self._late:
                 raise
             if hasattr(task, "uncancel"):  # Python 3.11+: this cancellation is handled here
                 task.uncancel()
-            raise self._late_error(deadline) from None
+            raise self._late_error() from None
         finally:
             del self._reads[task]
             self._late.discard(task)
@@ -116,9 +125,13 @@ class Admission:
         if self._waiting:
             self._wake()
 
-    async def _wait_turn(self, give_up: float) -> None:
+    async def _wait_turn(self, deadline: float | None) -> None:
+        """Wait for a read slot, at most the read timeout and until ``deadline``."""
         waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._waiting.append(waiter)
+        give_up = time.monotonic() + self.read_timeout_s
+        if deadline is not None:
+            give_up = min(give_up, deadline)
         try:
             granted = await asyncio.wait_for(asyncio.shield(waiter), max(give_up - time.monotonic(), 0.001))
         except BaseException as exc:
@@ -129,6 +142,8 @@ class Admission:
                 self._waiting.remove(waiter)
             self._wake()
             if isinstance(exc, asyncio.TimeoutError):
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise DeadlineExceeded("the deadline passed while the request waited for room to be read") from None
                 raise Overloaded(
                     f"other requests are being read and the server admits {self.budget} bytes at once "
                     "(--max-inflight-bytes); retry later"
@@ -143,7 +158,7 @@ class Admission:
             first = self._waiting[0]
             if first.done():
                 self._waiting.popleft()
-            elif self.held + self.reserve > self.budget:
+            elif not self._could_ever_fit():
                 self._waiting.popleft()
                 first.set_result(False)
             elif self._room_to_read():
@@ -154,9 +169,7 @@ class Admission:
                 return  # room comes back when a read ends or a request is answered
 
     @staticmethod
-    def _late_error(deadline: float | None) -> Exception:
-        if deadline is not None and time.monotonic() >= deadline:
-            return DeadlineExceeded("the deadline passed before the request's message arrived")
+    def _late_error() -> Exception:
         return DeadlineExceeded(
             "the request's message did not arrive in time (--grpc-request-read-timeout-secs); "
             "the client sent its headers but not its body"

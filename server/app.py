@@ -8,12 +8,15 @@ unloads the models.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import ssl
+import threading
 from typing import Any
 
 import grpc
 from google.protobuf import descriptor_pb2
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
@@ -22,26 +25,14 @@ from rapidserve.server.access import RestrictionInterceptor
 from rapidserve.server.admission import Admission
 from rapidserve.server.cache import PredictionCache
 from rapidserve.server.manager import ModelManager
-from rapidserve.server.servicer import InferenceServicer, deserializer, serialize
+from rapidserve.server.servicer import InferenceServicer
 from rapidserve.server.settings import ServerSettings, TlsSettings
 from rapidserve.server.stats import ServerStats
+from rapidserve.server.transport import health_handler, inference_handler
 
 __all__ = ["InferenceServer"]
 
 log = logging.getLogger(__name__)
-
-_UNARY = (
-    "ServerLive",
-    "ServerReady",
-    "ModelReady",
-    "ServerMetadata",
-    "ModelMetadata",
-    "ModelConfig",
-    "ModelStatistics",
-    "RepositoryIndex",
-    "RepositoryModelLoad",
-    "RepositoryModelUnload",
-)
 
 
 class InferenceServer:
@@ -73,16 +64,15 @@ class InferenceServer:
         settings = self.settings
         interceptors = [RestrictionInterceptor(settings.restricted_protocols)] if settings.restricted_protocols else []
         server = grpc.aio.server(options=grpc_server_options(settings), interceptors=interceptors)
-        self._servicer = InferenceServicer(
-            self.manager,
-            stats=self.stats,
-            admission=Admission(
-                settings.max_inflight_bytes, settings.grpc_max_message_bytes, settings.grpc_request_read_timeout_s
-            ),
-            max_response_bytes=settings.grpc_max_message_bytes,
+        admission = Admission(
+            settings.max_inflight_bytes, settings.grpc_max_message_bytes, settings.grpc_request_read_timeout_s
         )
-        server.add_generic_rpc_handlers((_inference_handler(self._servicer),))
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        self._servicer = InferenceServicer(
+            self.manager, stats=self.stats, admission=admission, max_response_bytes=settings.grpc_max_message_bytes
+        )
+        server.add_generic_rpc_handlers(
+            (inference_handler(self._servicer, admission), health_handler(self._health, admission))
+        )
         _register_health_descriptor()
         reflection.enable_server_reflection(
             (protos.SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -124,9 +114,14 @@ class InferenceServer:
         self._follow_readiness = False  # the unloads below must not turn health back on
         if self._servicer is not None:
             self._servicer.drain()
-        await self._set_health(False)
+        await self._set_health(False)  # (health Watch streams hear it)
         if self._server is not None:
-            await self._server.stop(grace)
+            refusing = asyncio.create_task(self._server.stop(grace))  # no new calls from now on
+            if self._servicer is not None:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._servicer.idle(), grace)
+            await self._server.stop(0)  # what is left (health Watch, reflection) need not finish
+            await refusing
         await self.manager.stop()
         if self._metrics is not None:
             await asyncio.to_thread(self._metrics.stop)
@@ -167,6 +162,7 @@ def grpc_server_options(settings: ServerSettings) -> list[tuple[str, int]]:
         ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not share it
         ("grpc.server_handshake_timeout_ms", max(int(settings.grpc_handshake_timeout_s * 1000), 1)),
         ("grpc.max_concurrent_streams", settings.grpc_max_concurrent_streams),
+        ("grpc.max_connection_idle_ms", max(int(settings.grpc_max_connection_idle_s * 1000), 1)),
         ("grpc.keepalive_time_ms", settings.grpc_keepalive_time_ms),
         ("grpc.keepalive_timeout_ms", settings.grpc_keepalive_timeout_ms),
         ("grpc.keepalive_permit_without_calls", int(settings.grpc_keepalive_permit_without_calls)),
@@ -187,6 +183,7 @@ class _Certificates:
         self._tls = tls
         self._initial = self._configuration()
         self._pending: Any = None
+        self._lock = threading.Lock()  # reload() on the loop, _fetch() on gRPC's threads
 
     def credentials(self) -> grpc.ServerCredentials:
         return grpc.dynamic_ssl_server_credentials(
@@ -194,36 +191,31 @@ class _Certificates:
         )
 
     def reload(self) -> None:
-        self._pending = self._configuration()
+        configuration = self._configuration()
+        with self._lock:
+            self._pending = configuration
 
     def _fetch(self) -> Any:
-        pending, self._pending = self._pending, None
+        with self._lock:
+            pending, self._pending = self._pending, None
         return pending
 
     def _configuration(self) -> Any:
+        """The files, checked the way a TLS library will use them: the key must match the certificate
+        (a half-done rotation is refused here rather than by every handshake)."""
         tls = self._tls
         key, cert = tls.server_key.read_bytes(), tls.server_cert.read_bytes()
         root = tls.root_cert.read_bytes() if tls.root_cert is not None else None
-        if b"-----BEGIN" not in key or b"-----BEGIN" not in cert:
-            raise ValueError(f"{tls.server_cert} and {tls.server_key} must be PEM files")
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            context.load_cert_chain(tls.server_cert, tls.server_key)
+            if root is not None:
+                context.load_verify_locations(cadata=root.decode("ascii", "replace"))
+        except (ssl.SSLError, ValueError) as exc:
+            raise ValueError(
+                f"{tls.server_cert}, {tls.server_key}: not a matching PEM certificate and key ({exc})"
+            ) from None
         return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=root)
-
-
-def _inference_handler(servicer: InferenceServicer) -> grpc.GenericRpcHandler:
-    def serializers(rpc: str) -> dict[str, Any]:
-        method = protos.SERVICE.methods_by_name[rpc]
-        request = protos.message_class(method.input_type)
-        response = protos.message_class(method.output_type)
-        serializer = serialize if rpc in ("ModelInfer", "ModelStreamInfer") else response.SerializeToString
-        return {"request_deserializer": deserializer(request), "response_serializer": serializer}
-
-    handlers = {rpc: grpc.unary_unary_rpc_method_handler(getattr(servicer, rpc), **serializers(rpc)) for rpc in _UNARY}
-    # the same as unary on the wire; as stream-unary the servicer decides when the message is read
-    handlers["ModelInfer"] = grpc.stream_unary_rpc_method_handler(servicer.ModelInfer, **serializers("ModelInfer"))
-    handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
-        servicer.ModelStreamInfer, **serializers("ModelStreamInfer")
-    )
-    return grpc.method_handlers_generic_handler(protos.SERVICE_NAME, handlers)
 
 
 def _register_health_descriptor() -> None:

@@ -1,97 +1,38 @@
 """The gRPC edge: KServe v2 RPCs as thin translations between protobuf and the model manager.
 
-Errors raised below are transport-neutral; ``STATUS_OF`` is the one table that maps them to gRPC
-status codes.
+Errors raised below are transport-neutral; ``rapidserve.server.status`` maps them to gRPC status
+codes. How calls reach these methods (reading through the in-flight budget, parsing) is
+``rapidserve.server.transport``; one stream's requests and answers are ``rapidserve.server.streams``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import itertools
-import logging
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf.message import DecodeError
 
 from rapidserve import __version__, protos
 from rapidserve.server import codec
 from rapidserve.server.admission import Admission
-from rapidserve.server.cache import CacheEntry, cache_key
-from rapidserve.server.errors import (
-    DeadlineExceeded,
-    EngineError,
-    InvalidRequest,
-    ModelLoadError,
-    ModelNotFound,
-    NotAllowed,
-    Overloaded,
-    RapidServeError,
-    TooLarge,
-    Unavailable,
-)
+from rapidserve.server.cache import CacheEntry
+from rapidserve.server.errors import EngineError, InvalidRequest, ModelNotFound, RapidServeError, Unavailable
 from rapidserve.server.manager import ModelManager
 from rapidserve.server.model import ModelVersion
 from rapidserve.server.stats import Duration, ServerStats
+from rapidserve.server.status import message_of, status_of, unexpected
+from rapidserve.server.streams import SHUTTING_DOWN, StreamAnswers
 from rapidserve.server.types import InferResponse
-from rapidserve.server.wire import parse_infer_request
+from rapidserve.server.wire import Undecodable, parser, wire_cache_key, with_id
 
-__all__ = ["STATUS_OF", "InferenceServicer", "Undecodable", "deserializer", "serialize", "status_of"]
+__all__ = ["InferenceServicer", "deadline_of"]
 
-log = logging.getLogger(__name__)
-
-STATUS_OF: dict[type[RapidServeError], grpc.StatusCode] = {
-    InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
-    ModelLoadError: grpc.StatusCode.INVALID_ARGUMENT,
-    ModelNotFound: grpc.StatusCode.NOT_FOUND,
-    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    TooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
-    Unavailable: grpc.StatusCode.UNAVAILABLE,
-    EngineError: grpc.StatusCode.INTERNAL,
-    NotAllowed: grpc.StatusCode.FAILED_PRECONDITION,
-}
-
-STREAM_MAX_IN_FLIGHT = 1024
-# a stream stops reading while its requests in flight and its answers not yet written hold this much
-STREAM_MAX_PENDING_BYTES = 64 * 2**20
 EXTENSIONS = ("model_repository", "model_configuration", "statistics", "parameters")
 
 Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
-
-
-def status_of(exc: RapidServeError) -> grpc.StatusCode:
-    for cls in type(exc).__mro__:
-        if cls in STATUS_OF:
-            return STATUS_OF[cls]
-    return grpc.StatusCode.INTERNAL
-
-
-class Undecodable:
-    """What the request deserializer gives for bytes that are not the RPC's message, so that the
-    call ends INVALID_ARGUMENT with the parser's reason (grpcio would answer UNKNOWN)."""
-
-    def __init__(self, message_type: str, error: Exception) -> None:
-        self.reason = f"the request is not a valid {message_type}: {error}"
-
-
-def deserializer(message_class: Any) -> Callable[[bytes], Any]:
-    """A request deserializer that returns ``Undecodable`` instead of raising. Inference requests
-    keep large tensor data as views of the received bytes (``rapidserve.server.wire``)."""
-    name = message_class.DESCRIPTOR.full_name
-    parse = parse_infer_request if name == "inference.ModelInferRequest" else message_class.FromString
-
-    def deserialize(data: bytes) -> Any:
-        try:
-            return parse(data)
-        except DecodeError as exc:
-            return Undecodable(name, exc)
-
-    return deserialize
 
 
 def _rpc(handler: Handler) -> Handler:
@@ -104,25 +45,17 @@ def _rpc(handler: Handler) -> Handler:
                 if handler.__name__ == "ModelInfer":
                     self.stats.failed(InvalidRequest.reason)
                 raise InvalidRequest(request.reason)
-            return await handler(self, request, context)
+            answer = handler(self, request, context)
+            del request  # (ModelInfer lets go of its request once decoded)
+            return await answer
         except RapidServeError as exc:
-            await context.abort(status_of(exc), str(exc))
+            await context.abort(status_of(exc), message_of(exc))
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            await context.abort(grpc.StatusCode.INTERNAL, _unexpected(handler.__name__, exc))
+            await context.abort(grpc.StatusCode.INTERNAL, unexpected(handler.__name__, exc))
 
     return wrapper  # type: ignore[return-value]
-
-
-_error_ids = itertools.count(1)
-
-
-def _unexpected(where: str, exc: BaseException) -> str:
-    """Log an unexpected exception with its traceback; the caller gets only a reference to it."""
-    error_id = f"E{next(_error_ids)}"
-    log.error("unexpected error %s in %s", error_id, where, exc_info=exc)
-    return f"internal error in {where} (reference {error_id} in the server log)"
 
 
 class InferenceServicer:
@@ -140,10 +73,14 @@ class InferenceServicer:
         self._manager = manager
         self.stats = stats or ServerStats()  # inference requests that named no loaded model
         self._server_name = server_name
-        self._admission = admission or Admission(2**62, 2**31, read_timeout_s=3600.0)
-        self._max_response_bytes = max_response_bytes
-        self._streams: set[_StreamAnswers] = set()
+        self.admission = admission or Admission(2**62, 2**31, read_timeout_s=3600.0)
+        self.max_response_bytes = max_response_bytes
+        self.parse = parser(protos.ModelInferRequest)
         self.draining = False
+        self._streams: set[StreamAnswers] = set()
+        self._unary_in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     def drain(self) -> None:
         """Shutting down: new inference requests (unary, or on open streams) get UNAVAILABLE; streams
@@ -151,6 +88,17 @@ class InferenceServicer:
         self.draining = True
         for stream in list(self._streams):
             stream.wake()
+        self._check_idle()
+
+    async def idle(self) -> None:
+        """Returns once no inference request that was accepted is unanswered (after ``drain``)."""
+        await self._idle.wait()
+
+    def _check_idle(self) -> None:
+        if not self._unary_in_flight and not self._streams:
+            self._idle.set()
+        else:
+            self._idle.clear()
 
     @_rpc
     async def ServerLive(self, request: Any, context: Any) -> Any:
@@ -184,42 +132,28 @@ class InferenceServicer:
         return protos.ModelConfigResponse(config=self._manager.get(request.name, request.version).config)
 
     @_rpc
-    async def ModelInfer(self, requests: Any, context: grpc.aio.ServicerContext) -> Any:
-        """Served as a stream-unary method (the same on the wire as unary), so that the server decides
-        when the request's message is read: only once the in-flight byte budget has room for it."""
+    async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         if self.draining:
             self.stats.failed(Unavailable.reason)
-            raise Unavailable("the server is shutting down; retry on another replica")
-        deadline = _deadline(context)
+            raise Unavailable(SHUTTING_DOWN)
+        self._unary_in_flight += 1
+        self._idle.clear()
         try:
-            message, held = await self._admission.read(context.read, _message_size, deadline)
-        except RapidServeError as exc:
-            self.stats.failed(exc.reason)
-            raise
-        try:
-            if message is grpc.aio.EOF:
-                self.stats.failed(InvalidRequest.reason)
-                raise InvalidRequest("the call ended without a ModelInferRequest message")
-            if isinstance(message, Undecodable):
-                self.stats.failed(InvalidRequest.reason)
-                raise InvalidRequest(message.reason)
-            answer = self._infer(message, deadline, held)
-            del message  # _infer lets go of the message once it is decoded
+            answer = self.infer(request, deadline_of(context), request.ByteSize())
+            del request  # infer lets go of it once it is decoded
             return await answer
         finally:
-            self._admission.release(held)
+            self._unary_in_flight -= 1
+            self._check_idle()
 
     async def ModelStreamInfer(
         self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[Any]:
         """Answer each request as it completes; an error answers that request, not the stream.
-
-        At most ``STREAM_MAX_IN_FLIGHT`` requests of one stream run at once: past that the server stops
-        reading the stream, so a client that never reads its answers cannot grow the server's memory.
-        A request's ``timeout`` parameter (microseconds) is its deadline, as a unary call's would be.
-        """
-        stream = _StreamAnswers(self)
+        A request's ``timeout`` parameter (microseconds) is its deadline, as a unary call's would be."""
+        stream = StreamAnswers(self)
         self._streams.add(stream)
+        self._idle.clear()
         reader = asyncio.create_task(stream.read(context))
         try:
             while (item := await stream.next()) is not None:
@@ -227,11 +161,13 @@ class InferenceServicer:
         finally:
             reader.cancel()
             stream.cancel_pending()
+            await asyncio.gather(reader, return_exceptions=True)
             self._streams.discard(stream)
+            self._check_idle()
         if stream.broken:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad stream message: {stream.broken[0]}")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message_of(f"bad stream message: {stream.broken[0]}"))
         if self.draining and not stream.done_reading:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another replica")
+            await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
 
     @_rpc
     async def ModelStatistics(self, request: Any, context: Any) -> Any:
@@ -273,36 +209,61 @@ class InferenceServicer:
         await self._manager.unload(request.model_name)
         return protos.RepositoryModelUnloadResponse()
 
-    async def _infer(self, request: Any, deadline: float | None, size: int) -> Any:
-        """A ``ModelInferResponse``, or for a cache hit its serialized bytes, ready-made. The message is
+    async def infer(self, request: Any, deadline: float | None, size: int) -> Any:
+        """A ``ModelInferResponse``, or for a cache hit its serialized bytes, ready-made. The request is
         let go once decoded: the caller must not keep a reference (its bytes would be held twice)."""
-        model = self._model_for(request)
-        key = _wire_cache_key(request, model) if model.caches else None
+        model = self.model_for(request)
+        if model.caches and len(request.inputs) <= len(model.spec.inputs):  # (more: decoding refuses it)
+            key = wire_cache_key(request, model.name, model.version, model.output_names)
+        else:
+            key = None
         if key is not None:
             entry = model.cache_lookup(key)
             if entry is not None:  # a hit skips decoding, validation, the queue and encoding
-                return _with_id(self._checked(model, _encoded(model, entry)), request.id)
+                return self._checked(model, with_id(_encoded(model, entry), request.id))
         if codec.heavy(request, size):  # many elements to convert: keep the event loop free meanwhile
-            decoded = await asyncio.to_thread(_decode, model, request, deadline)
+            decoded = await self._decode_in_thread(model, request, deadline)
         else:
-            decoded = _decode(model, request, deadline)
+            decoded = self.decode(model, request, deadline)
         del request
         return self._checked(model, codec.encode_response(await model.infer(decoded, key)))
+
+    @staticmethod
+    def decode(model: ModelVersion, request: Any, deadline: float | None) -> Any:
+        try:
+            return codec.decode_request(request, deadline, model.spec)
+        except RapidServeError as exc:
+            model.rejected(exc)
+            raise
+
+    @staticmethod
+    async def _decode_in_thread(model: ModelVersion, request: Any, deadline: float | None) -> Any:
+        try:
+            return await asyncio.to_thread(codec.decode_request, request, deadline, model.spec)
+        except RapidServeError as exc:
+            model.rejected(exc)  # (statistics change on the event loop only)
+            raise
+
+    def too_large(self, model: ModelVersion | None, size: int) -> EngineError:
+        """The error for an answer larger than the server sends (counted against the model)."""
+        name = f"model '{model.name}'" if model is not None else "the model"
+        error = EngineError(
+            f"{name} produced a response of {size} bytes, more than the server sends "
+            f"({self.max_response_bytes}, --grpc-max-message-bytes); ask for fewer outputs or a smaller batch"
+        )
+        if model is not None:
+            model.rejected(error)
+        return error
 
     def _checked(self, model: ModelVersion, response: Any) -> Any:
         """Refuse an answer larger than the client is allowed to receive, saying so (gRPC itself would
         fail it with a bare RESOURCE_EXHAUSTED on the client's side)."""
         size = len(response) if isinstance(response, bytes) else response.ByteSize()
-        if size > self._max_response_bytes:
-            error = EngineError(
-                f"model '{model.name}' produced a response of {size} bytes, more than the server sends "
-                f"({self._max_response_bytes}, --grpc-max-message-bytes); ask for fewer outputs or a smaller batch"
-            )
-            model.rejected(error)
-            raise error
+        if size > self.max_response_bytes:
+            raise self.too_large(model, size)
         return response
 
-    def _model_for(self, request: Any) -> ModelVersion:
+    def model_for(self, request: Any) -> ModelVersion:
         """The version an inference request names; failures count without a model label."""
         try:
             return self._manager.get(request.model_name, request.model_version)
@@ -311,166 +272,10 @@ class InferenceServicer:
             raise
 
 
-class _StreamAnswers:
-    """The answers of one ModelStreamInfer call, in completion order.
-
-    Requests to models without the cache are queued with ``ModelVersion.start`` and answered from the
-    batcher's completion callback: no task per message. Cached models, whose misses are
-    single-flight coroutines, and requests costly to decode get a task each.
-
-    Backpressure: the stream stops reading while ``STREAM_MAX_IN_FLIGHT`` requests are unanswered, or
-    while its unanswered requests and its answers not yet handed to gRPC hold
-    ``STREAM_MAX_PENDING_BYTES``; a client that never reads its answers cannot grow the server's memory.
-    Every request is also admitted against the server's in-flight byte budget.
-    """
-
-    def __init__(self, servicer: InferenceServicer) -> None:
-        self._servicer = servicer
-        self._admission = servicer._admission
-        self._ready: deque[bytes] = deque()
-        self._wakeup: asyncio.Future[None] | None = None
-        self._in_flight = 0  # read and not yet handed to gRPC (answers in _ready included)
-        self._pending_bytes = 0  # of requests being answered, and of answers in _ready
-        self._slot_free: asyncio.Future[None] | None = None
-        self._started: set[asyncio.Future[Any]] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
-        self.done_reading = False
-        self.broken: list[BaseException] = []
-
-    async def read(self, context: grpc.aio.ServicerContext) -> None:
-        try:
-            while True:
-                while self._in_flight >= STREAM_MAX_IN_FLIGHT or self._pending_bytes >= STREAM_MAX_PENDING_BYTES:
-                    self._slot_free = asyncio.get_running_loop().create_future()
-                    await self._slot_free  # stop reading: backpressure
-                request = await context.read()
-                if request is grpc.aio.EOF:
-                    break
-                if isinstance(request, Undecodable):
-                    raise ValueError(request.reason)
-                self._in_flight += 1
-                self._begin(request, _message_size(request))
-        except Exception as exc:  # a message that does not parse, or the stream broke
-            self.broken.append(exc)
-        self.done_reading = True
-        self.wake()
-
-    async def next(self) -> bytes | None:
-        """The next serialized answer; None once the requests ended (or the server is draining) and
-        every accepted request is answered."""
-        while not self._ready:
-            if not self._in_flight and (self.done_reading or self._servicer.draining):
-                return None
-            self._wakeup = asyncio.get_running_loop().create_future()
-            await self._wakeup
-        # the slot frees only once the answer is handed to gRPC to write: a client that stops
-        # reading stops the server from reading, and answers cannot pile up
-        answer = self._ready.popleft()
-        self._release_slot(len(answer))
-        return answer
-
-    def _release_slot(self, size: int) -> None:
-        self._in_flight -= 1
-        self._pending_bytes -= size
-        if self._slot_free is not None and not self._slot_free.done():
-            self._slot_free.set_result(None)
-
-    def cancel_pending(self) -> None:
-        for future in (*self._started, *self._tasks):
-            future.cancel()
-
-    def _begin(self, request: Any, size: int) -> None:
-        servicer = self._servicer
-        if servicer.draining:
-            servicer.stats.failed(Unavailable.reason)
-            self._emit(request, Unavailable("the server is shutting down; retry on another replica"), 0)
-            return
-        if not self._admission.admit(size):
-            servicer.stats.failed(Overloaded.reason)
-            self._emit(request, self._admission.refusal(), 0)
-            return
-        self._pending_bytes += size
-        try:
-            model = servicer._model_for(request)
-            if model.caches or codec.heavy(request, size):
-                task = asyncio.create_task(self._answer_async(request, size))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
-                return
-            started = model.start(_decode(model, request, _stream_deadline(request)))
-        except Exception as exc:
-            self._emit(request, exc, size)
-            return
-        self._started.add(started.future)
-        started.future.add_done_callback(lambda future: self._finish(request, model, started, size))
-
-    def _finish(self, request: Any, model: ModelVersion, started: Any, size: int) -> None:
-        self._started.discard(started.future)
-        try:
-            answer = self._servicer._checked(model, codec.encode_response(model.finish(started)))
-            self._emit(request, answer.SerializeToString(), size)
-        except asyncio.CancelledError:  # the stream ended: nobody to answer
-            self._admission.release(size)
-            self._release_slot(size)
-            self.wake()
-        except Exception as exc:
-            self._emit(request, exc, size)
-
-    async def _answer_async(self, request: Any, size: int) -> None:
-        try:
-            answer = await self._servicer._infer(request, _stream_deadline(request), size)
-            self._emit(request, answer if isinstance(answer, bytes) else answer.SerializeToString(), size)
-        except asyncio.CancelledError:  # the stream ended
-            self._admission.release(size)
-            raise
-        except Exception as exc:
-            self._emit(request, exc, size)
-
-    def _emit(self, request: Any, answer: bytes | Exception, size: int) -> None:
-        """Queue one answer (a serialized response, or the error to report); the request's bytes are
-        released from the server's budget and the answer's counted against this stream's."""
-        if isinstance(answer, RapidServeError):
-            result = _stream_error(request, status_of(answer), str(answer))
-        elif isinstance(answer, Exception):
-            result = _stream_error(request, grpc.StatusCode.INTERNAL, _unexpected("ModelStreamInfer", answer))
-        else:
-            result = _stream_ok(answer)  # wrapping bytes is cheaper than copying the message
-        if size:
-            self._admission.release(size)
-        self._pending_bytes += len(result) - size
-        self._ready.append(result)
-        self.wake()
-
-    def wake(self) -> None:
-        if self._wakeup is not None and not self._wakeup.done():
-            self._wakeup.set_result(None)
-
-
-def _decode(model: ModelVersion, request: Any, deadline: float | None) -> Any:
-    try:
-        return codec.decode_request(request, deadline, model.spec)
-    except RapidServeError as exc:
-        model.rejected(exc)
-        raise
-
-
-def _message_size(message: Any) -> int:
-    """The bytes a received message holds (0 for one that did not parse: it holds none)."""
-    return 0 if isinstance(message, Undecodable) or message is grpc.aio.EOF else int(message.ByteSize())
-
-
-def _wire_cache_key(request: Any, model: ModelVersion) -> bytes | None:
-    """The prediction-cache key straight from a raw request's bytes (what ``PredictionCache.key``
-    computes from the decoded arrays); None where the request needs the full path."""
-    raw = request.raw_input_contents
-    tensors = request.inputs
-    if not raw or len(raw) != len(tensors) or request.parameters or any(t.parameters for t in tensors):
-        return None  # requests with parameters take the full path, which checks them
-    if any(o.parameters for o in request.outputs):
-        return None
-    parts = [(t.name, t.datatype, tuple(t.shape), raw[i]) for i, t in enumerate(tensors)]
-    outputs = tuple(o.name for o in request.outputs) or model.output_names
-    return cache_key(model.name, model.version, parts, outputs)
+def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
+    """The call's gRPC deadline as a ``time.monotonic()`` time."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
 
 
 def _encoded(model: ModelVersion, entry: CacheEntry) -> bytes:
@@ -480,47 +285,6 @@ def _encoded(model: ModelVersion, entry: CacheEntry) -> bytes:
         data = codec.encode_response(response).SerializeToString()
         model.remember(entry, "grpc", data)
     return data
-
-
-def _with_id(response: bytes, request_id: str) -> bytes:
-    """Set ``id`` (field 3) on a serialized response: a field appended later wins when parsed."""
-    if not request_id:
-        return response
-    encoded = request_id.encode()
-    return response + b"\x1a" + protos.varint(len(encoded)) + encoded
-
-
-def _stream_ok(response: bytes) -> bytes:
-    """A serialized ``ModelStreamInferResponse`` wrapping a serialized response (field 2)."""
-    return b"\x12" + protos.varint(len(response)) + response
-
-
-def serialize(message: Any) -> bytes:
-    """Response serializer that also passes ready-made bytes through (cache hits)."""
-    return message if isinstance(message, bytes) else message.SerializeToString()  # type: ignore[no-any-return]
-
-
-def _deadline(context: grpc.aio.ServicerContext) -> float | None:
-    remaining = context.time_remaining()
-    return None if remaining is None else time.monotonic() + remaining
-
-
-def _stream_deadline(request: Any) -> float | None:
-    if "timeout" not in request.parameters:
-        return None
-    param = request.parameters["timeout"]
-    choice = param.WhichOneof("parameter_choice")
-    if choice not in ("int64_param", "uint64_param") or getattr(param, choice) <= 0:
-        return None
-    return time.monotonic() + getattr(param, choice) / 1e6
-
-
-def _stream_error(request: Any, code: grpc.StatusCode, message: str) -> bytes:
-    response = protos.ModelStreamInferResponse(error_message=message)
-    inner = response.infer_response
-    inner.id, inner.model_name, inner.model_version = request.id, request.model_name, request.model_version
-    inner.parameters["grpc_code"].int64_param = code.value[0]
-    return response.SerializeToString()  # type: ignore[no-any-return]
 
 
 def _duration(target: Any, source: Duration) -> None:

@@ -65,6 +65,8 @@ class ServerSettings:
     grpc_http2_min_recv_ping_interval_without_data_ms: int = 300_000
     grpc_http2_max_ping_strikes: int = 2
     grpc_max_concurrent_streams: int = 1024  # per connection
+    # a connection with no call for this long is closed (GOAWAY; clients reconnect when they need to)
+    grpc_max_connection_idle_s: float = 300.0
     # a request's message must arrive within this long of its call starting (bounds slow senders)
     grpc_request_read_timeout_s: float = 30.0
 

@@ -415,7 +415,7 @@ def test_async_client_falls_back_to_unary_where_a_server_has_no_streaming() -> N
 
 
 def test_a_long_stream_answers_every_request_with_its_own_result(shared_server) -> None:
-    from rapidserve.server.servicer import STREAM_MAX_IN_FLIGHT
+    from rapidserve.server.streams import STREAM_MAX_IN_FLIGHT
 
     total = STREAM_MAX_IN_FLIGHT * 3
     client = tc.InferenceServerClient(shared_server.url)

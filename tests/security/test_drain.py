@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -110,3 +111,41 @@ def test_sigterm_with_an_idle_open_stream_exits_well_before_the_exit_timeout(rep
         assert error is not None and error.code == grpc.StatusCode.UNAVAILABLE
     finally:
         assert remote.stop() == 0, remote.log
+
+
+def test_drain_finishes_accepted_unary_requests_and_does_not_wait_for_health_watchers(repo: Path, serve) -> None:
+    server = serve(repo, grace_period_s=30)
+    model = server.server.manager.get("add_sub")
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from rapidserve import Client
+
+    results: dict[float, object] = {}
+
+    def call(value: float) -> None:
+        with Client(server.url, timeout_s=30) as client:
+            try:
+                results[value] = client.infer("add_sub", _inputs(value))["OUTPUT0"]
+            except InferenceServerError as exc:
+                results[value] = exc
+
+    threads = [threading.Thread(target=call, args=(v,)) for v in (1.0, 2.0)]
+    for thread in threads:
+        thread.start()
+    channel = grpc.insecure_channel(server.url)
+    watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=60)
+    assert next(watch).status == health_pb2.HealthCheckResponse.SERVING  # a watcher is connected
+    while model.pending_requests < 2:  # both unary requests are queued on the server
+        time.sleep(0.01)
+    started = time.monotonic()
+    server.run(server.server.stop(), timeout=60)
+    took_s = time.monotonic() - started
+    for thread in threads:
+        thread.join(30)
+    for value in (1.0, 2.0):
+        np.testing.assert_array_equal(results[value], np.full((1, 16), value + 1, np.float32))
+    assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING  # told before it was cut off
+    with pytest.raises(grpc.RpcError):
+        next(watch)
+    channel.close()
+    assert took_s < 10, f"stopping took {took_s:.1f} s with a health watcher open and a 30 s grace period"

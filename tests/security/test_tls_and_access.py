@@ -3,10 +3,10 @@ with certificates made at test time and grpcio's own client."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import socket
+import time
 import urllib.request
 from pathlib import Path
 
@@ -88,6 +88,11 @@ def test_a_reload_serves_new_connections_with_the_new_certificate(repo: Path, tm
     with grpc.secure_channel(server.url, grpc.ssl_channel_credentials(old.ca.read_bytes())) as channel:
         assert _live(channel)
     key.write_bytes(b"not a key")  # a broken reload keeps the certificates in use
+    server.server.reload_certificates()
+    with grpc.secure_channel(server.url, grpc.ssl_channel_credentials(old.ca.read_bytes())) as channel:
+        assert _live(channel)
+    shutil.copy(new.server_cert, cert)  # a rotation half done: the new certificate with the old key
+    shutil.copy(old.server_key, key)
     server.server.reload_certificates()
     with grpc.secure_channel(server.url, grpc.ssl_channel_credentials(old.ca.read_bytes())) as channel:
         assert _live(channel)
@@ -231,16 +236,32 @@ def test_limits_gRPC_cannot_hold_are_refused_at_start(repo: Path) -> None:
         RemoteServer("--model-repository", str(repo), "--grpc-max-message-bytes", "3GiB")
 
 
-def test_a_restriction_value_in_the_environment_never_shows_in_the_process_listing(repo: Path) -> None:
-    env = {"RAPIDSERVE_GRPC_RESTRICTED_PROTOCOL": "inference:k=hidden-value"}
+def test_restriction_groups_come_from_the_environment_separated_by_semicolons(repo: Path, tmp_path: Path) -> None:
+    """The value the docs give: several groups, protocols separated by commas, a value read from a file."""
+    secret = tmp_path / "admin-key"
+    secret.write_text("s3cret\n")
+    env = {"RAPIDSERVE_GRPC_RESTRICTED_PROTOCOL": f"model-repository,statistics:admin-key=@{secret}; inference:k=v"}
     remote = RemoteServer("--model-repository", str(repo), "--no-metrics", env=env)
     try:
-        command_line = Path(f"/proc/{remote.proc.pid}/cmdline").read_bytes()
-        assert b"hidden-value" not in command_line
         with grpc.insecure_channel(remote.url) as channel:
-            infer = channel.unary_unary(protos.method_path("ModelInfer"))
-            request = protos.ModelInferRequest(model_name="add_sub").SerializeToString()
-            assert _code(lambda: infer(request, timeout=10)) == grpc.StatusCode.PERMISSION_DENIED
+
+            def call(rpc: str, request: bytes, metadata: tuple = ()) -> grpc.StatusCode:
+                return _code(
+                    lambda: channel.unary_unary(protos.method_path(rpc))(request, timeout=10, metadata=metadata)
+                )
+
+            ready = channel.unary_unary(
+                protos.method_path("ServerReady"), response_deserializer=protos.ServerReadyResponse.FromString
+            )
+            while not ready(protos.ServerReadyRequest().SerializeToString(), timeout=10).ready:
+                time.sleep(0.05)
+            index = protos.RepositoryIndexRequest().SerializeToString()
+            statistics = protos.ModelStatisticsRequest().SerializeToString()
+            infer = protos.ModelInferRequest(model_name="add_sub").SerializeToString()
+            assert call("RepositoryIndex", index) == grpc.StatusCode.PERMISSION_DENIED
+            assert call("RepositoryIndex", index, (("triton-grpc-protocol-admin-key", "s3cret"),)) == grpc.StatusCode.OK
+            assert call("ModelStatistics", statistics) == grpc.StatusCode.PERMISSION_DENIED
+            assert call("ModelInfer", infer) == grpc.StatusCode.PERMISSION_DENIED
+            assert call("ModelInfer", infer, (("triton-grpc-protocol-k", "v"),)) == grpc.StatusCode.INVALID_ARGUMENT
     finally:
-        remote.stop()
-    assert os.environ.get("RAPIDSERVE_GRPC_RESTRICTED_PROTOCOL") is None
+        assert remote.stop() == 0, remote.log

@@ -19,7 +19,7 @@ from testmodels import SUM_CONFIG, identity_graph, sum_graph, tile_graph, write_
 
 from rapidserve import Client, InferenceServerError, protos
 from rapidserve.clients import h2grpc
-from rapidserve.server import servicer
+from rapidserve.server import streams
 
 MiB = 2**20
 INFER = protos.method_path("ModelInfer")
@@ -113,9 +113,10 @@ def test_a_message_over_the_limit_is_refused_before_it_is_buffered(probe) -> Non
 
 
 def test_concurrent_large_requests_stay_within_the_in_flight_budget(probe) -> None:
-    """8 concurrent 32 MiB requests under a 96 MiB budget (the 1 GiB / 8 x 256 MB probe, scaled by 8)."""
-    server = probe("--max-inflight-bytes", "96MiB", "--grpc-max-message-bytes", "40MiB")
-    data = _sum_request(32 * MiB // 4)
+    """8 concurrent 24 MiB requests under a 128 MiB budget (the 1 GiB / 8 x 256 MB probe, scaled by 8):
+    three reads at a time fit (3 x 32 MiB reserved, one more for the hand-over), the rest wait or are refused."""
+    server = probe("--max-inflight-bytes", "128MiB", "--grpc-max-message-bytes", "32MiB")
+    data = _sum_request(24 * MiB // 4)
     codes: list[grpc.StatusCode] = []
     threads = [threading.Thread(target=lambda: codes.append(server.call(data))) for _ in range(8)]
     for thread in threads:
@@ -124,14 +125,14 @@ def test_concurrent_large_requests_stay_within_the_in_flight_budget(probe) -> No
         thread.join()
     assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
     assert grpc.StatusCode.OK in codes
-    # unbounded, the same load held 8 x 32 MiB several times over (gRPC's buffers, Python's copies)
-    assert server.growth_mb() < 96 + 64, f"peak RSS rose {server.growth_mb():.0f} MB over a 96 MiB budget"
+    # unbounded, the same load held 8 x 24 MiB several times over (gRPC's buffers, Python's copies)
+    assert server.growth_mb() < 128 + 64, f"peak RSS rose {server.growth_mb():.0f} MB over a 128 MiB budget"
     assert server.call(_sum_request(4)) == grpc.StatusCode.OK
 
 
 def test_over_the_budget_the_answer_is_resource_exhausted_naming_the_flag(repo: Path, serve) -> None:
     server = serve(repo, max_inflight_bytes=24 * MiB, grpc_max_message_bytes=8 * MiB)
-    server.server._servicer._admission.admit(10 * MiB)  # as if a request of 10 MiB were being served
+    server.server._servicer.admission.admit(10 * MiB)  # as if a request of 10 MiB were being served
     try:
         with Client(server.url) as client:
             with pytest.raises(InferenceServerError) as info:
@@ -139,9 +140,64 @@ def test_over_the_budget_the_answer_is_resource_exhausted_naming_the_flag(repo: 
             assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "--max-inflight-bytes" in info.value.message
     finally:
-        server.server._servicer._admission.release(10 * MiB)
+        server.server._servicer.admission.release(10 * MiB)
     with Client(server.url) as client:
         assert client.infer("sum", {"x": np.ones(4, np.float32)})["total"][0] == 4
+
+
+def test_every_rpc_is_read_through_the_budget(repo: Path, serve) -> None:
+    """Not only inference: a 60 MiB body sent to ServerLive or to the health service is a request too."""
+    server = serve(repo, max_inflight_bytes=24 * MiB, grpc_max_message_bytes=8 * MiB)
+    admission = server.server._servicer.admission
+    admission.admit(10 * MiB)  # as if a request of 10 MiB were being served: no room for another read
+    try:
+        with grpc.insecure_channel(server.url) as channel:
+            for method in (protos.method_path("ServerLive"), "/grpc.health.v1.Health/Check"):
+                with pytest.raises(grpc.RpcError) as info:
+                    channel.unary_unary(method)(b"", timeout=10)
+                assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, method
+    finally:
+        admission.release(10 * MiB)
+    with grpc.insecure_channel(server.url) as channel:
+        assert channel.unary_unary("/grpc.health.v1.Health/Check")(b"", timeout=10)
+    assert admission.held == 0 and admission.reading == 0
+
+
+def test_a_message_of_countless_tiny_fields_is_refused_without_building_them(repo: Path, serve) -> None:
+    """2M empty raw_input_contents entries in 4 MiB: refused by count, the event loop free meanwhile."""
+    server = serve(repo, grpc_max_message_bytes=8 * MiB)
+    data = protos.ModelInferRequest(model_name="sum").SerializeToString() + b"\x3a\x00" * (2 * MiB)
+    with grpc.insecure_channel(server.url) as channel:
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as info:
+            channel.unary_unary(INFER)(data, timeout=30)
+        took = time.monotonic() - started
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "top-level fields" in info.value.details()
+        assert took < 5, f"refusing it took {took:.1f} s"
+        assert Client(server.url).is_server_live()
+
+
+def test_a_connection_with_no_call_is_closed_after_the_idle_timeout(repo: Path, serve) -> None:
+    server = serve(repo, grpc_max_connection_idle_s=0.5)
+    host, port = server.url.rsplit(":", 1)
+    idle = [socket.create_connection((host, int(port))) for _ in range(50)]
+    try:
+        for sock in idle:  # a proper HTTP/2 client that then never calls
+            sock.sendall(h2grpc.PREFACE + h2grpc.frame(h2grpc.SETTINGS, 0, 0))
+        deadline = time.monotonic() + 20
+        for sock in idle:
+            sock.settimeout(max(deadline - time.monotonic(), 0.01))
+            received = b""
+            try:
+                while chunk := sock.recv(4096):
+                    received += chunk
+            except TimeoutError:
+                pytest.fail("an idle HTTP/2 connection was still open well after the idle timeout")
+            assert h2grpc.GOAWAY in [kind for kind, _ in _frames(received)]
+    finally:
+        for sock in idle:
+            sock.close()
 
 
 def test_a_call_whose_body_never_arrives_ends_deadline_exceeded(repo: Path, serve) -> None:
@@ -174,7 +230,7 @@ def test_an_answer_over_the_message_limit_is_internal_and_says_why(repo: Path, s
 
 
 async def test_a_stream_whose_answers_are_not_read_stops_being_read(repo: Path, serve, monkeypatch) -> None:
-    monkeypatch.setattr(servicer, "STREAM_MAX_PENDING_BYTES", 2 * MiB)
+    monkeypatch.setattr(streams, "STREAM_MAX_PENDING_BYTES", 2 * MiB)
     server = serve(repo)
     x = np.arange(64 * 1024, dtype=np.float32)  # 256 KiB in, 1 MiB out
     request = protos.ModelInferRequest(model_name="tile")

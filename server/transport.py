@@ -1,0 +1,138 @@
+"""How gRPC calls reach the servicers: the handler table, with every unary request read through the
+in-flight byte budget and parsed off the event loop when large.
+
+A method that takes one request message is served as if it took a stream of them (identical on the
+wire), so that the server, not gRPC, decides when the message is read: only once ``Admission`` has
+room for it. The message arrives as bytes and is parsed here, in a worker thread from
+``SPLIT_FROM_BYTES`` up, so no request holds the event loop while it is parsed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
+from grpc_health.v1 import health_pb2
+
+from rapidserve import protos
+from rapidserve.server.admission import Admission
+from rapidserve.server.errors import InvalidRequest, RapidServeError
+from rapidserve.server.servicer import InferenceServicer, deadline_of
+from rapidserve.server.status import message_of, status_of
+from rapidserve.server.wire import SPLIT_FROM_BYTES, parser
+
+__all__ = ["admitted", "health_handler", "inference_handler", "serialize"]
+
+
+def serialize(message: Any) -> bytes:
+    """Response serializer that also passes ready-made bytes through (cache hits)."""
+    return message if isinstance(message, bytes) else message.SerializeToString()  # type: ignore[no-any-return]
+
+
+def inference_handler(servicer: InferenceServicer, admission: Admission) -> grpc.GenericRpcHandler:
+    handlers: dict[str, grpc.RpcMethodHandler] = {}
+    for method in protos.SERVICE.methods:
+        response = protos.message_class(method.output_type)
+        serializer = serialize if method.name in ("ModelInfer", "ModelStreamInfer") else response.SerializeToString
+        behavior = getattr(servicer, method.name)
+        if method.client_streaming:  # ModelStreamInfer parses its own messages
+            handlers[method.name] = grpc.stream_stream_rpc_method_handler(behavior, response_serializer=serializer)
+            continue
+        plain = grpc.unary_unary_rpc_method_handler(
+            behavior,
+            request_deserializer=parser(protos.message_class(method.input_type)),
+            response_serializer=serializer,
+        )
+        refused = servicer.stats.failed if method.name == "ModelInfer" else None
+        handlers[method.name] = admitted(plain, admission, refused)
+    return grpc.method_handlers_generic_handler(protos.SERVICE_NAME, handlers)
+
+
+def health_handler(servicer: Any, admission: Admission) -> grpc.GenericRpcHandler:
+    """The standard gRPC health service, its requests bounded like every other."""
+    check = grpc.unary_unary_rpc_method_handler(
+        servicer.Check,
+        request_deserializer=health_pb2.HealthCheckRequest.FromString,
+        response_serializer=health_pb2.HealthCheckResponse.SerializeToString,
+    )
+    watch = grpc.unary_stream_rpc_method_handler(
+        servicer.Watch,
+        request_deserializer=health_pb2.HealthCheckRequest.FromString,
+        response_serializer=health_pb2.HealthCheckResponse.SerializeToString,
+    )
+    service = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+    handlers = {"Check": admitted(check, admission), "Watch": admitted(watch, admission)}
+    return grpc.method_handlers_generic_handler(service, handlers)
+
+
+def admitted(
+    handler: grpc.RpcMethodHandler, admission: Admission, refused: Callable[[str], None] | None = None
+) -> grpc.RpcMethodHandler:
+    """``handler`` (a unary-request method) served so that its request is read through ``admission``
+    and parsed off the event loop when large; ``refused(reason)`` hears of requests refused before
+    they reached the method."""
+    parse = handler.request_deserializer or (lambda data: data)
+    behavior = handler.unary_unary or handler.unary_stream
+    assert behavior is not None, "stream-request methods read their own messages"
+
+    async def receive(context: grpc.aio.ServicerContext) -> tuple[Any, int]:
+        try:
+            data, held = await admission.read(context.read, _length, deadline_of(context))
+            if data is grpc.aio.EOF:
+                raise InvalidRequest("the call ended without a request message")
+        except RapidServeError as exc:
+            if refused is not None:
+                refused(exc.reason)
+            await context.abort(status_of(exc), message_of(exc))
+        try:
+            message = parse(data) if len(data) < SPLIT_FROM_BYTES else await asyncio.to_thread(parse, data)
+        except DecodeError as exc:  # (our own parsers answer Undecodable instead)
+            admission.release(held)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message_of(f"the request does not parse: {exc}"))
+        except BaseException:
+            admission.release(held)
+            raise
+        return message, held
+
+    options = {"request_deserializer": None, "response_serializer": handler.response_serializer}
+    if handler.unary_unary is not None:
+
+        async def unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+            message, held = await receive(context)
+            try:
+                answer = behavior(message, context)
+                del message  # the method lets go of it once it is done with it
+                return await answer
+            finally:
+                admission.release(held)
+
+        return grpc.stream_unary_rpc_method_handler(unary, **options)
+
+    if inspect.isasyncgenfunction(behavior):
+
+        async def generator(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+            message, held = await receive(context)
+            try:
+                async for item in behavior(message, context):
+                    yield item
+            finally:
+                admission.release(held)
+
+        return grpc.stream_stream_rpc_method_handler(generator, **options)
+
+    async def writer(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+        message, held = await receive(context)
+        try:
+            return await behavior(message, context)
+        finally:
+            admission.release(held)
+
+    return grpc.stream_stream_rpc_method_handler(writer, **options)
+
+
+def _length(data: Any) -> int:
+    return 0 if data is grpc.aio.EOF else len(data)
