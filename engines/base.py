@@ -53,7 +53,8 @@ class Engine(Protocol):
     device) and a model with several instances (which run in parallel) always use their threads.
     ``infer`` raises ``EngineInputError`` when the request's data is what cannot run (the caller's
     error), any other exception for a failure of its own. A batch of several requests that raises is
-    run again in parts on the same instance, so an exception must leave the instance usable.
+    run again in parts on the same instance (as far as a budget of reruns pays), so an exception
+    must leave the instance usable.
     """
 
     @property
@@ -71,7 +72,8 @@ class Engine(Protocol):
 
 def may_run_inline(devices: Sequence[str]) -> bool:
     """Whether a model whose instances run on ``devices`` ("cpu", "cuda:N") may run its fast batches
-    on the event loop thread: only with exactly one instance, on the CPU."""
+    on the event loop thread: only with exactly one instance, on the CPU. The one statement of the
+    rule: the model layer turns it into the batcher's setting, and the batcher checks nothing else."""
     return len(devices) == 1 and devices[0] == "cpu"
 
 

@@ -12,10 +12,8 @@ passed, or, in adaptive mode, as soon as waiting is not expected to bring anothe
 While every instance is busy the next batch keeps growing. Requests of a higher priority level
 (1 = highest) are taken first, FIFO within a level.
 
-Faults stay with the requests that cause them: when an instance raises on a batch of several requests,
-the batch is run again in halves on the same instance (and those halves in halves), so only requests
-that fail on their own get the error. A caller sees one line naming the model, the exception and a
-reference; the log keeps the traceback under that reference.
+Batches run through the model's ``FaultIsolation`` (``isolation.py``): a batch that fails is run again
+in parts so only the requests that fail on their own get the error, within a budget of reruns.
 """
 
 from __future__ import annotations
@@ -23,43 +21,23 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
-import logging
-import re
-import secrets
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
-from rapidserve.engines.base import EngineInputError
-from rapidserve.server.errors import (
-    DeadlineExceeded,
-    EngineError,
-    InvalidRequest,
-    Overloaded,
-    RapidServeError,
-    Unavailable,
-)
+from rapidserve.server.errors import DeadlineExceeded, EngineError, InvalidRequest, Overloaded, Unavailable
+from rapidserve.server.isolation import Arrays, BatchRunner, FaultIsolation, Isolated
 from rapidserve.server.stats import ModelStats
 from rapidserve.server.types import InferRequest
 
 __all__ = ["INLINE_BELOW_S", "BatchRunner", "BatcherConfig", "DynamicBatcher"]
 
-log = logging.getLogger(__name__)
-
-Arrays = dict[str, np.ndarray[Any, Any]]
-BatchRunner = Callable[[Arrays, Sequence[str]], Arrays]
-
 # Engine time per batch under which a model allowed to run inline (``engines.base.may_run_inline``)
 # does: handing a 10 us model call to a worker thread and back costs far more than the call.
 INLINE_BELOW_S = 0.0005
-ERROR_TEXT_MAX = 200  # characters of an engine error a caller sees (one line; the log has the rest)
-INPUT_ERROR_TEXT_MAX = 1000  # an EngineInputError is written for the caller, and may list what fits
-_ABSOLUTE_PATH = re.compile(r"(?<![\w.~-])/[\w.~+-]+(?:/[\w.~+@-]*)+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,9 +51,8 @@ class BatcherConfig:
     priority_levels: int = 0
     default_priority: int = 0
     adaptive: bool = True
-    # Batches whose engine time stays under this run on the event loop itself (INLINE_BELOW_S for a
-    # model with one CPU instance, see ``engines.base.may_run_inline``). 0: always use the threads;
-    # a batcher of several instances always does.
+    # Batches whose engine time stays under this run on the event loop itself. 0: always use the
+    # threads. The caller sets it only where ``engines.base.may_run_inline`` allows (one CPU instance).
     inline_below_s: float = 0.0
     # Every request has the same trailing shapes and datatypes (the model's dims have no -1 and the
     # caller validated them): any requests may share a batch, with no per-request signature to build.
@@ -136,12 +113,24 @@ class _Queues:
 
 
 class DynamicBatcher:
-    def __init__(self, name: str, instances: Sequence[BatchRunner], config: BatcherConfig, stats: ModelStats) -> None:
+    """One model's queue, and the batches it runs on the model's instances through ``isolation``
+    (by default a ``FaultIsolation`` with the limits of ``isolation.py``)."""
+
+    def __init__(
+        self,
+        name: str,
+        instances: Sequence[BatchRunner],
+        config: BatcherConfig,
+        stats: ModelStats,
+        isolation: FaultIsolation | None = None,
+    ) -> None:
         if not instances:
             raise ValueError("a batcher needs at least one instance")
         self._name = name
         self._config = config
         self._stats = stats
+        self._isolation = isolation if isolation is not None else FaultIsolation(name)
+        self._run = self._isolation.run
         self._preferred = sorted(set(config.preferred_batch_sizes), reverse=True)
         self._free = list(reversed(instances))
         self._instances = list(instances)
@@ -154,7 +143,6 @@ class DynamicBatcher:
         self._seq = itertools.count()
         self._running = 0
         self._infer_s: float | None = None  # moving average of engine time per batch
-        self._inline_below_s = config.inline_below_s if len(instances) == 1 else 0.0
         self._inline = False
         self._dispatch_soon = False
         self._closed = False
@@ -410,12 +398,12 @@ class DynamicBatcher:
         inputs = [item.request.inputs for item in batch]
         if self._inline:
             try:
-                result: Any = _run_batch(instance, inputs, outputs)
+                result: Any = self._run(instance, inputs, outputs)
             except Exception as exc:
                 result = exc
             self._finish(instance, batch, now, result, redispatch=False)  # _dispatch's loop goes on
             return
-        work = self._executor.submit(_run_batch, instance, inputs, outputs)
+        work = self._executor.submit(self._run, instance, inputs, outputs)
         loop = self._loop
         work.add_done_callback(lambda done: loop.call_soon_threadsafe(self._finish_thread, instance, batch, now, done))
 
@@ -436,10 +424,10 @@ class DynamicBatcher:
             outputs, input_ns, infer_ns = result
             self._learn_latency(infer_ns / 1e9)
             self._complete(batch, started, outputs, input_ns, infer_ns)
-        elif isinstance(result, _Isolated):
+        elif isinstance(result, Isolated):
             self._isolated(batch, started, result)
         else:
-            self._fail(batch, self._caller_error(result))
+            self._fail(batch, self._isolation.caller_error(result))
         if redispatch:
             self._dispatch()
 
@@ -451,7 +439,7 @@ class DynamicBatcher:
             delivered = self._deliver(batch, outputs)
             output_ns = time.monotonic_ns() - split_start
         except Exception as exc:  # outputs the engine should not have returned: fail, never hang
-            self._fail(batch, self._caller_error(exc))
+            self._fail(batch, self._isolation.caller_error(exc))
             return
         if delivered is not None:
             for item in delivered:
@@ -459,41 +447,19 @@ class DynamicBatcher:
             size = sum(item.size for item in batch)
             self._stats.record_execution(len(delivered), size, input_ns, infer_ns, output_ns)
 
-    def _isolated(self, batch: list[_Pending], started: float, isolated: _Isolated) -> None:
-        """Deliver a failed batch's parts: rows to the requests that ran, errors to those that failed alone."""
-        errors: dict[tuple[type[Exception], str], RapidServeError] = {}  # one reference per distinct error
-        failed = 0
-        for part in isolated.parts:
+    def _isolated(self, batch: list[_Pending], started: float, isolated: Isolated) -> None:
+        """Deliver a failed batch's parts: rows to the requests that ran, errors to those that failed."""
+        for part in self._isolation.answers(isolated):
             requests = batch[part.start : part.stop]
             if isinstance(part.result, Exception):
-                failed += len(requests)
-                key = (type(part.result), str(part.result))
-                if key not in errors:
-                    errors[key] = self._caller_error(part.result)
-                self._fail(requests, errors[key])
+                self._fail(requests, part.result)
             else:
                 self._complete(requests, started, part.result, part.input_ns, part.infer_ns)
-        log.warning(
-            "model '%s': a batch of %d requests failed (%s: %s); run again in parts, %d failed on their own",
-            self._name, len(batch), type(isolated.error).__name__, _one_line(isolated.error, ERROR_TEXT_MAX), failed,
-        )  # fmt: skip
-
-    def _caller_error(self, exc: Exception) -> RapidServeError:
-        """What a caller sees of an instance's exception: one line; an engine failure is logged with
-        its traceback under a reference that the caller's message gives."""
-        if isinstance(exc, EngineInputError):
-            return InvalidRequest(f"model '{self._name}': {_one_line(exc, INPUT_ERROR_TEXT_MAX)}")
-        reference = secrets.token_hex(4)
-        log.error("model '%s' failed (reference %s)", self._name, reference, exc_info=exc)
-        head = f"model '{self._name}' failed: {type(exc).__name__}"
-        tail = f" (reference {reference} in the server log)"
-        detail = _one_line(exc, ERROR_TEXT_MAX - len(head) - len(tail) - 2)
-        return EngineError(f"{head}: {detail}{tail}" if detail else head + tail)
 
     def _learn_latency(self, seconds: float) -> None:
         """Track engine time per batch; run batches inline while it stays small (with hysteresis)."""
         self._infer_s = seconds if self._infer_s is None else 0.8 * self._infer_s + 0.2 * seconds
-        limit = self._inline_below_s
+        limit = self._config.inline_below_s
         self._inline = limit > 0 and self._infer_s < (2 * limit if self._inline else limit)
 
     def _deliver(self, batch: list[_Pending], outputs: Arrays) -> list[_Pending] | None:
@@ -540,76 +506,4 @@ class DynamicBatcher:
             if timer is not None:
                 timer.cancel()
         self._executor.shutdown(wait=True)
-
-
-@dataclass(slots=True)
-class _Part:
-    """Requests ``batch[start:stop]`` of a failed batch, run again: their outputs, or their error."""
-
-    start: int
-    stop: int
-    result: Arrays | Exception
-    input_ns: int = 0
-    infer_ns: int = 0
-
-
-@dataclass(slots=True)
-class _Isolated:
-    """A batch of several requests that failed (``error``), and the parts it was run again in."""
-
-    error: Exception
-    parts: list[_Part]
-
-
-def _run_batch(
-    instance: BatchRunner, inputs: list[Arrays], outputs: Sequence[str]
-) -> tuple[Arrays, int, int] | _Isolated:
-    """Run the batch on the instance; when a batch of several requests fails, run it again in parts."""
-    try:
-        return _run(instance, inputs, outputs)
-    except Exception as exc:
-        if len(inputs) == 1:
-            raise
-        parts: list[_Part] = []
-        _bisect(instance, inputs, outputs, 0, len(inputs), parts)
-        return _Isolated(exc, parts)
-
-
-def _run(instance: BatchRunner, inputs: list[Arrays], outputs: Sequence[str]) -> tuple[Arrays, int, int]:
-    """Concatenate the requests along dim 0 (no copy for a single request) and run the instance."""
-    start = time.monotonic_ns()
-    if len(inputs) == 1:
-        merged = inputs[0]
-    else:
-        merged = {name: np.concatenate([request[name] for request in inputs]) for name in inputs[0]}
-    ready = time.monotonic_ns()
-    result = instance(merged, outputs)
-    return result, ready - start, time.monotonic_ns() - ready
-
-
-def _bisect(
-    instance: BatchRunner, inputs: list[Arrays], outputs: Sequence[str], start: int, stop: int, parts: list[_Part]
-) -> None:
-    """Run both halves of the failed requests ``start:stop``; split a failing half again, down to
-    single requests, whose errors are their own. Parts are appended in request order."""
-    middle = (start + stop) // 2
-    for low, high in ((start, middle), (middle, stop)):
-        try:
-            result, input_ns, infer_ns = _run(instance, inputs[low:high], outputs)
-        except Exception as exc:
-            if high - low > 1:
-                _bisect(instance, inputs, outputs, low, high, parts)
-            else:
-                parts.append(_Part(low, high, exc))
-        else:
-            parts.append(_Part(low, high, result, input_ns, infer_ns))
-
-
-def _one_line(exc: BaseException, limit: int) -> str:
-    """An exception's message for a caller: its last non-empty line (a traceback or an engine's dump
-    ends with the error itself), whitespace collapsed, absolute paths hidden, at most ``limit`` characters."""
-    lines = [line for line in str(exc).splitlines() if line.strip()]
-    text = _ABSOLUTE_PATH.sub("<path>", " ".join(lines[-1].split())) if lines else ""
-    if limit <= 0:
-        return ""
-    return text if len(text) <= limit else text[: max(limit - 3, 0)] + "..."
+        self._isolation.flush()

@@ -7,29 +7,35 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 
-from rapidserve import Client, InferenceServerError
+from rapidserve import AsyncClient, Client, InferenceServerError
 from rapidserve.engines.buckets import select_profile
 from rapidserve.server.batcher import BatcherConfig, DynamicBatcher
 from rapidserve.server.errors import InvalidRequest
-from rapidserve.server.servicer import status_of
+from rapidserve.server.isolation import LOG_WINDOW_S, RERUN_RESERVE, TRACEBACKS_PER_WINDOW
 from rapidserve.server.stats import ModelStats
+from rapidserve.server.status import status_of
 from rapidserve.server.types import InferRequest
 
 pytestmark = pytest.mark.timeout(120)
 
+ONE_BATCH_OF_32 = """
+dynamic_batching { max_queue_delay_microseconds: 10000000, preferred_batch_size: [ 32 ] }
+parameters { key: "batching_mode" value: { string_value: "fixed" } }"""
 
-def script(repo: Path, name: str, module: object, config: str) -> None:
+
+def script(repo: Path, name: str, module: object, config: str, max_batch_size: int = 8) -> None:
     import torch
 
     (repo / name / "1").mkdir(parents=True)
     torch.jit.script(module).save(str(repo / name / "1" / "model.pt"))
-    (repo / name / "config.pbtxt").write_text(f'backend: "pytorch"\nmax_batch_size: 8\n{config}')
+    (repo / name / "config.pbtxt").write_text(f'backend: "pytorch"\nmax_batch_size: {max_batch_size}\n{config}')
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +72,9 @@ output [ { name: "y", data_type: TYPE_FP32, dims: [ 3 ] } ]"""
 input [ { name: "x", data_type: TYPE_INT64, dims: [ 3 ] } ]
 output [ { name: "y", data_type: TYPE_INT32, dims: [ 3 ] } ]"""
     script(repo, "raises", Raises(), fp32_io)
+    # holds requests until 32 are queued, so that one caller's 32 requests form one batch
+    one_batch = f"{fp32_io}\n{ONE_BATCH_OF_32}"
+    script(repo, "raises32", Raises(), one_batch, max_batch_size=32)
     script(repo, "widens", Widens(), fp32_io)
     script(repo, "overflows", Overflows(), fp32_io)
     script(repo, "counts", Counts(), int_io)
@@ -77,7 +86,7 @@ def test_an_engine_dump_never_reaches_the_caller_and_the_log_keeps_it(
     repo: Path, serve, caplog: pytest.LogCaptureFixture
 ) -> None:
     server = serve(repo)
-    with caplog.at_level(logging.ERROR, logger="rapidserve.server.batcher"), Client(server.url) as client:
+    with caplog.at_level(logging.ERROR, logger="rapidserve.server.isolation"), Client(server.url) as client:
         with pytest.raises(InferenceServerError) as info:
             client.infer("raises", {"x": np.array([[1, -2, 3]], np.float32)})
         good = client.infer("raises", {"x": np.array([[1, 2, 3]], np.float32)})["y"]
@@ -149,3 +158,56 @@ async def test_a_shape_outside_every_tensorrt_profile_is_invalid_argument() -> N
     for i, result in zip((1, 2), results, strict=True):
         np.testing.assert_array_equal(result["y"], np.full((6, 3), i + 1, np.float32))
     await batcher.close()
+
+
+async def test_one_callers_failing_batch_costs_a_bounded_number_of_engine_runs(
+    repo: Path, serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from rapidserve.engines.pytorch import TorchEngine
+
+    runs: list[int] = []  # rows of every engine run, counted outside the batcher
+    infer = TorchEngine.infer
+
+    def counted(self, inputs, outputs):
+        runs.append(len(inputs["x"]))
+        return infer(self, inputs, outputs)
+
+    monkeypatch.setattr(TorchEngine, "infer", counted)
+    server = serve(repo)
+    runs.clear()  # the warm-ups
+    poison = np.array([[1, -2, 3]], np.float32)
+    async with AsyncClient(server.url) as client:  # 32 requests multiplexed on one stream: one batch
+        results = await asyncio.gather(
+            *(client.infer("raises32", {"x": poison}) for _ in range(32)), return_exceptions=True
+        )
+        assert all(isinstance(r, InferenceServerError) and r.code == grpc.StatusCode.INTERNAL for r in results)
+        assert runs[0] == 32  # they formed one batch
+        # isolating each of 32 failing requests would take 2 * 32 - 2 = 62 runs more; the budget pays for fewer
+        assert len(runs) - 1 <= RERUN_RESERVE < 62
+        good = await asyncio.gather(
+            *(client.infer("raises32", {"x": np.full((1, 3), i, np.float32)}) for i in range(32))
+        )
+    for i, result in enumerate(good):  # the model goes on
+        np.testing.assert_array_equal(result["y"], np.full((1, 3), i + 1, np.float32))
+
+
+def test_a_flood_of_failing_requests_logs_a_few_tracebacks_and_every_reference(
+    repo: Path, serve, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = serve(repo)
+    references = []
+    with caplog.at_level(logging.ERROR, logger="rapidserve.server"), Client(server.url) as client:
+        start = time.monotonic()
+        for _ in range(40):  # one after the other: each request is a batch of its own, with its own failure
+            with pytest.raises(InferenceServerError) as info:
+                client.infer("raises", {"x": np.array([[1, -2, 3]], np.float32)})
+            references.append(re.search(r"\(reference (\w+) in the server log\)", info.value.message).group(1))
+        elapsed = time.monotonic() - start
+    assert len(set(references)) == 40
+    records = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    for reference in references:  # each caller can find their failure in the log, on one record
+        (record,) = [r for r in records if reference in r.getMessage()]
+        assert "negative input" in record.getMessage() or record.exc_info is not None
+    tracebacks = [r for r in records if r.exc_info is not None]
+    windows = int(elapsed / LOG_WINDOW_S) + 1  # windows the flood overlapped, at most
+    assert TRACEBACKS_PER_WINDOW <= len(tracebacks) <= TRACEBACKS_PER_WINDOW * windows

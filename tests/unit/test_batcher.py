@@ -15,6 +15,7 @@ from rapidserve.engines.base import EngineInputError, TensorSpec, may_run_inline
 from rapidserve.server.batcher import BatcherConfig, DynamicBatcher
 from rapidserve.server.config import complete_config, parse_config
 from rapidserve.server.errors import DeadlineExceeded, EngineError, InvalidRequest, Overloaded, Unavailable
+from rapidserve.server.isolation import FaultIsolation
 from rapidserve.server.model import LoadedVersion, ModelVersion
 from rapidserve.server.stats import ModelStats
 from rapidserve.server.types import InferRequest
@@ -515,7 +516,7 @@ async def test_an_engine_error_reaches_the_caller_as_one_line_and_the_log_keeps_
         raise RuntimeError(dump)
 
     batcher = DynamicBatcher("m/1", [explode], BatcherConfig(max_batch_size=8, inline_below_s=0), ModelStats())
-    with caplog.at_level(logging.ERROR, logger="rapidserve.server.batcher"):
+    with caplog.at_level(logging.ERROR, logger="rapidserve.server.isolation"):
         results = await asyncio.gather(*(batcher.submit(request(i), ["y"]) for i in range(3)), return_exceptions=True)
     messages = [str(r) for r in results]
     for message in messages:
@@ -527,6 +528,94 @@ async def test_an_engine_error_reaches_the_caller_as_one_line_and_the_log_keeps_
     assert logged and all(r.exc_info and r.exc_info[1].args == (dump,) for r in logged)
     assert "Traceback" in caplog.text and "/srv/secret/model.py" in caplog.text  # the operator sees it all
     await batcher.close()
+
+
+# -- what isolation may cost ----------------------------------------------------------------------
+
+
+def isolating(engine, isolation: FaultIsolation, name: str = "m") -> DynamicBatcher:
+    config = BatcherConfig(max_batch_size=16, inline_below_s=0)
+    return DynamicBatcher(name, [engine], config, ModelStats(), isolation)
+
+
+async def test_one_failing_batch_spends_at_most_the_rerun_reserve(caplog: pytest.LogCaptureFixture) -> None:
+    engine = FakeEngine(fail_on=7.0)
+    batcher = isolating(engine.infer, FaultIsolation("m", reserve=8))
+    with caplog.at_level(logging.WARNING, logger="rapidserve.server.isolation"):
+        results = await run_one_batch(batcher, engine, [request(7.0) for _ in range(16)])
+    assert len(engine.batches[1]) == 16  # one batch
+    reruns = len(engine.batches) - 2
+    assert 0 < reruns <= 8  # isolating all 16 would take 2 * 16 - 2 = 30
+    assert all(isinstance(r, EngineError) and "poisoned row" in str(r) for r in results)
+    assert "16 requests failed" in caplog.text and "rerun budget ran out" in caplog.text
+    await batcher.close()
+
+
+async def test_with_the_budget_spent_a_failing_batch_fails_whole_until_runs_earn_it_back() -> None:
+    engine = FakeEngine(fail_on=7.0)
+    batcher = isolating(engine.infer, FaultIsolation("m", reserve=4, reruns_per_batch=0.5))
+    mixed = [1.0, 7.0, 2.0, 3.0]  # isolated with 4 reruns: [1, 7] and [2, 3], then [1] and [7]
+    batches = 0
+
+    await run_one_batch(batcher, engine, [request(7.0) for _ in range(8)])  # spends the reserve
+    results = await run_one_batch(batcher, engine, [request(v) for v in mixed])
+    batches += 4  # two of run_one_batch's each
+    assert all(isinstance(r, EngineError) for r in results)  # the good requests too: no rerun is paid for
+
+    for _ in range(8):  # batches that run earn reruns back: 8 * 0.5 = the reserve
+        await batcher.submit(request(1), ["y"])
+    batches += 8
+    results = await run_one_batch(batcher, engine, [request(v) for v in mixed])
+    batches += 2
+    assert [isinstance(r, EngineError) for r in results] == [False, True, False, False]
+    assert [float(r["y"][0, 0]) for i, r in enumerate(results) if i != 1] == [2.0, 4.0, 6.0]
+
+    reruns = len(engine.batches) - batches
+    assert reruns <= 4 + 0.5 * batches  # the bound: the reserve plus the share each batch earns
+    await batcher.close()
+
+
+async def test_tracebacks_are_limited_per_model_and_window_and_the_rest_are_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    now = [0.0]
+
+    def explode(inputs, outputs):
+        raise RuntimeError("engine broke")
+
+    def isolation(name: str) -> FaultIsolation:
+        return FaultIsolation(name, tracebacks=3, window_s=1.0, clock=lambda: now[0])
+
+    batcher, other = isolating(explode, isolation("m/1"), "m/1"), isolating(explode, isolation("n/1"), "n/1")
+
+    async def fail(batcher: DynamicBatcher) -> str:
+        with pytest.raises(EngineError) as info:
+            await batcher.submit(request(1), ["y"])
+        return re.search(r"\(reference (\w+) in the server log\)", str(info.value)).group(1)
+
+    def logged(reference: str) -> logging.LogRecord:
+        (record,) = [r for r in caplog.records if reference in r.getMessage()]
+        return record
+
+    with caplog.at_level(logging.WARNING, logger="rapidserve.server.isolation"):
+        references = [await fail(batcher) for _ in range(10)]
+        other_reference = await fail(other)
+        assert [logged(r).exc_info is not None for r in references] == [True] * 3 + [False] * 7
+        for reference in references[3:]:  # one line each, that says what failed
+            assert "RuntimeError: engine broke" in logged(reference).getMessage()
+        assert logged(other_reference).exc_info is not None  # another model's quota is its own
+        assert not [r for r in caplog.records if "without their traceback" in r.getMessage()]
+
+        caplog.clear()
+        now[0] += 1.0  # the window passed: the next failure reports the count, then has its traceback
+        references = [await fail(batcher) for _ in range(5)]
+        first, second = caplog.records[:2]
+        assert "m/1" in first.getMessage() and "7 more failures logged without their traceback" in first.getMessage()
+        assert second is logged(references[0]) and second.exc_info is not None
+        assert [logged(r).exc_info is not None for r in references] == [True] * 3 + [False] * 2
+        await batcher.close()  # unloading reports the window's count
+        assert "2 more failures logged without their traceback" in caplog.records[-1].getMessage()
+        await other.close()
 
 
 # -- what runs on the event loop ------------------------------------------------------------------
@@ -550,7 +639,8 @@ class Instant:
 
 
 def fast_version(instance_group: str, instances: int) -> tuple[ModelVersion, list[Instant]]:
-    config = parse_config(f'name: "fast"\nmax_batch_size: 8\ninstance_group [ {instance_group} ]')
+    groups = f"instance_group [ {instance_group} ]" if instance_group else ""
+    config = parse_config(f'name: "fast"\nmax_batch_size: 8\n{groups}')
     engines = [Instant() for _ in range(instances)]
     spec = complete_config(config, Instant.inputs, Instant.outputs)
     return ModelVersion("fast", LoadedVersion(1, config, spec, engines, 0.0)), engines
@@ -559,10 +649,13 @@ def fast_version(instance_group: str, instances: int) -> tuple[ModelVersion, lis
 @pytest.mark.parametrize(
     ("instance_group", "instances", "inline"),
     [
+        ("", 1, True),  # no instance_group: one CPU instance
         ("{ kind: KIND_CPU, count: 1 }", 1, True),
         ("{ kind: KIND_CPU, count: 2 }", 2, False),
         ("{ kind: KIND_CPU, count: 1 }, { kind: KIND_CPU, count: 1 }", 2, False),
         ("{ kind: KIND_GPU, count: 1, gpus: [ 0 ] }", 1, False),
+        ("{ kind: KIND_GPU, count: 1 }", 1, False),  # a GPU group naming no GPU
+        ("{ kind: KIND_CPU, count: 1 }, { kind: KIND_GPU, count: 1, gpus: [ 0 ] }", 2, False),
     ],
 )
 async def test_only_a_single_cpu_instance_runs_fast_batches_on_the_event_loop(
@@ -584,13 +677,3 @@ def test_the_engine_contract_says_which_instances_may_run_inline() -> None:
     assert not may_run_inline(["cpu", "cpu"])
     assert not may_run_inline(["cuda:0"])
     assert not may_run_inline([])
-
-
-async def test_the_batcher_never_runs_several_instances_inline() -> None:
-    engine = FakeEngine()
-    batcher = make(engine, instances=2, inline_below_s=10.0)  # a limit every batch is under
-    loop_thread = threading.current_thread()
-    for i in range(10):
-        await batcher.submit(request(i), ["y"])
-    assert loop_thread not in engine.threads
-    await batcher.close()
