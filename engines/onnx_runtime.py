@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ import numpy as np
 
 from rapidserve.engines.base import EngineInputError, EngineOptions, TensorSpec, missing_extra
 
-__all__ = ["OnnxRuntimeEngine", "external_data_locations", "load", "select_providers"]
+__all__ = ["OnnxRuntimeEngine", "external_data_locations", "has_ep_context_nodes", "load", "select_providers"]
 
 # ONNX tensor element types (as ORT names them) -> v2 datatypes
 _ORT_TYPES = {
@@ -70,6 +70,35 @@ def external_data_locations(path: Path) -> list[str]:
     tensors = list(_graph_tensors(model.graph))
     tensors += [t for function in model.functions for node in function.node for t in _node_tensors(node)]
     return [entry.value for tensor in tensors for entry in tensor.external_data if entry.key == "location"]
+
+
+EP_CONTEXT = "EPContext"
+
+
+def has_ep_context_nodes(model: bytes) -> bool:
+    """Whether an ONNX model (its bytes) has an EPContext node anywhere: in its graph, a subgraph or a
+    function. Such a node carries an execution provider's compiled engine (a TensorRT engine, whose
+    plugins run code). Bytes that never spell the op's name have none, which spares parsing the usual
+    model; a model that does is parsed, and invalid protobuf raises."""
+    if EP_CONTEXT.encode() not in model:
+        return False
+    try:
+        import onnx
+    except ImportError as exc:
+        raise missing_extra("onnx", "cpu") from exc
+    proto = onnx.load_model_from_string(model)
+    nodes = [*_nodes(proto.graph.node), *(node for function in proto.functions for node in _nodes(function.node))]
+    return any(node.op_type == EP_CONTEXT for node in nodes)
+
+
+def _nodes(nodes: Iterable[Any]) -> Iterator[Any]:
+    """Every node, and the nodes of their subgraphs (If, Loop, Scan bodies)."""
+    for node in nodes:
+        yield node
+        for attribute in node.attribute:
+            graphs = [attribute.g] if attribute.HasField("g") else []
+            for graph in [*graphs, *attribute.graphs]:
+                yield from _nodes(graph.node)
 
 
 def _graph_tensors(graph: Any) -> Iterator[Any]:

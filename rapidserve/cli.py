@@ -329,6 +329,10 @@ async def _serve(args: argparse.Namespace) -> int:
     await stop.wait()
     log.info("shutting down: finishing in-flight requests (up to %.0f s)", settings.grace_period_s)
     await server.stop()
+    if server.abandoned_loads:  # a loader thread cannot be stopped, and Python would wait for it at exit
+        log.error("exiting with model loads still running: %s", ", ".join(server.abandoned_loads))
+        logging.shutdown()
+        os._exit(0)
     return 0
 
 

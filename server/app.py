@@ -12,6 +12,7 @@ import contextlib
 import logging
 import ssl
 import threading
+import time
 from typing import Any
 
 import grpc
@@ -48,6 +49,7 @@ class InferenceServer:
             cache=PredictionCache(settings.cache_size_bytes) if settings.cache_size_bytes > 0 else None,
             on_change=self._readiness_changed,
             uploads=settings.uploads,
+            max_message_bytes=settings.grpc_max_message_bytes,
         )
         self._health_updates: set[asyncio.Task[None]] = set()
         self._server: grpc.aio.Server | None = None
@@ -57,6 +59,7 @@ class InferenceServer:
         self._metrics: Any = None
         self._certificates: _Certificates | None = None
         self._servicer: InferenceServicer | None = None
+        self.abandoned_loads: list[str] = []  # model loads still running when stop() gave up on them
         self.port = 0
         self.metrics_port = 0
 
@@ -111,6 +114,7 @@ class InferenceServer:
         get UNAVAILABLE; requests already accepted finish (within the grace period), then the models
         are unloaded. Returns as soon as the last accepted request is answered."""
         grace = self.settings.grace_period_s if grace_s is None else grace_s
+        deadline = time.monotonic() + grace
         self._follow_readiness = False  # the unloads below must not turn health back on
         if self._servicer is not None:
             self._servicer.drain()
@@ -122,7 +126,7 @@ class InferenceServer:
                     await asyncio.wait_for(self._servicer.idle(), grace)
             await self._server.stop(0)  # what is left (health Watch, reflection) need not finish
             await refusing
-        await self.manager.stop()
+        self.abandoned_loads = await self.manager.stop(max(deadline - time.monotonic(), 1.0))
         if self._metrics is not None:
             await asyncio.to_thread(self._metrics.stop)
 

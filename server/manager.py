@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from rapidserve.server.cache import PredictionCache
-from rapidserve.server.config import parse_config_json
 from rapidserve.server.errors import ModelLoadError, ModelNotFound, NotAllowed, RapidServeError, TooLarge, Unavailable
 from rapidserve.server.model import ModelVersion, build_version
+from rapidserve.server.overrides import OverrideLimits, check_config_size, parse_override
 from rapidserve.server.paths import MAX_NAME_BYTES, check_upload_path, shown
-from rapidserve.server.repository import choose_files, fingerprint, read_source, upload_listing
+from rapidserve.server.repository import choose_files, fingerprint, read_source, upload_listing, upload_model_files
 from rapidserve.server.repository import list_models as _list_models
 from rapidserve.server.settings import UploadPolicy
 
@@ -73,7 +73,10 @@ class ModelManager:
         cache: PredictionCache | None = None,
         on_change: Callable[[], None] | None = None,
         uploads: UploadPolicy | None = None,
+        max_message_bytes: int = 64 * 2**20,
     ) -> None:
+        """``max_message_bytes`` is the server's ``--grpc-max-message-bytes``: no warm-up request a
+        caller's config asks for may be larger."""
         if control_mode not in ("none", "explicit", "poll"):
             raise ValueError(f"model control mode must be none, explicit or poll, not {control_mode!r}")
         self.repositories = repositories
@@ -84,9 +87,11 @@ class ModelManager:
         self.cache = cache
         self._on_change = on_change  # called after every load, reload and unload (health follows readiness)
         self._uploads_policy = uploads or UploadPolicy()
+        self._limits = OverrideLimits(max_request_bytes=max_message_bytes)
         self._models: dict[str, _Model] = {}
         self._startup: set[str] = set()
         self._started = False
+        self._stopping = False
         self._loader = ThreadPoolExecutor(max_workers=load_threads, thread_name_prefix="rs-load")
         self._tasks: set[asyncio.Task[None]] = set()
         self._poller: asyncio.Task[None] | None = None
@@ -108,16 +113,40 @@ class ModelManager:
         if self.control_mode == "poll":
             self._poller = asyncio.create_task(self._poll(), name="rapidserve-poll")
 
-    async def stop(self) -> None:
+    async def stop(self, timeout_s: float = 30.0) -> list[str]:
+        """Stop polling and unload every model, waiting at most ``timeout_s`` for the loads, unloads and
+        retirements under way. What is still running then is logged and abandoned: its tasks are
+        cancelled and loader threads are not waited for, so a load that never ends cannot hold the
+        server's exit. Returns the models whose loads were abandoned (their threads may still run)."""
+        self._stopping = True
         if self._poller is not None:
             self._poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poller
-        await asyncio.gather(*(self._unload(name, "server stopping") for name in list(self._models)))
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._loader.shutdown(wait=True)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        unloads = [
+            asyncio.create_task(self._unload(name, "server stopping"), name=f"unload-{name}")
+            for name in list(self._models)
+        ]
+        late = {*unloads, *self._tasks}
+        while late and (remaining := deadline - loop.time()) > 0:
+            _, late = await asyncio.wait(late, timeout=remaining)
+            late |= {task for task in self._tasks if not task.done()}  # a load that ended retires versions
+        loading = sorted(name for name, model in self._models.items() if model.lock.locked())
+        if late:
+            log.warning(
+                "stopping without waiting longer than %.1f s for: %s; model loads still running: %s",
+                timeout_s,
+                ", ".join(sorted(task.get_name() for task in late)),
+                ", ".join(loading) or "none",
+            )
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+        self._loader.shutdown(wait=False, cancel_futures=True)
         self._uploads.cleanup()
+        return loading
 
     @property
     def ready(self) -> bool:
@@ -197,22 +226,31 @@ class ModelManager:
                 f"loading models is not allowed in model control mode '{self.control_mode}'; "
                 "start the server with --model-control-mode explicit"
             )
+        if self._stopping:
+            raise Unavailable("the server is stopping: no model loads are taken")
         _check_name(name)
         if files:
             self._check_upload_policy(files)
-        config = parse_config_json(config_json, f"config for '{name}'") if config_json else None
-        if files:
-            if config is None:
+            if not config_json:
                 raise ModelLoadError("loading model files requires the 'config' parameter too")
-            self._check_upload(name, config, files)
         elif name not in self._list():
             raise ModelNotFound(f"model '{name}' is not in the model repository")
+        config = None
+        if config_json:
+            check_config_size(config_json, f"config for '{name}'")
+            loop = asyncio.get_running_loop()  # parsing a large config would stall the event loop
+            config = await loop.run_in_executor(self._loader, self._vet, name, config_json, files)
         # Every refusal above comes before the load touches any state: no entry, no LOADING, no folder.
         # The load goes on if the caller goes away (a cancelled load would leave engines half-built).
         task = asyncio.create_task(self._load(name, config=config, files=files or None), name=f"load-{name}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        await asyncio.shield(task)
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if self._stopping and task.cancelled():  # stop() abandoned it
+                raise Unavailable(f"the server is stopping: the load of model '{name}' was abandoned") from None
+            raise
 
     async def unload(self, name: str) -> None:
         if self.control_mode != "explicit":
@@ -249,6 +287,14 @@ class ModelManager:
                 "bytes per load; raise it with --max-upload-bytes"
             )
 
+    def _vet(self, name: str, config_json: str, files: Mapping[str, bytes] | None) -> Any:
+        """A caller's config, parsed and held to the server's limits, and the upload it comes with
+        checked. Runs in a loader thread, before the load touches any state."""
+        config = parse_override(config_json, name, self._limits)
+        if files:
+            self._check_upload(name, config, files)
+        return config
+
     def _check_upload(self, name: str, config: Any, files: Mapping[str, bytes]) -> None:
         """Refuse an upload before anything is written: bad paths, and models whose backend would run
         code (decided as the load would decide it, config override included) unless allowed."""
@@ -262,13 +308,16 @@ class ModelManager:
         probe.CopyFrom(config)
         if not probe.name:
             probe.name = name
-        backend, _ = choose_files(probe, upload_listing(name, files))
-        if backend not in DATA_ONLY_BACKENDS and not self._uploads_policy.allow_code_models:
+        backend, chosen = choose_files(probe, upload_listing(name, files))
+        if self._uploads_policy.allow_code_models:
+            return
+        if backend not in DATA_ONLY_BACKENDS:
             raise NotAllowed(
                 f"model '{name}': the uploaded model would load with the '{backend}' backend, whose formats "
                 "(TorchScript, torch.export programs, TensorRT plans) run code when loaded; this server takes "
                 "only ONNX models through the API unless started with --allow-code-models-upload"
             )
+        _refuse_compiled_engines(name, probe, [(path, files[path]) for path in upload_model_files(name, files, chosen)])
 
     @contextlib.asynccontextmanager
     async def _hold(self, name: str) -> AsyncIterator[_Model]:
@@ -301,7 +350,8 @@ class ModelManager:
                     directory = available[name]
                 if upload is None:  # taken before reading, kept if the load fails: poll mode reloads on an edit
                     model.fingerprint = await loop.run_in_executor(self._loader, fingerprint, directory)
-                source = await loop.run_in_executor(self._loader, read_source, directory, config)
+                limits = self._limits if config is not None else None  # config.pbtxt is the operator's
+                source = await loop.run_in_executor(self._loader, read_source, directory, config, limits)
                 loaded = await asyncio.gather(
                     *(loop.run_in_executor(self._loader, build_version, source, v) for v in source.files)
                 )
@@ -403,6 +453,35 @@ def _public(exc: BaseException, name: str, directory: Path | None) -> BaseExcept
     if isinstance(exc, RapidServeError):
         return exc if text == str(exc) else type(exc)(text)
     return ModelLoadError(text)
+
+
+def _refuse_compiled_engines(name: str, config: Any, models: list[tuple[str, bytes]]) -> None:
+    """Refuse an uploaded ONNX model that could bring a compiled engine: a config asking for execution
+    accelerators (ONNX Runtime's TensorRT provider loads engines and their plugins, which run code), or
+    a model file (``models``: path and bytes) with EPContext nodes, which embed such engines."""
+    from rapidserve.engines.onnx_runtime import has_ep_context_nodes
+
+    accelerators = config.optimization.execution_accelerators
+    asked = [a.name for a in (*accelerators.gpu_execution_accelerator, *accelerators.cpu_execution_accelerator)]
+    if asked:
+        raise NotAllowed(
+            f"model '{name}': the config asks for optimization.execution_accelerators "
+            f"({', '.join(repr(shown(a, 24)) for a in asked)}), which can load compiled engines whose plugins "
+            "run code; this server takes them with uploaded models only when started with --allow-code-models-upload"
+        )
+    for path, data in models:
+        try:
+            compiled = has_ep_context_nodes(data)
+        except ImportError:
+            raise
+        except Exception:
+            raise ModelLoadError(f"model '{name}': 'file:{shown(path)}' is not a valid ONNX model") from None
+        if compiled:
+            raise NotAllowed(
+                f"model '{name}': the uploaded ONNX model 'file:{shown(path)}' has EPContext nodes, which carry "
+                "compiled engines (a TensorRT engine's plugins run code); this server takes such models through "
+                "the API only when started with --allow-code-models-upload"
+            )
 
 
 def _check_name(name: str) -> None:

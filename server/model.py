@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ from rapidserve.server.cache import CacheEntry, PredictionCache
 from rapidserve.server.config import ModelSpec, complete_config
 from rapidserve.server.datatypes import BYTES, DATATYPES, config_type_to_datatype, datatype_of, numpy_dtype
 from rapidserve.server.errors import EngineError, ModelLoadError, RapidServeError
+from rapidserve.server.overrides import check_instances, check_request_bytes, request_bytes
+from rapidserve.server.paths import confined_file, read_exactly, shown
 from rapidserve.server.repository import ModelSource
 from rapidserve.server.stats import ModelStats
 from rapidserve.server.types import InferRequest, InferResponse
@@ -54,17 +57,20 @@ def build_version(source: ModelSource, version: int) -> LoadedVersion:
     try:
         if config.model_transaction_policy.decoupled:
             raise ModelLoadError(f"model '{config.name}': decoupled models are not supported")
-        for device in _instance_devices(config):
+        limits = source.limits  # a caller's config is bounded; the operator's (None) is not
+        for device in _instance_devices(config, limits.max_instances if limits is not None else None):
             engines.append(load_engine(source.backend, path, _engine_options(config, device)))
         spec = complete_config(config, tuple(engines[0].inputs), tuple(engines[0].outputs))
         if spec.max_batch_size > 0 and not config.HasField("dynamic_batching"):
             config.dynamic_batching.SetInParent()  # Triton's default for a batching model: no delay
         batcher_config(config)  # reject bad batching settings at load time
-        requests = _warmup_requests(config, spec, source.directory)
-        for engine in engines:
-            for inputs, count in requests:
+        outputs = [o.name for o in spec.outputs]
+        # one warm-up request at a time, run on every instance: only one is ever held in memory
+        max_bytes = limits.max_request_bytes if limits is not None else None
+        for inputs, count in _warmup_requests(config, spec, source.directory, max_bytes):
+            for engine in engines:
                 for _ in range(count):
-                    engine.infer(inputs, [o.name for o in spec.outputs])
+                    engine.infer(inputs, outputs)
     except Exception as exc:
         for engine in engines:
             engine.close()
@@ -344,21 +350,27 @@ def _datatype(dtype: np.dtype[Any]) -> str:
         return str(dtype)
 
 
-def _instance_devices(config: Any) -> list[str]:
-    """One device string per instance from ``instance_group`` (default: one CPU instance)."""
+def _instance_devices(config: Any, max_instances: int | None = None) -> list[str]:
+    """One device string per instance from ``instance_group`` (default: one CPU instance). A caller's
+    config may ask for at most ``max_instances`` in all, counted before any list is built."""
+
     if not config.instance_group:
         config.instance_group.add(name=config.name, kind=KIND_CPU, count=1)
-    devices: list[str] = []
+    places: list[tuple[int, list[str]]] = []  # (count, the devices each of `count` instances goes on)
     for group in config.instance_group:
+        if group.count < 0:
+            raise ModelLoadError(f"instance_group count {group.count} must not be negative (0 and 1 mean one)")
         if group.count == 0:
             group.count = 1
         if group.kind == KIND_GPU:  # `count` instances on each listed GPU, or on every visible one
             gpus = list(group.gpus) or list(range(max(_visible_gpus(), 1)))
-            devices += [f"cuda:{gpu}" for gpu in gpus for _ in range(group.count)]
+            places.append((group.count, [f"cuda:{gpu}" for gpu in gpus]))
         else:
             group.kind = KIND_CPU
-            devices += ["cpu"] * group.count
-    return devices
+            places.append((group.count, ["cpu"]))
+    if max_instances is not None:
+        check_instances(sum(count * len(devices) for count, devices in places), max_instances)
+    return [device for count, devices in places for device in devices for _ in range(count)]
 
 
 def _visible_gpus() -> int:
@@ -384,18 +396,22 @@ def _engine_options(config: Any, device: str) -> EngineOptions:
     )
 
 
-def _warmup_requests(config: Any, spec: ModelSpec, directory: Path) -> list[tuple[dict[str, Any], int]]:
-    """(inputs, repeat count) per warm-up entry; without entries, one zero-filled batch-1 request."""
+def _warmup_requests(
+    config: Any, spec: ModelSpec, directory: Path, max_bytes: int | None = None
+) -> Iterator[tuple[dict[str, Any], int]]:
+    """An iterator of (inputs, repeat count), one per warm-up entry, each built only when its turn
+    comes; without entries, one zero-filled batch-1 request. ``max_bytes`` bounds a caller's default
+    request (its entries were checked before the load, ``overrides.parse_override``)."""
+
     batching = spec.max_batch_size > 0
     if not config.model_warmup:
-        inputs = {}
-        for tensor in spec.inputs:
-            dims = tuple(1 if d < 0 else d for d in spec.full_shape(tensor))
-            inputs[tensor.name] = _fill(tensor.datatype or "FP32", dims, "zero", None)
-        return [(inputs, 1)]
-    from rapidserve.server.paths import confined_file, shown
-
-    requests = []
+        full = {t.name: tuple(1 if d < 0 else d for d in spec.full_shape(t)) for t in spec.inputs}
+        shapes = {t.name: (t.datatype or "FP32", full[t.name]) for t in spec.inputs}
+        if max_bytes is not None:
+            what = "the default warm-up request (zeros of the inputs' dims, batch 1)"
+            check_request_bytes(request_bytes(shapes.values()), what, max_bytes)
+        yield {name: _fill(datatype, dims, "zero", None) for name, (datatype, dims) in shapes.items()}, 1
+        return
     rng = np.random.default_rng(0)
     for entry in config.model_warmup:
         inputs = {}
@@ -418,8 +434,7 @@ def _warmup_requests(config: Any, spec: ModelSpec, directory: Path) -> list[tupl
         missing = {t.name for t in spec.inputs} - set(inputs)
         if missing:
             raise ModelLoadError(f"warm-up '{entry.name}' lacks input(s): {', '.join(sorted(missing))}")
-        requests.append((inputs, max(entry.count, 1)))
-    return requests
+        yield inputs, max(entry.count, 1)
 
 
 def _fill(
@@ -432,14 +447,10 @@ def _fill(
 ) -> np.ndarray[Any, Any]:
     """A warm-up tensor. ``file`` (already confined) must hold exactly the tensor's bytes and is never
     read further, whatever it turns out to be."""
-    from rapidserve.server.paths import read_exactly
-
     dtype = numpy_dtype(datatype)
     count = int(np.prod(dims, dtype=object))  # exact: a fixed-width product could wrap around
     if datatype == BYTES:
-        array = np.empty(count, dtype=object)
-        array[:] = [b"0"] * count
-        return array.reshape(dims)
+        return np.full(dims, b"0", dtype=object)
     if kind == "input" and file is not None:
         data = read_exactly(file, count * dtype.itemsize, f"{what} ({datatype} {list(dims)})")
         return np.frombuffer(data, dtype=dtype).reshape(dims)
@@ -447,6 +458,6 @@ def _fill(
         if dtype.kind == "f" or datatype == "BF16":
             return rng.random(dims, dtype=np.float32).astype(dtype)
         if dtype.kind == "b":
-            return rng.integers(0, 2, dims).astype(dtype)
-        return rng.integers(0, 100, dims).astype(dtype)
+            return rng.integers(0, 2, dims, dtype=np.uint8).astype(dtype)
+        return rng.integers(0, 100, dims, dtype=dtype)  # drawn in the dtype: no int64 array 8x the size
     return np.zeros(dims, dtype=dtype)

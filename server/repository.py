@@ -13,9 +13,18 @@ from typing import Any
 from rapidserve.engines.registry import BACKENDS, DEFAULT_FILENAMES, PLATFORM_OF_BACKEND, PLATFORMS, backend_for_file
 from rapidserve.server.config import read_config
 from rapidserve.server.errors import ModelLoadError
+from rapidserve.server.overrides import OverrideLimits
 from rapidserve.server.paths import confined_file, shown
 
-__all__ = ["ModelSource", "choose_files", "fingerprint", "list_models", "read_source", "upload_listing"]
+__all__ = [
+    "ModelSource",
+    "choose_files",
+    "fingerprint",
+    "list_models",
+    "read_source",
+    "upload_listing",
+    "upload_model_files",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +36,7 @@ class ModelSource:
     config: Any  # ModelConfig, backend/platform filled in
     backend: str
     files: dict[int, Path]  # version -> model file, only the versions the policy selects
+    limits: OverrideLimits | None = None  # a caller's config is held to these; None: the operator's config
 
 
 def list_models(repositories: list[Path]) -> dict[str, Path]:
@@ -54,9 +64,10 @@ def fingerprint(directory: Path) -> str:
     return digest.hexdigest()
 
 
-def read_source(directory: Path, config: Any | None = None) -> ModelSource:
-    """Read a model directory; ``config`` replaces config.pbtxt when given (a load request's override).
-    Every file it names is checked to lie inside the model's folder before anything opens it."""
+def read_source(directory: Path, config: Any | None = None, limits: OverrideLimits | None = None) -> ModelSource:
+    """Read a model directory; ``config`` replaces config.pbtxt when given (a load request's override),
+    and ``limits`` then bound what loading it may cost. Every file it names is checked to lie inside the
+    model's folder before anything opens it."""
     if config is None:
         config = read_config(directory)
     elif not config.name:
@@ -68,7 +79,7 @@ def read_source(directory: Path, config: Any | None = None) -> ModelSource:
     if backend == "onnxruntime":
         for version, path in files.items():
             _check_external_data(directory, path, f"model '{config.name}' version {version}")
-    return ModelSource(config.name, directory, config, backend, files)
+    return ModelSource(config.name, directory, config, backend, files, limits)
 
 
 def choose_files(config: Any, listing: Mapping[int, Collection[str]]) -> tuple[str, dict[int, str]]:
@@ -103,6 +114,19 @@ def upload_listing(model: str, paths: Iterable[str]) -> dict[int, set[str]]:
         if version is not None:
             listing.setdefault(version, set()).add(rest.partition("/")[0])
     return listing
+
+
+def upload_model_files(model: str, paths: Iterable[str], chosen: Mapping[int, str]) -> list[str]:
+    """The uploaded paths a load opens as model files: for each version of ``chosen`` (version -> file
+    name, from ``choose_files``) the path of that file in the version's folder."""
+    folders: dict[int, str] = {}
+    found = []
+    for path in paths:
+        folder, _, rest = path.partition("/")
+        version = _version_number(folder, folders, model) if rest else None
+        if version is not None and rest == chosen.get(version):
+            found.append(path)
+    return found
 
 
 MAX_VERSION = 2**63 - 1  # versions are int64 on the wire
@@ -201,13 +225,14 @@ def _file_name(config: Any, backend: str, version: int, names: Collection[str]) 
 
 def _model_file(directory: Path, version_dir: Path, name: str, model: str, named_by_config: bool) -> Path:
     """The model file: a regular file. One the config names (``default_model_filename``, which a caller
-    may set) must also resolve inside the model's folder; the default names are the operator's own
-    files, whose links (to a shared model store, say) are followed."""
+    may set) must also resolve inside the model's folder, and its real path, the one checked, is what
+    loads (a link swapped after the check cannot redirect the load); the default names are the
+    operator's own files, whose links (to a shared model store, say) are followed."""
     what = f"model '{model}': model file '{shown(name)}' of version {version_dir.name}"
     if named_by_config:
         rule = "must be a regular file inside the model's folder"
-        confined_file(version_dir, name, (directory,), what, rule, plain=True)
-    elif not (version_dir / name).is_file():
+        return confined_file(version_dir, name, (directory,), what, rule, plain=True)
+    if not (version_dir / name).is_file():
         raise ModelLoadError(f"{what} is not a regular file")
     return version_dir / name
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import threading
 import time
@@ -289,3 +290,49 @@ def test_an_unreadable_config_marks_only_that_model_unavailable(tmp_path: Path, 
         assert client.is_model_ready("good")
         reasons = {m.name: m.reason for m in client.repository_index()}
         assert "cannot read it" in reasons["garbled"]
+
+
+def test_stop_waits_for_a_stuck_load_only_as_long_as_it_is_told(
+    tmp_path: Path, serve, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A load that never finishes (here held in its loader thread until the test ends) cannot hold the
+    server's stop: stop waits the given time, logs the load it abandons and returns."""
+    from rapidserve.server import manager
+
+    build_version = manager.build_version
+    entered, release = threading.Event(), threading.Event()
+
+    def stuck(source, version):
+        entered.set()
+        release.wait(30)
+        return build_version(source, version)
+
+    triple_repo(tmp_path, "scale")
+    monkeypatch.setattr(manager, "build_version", stuck)
+    server = serve(tmp_path, model_control_mode="explicit")
+    outcome: list[InferenceServerError | None] = []
+
+    def load() -> None:
+        with Client(server.url) as client:
+            try:
+                client.load_model("scale", timeout_s=20)
+                outcome.append(None)
+            except InferenceServerError as exc:
+                outcome.append(exc)
+
+    loader = threading.Thread(target=load)
+    loader.start()
+    try:
+        assert entered.wait(10)
+        with caplog.at_level(logging.WARNING, logger="rapidserve.server.manager"):
+            server.run(server.server.manager.stop(0.3), timeout=10)
+        assert any("scale" in record.getMessage() for record in caplog.records), caplog.text
+    finally:
+        release.set()
+        loader.join(10)
+    assert len(outcome) == 1 and outcome[0] is not None  # the abandoned load does not report success
+    assert outcome[0].code == grpc.StatusCode.UNAVAILABLE and "stopping" in outcome[0].message, outcome[0]
+    with Client(server.url) as client:  # the gRPC server is still up here: later loads are refused
+        with pytest.raises(InferenceServerError) as info:
+            client.load_model("scale")
+        assert info.value.code == grpc.StatusCode.UNAVAILABLE and "stopping" in info.value.message

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -508,3 +509,305 @@ def test_onnx_external_data_must_stay_in_the_version_folder(repo: Path, tmp_path
             no_trace(client, "uploaded", uploads)
         client.load_model("uploaded", config, files={"1/model.onnx": external_model("w.bin"), "1/w.bin": WEIGHTS})
         np.testing.assert_array_equal(client.infer("uploaded", ones())["y"][0], [11, 21, 31, 41])
+
+
+# -- what a caller's config may cost ----------------------------------------------------------------
+
+CPUS = os.cpu_count() or 1
+MESSAGE_LIMIT = 64 * 2**20  # the server's default --grpc-max-message-bytes
+
+
+def warmup_entry(
+    name: str = "w", batch_size: int = 1, dims: tuple[int, ...] = (4,), count: int = 1, kind: str = "zero_data"
+) -> dict:
+    value = {"data_type": "TYPE_INT64", "dims": list(dims), kind: True}
+    return {"name": name, "batch_size": batch_size, "count": count, "inputs": {"x": value}}
+
+
+def with_warmup(*entries: dict) -> str:
+    return json.dumps({"max_batch_size": 4, "model_warmup": list(entries)})
+
+
+@pytest.fixture
+def scale_server(tmp_path: Path, serve):
+    """An explicit-mode server with 'scale' (y = 3 x, INT64 [batch, 4]) loaded from its repository."""
+    write_model(tmp_path / "repo", "scale", scale_graph("scale", INT64, 3))
+    return serve(tmp_path / "repo", model_control_mode="explicit", load_models=("*",))
+
+
+def refused_override(client: Client, override: str, *words: str) -> InferenceServerError:
+    """A reload of 'scale' with ``override`` is INVALID_ARGUMENT naming ``words``; 'scale' keeps serving."""
+    error = refused(lambda: client.load_model("scale", override))
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT, error.message
+    for word in words:
+        assert word in error.message, (word, error.message)
+    assert client.infer("scale", ones())["y"][0, 0] == 3
+    return error
+
+
+def test_a_callers_warmup_request_is_at_most_the_message_limit(scale_server) -> None:
+    rows = MESSAGE_LIMIT // (4 * 8)  # INT64 [rows, 4]: exactly the limit
+    with Client(scale_server.url) as client:
+        refused_override(client, with_warmup(warmup_entry(batch_size=rows + 1)), "model_warmup", str(MESSAGE_LIMIT))
+        huge = warmup_entry(dims=(500_000_000,), kind="random_data")
+        refused_override(client, with_warmup(huge), "model_warmup", "--grpc-max-message-bytes")
+        client.load_model("scale", with_warmup(warmup_entry(batch_size=rows)))
+        assert client.infer("scale", ones())["y"][0, 0] == 3
+
+
+async def test_the_warmup_limit_is_the_message_limit_the_manager_is_given(tmp_path: Path) -> None:
+    from rapidserve.server.errors import ModelLoadError
+    from rapidserve.server.manager import ModelManager
+
+    write_model(tmp_path, "scale", scale_graph("scale", INT64, 3))
+    manager = ModelManager([tmp_path], control_mode="explicit", max_message_bytes=4096)
+    await manager.start()
+    try:
+        with pytest.raises(ModelLoadError, match="at most 4096 bytes"):
+            await manager.load("scale", config_json=with_warmup(warmup_entry(batch_size=129)))  # 129 x 4 x 8 bytes
+        assert not manager.is_ready("scale")
+        await manager.load("scale", config_json=with_warmup(warmup_entry(batch_size=128)))  # exactly 4096
+        assert manager.is_ready("scale")
+    finally:
+        assert await manager.stop(5) == []
+
+
+def test_the_server_holds_a_callers_warmup_to_its_own_message_limit(tmp_path: Path, serve) -> None:
+    write_model(tmp_path / "repo", "scale", scale_graph("scale", INT64, 3))
+    server = serve(tmp_path / "repo", model_control_mode="explicit", load_models=("*",), grpc_max_message_bytes=4096)
+    with Client(server.url) as client:
+        refused_override(client, with_warmup(warmup_entry(batch_size=129)), "4096")  # 129 x 4 x 8 bytes
+        client.load_model("scale", with_warmup(warmup_entry(batch_size=128)))
+
+
+def test_a_callers_input_dims_bound_the_default_warmup(tmp_path: Path, serve) -> None:
+    """Without warm-up entries the server warms up with zeros of the inputs' dims: a caller's dims
+    are held to the same limit."""
+    from testmodels import sum_graph
+
+    write_model(tmp_path / "repo", "sum", sum_graph())
+    server = serve(tmp_path / "repo", model_control_mode="explicit", load_models=("*",))
+    with Client(server.url) as client:
+        over = MESSAGE_LIMIT // 4 + 1  # FP32
+        override = json.dumps({"input": [{"name": "x", "data_type": "TYPE_FP32", "dims": [over]}]})
+        error = refused(lambda: client.load_model("sum", override))
+        assert error.code == grpc.StatusCode.INVALID_ARGUMENT, error.message
+        assert "warm-up" in error.message and str(MESSAGE_LIMIT) in error.message, error.message
+        x = np.arange(5, dtype=np.float32)
+        assert client.infer("sum", {"x": x})["total"][0] == 10
+
+
+def test_a_callers_warmup_count_is_bounded(scale_server) -> None:
+    with Client(scale_server.url) as client:
+        for entries in (
+            [warmup_entry(f"e{i}") for i in range(101)],
+            [warmup_entry("a", count=60), warmup_entry("b", count=41)],
+            [warmup_entry(count=100_000_000)],
+        ):
+            refused_override(client, with_warmup(*entries), "model_warmup", "100")
+        client.load_model("scale", with_warmup(warmup_entry("a", count=60), warmup_entry("b", count=40)))
+        assert client.infer("scale", ones())["y"][0, 0] == 3
+
+
+def test_a_callers_instance_count_is_bounded(scale_server) -> None:
+    bound = str(4 * CPUS)
+    with Client(scale_server.url) as client:
+        for groups in (
+            [{"kind": "KIND_CPU", "count": 4 * CPUS + 1}],
+            [{"kind": "KIND_CPU", "count": 4 * CPUS}, {"kind": "KIND_CPU", "count": 1}],
+            [{"kind": "KIND_CPU", "count": 2**31 - 1}],
+            [{"kind": "KIND_GPU", "count": 2 * CPUS + 1, "gpus": [0, 1]}],  # refused before any GPU is asked for
+        ):
+            refused_override(client, json.dumps({"instance_group": groups}), "instance_group", bound)
+        refused_override(client, json.dumps({"instance_group": [{"count": -1}]}), "instance_group", "count")
+        client.load_model("scale", json.dumps({"instance_group": [{"kind": "KIND_CPU", "count": 2}]}))
+        assert client.model_config("scale").instance_group[0].count == 2
+        assert client.infer("scale", ones())["y"][0, 0] == 3
+
+
+@pytest.mark.parametrize("parameter", ["intra_op_thread_count", "inter_op_thread_count"])
+def test_a_callers_thread_counts_are_at_most_the_cpus(parameter: str, scale_server) -> None:
+    def threads(value: str) -> str:
+        return json.dumps({"parameters": {parameter: {"string_value": value}}})
+
+    with Client(scale_server.url) as client:
+        refused_override(client, threads(str(CPUS + 1)), parameter, str(CPUS))
+        refused_override(client, threads("100000"), parameter, str(CPUS))
+        refused_override(client, threads("lots"), parameter)
+        refused_override(client, threads("-1"), parameter)
+        client.load_model("scale", threads(str(CPUS)))
+        assert client.infer("scale", ones())["y"][0, 0] == 3
+
+
+def test_the_operators_config_pbtxt_is_not_bounded(tmp_path: Path, serve) -> None:
+    config = (
+        f'max_batch_size: 4\nparameters {{ key: "intra_op_thread_count" value: {{ string_value: "{CPUS + 1}" }} }}\n'
+        'model_warmup [ { name: "w" batch_size: 1 count: 101 inputs { key: "x" value: '
+        "{ data_type: TYPE_INT64 dims: [4] zero_data: true } } } ]"
+    )
+    write_model(tmp_path, "scale", scale_graph("scale", INT64, 3), config)
+    server = serve(tmp_path, model_control_mode="explicit", load_models=("*",))
+    with Client(server.url) as client:
+        assert client.infer("scale", ones())["y"][0, 0] == 3
+        client.load_model("scale")  # a reload of the repository's config: still the operator's
+        assert client.infer("scale", ones())["y"][0, 0] == 3
+
+
+def padded(size: int) -> str:
+    """A valid config override of exactly ``size`` bytes (an unused parameter pads it)."""
+    empty = json.dumps({"parameters": {"pad": {"string_value": ""}}})
+    return json.dumps({"parameters": {"pad": {"string_value": "x" * (size - len(empty))}}})
+
+
+def test_a_callers_config_is_at_most_1_mib(scale_server) -> None:
+    with Client(scale_server.url) as client:
+        refused_override(client, padded(2**20 + 1), "config", str(2**20))
+        client.load_model("scale", padded(2**20))
+        assert client.infer("scale", ones())["y"][0, 0] == 3
+
+
+def test_the_name_is_checked_before_the_config(scale_server) -> None:
+    with Client(scale_server.url) as client:
+        for config in ("{", padded(2**20 + 1), '{"max_batch_size": "lots"}'):
+            error = refused(lambda c=config: client.load_model("ghost", c))
+            assert error.code == grpc.StatusCode.NOT_FOUND, error.message
+        assert set(index(client)) == {"scale"}
+
+
+def test_a_callers_config_is_parsed_off_the_event_loop(scale_server, monkeypatch: pytest.MonkeyPatch) -> None:
+    from google.protobuf import json_format
+
+    parse, threads = json_format.Parse, []
+
+    def recording(*args, **kwargs):
+        threads.append(threading.current_thread())
+        return parse(*args, **kwargs)
+
+    async def current() -> threading.Thread:
+        return threading.current_thread()
+
+    monkeypatch.setattr(json_format, "Parse", recording)
+    loop_thread = scale_server.run(current())
+    with Client(scale_server.url) as client:
+        client.load_model("scale", json.dumps({"max_batch_size": 2}))
+        assert client.model_config("scale").max_batch_size == 2
+    assert threads and loop_thread not in threads
+
+
+# -- uploads that would carry a TensorRT engine -----------------------------------------------------
+
+
+def ep_context_model(where: str) -> bytes:
+    """x INT64 [batch, 4] -> y through an EPContext node (ONNX Runtime's wrapper for a compiled engine,
+    here a few bytes standing for a serialized TensorRT engine): in the graph, in an If branch, or in a
+    model-local function. It need not run."""
+    from onnx import helper
+
+    def ep_node(output: str = "y") -> object:
+        return helper.make_node(
+            "EPContext", ["x"], [output], domain="com.microsoft", embed_mode=1,
+            ep_cache_context=b"serialized engine", source="TensorrtExecutionProvider",
+        )  # fmt: skip
+
+    x = helper.make_tensor_value_info("x", INT64, ["batch", 4])
+    y = helper.make_tensor_value_info("y", INT64, ["batch", 4])
+    functions = []
+    if where == "graph":
+        nodes = [ep_node()]
+    elif where == "subgraph":
+        branch = helper.make_graph([ep_node("b")], "branch", [], [helper.make_tensor_value_info("b", INT64, None)])
+        nodes = [
+            helper.make_node("Constant", [], ["c"], value=helper.make_tensor("t", 9, [], [True])),
+            helper.make_node("If", ["c"], ["y"], then_branch=branch, else_branch=branch),
+        ]
+    else:
+        functions = [helper.make_function("local", "Wrap", ["x"], ["y"], [ep_node()], [helper.make_opsetid("", 17)])]
+        nodes = [helper.make_node("Wrap", ["x"], ["y"], domain="local")]
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1), helper.make_opsetid("local", 1)]
+    model = helper.make_model(helper.make_graph(nodes, "ep", [x], [y]), opset_imports=opsets, functions=functions)
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+ONNX_CONFIG = json.dumps({"backend": "onnxruntime"})
+
+
+@pytest.mark.parametrize("where", ["graph", "subgraph", "function"])
+def test_an_uploaded_onnx_model_with_epcontext_nodes_is_refused(where: str, repo: Path, serve, uploads) -> None:
+    server = serve(repo, model_control_mode="explicit", uploads=ALLOW_FILES)
+    with Client(server.url) as client:
+        error = refused(lambda: client.load_model("ep", ONNX_CONFIG, files={"1/model.onnx": ep_context_model(where)}))
+        assert error.code == grpc.StatusCode.FAILED_PRECONDITION, error.message
+        assert "EPContext" in error.message and "--allow-code-models-upload" in error.message
+        no_trace(client, "ep", uploads)
+        # only the file the load would open counts: the same bytes elsewhere in the upload are data
+        files = {"1/model.onnx": onnx_bytes(2), "1/weights.bin": ep_context_model(where)}
+        client.load_model("ep", ONNX_CONFIG, files=files)
+        assert client.infer("ep", ones())["y"][0, 0] == 2
+
+
+def test_a_model_that_only_mentions_epcontext_loads(repo: Path, serve, uploads) -> None:
+    from onnx import helper
+
+    model = helper.make_model(scale_graph("EPContext", INT64, 5), opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version, model.doc_string = 8, "not an EPContext model"
+    server = serve(repo, model_control_mode="explicit", uploads=ALLOW_FILES)
+    with Client(server.url) as client:
+        client.load_model("plain", ONNX_CONFIG, files={"1/model.onnx": model.SerializeToString()})
+        assert client.infer("plain", ones())["y"][0, 0] == 5
+
+
+ACCELERATED = json.dumps(
+    {
+        "backend": "onnxruntime",
+        "optimization": {"execution_accelerators": {"gpu_execution_accelerator": [{"name": "tensorrt"}]}},
+    }
+)
+
+
+def test_an_upload_asking_for_execution_accelerators_is_refused(repo: Path, serve, uploads) -> None:
+    server = serve(repo, model_control_mode="explicit", uploads=ALLOW_FILES)
+    with Client(server.url) as client:
+        error = refused(lambda: client.load_model("trt", ACCELERATED, files={"1/model.onnx": onnx_bytes(2)}))
+        assert error.code == grpc.StatusCode.FAILED_PRECONDITION, error.message
+        assert "execution_accelerators" in error.message and "--allow-code-models-upload" in error.message
+        no_trace(client, "trt", uploads)
+
+
+def test_accelerators_and_epcontext_pass_the_upload_check_once_code_models_are_allowed(
+    repo: Path, serve, uploads
+) -> None:
+    policy = UploadPolicy(allow_files=True, allow_code_models=True)
+    server = serve(repo, model_control_mode="explicit", uploads=policy)
+    with Client(server.url) as client:
+        client.load_model("trt", ACCELERATED, files={"1/model.onnx": onnx_bytes(2)})  # a CPU instance: no TensorRT
+        assert client.infer("trt", ones())["y"][0, 0] == 2
+        # past the check, ONNX Runtime's CPU provider refuses to run the engine
+        error = refused(lambda: client.load_model("ep", ONNX_CONFIG, files={"1/model.onnx": ep_context_model("graph")}))
+        assert error.code == grpc.StatusCode.INVALID_ARGUMENT and "EPContext" in error.message, error.message
+        assert "ep" not in index(client) and len(uploads()) == 1  # the folder of 'trt' only
+
+
+# -- the checked file is the file loaded ------------------------------------------------------------
+
+
+def test_a_named_model_file_is_loaded_from_the_real_path_that_was_checked(tmp_path: Path) -> None:
+    """A link swapped after the check cannot redirect the load: the source holds the checked target."""
+    from rapidserve.server.config import parse_config_json
+    from rapidserve.server.model import build_version
+    from rapidserve.server.repository import read_source
+
+    secret = outside_model(tmp_path)
+    write_model(tmp_path / "repo", "scale", scale_graph("scale", INT64, 7))
+    folder = tmp_path / "repo" / "scale"
+    os.rename(folder / "1" / "model.onnx", folder / "real.onnx")
+    (folder / "1" / "model.onnx").symlink_to(Path("..") / "real.onnx")
+    source = read_source(folder, parse_config_json('{"default_model_filename": "model.onnx"}', "override"))
+    (folder / "1" / "model.onnx").unlink()
+    (folder / "1" / "model.onnx").symlink_to(secret)
+    loaded = build_version(source, 1)
+    try:
+        assert loaded.engines[0].infer(ones(), ["y"])["y"][0, 0] == 7
+    finally:
+        for engine in loaded.engines:
+            engine.close()
