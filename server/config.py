@@ -21,6 +21,7 @@ from rapidserve.server.datatypes import (
     numpy_dtype,
 )
 from rapidserve.server.errors import InvalidRequest, ModelLoadError
+from rapidserve.server.paths import shown
 from rapidserve.server.types import InferRequest
 
 __all__ = ["DEFAULT_MAX_BATCH_SIZE", "ModelSpec", "complete_config", "parse_config", "unsupported_fields"]
@@ -283,6 +284,26 @@ class ModelSpec:
         if outputs and not self._output_names.issuperset(outputs):
             self._check_outputs(outputs)
 
+    def check_counts(
+        self, inputs: int, outputs: int, first_inputs: Sequence[str], first_outputs: Sequence[str]
+    ) -> None:
+        """Refuse a request with more inputs, or more requested outputs, than the model has: what the
+        codec checks before it reads them all, so that no loop runs over a list a caller made long.
+        ``first_inputs`` and ``first_outputs`` are the request's first names, one more than the model
+        has: the message names the first of them that is unknown or repeated."""
+        if inputs > len(self.inputs):
+            takes = ", ".join(spec.name for spec in self.inputs)
+            odd = _odd_one(first_inputs, self._by_name, "unexpected input", "input", "appears more than once")
+            raise InvalidRequest(
+                f"the request has {inputs} inputs but model '{self.name}' takes {len(self.inputs)}: {takes}{odd}"
+            )
+        if outputs > len(self.outputs):
+            has = ", ".join(spec.name for spec in self.outputs)
+            odd = _odd_one(first_outputs, self._output_names, "unknown output", "output", "is requested more than once")
+            raise InvalidRequest(
+                f"the request asks for {outputs} outputs but model '{self.name}' has {len(self.outputs)}: {has}{odd}"
+            )
+
     def _explain(self, request: InferRequest) -> None:
         expected = {spec.name: spec for spec in self.inputs}
         for name in request.inputs:
@@ -301,13 +322,15 @@ class ModelSpec:
 
     def _unexpected(self, name: str) -> InvalidRequest:
         takes = ", ".join(spec.name for spec in self.inputs)
-        return InvalidRequest(f"unexpected input '{name}' for model '{self.name}'; it takes: {takes}")
+        return InvalidRequest(f"unexpected input '{shown(name)}' for model '{self.name}'; it takes: {takes}")
 
     def _check_outputs(self, outputs: Iterable[str]) -> None:
         for name in outputs:
             if name not in self._output_names:
                 has = ", ".join(spec.name for spec in self.outputs)
-                raise InvalidRequest(f"unknown output '{name}' requested from model '{self.name}'; it has: {has}")
+                raise InvalidRequest(
+                    f"unknown output '{shown(name)}' requested from model '{self.name}'; it has: {has}"
+                )
 
     def _check_shape(self, spec: TensorSpec, shape: tuple[int, ...], batch: int | None) -> int | None:
         want = self.full_shape(spec)
@@ -325,6 +348,18 @@ class ModelSpec:
         if batch is not None and size != batch:
             raise InvalidRequest(f"input '{spec.name}': batch size {size} differs from the other inputs' {batch}")
         return size
+
+
+def _odd_one(names: Sequence[str], known: Collection[str], unknown: str, kind: str, repeated: str) -> str:
+    """The first of ``names`` that is not ``known`` or comes twice, as the end of a message ('' if none)."""
+    seen: set[str] = set()
+    for name in names:
+        if name not in known:
+            return f" ({unknown} '{shown(name)}')"
+        if name in seen:
+            return f" ({kind} '{shown(name)}' {repeated})"
+        seen.add(name)
+    return ""
 
 
 def _datatype_mismatch(spec: TensorSpec, datatype: str) -> InvalidRequest:

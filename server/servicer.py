@@ -213,7 +213,8 @@ class InferenceServicer:
         """A ``ModelInferResponse``, or for a cache hit its serialized bytes, ready-made. The request is
         let go once decoded: the caller must not keep a reference (its bytes would be held twice)."""
         model = self.model_for(request)
-        if model.caches and len(request.inputs) <= len(model.spec.inputs):  # (more: decoding refuses it)
+        spec = model.spec
+        if model.caches and len(request.inputs) <= len(spec.inputs) and len(request.outputs) <= len(spec.outputs):
             key = wire_cache_key(request, model.name, model.version, model.output_names)
         else:
             key = None

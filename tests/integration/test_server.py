@@ -320,9 +320,10 @@ def _wire_cases():
         msg.raw_input_contents.extend(raw)
         return msg
 
-    mixed = request()
-    mixed.inputs.add(name="y", datatype="INT64", shape=[1]).contents.int64_contents.append(1)
-    mixed.raw_input_contents.append(b"\x00" * 8)
+    mixed = protos.ModelInferRequest(model_name="add_sub")
+    mixed.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 16])
+    mixed.inputs.add(name="INPUT1", datatype="FP32", shape=[1, 16]).contents.fp32_contents.extend([0.0] * 16)
+    mixed.raw_input_contents.extend([b"\x00" * 64, b"\x00" * 64])
     duplicate = request(raw=(b"\x00" * 32, b"\x00" * 32))
     duplicate.inputs.append(duplicate.inputs[0])
     return [

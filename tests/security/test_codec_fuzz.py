@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import struct
 from typing import Any
+from unittest import mock
 
 import grpc
 import numpy as np
@@ -18,7 +19,8 @@ from rapidserve.server import codec
 from rapidserve.server.config import ModelSpec
 from rapidserve.server.datatypes import CONTENTS_FIELD, DATATYPES
 from rapidserve.server.errors import InvalidRequest
-from rapidserve.server.servicer import Undecodable, deserializer
+from rapidserve.server.wire import Undecodable
+from rapidserve.server.wire import parser as deserializer
 
 FUZZ = settings(max_examples=400, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 
@@ -31,6 +33,9 @@ SPEC = ModelSpec(
 )
 NAMES = ["x", "s", "i", "y", "z", ""]
 DATATYPE_NAMES = [*DATATYPES, "FP8", "fp32", "", "STRING", "BYTES\x00"]
+# caller strings a message must not echo whole: long, or full of control characters
+long_text = st.one_of(st.text(min_size=100, max_size=3000), st.just("\x1b[2J\r\n" * 200))
+MAX_MESSAGE = 2000  # the longest a message may grow: shapes of up to 64 dimensions, cut caller strings
 CONTENT_VALUES: dict[str, st.SearchStrategy[Any]] = {
     "bool_contents": st.booleans(),
     "int_contents": st.integers(-(2**31), 2**31 - 1),
@@ -95,9 +100,9 @@ def _bytes_tensor(items: list[bytes]) -> bytes:
 @st.composite
 def tensors(draw: st.DrawFn) -> dict[str, Any]:
     shape = draw(shapes)
-    datatype = draw(st.sampled_from(DATATYPE_NAMES))
+    datatype = draw(long_text) if _rarely(draw, 12) else draw(st.sampled_from(DATATYPE_NAMES))
     tensor: dict[str, Any] = {
-        "name": draw(st.one_of(st.sampled_from(NAMES), st.text(max_size=6))),
+        "name": draw(long_text) if _rarely(draw, 10) else draw(st.one_of(st.sampled_from(NAMES), st.text(max_size=6))),
         "datatype": datatype,
         "shape": shape,
         "parameters": draw(st.dictionaries(parameter_keys, parameter_values, max_size=2)),
@@ -139,6 +144,7 @@ def requests(draw: st.DrawFn) -> Any:
     if raw_mode == "wrong count":
         msg.raw_input_contents.extend([t["raw"] for t in drawn[1:]] or [b""])
     for name in draw(st.lists(st.sampled_from(NAMES), max_size=3)):
+        name = draw(long_text) if _rarely(draw, 10) else name
         output = msg.outputs.add(name=name)
         _set_parameters(output.parameters, draw(st.dictionaries(parameter_keys, parameter_values, max_size=2)))
     return msg
@@ -159,7 +165,7 @@ def spec_requests(draw: st.DrawFn) -> Any:
         if _rarely(draw, 9):
             shape = draw(st.one_of(shapes, st.just([shape[0] + 1, *shape[1:]]), st.just(shape[1:])))
         datatype = draw(st.sampled_from(DATATYPE_NAMES)) if _rarely(draw, 16) else spec.datatype
-        name = draw(st.sampled_from(NAMES)) if _rarely(draw, 16) else spec.name
+        name = draw(st.one_of(st.sampled_from(NAMES), long_text)) if _rarely(draw, 16) else spec.name
         count = int(np.prod(shape)) if len(shape) < 8 and all(0 <= d < 64 for d in shape) else 0
         tensor = msg.inputs.add(name=name, datatype=datatype, shape=shape)
         if datatype == "BYTES":
@@ -190,8 +196,19 @@ def _outcome(call: Any) -> Any:
     try:
         return call()
     except InvalidRequest as exc:
-        assert str(exc)
+        assert str(exc) and len(str(exc)) <= MAX_MESSAGE, str(exc)[:3000]
         return exc
+
+
+def _same(a: Any, b: Any) -> None:
+    """Two outcomes of decoding one request: the same error, or the same arrays."""
+    if isinstance(a, InvalidRequest) or isinstance(b, InvalidRequest):
+        assert str(a) == str(b)
+        return
+    assert a.inputs.keys() == b.inputs.keys()
+    for name, array in a.inputs.items():
+        assert b.inputs[name].dtype == array.dtype and b.inputs[name].shape == array.shape
+        np.testing.assert_array_equal(b.inputs[name], array)
 
 
 @FUZZ
@@ -201,6 +218,9 @@ def test_any_request_decodes_or_is_invalid_and_the_spec_agrees_with_validate(msg
     codec.heavy(msg, msg.ByteSize())
     plain = _outcome(lambda: codec.decode_request(msg, 1.0))
     checked = _outcome(lambda: codec.decode_request(msg, 1.0, SPEC))
+    with mock.patch.object(codec, "_CHUNK", 2):  # every tensor of more than two elements goes in chunks
+        _same(plain, _outcome(lambda: codec.decode_request(msg, 1.0)))
+        _same(checked, _outcome(lambda: codec.decode_request(msg, 1.0, SPEC)))
     event(f"decoded: {not isinstance(plain, InvalidRequest)}, with the spec: {not isinstance(checked, InvalidRequest)}")
     if isinstance(plain, InvalidRequest):
         assert isinstance(checked, InvalidRequest)  # nothing a malformed request says passes with a spec
@@ -212,6 +232,53 @@ def test_any_request_decodes_or_is_invalid_and_the_spec_agrees_with_validate(msg
         for name, array in plain.inputs.items():
             assert checked.inputs[name].dtype == array.dtype
             np.testing.assert_array_equal(checked.inputs[name], array)
+
+
+COUNTS = st.one_of(st.integers(0, 4), st.sampled_from([63, 64, 65, 4095, 4096, 4097, 50_000]))
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(COUNTS, COUNTS, COUNTS, st.booleans())
+def test_inputs_outputs_and_parameters_in_any_number_are_refused_by_their_count(
+    inputs: int, outputs: int, parameters: int, raw: bool
+) -> None:
+    """However many entries a request has, the codec answers from their number first: a request over
+    the model's counts or the caps is refused with that number, and heavy() sends anything with more
+    than a few dozen entries off the event loop."""
+    msg = protos.ModelInferRequest()
+    for index in range(min(inputs, 5)):
+        msg.inputs.add(name=f"in{index}", datatype="UINT8", shape=[1])
+    msg.inputs.extend([protos.ModelInferRequest.InferInputTensor(datatype="UINT8")] * max(inputs - 5, 0))
+    if raw:
+        msg.raw_input_contents.extend([b"\x00"] * inputs)
+    for index in range(min(outputs, 5)):
+        msg.outputs.add(name=f"out{index}")
+    msg.outputs.extend([protos.ModelInferRequest.InferRequestedOutputTensor()] * max(outputs - 5, 0))
+    for index in range(parameters):
+        msg.parameters[f"p{index}"].bool_param = True
+    if inputs + outputs + parameters > 64:
+        assert codec.heavy(msg) and codec.heavy(msg, msg.ByteSize())
+    else:
+        codec.heavy(msg)
+    plain = _outcome(lambda: codec.decode_request(msg))
+    if inputs > 4096:
+        assert str(plain) == f"the request has {inputs} inputs; at most 4096 are accepted"
+    elif outputs > 4096:
+        assert str(plain) == f"the request asks for {outputs} outputs; at most 4096 are accepted"
+    elif parameters > 4096:
+        assert str(plain) == f"the request has {parameters} parameters; at most 4096 are accepted"
+    else:
+        # past five named entries, the unnamed ones repeat a name; typed inputs lack their contents
+        assert isinstance(plain, InvalidRequest) == (inputs > 6 or outputs > 6 or (inputs > 0 and not raw))
+    checked = _outcome(lambda: codec.decode_request(msg, None, SPEC))
+    if inputs > len(SPEC.inputs):
+        assert str(checked).startswith(f"the request has {inputs} inputs but model 'm' takes 3: ")
+    elif outputs > len(SPEC.outputs):
+        assert str(checked).startswith(f"the request asks for {outputs} outputs but model 'm' has 2: ")
+    elif parameters > 4096:
+        assert str(checked) == f"the request has {parameters} parameters; at most 4096 are accepted"
+    else:
+        assert isinstance(checked, InvalidRequest)  # names the model does not have
 
 
 def _large(msg: Any) -> bytes:

@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+import asyncio
+import itertools
 import struct
 import time
+import types
 
 import ml_dtypes
 import numpy as np
@@ -49,7 +52,16 @@ def test_raw_round_trip_every_datatype(datatype: str) -> None:
     np.testing.assert_array_equal(decoded, array)
 
 
+@pytest.fixture(params=[None, 3], ids=["default chunks", "chunks of 3"])
+def chunk(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Large tensors are converted a chunk at a time: with chunks of 3 the small tensors here take
+    that path too, and must give the same arrays and the same errors."""
+    if request.param is not None:
+        monkeypatch.setattr(codec, "_CHUNK", request.param)
+
+
 @pytest.mark.parametrize("datatype", list(CONTENTS_FIELD))
+@pytest.mark.usefixtures("chunk")
 def test_typed_contents_every_datatype_that_has_a_field(datatype: str) -> None:
     array = sample(datatype)
     decoded = codec.decode_request(request_with(datatype, array, raw=False)).inputs["x"]
@@ -138,6 +150,7 @@ def test_unknown_datatype_and_fp16_typed() -> None:
     assert "FP16 data can only be sent in raw_input_contents" in _error(typed)
 
 
+@pytest.mark.usefixtures("chunk")
 def test_typed_element_count_and_range() -> None:
     msg = request_with("INT32", np.zeros((2, 2), np.int32), raw=False)
     msg.inputs[0].shape[:] = [2, 3]
@@ -145,8 +158,12 @@ def test_typed_element_count_and_range() -> None:
     msg = protos.ModelInferRequest()
     msg.inputs.add(name="b", datatype="INT8", shape=[2]).contents.int_contents.extend([1, 300])
     assert "out of range for INT8" in _error(msg)
+    msg.inputs[0].shape[:] = [8]
+    msg.inputs[0].contents.int_contents[:] = [1, 2, 3, 4, 5, 6, 7, -129]  # in the last chunk of 3
+    assert _error(msg) == "input 'b': a value is out of range for INT8"
 
 
+@pytest.mark.usefixtures("chunk")
 def test_malformed_bytes_tensors() -> None:
     msg = protos.ModelInferRequest()
     msg.inputs.add(name="s", datatype="BYTES", shape=[2])
@@ -218,7 +235,7 @@ def _spec_request(**overrides: tuple[str, list[int], bytes]) -> protos.ModelInfe
 @pytest.mark.parametrize(
     ("overrides", "outputs", "message"),
     [
-        ({"z": ("FP32", [2, 3], b"\x00" * 24)}, (), "unexpected input 'z' for model 'm'; it takes: x, s"),
+        ({"s": None, "z": ("FP32", [2, 3], b"\x00" * 24)}, (), "unexpected input 'z' for model 'm'; it takes: x, s"),
         ({"s": None}, (), "missing input 's' for model 'm'"),
         ({"x": ("FP64", [2, 3], b"\x00" * 48)}, (), "input 'x': datatype FP64 does not match the model's FP32"),
         (
@@ -233,7 +250,7 @@ def _spec_request(**overrides: tuple[str, list[int], bytes]) -> protos.ModelInfe
         ),
         ({"x": ("FP32", [5, 3], b"\x00" * 60)}, (), "input 'x': batch size 5 exceeds the model's max_batch_size 4"),
         ({"s": ("BYTES", [3], b"\x00" * 12)}, (), "input 's': batch size 3 differs from the other inputs' 2"),
-        ({}, ("y", "nope"), "unknown output 'nope' requested from model 'm'; it has: y"),
+        ({}, ("nope",), "unknown output 'nope' requested from model 'm'; it has: y"),
     ],
 )
 def test_the_spec_is_checked_with_validates_words(overrides: dict, outputs: tuple[str, ...], message: str) -> None:
@@ -355,6 +372,7 @@ def test_shapes_with_zero_and_large_dims_within_the_limit_still_decode() -> None
         [],
     ],
 )
+@pytest.mark.usefixtures("chunk")
 def test_bytes_tensors_split_exactly(items: list[bytes]) -> None:
     buffer = b"".join(struct.pack("<I", len(item)) + item for item in items)
     decoded = codec.deserialize_bytes("s", buffer, len(items))
@@ -364,6 +382,7 @@ def test_bytes_tensors_split_exactly(items: list[bytes]) -> None:
 
 
 @pytest.mark.parametrize("items", [[b"ab\x00"] * 40, [b"a" * (i % 4) for i in range(40)], [b"x", b""]])
+@pytest.mark.usefixtures("chunk")
 def test_bytes_elements_are_bytes_when_the_data_is_a_view(items: list[bytes]) -> None:
     data = b"".join(struct.pack("<I", len(item)) + item for item in items)
     decoded = codec.deserialize_bytes("s", memoryview(data), len(items))  # large requests' raw entries are views
@@ -385,6 +404,7 @@ def test_equal_lengths_in_total_but_not_each_take_the_strict_path() -> None:
         (b"\x02\x00\x00\x00ab" * 39 + b"\x02\x00\x00\x00a", "BYTES element 39 claims 2 bytes but only 1 remain"),
     ],
 )
+@pytest.mark.usefixtures("chunk")
 def test_malformed_bytes_tensors_with_many_elements(buffer: bytes, message: str) -> None:
     with pytest.raises(InvalidRequest, match=message):
         codec.deserialize_bytes("s", buffer, 40)
@@ -406,6 +426,8 @@ class _UnreadableRaw(list):
 class _Request:
     def __init__(self, msg: protos.ModelInferRequest) -> None:
         self.inputs = msg.inputs
+        self.outputs = msg.outputs
+        self.parameters = msg.parameters
         self.raw_input_contents = _UnreadableRaw([None] * len(msg.raw_input_contents))
 
 
@@ -431,3 +453,301 @@ def test_heavy_flags_costly_decodes_from_shapes_and_counts_alone() -> None:
     odd.inputs.add(name="y", datatype="NOPE", shape=[-(2**63), 2**63 - 1])
     odd.raw_input_contents.extend([b"", b""])
     codec.heavy(_Request(odd))  # whatever it answers, it does not raise
+
+
+# --- work bounded by counts checked first -------------------------------------------------------
+
+
+class _Countable:
+    """A repeated field of a hostile size that may be measured, and its first few entries read (as
+    many as a model may have), but not walked."""
+
+    def __init__(self, size: int, prefix: str = "") -> None:
+        self.size = size
+        self.prefix = prefix
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        raise AssertionError("walked a caller-sized field before checking its length")
+
+    def __getitem__(self, index: object) -> object:
+        if isinstance(index, slice) and index.start is None and index.stop is not None and index.stop <= 8:
+            return [types.SimpleNamespace(name=f"{self.prefix}{i}") for i in range(min(index.stop, self.size))]
+        raise AssertionError("walked a caller-sized field before checking its length")
+
+    def __contains__(self, key: object) -> bool:
+        raise AssertionError("looked into a caller-sized field before checking its length")
+
+
+class _Counts:
+    """A request whose inputs, outputs and parameters can only be counted."""
+
+    def __init__(self, inputs: int = 0, outputs: int = 0, parameters: int = 0, raw: bool = True) -> None:
+        self.model_name, self.model_version, self.id = "m", "", ""
+        self.inputs = _Countable(inputs, "in")
+        self.outputs = _Countable(outputs, "out")
+        self.parameters = _Countable(parameters)
+        self.raw_input_contents = _Countable(inputs if raw else 0)
+
+
+@pytest.mark.parametrize(
+    "counts",
+    [{"inputs": 524_288}, {"outputs": 100}, {"parameters": 100}, {"inputs": 30, "outputs": 20, "parameters": 20}],
+)
+def test_heavy_sends_many_tensors_or_parameters_off_the_loop_without_walking_them(counts: dict[str, int]) -> None:
+    msg = _Counts(**counts)
+    assert codec.heavy(msg)
+    assert codec.heavy(msg, 1000)  # small on the wire: empty entries cost two bytes each
+    assert codec.heavy(msg, 2**20)
+
+
+def test_heavy_on_a_real_request_of_a_million_empty_inputs() -> None:
+    msg = protos.ModelInferRequest(model_name="digits")
+    msg.inputs.extend([protos.ModelInferRequest.InferInputTensor()] * 2**19)
+    data = msg.SerializeToString()
+    assert len(data) == 2**20 + len(b"\x0a\x06digits")
+    assert codec.heavy(protos.ModelInferRequest.FromString(data), len(data))
+
+
+@pytest.mark.parametrize(
+    ("counts", "message"),
+    [
+        ({"inputs": 3}, "the request has 3 inputs but model 'm' takes 2: x, s (unexpected input 'in0')"),
+        (
+            {"inputs": 524_288, "raw": False},
+            "the request has 524288 inputs but model 'm' takes 2: x, s (unexpected input 'in0')",
+        ),
+        ({"inputs": 2, "outputs": 2}, "the request asks for 2 outputs but model 'm' has 1: y (unknown output 'out0')"),
+        (
+            {"inputs": 2, "outputs": 100_000},
+            "the request asks for 100000 outputs but model 'm' has 1: y (unknown output 'out0')",
+        ),
+        (
+            {"inputs": 2, "parameters": 4097},
+            "the request has 4097 parameters; at most 4096 are accepted",
+        ),
+    ],
+)
+def test_with_a_spec_more_tensors_than_the_model_has_are_refused_before_any_is_read(
+    counts: dict[str, int], message: str
+) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        codec.decode_request(_Counts(**counts), None, SPEC)
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize(
+    ("counts", "message"),
+    [
+        ({"inputs": 4097}, "the request has 4097 inputs; at most 4096 are accepted"),
+        ({"inputs": 524_288, "raw": False}, "the request has 524288 inputs; at most 4096 are accepted"),
+        ({"outputs": 4097}, "the request asks for 4097 outputs; at most 4096 are accepted"),
+        ({"parameters": 4097}, "the request has 4097 parameters; at most 4096 are accepted"),
+    ],
+)
+def test_without_a_spec_tensor_and_parameter_counts_are_capped_before_any_is_read(
+    counts: dict[str, int], message: str
+) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        codec.decode_request(_Counts(**counts))
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize(
+    ("inputs", "outputs", "message"),
+    [
+        (["x", "s", "z"], [], "the request has 3 inputs but model 'm' takes 2: x, s (unexpected input 'z')"),
+        (
+            ["x", "x", "s"],
+            [],
+            "the request has 3 inputs but model 'm' takes 2: x, s (input 'x' appears more than once)",
+        ),
+        (["x", "s"], ["y", "nope"], "the request asks for 2 outputs but model 'm' has 1: y (unknown output 'nope')"),
+        (
+            ["x", "s"],
+            ["y", "y"],
+            "the request asks for 2 outputs but model 'm' has 1: y (output 'y' is requested more than once)",
+        ),
+    ],
+)
+def test_too_many_tensors_are_refused_naming_the_first_one_too_many(
+    inputs: list[str], outputs: list[str], message: str
+) -> None:
+    msg = protos.ModelInferRequest(model_name="m")
+    for name in inputs:
+        msg.inputs.add(name=name, datatype="FP32", shape=[2, 3])
+    for name in outputs:
+        msg.outputs.add(name=name)
+    with pytest.raises(InvalidRequest) as info:
+        codec.decode_request(msg, None, SPEC)
+    assert str(info.value) == message
+
+
+def test_the_caps_admit_as_many_as_they_name() -> None:
+    msg = codec.encode_request(
+        "m", {f"x{i}": np.zeros(1, np.uint8) for i in range(4096)}, [str(i) for i in range(4096)]
+    )
+    for i in range(4096):
+        msg.parameters[f"p{i}"].int64_param = i
+    request = codec.decode_request(msg)
+    assert len(request.inputs) == len(request.outputs) == len(request.parameters) == 4096
+    msg.outputs.add(name="one more")
+    assert "asks for 4097 outputs" in _error(msg)
+
+
+# --- caller strings are quoted with a bound -----------------------------------------------------
+
+LONG = "n" * 10_000
+
+
+def _quoted(message: str) -> str:
+    assert LONG not in message and len(message) < 400, message[:500]
+    return message
+
+
+def _long_name_requests() -> list[protos.ModelInferRequest]:
+    unknown = request_with("FP32", np.zeros(1, np.float32))
+    unknown.inputs[0].name = LONG
+    unknown.inputs[0].datatype = LONG
+    twice = request_with("FP32", np.zeros(1, np.float32))
+    twice.inputs[0].name = LONG
+    twice.inputs.append(twice.inputs[0])
+    twice.raw_input_contents.append(twice.raw_input_contents[0])
+    short = request_with("FP32", np.zeros(2, np.float32))
+    short.inputs[0].name = LONG
+    short.raw_input_contents[0] = b"\x00"
+    outputs = request_with("FP32", np.zeros(1, np.float32))
+    outputs.outputs.add(name=LONG)
+    outputs.outputs.add(name=LONG)
+    bytes_short = protos.ModelInferRequest()
+    bytes_short.inputs.add(name=LONG, datatype="BYTES", shape=[2])
+    bytes_short.raw_input_contents.append(b"\x01\x00\x00\x00a\x05\x00\x00\x00ab")
+    typed = protos.ModelInferRequest()
+    typed.inputs.add(name=LONG, datatype="INT8", shape=[2]).contents.int_contents.extend([1, 300])
+    return [unknown, twice, short, outputs, bytes_short, typed]
+
+
+@pytest.mark.parametrize("index", range(6))
+def test_long_caller_strings_are_cut_in_messages(index: int) -> None:
+    assert "n" * 80 + "..." in _quoted(_error(_long_name_requests()[index]))
+
+
+def test_long_names_against_the_spec_are_cut_in_messages() -> None:
+    unexpected = _spec_request(s=None, **{LONG: ("FP32", [2, 3], b"\x00" * 24)})
+    output = _spec_request()
+    output.outputs.add(name=LONG)
+    for msg in (unexpected, output):
+        with pytest.raises(InvalidRequest) as early:
+            codec.decode_request(msg, None, SPEC)
+        with pytest.raises(InvalidRequest) as late:
+            SPEC.validate(codec.decode_request(msg))
+        assert _quoted(str(early.value)) == _quoted(str(late.value))
+
+
+def test_control_characters_in_names_are_escaped() -> None:
+    msg = request_with("FP32", np.zeros(1, np.float32))
+    msg.inputs[0].name = "a\nb\x1b[2J"
+    msg.inputs[0].datatype = "FP\r32"
+    assert _error(msg) == "input 'a\\nb\\x1b[2J': unknown datatype 'FP\\r32'; expected one of " + ", ".join(DATATYPES)
+
+
+# --- large tensors are converted in chunks (a worker thread lets go of the GIL between them) ----
+
+
+def _recorded_chunks(monkeypatch: pytest.MonkeyPatch) -> list[list[tuple[int, int]]]:
+    """The spans of every chunked conversion, one list per tensor."""
+    calls: list[list[tuple[int, int]]] = []
+    real = codec._chunks
+
+    def spy(count: int):  # type: ignore[no-untyped-def]
+        spans: list[tuple[int, int]] = []
+        calls.append(spans)
+        for span in real(count):
+            spans.append(span)
+            yield span
+
+    monkeypatch.setattr(codec, "_chunks", spy)
+    return calls
+
+
+def _check_chunked(calls: list[list[tuple[int, int]]], count: int) -> None:
+    assert calls
+    for spans in calls:
+        assert len(spans) > 1
+        assert spans[0][0] == 0 and spans[-1][1] == count
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(spans))
+        assert max(stop - start for start, stop in spans) <= 2**18
+
+
+LARGE = 3 * 2**16 + 5
+
+
+@pytest.mark.parametrize(
+    ("datatype", "values"), [("FP32", np.arange(LARGE) / 8), ("INT8", np.arange(LARGE) % 256 - 128)]
+)
+def test_large_typed_contents_are_converted_in_chunks(
+    datatype: str, values: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    expected = values.astype(DATATYPES[datatype])
+    msg = request_with(datatype, expected, raw=False)
+    calls = _recorded_chunks(monkeypatch)
+    sizes: list[int] = []
+    real_fromiter = np.fromiter
+
+    def fromiter(iterable: object, dtype: object, count: int = -1) -> np.ndarray:
+        sizes.append(count)
+        return real_fromiter(iterable, dtype, count)
+
+    monkeypatch.setattr(np, "fromiter", fromiter)
+    decoded = codec.decode_request(msg).inputs["x"]
+    assert decoded.dtype == expected.dtype
+    np.testing.assert_array_equal(decoded, expected)
+    assert len(sizes) > 1 and sum(sizes) == LARGE and max(sizes) <= 2**18
+    _check_chunked(calls, LARGE)
+    if datatype == "INT8":
+        msg.inputs[0].contents.int_contents[-1] = 128  # in the last chunk
+        assert _error(msg) == "input 'x': a value is out of range for INT8"
+
+
+@pytest.mark.parametrize(
+    "items",
+    [
+        [b"abc"] * LARGE,  # equal lengths
+        [b""] * LARGE,
+        [b"ab"[: i % 3] for i in range(LARGE)],  # mixed lengths
+    ],
+    ids=["equal lengths", "empty", "mixed lengths"],
+)
+@pytest.mark.parametrize("raw", [True, False])
+def test_large_bytes_tensors_are_converted_in_chunks(
+    items: list[bytes], raw: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    msg = protos.ModelInferRequest()
+    tensor = msg.inputs.add(name="s", datatype="BYTES", shape=[LARGE])
+    if raw:
+        msg.raw_input_contents.append(b"".join(struct.pack("<I", len(item)) + item for item in items))
+    else:
+        tensor.contents.bytes_contents.extend(items)
+    calls = _recorded_chunks(monkeypatch)
+    decoded = codec.decode_request(msg).inputs["s"]
+    assert decoded.dtype == object and decoded.tolist() == items
+    _check_chunked(calls, LARGE)
+
+
+def test_off_the_event_loop_the_conversion_pauses_between_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker thread hands the GIL over between chunks (numpy's own brief releases would keep a
+    waiting event loop waiting); on the loop itself there is nobody to hand it to."""
+    pauses: list[float] = []
+    monkeypatch.setattr(time, "sleep", pauses.append)
+    msg = request_with("FP32", np.arange(LARGE, dtype=np.float32), raw=False)
+    codec.decode_request(msg)  # no running loop: as in a worker thread
+    assert set(pauses) == {0} and len(pauses) >= LARGE // 2**16
+
+    async def on_the_loop() -> None:
+        codec.decode_request(msg)
+
+    pauses.clear()
+    asyncio.run(on_the_loop())
+    assert pauses == []
