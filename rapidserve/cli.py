@@ -14,7 +14,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -198,28 +198,14 @@ def _serve_arguments(serve: argparse.ArgumentParser) -> None:
         "with --allow-model-upload, also accept uploads of formats that run code when loaded (TorchScript, "
         ".pt2 programs, TensorRT plans): only for callers you would give a shell",
     )
-    access.add_argument(
-        "--max-upload-bytes",
-        type=_size,
-        default=_size(_env("max-upload-bytes", "1GiB")),
-        help="the most bytes of files one RepositoryModelLoad may bring (default 1GiB)",
-    )
+    _number(access, "max-upload-bytes", _size, "1GiB", "the most bytes of files one RepositoryModelLoad may bring")
 
     limits = serve.add_argument_group("limits")
-    limits.add_argument(
-        "--grpc-max-message-bytes",
-        type=_size,
-        default=_size(_env("grpc-max-message-bytes", "64MiB")),
-        help="the largest request or response message (default 64MiB; raise it for big tensors); a larger "
-        "request is refused RESOURCE_EXHAUSTED before its body is read",
-    )
-    limits.add_argument(
-        "--max-inflight-bytes",
-        type=_size,
-        default=_size(_env("max-inflight-bytes", "1GiB")),
-        help="request bytes admitted at once across all calls (default 1GiB); over it RESOURCE_EXHAUSTED",
-    )
     number = functools.partial(_number, limits)
+    number("grpc-max-message-bytes", _size, "64MiB", "the largest request or response message (raise it for big "
+           "tensors); a larger request is refused RESOURCE_EXHAUSTED before its body is read")  # fmt: skip
+    number("max-inflight-bytes", _size, "1GiB", "request bytes admitted at once across all calls, at least twice "
+           "--grpc-max-message-bytes; over it RESOURCE_EXHAUSTED")  # fmt: skip
     number("grpc-request-read-timeout-secs", float, 30, "a call's request message must arrive within this many seconds")
     number("grpc-handshake-timeout-secs", float, 10, "close connections that have not finished the TLS and HTTP/2 "
            "handshake by then")  # fmt: skip
@@ -234,8 +220,9 @@ def _serve_arguments(serve: argparse.ArgumentParser) -> None:
     number("grpc-http2-max-ping-strikes", int, 2, "strikes before the connection is closed with GOAWAY (0: no limit)")
 
 
-def _number(group: Any, name: str, kind: type, default: float, help: str) -> None:
-    """A numeric option whose default comes from its environment variable, else ``default``."""
+def _number(group: Any, name: str, kind: Callable[[Any], Any], default: Any, help: str) -> None:
+    """A numeric option (a count, seconds, or bytes with ``_size``) whose default comes from its
+    environment variable, else ``default``."""
     group.add_argument(f"--{name}", type=kind, default=kind(_env(name, default)), help=f"{help} (default {default})")
 
 
