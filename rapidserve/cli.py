@@ -205,7 +205,8 @@ def _serve_arguments(serve: argparse.ArgumentParser) -> None:
     number("grpc-max-message-bytes", _size, "64MiB", "the largest request or response message (raise it for big "
            "tensors); a larger request is refused RESOURCE_EXHAUSTED before its body is read")  # fmt: skip
     number("max-inflight-bytes", _size, "1GiB", "request bytes admitted at once across all calls, at least twice "
-           "--grpc-max-message-bytes; over it RESOURCE_EXHAUSTED")  # fmt: skip
+           "--grpc-max-message-bytes; over it RESOURCE_EXHAUSTED. 0: no budget (requests are read as they come: "
+           "cheaper per call, no bound on memory)")  # fmt: skip
     number("grpc-request-read-timeout-secs", float, 30, "a call's request message must arrive within this many seconds")
     number("grpc-handshake-timeout-secs", float, 10, "close connections that have not finished the TLS and HTTP/2 "
            "handshake by then")  # fmt: skip
@@ -358,10 +359,10 @@ def _settings(args: argparse.Namespace) -> tuple[Any, bool]:
                         ("grpc-max-concurrent-streams", args.grpc_max_concurrent_streams)):  # fmt: skip
         if not 0 < value <= INT32_MAX:
             raise ValueError(f"--{flag} must be between 1 and {INT32_MAX} (gRPC's limit), got {value}")
-    if args.max_inflight_bytes < 2 * args.grpc_max_message_bytes:
+    if args.max_inflight_bytes and args.max_inflight_bytes < 2 * args.grpc_max_message_bytes:
         raise ValueError(
-            "--max-inflight-bytes must be at least twice --grpc-max-message-bytes (a message being read, "
-            "and its hand-over copy)"
+            "--max-inflight-bytes must be 0 (no budget) or at least twice --grpc-max-message-bytes (a message "
+            "being read, and its hand-over copy)"
         )
     if args.allow_code_models_upload and not args.allow_model_upload:
         raise ValueError("--allow-code-models-upload needs --allow-model-upload")

@@ -67,9 +67,10 @@ class InferenceServer:
         settings = self.settings
         interceptors = [RestrictionInterceptor(settings.restricted_protocols)] if settings.restricted_protocols else []
         server = grpc.aio.server(options=grpc_server_options(settings), interceptors=interceptors)
-        admission = Admission(
-            settings.max_inflight_bytes, settings.grpc_max_message_bytes, settings.grpc_request_read_timeout_s
-        )
+        admission = None  # no budget: requests are read as they come
+        if settings.max_inflight_bytes:
+            limits = (settings.grpc_max_message_bytes, settings.grpc_request_read_timeout_s)
+            admission = Admission(settings.max_inflight_bytes, *limits)
         self._servicer = InferenceServicer(
             self.manager, stats=self.stats, admission=admission, max_response_bytes=settings.grpc_max_message_bytes
         )

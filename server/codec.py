@@ -145,6 +145,7 @@ def decode_request(msg: Any, deadline: float | None = None, spec: ModelSpec | No
         msg.id,
         decode_parameters(parameters) if parameters else {},
         deadline,
+        checked=spec is not None,
     )
 
 

@@ -79,8 +79,7 @@ class InferenceServicer:
         self.draining = False
         self._streams: set[StreamAnswers] = set()
         self._unary_in_flight = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._idle: asyncio.Future[None] | None = None  # made by idle(), resolved once nothing is in flight
 
     def drain(self) -> None:
         """Shutting down: new inference requests (unary, or on open streams) get UNAVAILABLE; streams
@@ -92,13 +91,13 @@ class InferenceServicer:
 
     async def idle(self) -> None:
         """Returns once no inference request that was accepted is unanswered (after ``drain``)."""
-        await self._idle.wait()
+        if self._unary_in_flight or self._streams:
+            self._idle = asyncio.get_running_loop().create_future()
+            await self._idle
 
     def _check_idle(self) -> None:
-        if not self._unary_in_flight and not self._streams:
-            self._idle.set()
-        else:
-            self._idle.clear()
+        if self._idle is not None and not self._unary_in_flight and not self._streams and not self._idle.done():
+            self._idle.set_result(None)
 
     @_rpc
     async def ServerLive(self, request: Any, context: Any) -> Any:
@@ -137,7 +136,6 @@ class InferenceServicer:
             self.stats.failed(Unavailable.reason)
             raise Unavailable(SHUTTING_DOWN)
         self._unary_in_flight += 1
-        self._idle.clear()
         try:
             answer = self.infer(request, deadline_of(context), request.ByteSize())
             del request  # infer lets go of it once it is decoded
@@ -153,7 +151,6 @@ class InferenceServicer:
         A request's ``timeout`` parameter (microseconds) is its deadline, as a unary call's would be."""
         stream = StreamAnswers(self)
         self._streams.add(stream)
-        self._idle.clear()
         reader = asyncio.create_task(stream.read(context))
         try:
             while (item := await stream.next()) is not None:

@@ -44,7 +44,7 @@ class ServerSettings:
     model_load_threads: int = 4
     # the largest request or response message; over it a request is refused before its body is read
     grpc_max_message_bytes: int = 64 * MiB
-    # decoded request bytes admitted at once across all models and calls; over it RESOURCE_EXHAUSTED
+    # request bytes admitted at once across all models and calls; over it RESOURCE_EXHAUSTED (0: no budget)
     max_inflight_bytes: int = GiB
     grace_period_s: float = 30.0
     batching_mode: str = "adaptive"  # adaptive | fixed (Triton's exact behaviour); a model may override

@@ -33,7 +33,7 @@ def serialize(message: Any) -> bytes:
     return message if isinstance(message, bytes) else message.SerializeToString()  # type: ignore[no-any-return]
 
 
-def inference_handler(servicer: InferenceServicer, admission: Admission) -> grpc.GenericRpcHandler:
+def inference_handler(servicer: InferenceServicer, admission: Admission | None) -> grpc.GenericRpcHandler:
     handlers: dict[str, grpc.RpcMethodHandler] = {}
     for method in protos.SERVICE.methods:
         response = protos.message_class(method.output_type)
@@ -52,7 +52,7 @@ def inference_handler(servicer: InferenceServicer, admission: Admission) -> grpc
     return grpc.method_handlers_generic_handler(protos.SERVICE_NAME, handlers)
 
 
-def health_handler(servicer: Any, admission: Admission) -> grpc.GenericRpcHandler:
+def health_handler(servicer: Any, admission: Admission | None) -> grpc.GenericRpcHandler:
     """The standard gRPC health service, its requests bounded like every other."""
     check = grpc.unary_unary_rpc_method_handler(
         servicer.Check,
@@ -70,11 +70,14 @@ def health_handler(servicer: Any, admission: Admission) -> grpc.GenericRpcHandle
 
 
 def admitted(
-    handler: grpc.RpcMethodHandler, admission: Admission, refused: Callable[[str], None] | None = None
+    handler: grpc.RpcMethodHandler, admission: Admission | None, refused: Callable[[str], None] | None = None
 ) -> grpc.RpcMethodHandler:
     """``handler`` (a unary-request method) served so that its request is read through ``admission``
     and parsed off the event loop when large; ``refused(reason)`` hears of requests refused before
-    they reached the method."""
+    they reached the method. Without an admission (``--max-inflight-bytes 0``) it is served as it is:
+    gRPC reads the request as soon as it comes, a little cheaper per call, with no bound on memory."""
+    if admission is None:
+        return handler
     parse = handler.request_deserializer or (lambda data: data)
     behavior = handler.unary_unary or handler.unary_stream
     assert behavior is not None, "stream-request methods read their own messages"

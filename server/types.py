@@ -23,6 +23,7 @@ class InferRequest:
     id: str = ""
     parameters: dict[str, ParamValue] = field(default_factory=dict)
     deadline: float | None = None  # time.monotonic() after which the client no longer waits
+    checked: bool = False  # already checked against the model's spec (by the decoder): no need again
 
 
 @dataclass(slots=True)

@@ -17,7 +17,7 @@ import pytest
 from remote import RemoteServer
 from testmodels import SUM_CONFIG, identity_graph, sum_graph, tile_graph, write_model
 
-from rapidserve import Client, InferenceServerError, protos
+from rapidserve import AsyncClient, Client, InferenceServerError, protos
 from rapidserve.clients import h2grpc
 from rapidserve.server import streams
 
@@ -339,3 +339,16 @@ def test_unexpected_errors_reach_the_caller_without_internals(repo: Path, serve,
     assert "/var/secret" not in info.value.message and "Traceback" not in info.value.message
     reference = info.value.message.rsplit("reference ", 1)[1].split()[0]
     assert any(reference in r.getMessage() and r.exc_info for r in caplog.records)  # the log keeps the details
+
+
+async def test_with_the_budget_turned_off_every_rpc_is_still_served(repo: Path, serve) -> None:
+    """--max-inflight-bytes 0: gRPC reads requests as they come (unary, stream and health alike)."""
+    server = serve(repo, max_inflight_bytes=0)
+    x = np.arange(6, dtype=np.float32)
+    with Client(server.url) as client:
+        assert client.is_server_live()
+        assert client.infer("sum", {"x": x})["total"][0] == 15
+    async with AsyncClient(server.url) as client:
+        assert (await client.infer("sum", {"x": x}))["total"][0] == 15
+    with grpc.insecure_channel(server.url) as channel:
+        assert channel.unary_unary("/grpc.health.v1.Health/Check")(b"", timeout=10)
