@@ -33,6 +33,10 @@ from rapidserve.server.transport import health_handler, inference_handler
 
 __all__ = ["InferenceServer"]
 
+# health requests are tiny; room for a few of the largest messages at once keeps probes answering even
+# while someone sends them large bodies (which cost at most this many messages of memory)
+HEALTH_BUDGET_MESSAGES = 4
+
 log = logging.getLogger(__name__)
 
 
@@ -59,6 +63,7 @@ class InferenceServer:
         self._metrics: Any = None
         self._certificates: _Certificates | None = None
         self._servicer: InferenceServicer | None = None
+        self.admissions: tuple[Admission | None, Admission | None] = (None, None)
         self.abandoned_loads: list[str] = []  # model loads still running when stop() gave up on them
         self.port = 0
         self.metrics_port = 0
@@ -67,15 +72,18 @@ class InferenceServer:
         settings = self.settings
         interceptors = [RestrictionInterceptor(settings.restricted_protocols)] if settings.restricted_protocols else []
         server = grpc.aio.server(options=grpc_server_options(settings), interceptors=interceptors)
-        admission = None  # no budget: requests are read as they come
+        admission = health = None  # no budget: requests are read as they come
         if settings.max_inflight_bytes:
             limits = (settings.grpc_max_message_bytes, settings.grpc_request_read_timeout_s)
             admission = Admission(settings.max_inflight_bytes, *limits)
+            # health checks read from a budget of their own: a probe must not wait behind inference data
+            health = Admission(HEALTH_BUDGET_MESSAGES * settings.grpc_max_message_bytes, *limits)
+        self.admissions = (admission, health)  # (inference and the rest, health checks); None: no budget
         self._servicer = InferenceServicer(
             self.manager, stats=self.stats, admission=admission, max_response_bytes=settings.grpc_max_message_bytes
         )
         server.add_generic_rpc_handlers(
-            (inference_handler(self._servicer, admission), health_handler(self._health, admission))
+            (inference_handler(self._servicer, admission, health), health_handler(self._health, health))
         )
         _register_health_descriptor()
         reflection.enable_server_reflection(

@@ -25,7 +25,7 @@ from rapidserve.server.servicer import InferenceServicer, deadline_of
 from rapidserve.server.status import message_of, status_of
 from rapidserve.server.wire import SPLIT_FROM_BYTES, parser
 
-__all__ = ["admitted", "health_handler", "inference_handler", "serialize"]
+__all__ = ["HEALTH_RPCS", "admitted", "health_handler", "inference_handler", "serialize"]
 
 
 def serialize(message: Any) -> bytes:
@@ -33,7 +33,14 @@ def serialize(message: Any) -> bytes:
     return message if isinstance(message, bytes) else message.SerializeToString()  # type: ignore[no-any-return]
 
 
-def inference_handler(servicer: InferenceServicer, admission: Admission | None) -> grpc.GenericRpcHandler:
+# The KServe health RPCs: their requests are read from a budget of their own, so that probes keep
+# answering while inference requests fill the main one.
+HEALTH_RPCS = ("ServerLive", "ServerReady", "ModelReady")
+
+
+def inference_handler(
+    servicer: InferenceServicer, admission: Admission | None, health: Admission | None
+) -> grpc.GenericRpcHandler:
     handlers: dict[str, grpc.RpcMethodHandler] = {}
     for method in protos.SERVICE.methods:
         response = protos.message_class(method.output_type)
@@ -48,12 +55,12 @@ def inference_handler(servicer: InferenceServicer, admission: Admission | None) 
             response_serializer=serializer,
         )
         refused = servicer.stats.failed if method.name == "ModelInfer" else None
-        handlers[method.name] = admitted(plain, admission, refused)
+        handlers[method.name] = admitted(plain, health if method.name in HEALTH_RPCS else admission, refused)
     return grpc.method_handlers_generic_handler(protos.SERVICE_NAME, handlers)
 
 
 def health_handler(servicer: Any, admission: Admission | None) -> grpc.GenericRpcHandler:
-    """The standard gRPC health service, its requests bounded like every other."""
+    """The standard gRPC health service, its requests bounded (by the health budget)."""
     check = grpc.unary_unary_rpc_method_handler(
         servicer.Check,
         request_deserializer=health_pb2.HealthCheckRequest.FromString,

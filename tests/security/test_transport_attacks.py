@@ -125,8 +125,11 @@ def test_concurrent_large_requests_stay_within_the_in_flight_budget(probe) -> No
         thread.join()
     assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
     assert grpc.StatusCode.OK in codes
-    # unbounded, the same load held 8 x 24 MiB several times over (gRPC's buffers, Python's copies)
-    assert server.growth_mb() < 128 + 64, f"peak RSS rose {server.growth_mb():.0f} MB over a 128 MiB budget"
+    # Unbounded, the same load held 8 x 24 MiB several times over (gRPC's buffers, Python's copies). Beyond
+    # the budget: an engine's copy of a request it runs (ONNX Runtime copies unaligned tensors) and gRPC's
+    # buffers that linger a moment after the hand-over.
+    bound = 128 + 4 * 32
+    assert server.growth_mb() < bound, f"peak RSS rose {server.growth_mb():.0f} MB over a 128 MiB budget"
     assert server.call(_sum_request(4)) == grpc.StatusCode.OK
 
 
@@ -145,22 +148,30 @@ def test_over_the_budget_the_answer_is_resource_exhausted_naming_the_flag(repo: 
         assert client.infer("sum", {"x": np.ones(4, np.float32)})["total"][0] == 4
 
 
-def test_every_rpc_is_read_through_the_budget(repo: Path, serve) -> None:
-    """Not only inference: a 60 MiB body sent to ServerLive or to the health service is a request too."""
+def test_every_rpc_is_read_through_a_budget_and_probes_through_their_own(repo: Path, serve) -> None:
+    """Not only inference: a 60 MiB body sent to ServerMetadata or to a health check is a request too.
+    Health checks read from a budget of their own, so that probes answer while inference fills the main one."""
     server = serve(repo, max_inflight_bytes=24 * MiB, grpc_max_message_bytes=8 * MiB)
-    admission = server.server._servicer.admission
-    admission.admit(10 * MiB)  # as if a request of 10 MiB were being served: no room for another read
-    try:
-        with grpc.insecure_channel(server.url) as channel:
-            for method in (protos.method_path("ServerLive"), "/grpc.health.v1.Health/Check"):
-                with pytest.raises(grpc.RpcError) as info:
-                    channel.unary_unary(method)(b"", timeout=10)
-                assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, method
-    finally:
-        admission.release(10 * MiB)
+    main, health = server.server.admissions
+    health_methods = (protos.method_path("ServerLive"), "/grpc.health.v1.Health/Check")
     with grpc.insecure_channel(server.url) as channel:
-        assert channel.unary_unary("/grpc.health.v1.Health/Check")(b"", timeout=10)
-    assert admission.held == 0 and admission.reading == 0
+
+        def code(method: str) -> grpc.StatusCode:
+            try:
+                channel.unary_unary(method)(b"", timeout=10)
+            except grpc.RpcError as exc:
+                return exc.code()
+            return grpc.StatusCode.OK
+
+        main.admit(10 * MiB)  # as if a request of 10 MiB were being served: no room for another read
+        assert code(protos.method_path("ServerMetadata")) == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert [code(method) for method in health_methods] == [grpc.StatusCode.OK] * 2
+        main.release(10 * MiB)
+        health.admit(20 * MiB)  # the health budget (4 messages) full: health is bounded too
+        assert [code(method) for method in health_methods] == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 2
+        health.release(20 * MiB)
+        assert [code(method) for method in health_methods] == [grpc.StatusCode.OK] * 2
+    assert main.held == health.held == 0 and main.reading == health.reading == 0
 
 
 def test_a_message_of_countless_tiny_fields_is_refused_without_building_them(repo: Path, serve) -> None:
@@ -288,16 +299,19 @@ def test_stalled_connections_are_closed_and_do_not_stop_a_healthy_client(repo: P
 def test_a_ping_flood_is_answered_with_goaway(repo: Path, serve) -> None:
     server = serve(repo, grpc_http2_max_ping_strikes=2, grpc_http2_min_recv_ping_interval_without_data_ms=60_000)
     host, port = server.url.rsplit(":", 1)
+    received = b""
     with socket.create_connection((host, int(port)), timeout=10) as sock:
         sock.sendall(h2grpc.PREFACE + h2grpc.frame(h2grpc.SETTINGS, 0, 0))
-        for i in range(10):
-            sock.sendall(h2grpc.frame(h2grpc.PING, 0, 0, i.to_bytes(8, "big")))
-        received = b""
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
+        for i in range(10):  # one ping at a time, reading what comes back, until the server has had enough
+            try:
+                sock.sendall(h2grpc.frame(h2grpc.PING, 0, 0, i.to_bytes(8, "big")))
+                while not any(kind == h2grpc.PING and payload == i.to_bytes(8, "big") for kind, payload in
+                              _frames(received)) and (chunk := sock.recv(65536)):  # fmt: skip
+                    received += chunk
+            except OSError:  # it closed the connection
                 break
-            received += chunk
+            if h2grpc.GOAWAY in [kind for kind, _ in _frames(received)]:
+                break
     goaway = [payload for kind, payload in _frames(received) if kind == h2grpc.GOAWAY]
     assert goaway, "the server never sent GOAWAY to a client pinging without data"
     error_code = int.from_bytes(goaway[0][4:8], "big")
