@@ -144,6 +144,7 @@ class DynamicBatcher:
         self._running = 0
         self._infer_s: float | None = None  # moving average of engine time per batch
         self._inline = False
+        self._fast_bytes = 0  # the largest batch, in input bytes, measured to run under inline_below_s
         self._dispatch_soon = False
         self._closed = False
         self._idle: asyncio.Future[None] | None = None
@@ -396,33 +397,40 @@ class DynamicBatcher:
         self._running += 1
         outputs = tuple(dict.fromkeys(name for item in batch for name in item.outputs))
         inputs = [item.request.inputs for item in batch]
-        if self._inline:
+        # Only a model allowed to run inline weighs its batches: inline, a batch larger than any seen to
+        # run fast (a model with a free dimension sent a huge tensor) goes to the thread instead.
+        nbytes = sum(a.nbytes for arrays in inputs for a in arrays.values()) if self._config.inline_below_s else 0
+        if self._inline and nbytes <= self._fast_bytes:
             try:
                 result: Any = self._run(instance, inputs, outputs)
             except Exception as exc:
                 result = exc
-            self._finish(instance, batch, now, result, redispatch=False)  # _dispatch's loop goes on
+            self._finish(instance, batch, now, result, nbytes, redispatch=False)  # _dispatch's loop goes on
             return
         work = self._executor.submit(self._run, instance, inputs, outputs)
         loop = self._loop
-        work.add_done_callback(lambda done: loop.call_soon_threadsafe(self._finish_thread, instance, batch, now, done))
+        work.add_done_callback(
+            lambda done: loop.call_soon_threadsafe(self._finish_thread, instance, batch, now, nbytes, done)
+        )
 
-    def _finish_thread(self, instance: BatchRunner, batch: list[_Pending], started: float, done: Any) -> None:
+    def _finish_thread(
+        self, instance: BatchRunner, batch: list[_Pending], started: float, nbytes: int, done: Any
+    ) -> None:
         try:
             result = done.result()
         except Exception as exc:
             result = exc
-        self._finish(instance, batch, started, result, redispatch=True)
+        self._finish(instance, batch, started, result, nbytes, redispatch=True)
 
     def _finish(
-        self, instance: BatchRunner, batch: list[_Pending], started: float, result: Any, redispatch: bool
+        self, instance: BatchRunner, batch: list[_Pending], started: float, result: Any, nbytes: int, redispatch: bool
     ) -> None:
         """Hand each request its rows, or the error it caused."""
         self._running -= 1
         self._free.append(instance)
         if type(result) is tuple:
             outputs, input_ns, infer_ns = result
-            self._learn_latency(infer_ns / 1e9)
+            self._learn_latency(infer_ns / 1e9, nbytes)
             self._complete(batch, started, outputs, input_ns, infer_ns)
         elif isinstance(result, Isolated):
             self._isolated(batch, started, result)
@@ -456,11 +464,14 @@ class DynamicBatcher:
             else:
                 self._complete(requests, started, part.result, part.input_ns, part.infer_ns)
 
-    def _learn_latency(self, seconds: float) -> None:
-        """Track engine time per batch; run batches inline while it stays small (with hysteresis)."""
+    def _learn_latency(self, seconds: float, nbytes: int) -> None:
+        """Track engine time per batch; run batches inline while it stays small (with hysteresis), and
+        only batches no larger (in input bytes) than one already seen to run under the limit."""
         self._infer_s = seconds if self._infer_s is None else 0.8 * self._infer_s + 0.2 * seconds
         limit = self._config.inline_below_s
         self._inline = limit > 0 and self._infer_s < (2 * limit if self._inline else limit)
+        if seconds < limit and nbytes > self._fast_bytes:
+            self._fast_bytes = nbytes
 
     def _deliver(self, batch: list[_Pending], outputs: Arrays) -> list[_Pending] | None:
         """Resolve each waiting request with its rows; returns those it answered (None: the outputs

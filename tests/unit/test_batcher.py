@@ -672,6 +672,23 @@ async def test_only_a_single_cpu_instance_runs_fast_batches_on_the_event_loop(
     await version.close()
 
 
+async def test_a_batch_larger_than_any_seen_to_run_fast_is_not_run_on_the_event_loop() -> None:
+    """A fast model with a free dimension can be sent a huge tensor: inline, only batches no larger
+    than one measured to run fast; a larger one is measured in the worker thread first."""
+    version, (engine,) = fast_version("", 1)
+    loop_thread = threading.get_ident()
+    for i in range(20):  # one row each: the model is learned to be fast and runs inline
+        await version.infer(InferRequest("fast", "", {"x": np.full((1, 3), i, np.float32)}))
+    assert engine.threads[-1] == loop_thread
+    big = np.arange(24, dtype=np.float32).reshape(8, 3)
+    out = await version.infer(InferRequest("fast", "", {"x": big}))
+    np.testing.assert_array_equal(out.outputs["y"], 2 * big)
+    assert engine.threads[-1] != loop_thread  # 8 rows: more bytes than any batch seen so far
+    await version.infer(InferRequest("fast", "", {"x": big}))
+    assert engine.threads[-1] == loop_thread  # measured fast at that size: inline from now on
+    await version.close()
+
+
 def test_the_engine_contract_says_which_instances_may_run_inline() -> None:
     assert may_run_inline(["cpu"])
     assert not may_run_inline(["cpu", "cpu"])
