@@ -1,10 +1,9 @@
 """Admission by bytes: how much request data the server holds at once, across all calls and models.
 
 gRPC has no content length: a request's size is known only once its message has been read, and while
-it is read gRPC buffers it. So a unary call reserves room for the largest message the server accepts
-before it reads, and holds its real size from then until it is answered. One more message's room is
-kept for the hand-over, when gRPC copies a received message into Python (one at a time: it happens on
-the event loop's thread):
+it is read gRPC buffers it, then copies it into Python. So a unary call reserves room for two of the
+largest messages the server accepts before it reads (the buffers and the copy), and holds its real
+size from then until it is answered:
 
 - a call whose message could not fit beside the bytes already held is refused at once
   (``Overloaded``, RESOURCE_EXHAUSTED), before its body is read;
@@ -38,11 +37,10 @@ class Admission:
         if budget_bytes < 2 * max_message_bytes:
             raise ValueError(
                 f"an in-flight budget of {budget_bytes} bytes cannot take one message of {max_message_bytes} "
-                "bytes and its hand-over copy: it must be at least twice the message limit"
+                "bytes and gRPC's copy of it: it must be at least twice the message limit"
             )
         self.budget = budget_bytes
-        self.reserve = max_message_bytes  # per read in progress
-        self.handover = max_message_bytes  # one at a time, for every read
+        self.reserve = 2 * max_message_bytes  # per read in progress: gRPC's buffers, and its copy into Python
         self.read_timeout_s = read_timeout_s
         self.held = 0  # bytes of admitted requests not yet answered
         self.reading = 0  # reads in progress, each reserving ``reserve``
@@ -53,11 +51,11 @@ class Admission:
         self._sweep_s = min(max(read_timeout_s / 4, 0.01), 1.0)
 
     def _room_to_read(self) -> bool:
-        return self.held + (self.reading + 1) * self.reserve + self.handover <= self.budget
+        return self.held + (self.reading + 1) * self.reserve <= self.budget
 
     def _could_ever_fit(self) -> bool:
         """Whether a read could start once the reads in progress end (else: refuse at once)."""
-        return self.held + self.reserve + self.handover <= self.budget
+        return self.held + self.reserve <= self.budget
 
     def refusal(self) -> Overloaded:
         return Overloaded(

@@ -32,18 +32,18 @@ def size_of(sender: Sender) -> int:
 
 
 async def test_reads_start_while_reservations_fit_and_later_ones_wait_their_turn() -> None:
-    # each read reserves one message (20 MB), and one more is kept for the hand-over copy
-    admission = Admission(budget_bytes=70 * MB, max_message_bytes=20 * MB, read_timeout_s=30)
+    # each read reserves two messages (40 MB): gRPC's buffers and its copy into Python
+    admission = Admission(budget_bytes=90 * MB, max_message_bytes=20 * MB, read_timeout_s=30)
     senders = [Sender(10 * MB) for _ in range(4)]
     reads = [asyncio.create_task(admission.read(s.receive, size_of, None)) for s in senders]
     await asyncio.wait_for(asyncio.gather(senders[0].receiving.wait(), senders[1].receiving.wait()), 5)
     await asyncio.sleep(0)
-    assert admission.reading == 2  # 2 x 20 MB + 20 MB for the hand-over; a third would not fit in 70 MB
+    assert admission.reading == 2  # 2 x 40 MB; a third would not fit in 90 MB
     assert not senders[2].receiving.is_set()
     senders[0].arrived.set()
     message, held = await reads[0]
     assert (message, held) == (senders[0], 10 * MB)
-    # 10 MB held + 2 reads x 20 MB + 20 MB = 70 MB: the third read may start now, the fourth still waits
+    # 10 MB held + 2 reads x 40 MB = 90 MB: the third read may start now, the fourth still waits
     await asyncio.wait_for(senders[2].receiving.wait(), 5)
     assert not senders[3].receiving.is_set()
     for sender in senders[1:]:
@@ -69,7 +69,7 @@ async def test_a_request_that_cannot_fit_beside_the_held_bytes_is_refused_before
 
 
 async def test_waiters_that_can_no_longer_fit_are_refused_when_the_budget_fills_up() -> None:
-    admission = Admission(budget_bytes=60 * MB, max_message_bytes=20 * MB, read_timeout_s=30)
+    admission = Admission(budget_bytes=80 * MB, max_message_bytes=20 * MB, read_timeout_s=30)
     big = [Sender(20 * MB), Sender(20 * MB)]
     reads = [asyncio.create_task(admission.read(s.receive, size_of, None)) for s in big]
     await asyncio.wait_for(asyncio.gather(*(s.receiving.wait() for s in big)), 5)
@@ -79,7 +79,7 @@ async def test_waiters_that_can_no_longer_fit_are_refused_when_the_budget_fills_
     assert admission.admit(5 * MB)  # e.g. a stream's message
     for sender in big:
         sender.arrived.set()
-    await asyncio.gather(*reads)  # 5 + 20 + 20 held: one more read (20 + 20 for the hand-over) does not fit
+    await asyncio.gather(*reads)  # 5 + 20 + 20 held: one more read (40 MB) does not fit
     with pytest.raises(Overloaded):
         await waiting
     assert not waiter.receiving.is_set()
@@ -95,7 +95,7 @@ async def test_a_message_that_does_not_arrive_in_time_ends_deadline_exceeded_and
 
 
 async def test_a_waiting_call_gives_up_at_its_deadline_and_leaves_no_reservation() -> None:
-    admission = Admission(budget_bytes=60 * MB, max_message_bytes=20 * MB, read_timeout_s=30)
+    admission = Admission(budget_bytes=80 * MB, max_message_bytes=20 * MB, read_timeout_s=30)
     slow = [Sender(MB), Sender(MB)]
     reads = [asyncio.create_task(admission.read(s.receive, size_of, None)) for s in slow]
     await asyncio.wait_for(asyncio.gather(*(s.receiving.wait() for s in slow)), 5)
@@ -103,7 +103,7 @@ async def test_a_waiting_call_gives_up_at_its_deadline_and_leaves_no_reservation
     with pytest.raises(DeadlineExceeded, match="waited for room"):
         await admission.read(late.receive, size_of, time.monotonic() + 0.05)
     assert not late.receiving.is_set()
-    patient = Admission(budget_bytes=60 * MB, max_message_bytes=20 * MB, read_timeout_s=0.05)
+    patient = Admission(budget_bytes=80 * MB, max_message_bytes=20 * MB, read_timeout_s=0.05)
     slow_too = [Sender(MB), Sender(MB)]
     holding = [asyncio.create_task(patient.read(s.receive, size_of, None)) for s in slow_too]
     await asyncio.wait_for(asyncio.gather(*(s.receiving.wait() for s in slow_too)), 5)
@@ -120,7 +120,7 @@ async def test_a_waiting_call_gives_up_at_its_deadline_and_leaves_no_reservation
 
 
 async def test_a_cancelled_waiter_does_not_keep_a_slot() -> None:
-    admission = Admission(budget_bytes=60 * MB, max_message_bytes=20 * MB, read_timeout_s=30)
+    admission = Admission(budget_bytes=80 * MB, max_message_bytes=20 * MB, read_timeout_s=30)
     first, second = Sender(MB), Sender(MB)
     reads = [asyncio.create_task(admission.read(s.receive, size_of, None)) for s in (first, second)]
     await asyncio.wait_for(asyncio.gather(first.receiving.wait(), second.receiving.wait()), 5)
