@@ -27,8 +27,8 @@ def find_perf_analyzer(explicit: str | None) -> str:
     found = explicit or os.environ.get("PERF_ANALYZER") or shutil.which("perf_analyzer")
     if not found:
         raise SystemExit(
-            "perf_analyzer not found: pass --perf-analyzer, set PERF_ANALYZER, or install it with "
-            "../shared/tools/install-perf-analyzer DIR"
+            "perf_analyzer not found: pass --perf-analyzer, set PERF_ANALYZER, or install NVIDIA's Triton "
+            "client SDK, which has it"
         )
     return found
 

@@ -10,8 +10,8 @@ Device memory and the stream come from torch, already a dependency of the GPU in
 rapidserve to one CUDA wrapper (no cuda-python or pycuda beside torch), and torch's caching allocator
 reuses buffers between requests.
 
-Unverified here: TensorRT cannot be installed on this project's machines (its wheels fetch their
-libraries from NVIDIA's index) and they have no GPU. Its tests skip without ``tensorrt`` and CUDA.
+Not yet run against a real TensorRT installation (its wheels fetch their libraries from NVIDIA's
+index, and the test machines have no GPU). Its tests skip without ``tensorrt`` and CUDA.
 """
 
 from __future__ import annotations
