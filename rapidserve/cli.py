@@ -359,6 +359,9 @@ def _settings(args: argparse.Namespace) -> tuple[Any, bool]:
                         ("grpc-max-concurrent-streams", args.grpc_max_concurrent_streams)):  # fmt: skip
         if not 0 < value <= INT32_MAX:
             raise ValueError(f"--{flag} must be between 1 and {INT32_MAX} (gRPC's limit), got {value}")
+    for flag in ("grpc-request-read-timeout-secs", "grpc-handshake-timeout-secs", "grpc-max-connection-idle-secs"):
+        if not getattr(args, flag.replace("-", "_")) > 0:
+            raise ValueError(f"--{flag} must be more than 0")
     if args.max_inflight_bytes and args.max_inflight_bytes < 2 * args.grpc_max_message_bytes:
         raise ValueError(
             "--max-inflight-bytes must be 0 (no budget) or at least twice --grpc-max-message-bytes (a message "

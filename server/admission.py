@@ -33,12 +33,15 @@ T = TypeVar("T")
 
 
 class Admission:
-    def __init__(self, budget_bytes: int, max_message_bytes: int, read_timeout_s: float) -> None:
+    def __init__(
+        self, budget_bytes: int, max_message_bytes: int, read_timeout_s: float, name: str = "--max-inflight-bytes"
+    ) -> None:
         if budget_bytes < 2 * max_message_bytes:
             raise ValueError(
                 f"an in-flight budget of {budget_bytes} bytes cannot take one message of {max_message_bytes} "
                 "bytes and gRPC's copy of it: it must be at least twice the message limit"
             )
+        self.name = name  # what the messages call this budget
         self.budget = budget_bytes
         self.reserve = 2 * max_message_bytes  # per read in progress: gRPC's buffers, and its copy into Python
         self.read_timeout_s = read_timeout_s
@@ -60,7 +63,7 @@ class Admission:
     def refusal(self) -> Overloaded:
         return Overloaded(
             f"the server holds {self.held} bytes of requests and admits {self.budget} at once "
-            f"(--max-inflight-bytes); a new request could need {self.reserve}; retry later"
+            f"({self.name}); a new request could need {self.reserve}; retry later"
         )
 
     async def read(
@@ -144,7 +147,7 @@ class Admission:
                     raise DeadlineExceeded("the deadline passed while the request waited for room to be read") from None
                 raise Overloaded(
                     f"other requests are being read and the server admits {self.budget} bytes at once "
-                    "(--max-inflight-bytes); retry later"
+                    f"({self.name}); retry later"
                 ) from None
             raise
         if not granted:

@@ -33,9 +33,11 @@ from rapidserve.server.transport import health_handler, inference_handler
 
 __all__ = ["InferenceServer"]
 
-# health requests are tiny; room for a few of the largest messages at once keeps probes answering even
-# while someone sends them large bodies (which cost at most this many messages of memory)
-HEALTH_BUDGET_MESSAGES = 4
+# Health requests are tiny: room for a few of the largest messages at once keeps probes answering even
+# while someone sends them large bodies (which cost at most this many messages of memory), and a
+# health request whose body has not come in this many seconds gives its room back.
+HEALTH_BUDGET_MESSAGES = 8
+HEALTH_READ_S = 2.0
 
 log = logging.getLogger(__name__)
 
@@ -77,13 +79,19 @@ class InferenceServer:
             limits = (settings.grpc_max_message_bytes, settings.grpc_request_read_timeout_s)
             admission = Admission(settings.max_inflight_bytes, *limits)
             # health checks read from a budget of their own: a probe must not wait behind inference data
-            health = Admission(HEALTH_BUDGET_MESSAGES * settings.grpc_max_message_bytes, *limits)
+            health_limits = (settings.grpc_max_message_bytes, min(settings.grpc_request_read_timeout_s, HEALTH_READ_S))
+            health = Admission(
+                HEALTH_BUDGET_MESSAGES * settings.grpc_max_message_bytes, *health_limits, "the health budget"
+            )
         self.admissions = (admission, health)  # (inference and the rest, health checks); None: no budget
         self._servicer = InferenceServicer(
             self.manager, stats=self.stats, admission=admission, max_response_bytes=settings.grpc_max_message_bytes
         )
         server.add_generic_rpc_handlers(
-            (inference_handler(self._servicer, admission, health), health_handler(self._health, health))
+            (
+                inference_handler(self._servicer, admission, health, _load_request_bytes(settings)),
+                health_handler(self._health, health),
+            )
         )
         _register_health_descriptor()
         reflection.enable_server_reflection(
@@ -164,6 +172,13 @@ class InferenceServer:
         status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
         for service in ("", protos.SERVICE_NAME):
             await self._health.set(service, status)
+
+
+def _load_request_bytes(settings: ServerSettings) -> int:
+    """The most a RepositoryModelLoad request may be: its config (at most 1 MiB), and its files where
+    the server takes uploads."""
+    uploads = settings.uploads.max_bytes if settings.uploads.allow_files else 0
+    return min(2 * 2**20 + uploads, settings.grpc_max_message_bytes)
 
 
 def grpc_server_options(settings: ServerSettings) -> list[tuple[str, int]]:

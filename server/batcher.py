@@ -399,7 +399,7 @@ class DynamicBatcher:
         inputs = [item.request.inputs for item in batch]
         # Only a model allowed to run inline weighs its batches: inline, a batch larger than any seen to
         # run fast (a model with a free dimension sent a huge tensor) goes to the thread instead.
-        nbytes = sum(a.nbytes for arrays in inputs for a in arrays.values()) if self._config.inline_below_s else 0
+        nbytes = _weight(inputs) if self._config.inline_below_s else 0
         if self._inline and nbytes <= self._fast_bytes:
             try:
                 result: Any = self._run(instance, inputs, outputs)
@@ -518,3 +518,15 @@ class DynamicBatcher:
                 timer.cancel()
         self._executor.shutdown(wait=True)
         self._isolation.flush()
+
+
+def _weight(inputs: list[Arrays]) -> int:
+    """A batch's input bytes, for the inline rule; BYTES tensors (object arrays, whose ``nbytes`` counts
+    only pointers) weigh too much to ever run on the event loop."""
+    total = 0
+    for arrays in inputs:
+        for array in arrays.values():
+            if array.dtype.kind == "O":
+                return 2**62
+            total += array.nbytes
+    return total

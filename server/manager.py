@@ -219,8 +219,8 @@ class ModelManager:
 
     # -- control -------------------------------------------------------------------------------
 
-    async def load(self, name: str, *, config_json: str = "", files: Mapping[str, bytes] | None = None) -> None:
-        """Load or reload a model (RepositoryModelLoad); ``files`` maps ``<version>/<file>`` to bytes."""
+    def check_load_allowed(self) -> None:
+        """Raise unless a load call would be taken now (explicit mode, not stopping)."""
         if self.control_mode != "explicit":
             raise NotAllowed(
                 f"loading models is not allowed in model control mode '{self.control_mode}'; "
@@ -228,6 +228,10 @@ class ModelManager:
             )
         if self._stopping:
             raise Unavailable("the server is stopping: no model loads are taken")
+
+    async def load(self, name: str, *, config_json: str = "", files: Mapping[str, bytes] | None = None) -> None:
+        """Load or reload a model (RepositoryModelLoad); ``files`` maps ``<version>/<file>`` to bytes."""
+        self.check_load_allowed()
         _check_name(name)
         if files:
             self._check_upload_policy(files)

@@ -19,8 +19,8 @@ from rapidserve import __version__, protos
 from rapidserve.server import codec
 from rapidserve.server.admission import Admission
 from rapidserve.server.cache import CacheEntry
-from rapidserve.server.errors import EngineError, InvalidRequest, ModelNotFound, RapidServeError, Unavailable
-from rapidserve.server.manager import ModelManager
+from rapidserve.server.errors import EngineError, InvalidRequest, ModelNotFound, RapidServeError, TooLarge, Unavailable
+from rapidserve.server.manager import MAX_UPLOAD_FILES, ModelManager
 from rapidserve.server.model import ModelVersion
 from rapidserve.server.stats import Duration, ServerStats
 from rapidserve.server.status import message_of, status_of, unexpected
@@ -31,6 +31,8 @@ from rapidserve.server.wire import Undecodable, parser, wire_cache_key, with_id
 __all__ = ["InferenceServicer", "deadline_of"]
 
 EXTENSIONS = ("model_repository", "model_configuration", "statistics", "parameters")
+# BYTES outputs are encoded element by element: more than this many, and it happens in a worker thread
+ENCODE_ON_LOOP_ELEMENTS = 10_000
 
 Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
 
@@ -156,11 +158,10 @@ class InferenceServicer:
             while (item := await stream.next()) is not None:
                 yield item
         finally:
-            reader.cancel()
-            stream.cancel_pending()
-            await asyncio.gather(reader, return_exceptions=True)
-            self._streams.discard(stream)
+            self._streams.discard(stream)  # first: a second cancellation must not skip it
             self._check_idle()
+            reader.cancel()  # (read() handles its own errors: nothing to collect)
+            stream.cancel_pending()
         if stream.broken:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message_of(f"bad stream message: {stream.broken[0]}"))
         if self.draining and not stream.done_reading:
@@ -189,6 +190,10 @@ class InferenceServicer:
 
     @_rpc
     async def RepositoryModelLoad(self, request: Any, context: Any) -> Any:
+        self._manager.check_load_allowed()  # before walking a caller's parameters
+        if len(request.parameters) > 1 + MAX_UPLOAD_FILES:
+            raise TooLarge(f"the load has {len(request.parameters)} parameters; it takes a config and at most "
+                           f"{MAX_UPLOAD_FILES} files")  # fmt: skip
         config_json = ""
         files: dict[str, bytes] = {}
         for key, param in request.parameters.items():
@@ -224,7 +229,10 @@ class InferenceServicer:
         else:
             decoded = self.decode(model, request, deadline)
         del request
-        return self._checked(model, codec.encode_response(await model.infer(decoded, key)))
+        response = await model.infer(decoded, key)
+        if any(a.dtype.kind == "O" and a.size > ENCODE_ON_LOOP_ELEMENTS for a in response.outputs.values()):
+            return self._checked(model, await asyncio.to_thread(codec.encode_response, response))
+        return self._checked(model, codec.encode_response(response))
 
     @staticmethod
     def decode(model: ModelVersion, request: Any, deadline: float | None) -> Any:

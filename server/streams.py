@@ -61,10 +61,10 @@ class StreamAnswers:
                 if data is grpc.aio.EOF:
                     break
                 self._in_flight += 1
-                if len(data) < SPLIT_FROM_BYTES:
-                    self._begin(self._servicer.parse(data), len(data))
-                else:
+                if len(data) >= SPLIT_FROM_BYTES:
                     self._spawn(self._parse_then_begin(data))
+                elif not self._begin(self._servicer.parse(data), len(data)):
+                    break  # not a request: the stream ends once what it accepted is answered
         except Exception as exc:  # a message that does not parse, or the stream broke
             self.broken.append(exc)
         self.done_reading = True
@@ -98,43 +98,52 @@ class StreamAnswers:
         if self._slot_free is not None and not self._slot_free.done():
             self._slot_free.set_result(None)
 
-    def _spawn(self, work: Any) -> None:
+    def _spawn(self, work: Any, size: int = 0) -> None:
+        """Run ``work`` as a task; if it is cancelled (the stream ended), ``size`` admitted bytes go back
+        (a done-callback: a task cancelled before its first step never runs its own cleanup)."""
         task = asyncio.create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        if size:
+            task.add_done_callback(lambda done: done.cancelled() and self._admission.release(size))
 
     async def _parse_then_begin(self, data: bytes) -> None:
-        request = await asyncio.to_thread(self._servicer.parse, data)
+        try:
+            request = await asyncio.to_thread(self._servicer.parse, data)
+        except Exception as exc:
+            request = Undecodable("inference.ModelInferRequest", exc)
         self._begin(request, len(data))
 
-    def _begin(self, request: Any, size: int) -> None:
+    def _begin(self, request: Any, size: int) -> bool:
+        """Start answering one request; False when it was not one (the stream is then broken)."""
         servicer = self._servicer
         if isinstance(request, Undecodable):
             self.broken.append(InvalidRequest(request.reason))
             self._in_flight -= 1
             self.done_reading = True
             self.wake()
-            return
+            return False
         if servicer.draining:
             servicer.stats.failed(Unavailable.reason)
             self._emit(request, Unavailable(SHUTTING_DOWN), 0)
-            return
+            return True
         if not self._admission.admit(size):
             servicer.stats.failed(Overloaded.reason)
             self._emit(request, self._admission.refusal(), 0)
-            return
+            return True
         self._pending_bytes += size
         try:
             model = servicer.model_for(request)
             if model.caches or codec.heavy(request, size):
-                self._spawn(self._answer_async(request, size))
-                return
+                self._spawn(self._answer_async(request, size), size)
+                return True
             started = model.start(servicer.decode(model, request, _stream_deadline(request)))
         except Exception as exc:
             self._emit(request, exc, size)
-            return
+            return True
         self._started.add(started.future)
         started.future.add_done_callback(lambda future: self._finish(request, model, started, size))
+        return True
 
     def _finish(self, request: Any, model: ModelVersion, started: Any, size: int) -> None:
         self._started.discard(started.future)
@@ -149,12 +158,10 @@ class StreamAnswers:
             self._emit(request, exc, size)
 
     async def _answer_async(self, request: Any, size: int) -> None:
+        """(If the stream ends meanwhile the task is cancelled: ``_spawn`` gives its bytes back.)"""
         try:
             answer = await self._servicer.infer(request, _stream_deadline(request), size)
             self._emit(request, answer if isinstance(answer, bytes) else answer.SerializeToString(), size)
-        except asyncio.CancelledError:  # the stream ended
-            self._admission.release(size)
-            raise
         except Exception as exc:
             self._emit(request, exc, size)
 

@@ -36,11 +36,16 @@ def serialize(message: Any) -> bytes:
 # The KServe health RPCs: their requests are read from a budget of their own, so that probes keep
 # answering while inference requests fill the main one.
 HEALTH_RPCS = ("ServerLive", "ServerReady", "ModelReady")
+# The most a health or control request may hold once read (they name a model, a version, a service);
+# a larger one is refused before it is parsed.
+CONTROL_REQUEST_BYTES = 64 * 1024
 
 
 def inference_handler(
-    servicer: InferenceServicer, admission: Admission | None, health: Admission | None
+    servicer: InferenceServicer, admission: Admission | None, health: Admission | None, load_request_bytes: int
 ) -> grpc.GenericRpcHandler:
+    """``load_request_bytes``: the most a RepositoryModelLoad request may hold (its config, and its
+    files where uploads are allowed)."""
     handlers: dict[str, grpc.RpcMethodHandler] = {}
     for method in protos.SERVICE.methods:
         response = protos.message_class(method.output_type)
@@ -54,8 +59,14 @@ def inference_handler(
             request_deserializer=parser(protos.message_class(method.input_type)),
             response_serializer=serializer,
         )
-        refused = servicer.stats.failed if method.name == "ModelInfer" else None
-        handlers[method.name] = admitted(plain, health if method.name in HEALTH_RPCS else admission, refused)
+        name = method.name
+        if name == "ModelInfer":
+            handlers[name] = admitted(plain, admission, servicer.stats.failed)
+        elif name in HEALTH_RPCS:
+            handlers[name] = admitted(plain, health, max_bytes=CONTROL_REQUEST_BYTES)
+        else:
+            limit = load_request_bytes if name == "RepositoryModelLoad" else CONTROL_REQUEST_BYTES
+            handlers[name] = admitted(plain, admission, max_bytes=limit)
     return grpc.method_handlers_generic_handler(protos.SERVICE_NAME, handlers)
 
 
@@ -72,16 +83,23 @@ def health_handler(servicer: Any, admission: Admission | None) -> grpc.GenericRp
         response_serializer=health_pb2.HealthCheckResponse.SerializeToString,
     )
     service = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-    handlers = {"Check": admitted(check, admission), "Watch": admitted(watch, admission)}
+    handlers = {
+        "Check": admitted(check, admission, max_bytes=CONTROL_REQUEST_BYTES),
+        "Watch": admitted(watch, admission, max_bytes=CONTROL_REQUEST_BYTES),
+    }
     return grpc.method_handlers_generic_handler(service, handlers)
 
 
 def admitted(
-    handler: grpc.RpcMethodHandler, admission: Admission | None, refused: Callable[[str], None] | None = None
+    handler: grpc.RpcMethodHandler,
+    admission: Admission | None,
+    refused: Callable[[str], None] | None = None,
+    max_bytes: int | None = None,
 ) -> grpc.RpcMethodHandler:
     """``handler`` (a unary-request method) served so that its request is read through ``admission``
     and parsed off the event loop when large; ``refused(reason)`` hears of requests refused before
-    they reached the method. Without an admission (``--max-inflight-bytes 0``) it is served as it is:
+    they reached the method; a request over ``max_bytes`` is refused unparsed. Without an admission
+    (``--max-inflight-bytes 0``) it is served as it is:
     gRPC reads the request as soon as it comes, a little cheaper per call, with no bound on memory."""
     if admission is None:
         return handler
@@ -94,6 +112,9 @@ def admitted(
             data, held = await admission.read(context.read, _length, deadline_of(context))
             if data is grpc.aio.EOF:
                 raise InvalidRequest("the call ended without a request message")
+            if max_bytes is not None and len(data) > max_bytes:
+                admission.release(held)
+                raise InvalidRequest(f"the request has {len(data)} bytes; this method takes at most {max_bytes}")
         except RapidServeError as exc:
             if refused is not None:
                 refused(exc.reason)

@@ -103,6 +103,18 @@ def slow_graph(rows: int = 256, size: int = 256, repeats: int = 48) -> Any:
     )
 
 
+def strings_graph() -> Any:
+    """text (BYTES [n]) -> echo, the same strings."""
+    from onnx import TensorProto, helper
+
+    return helper.make_graph(
+        [helper.make_node("Identity", ["text"], ["echo"])],
+        "strings",
+        [helper.make_tensor_value_info("text", TensorProto.STRING, [-1])],
+        [helper.make_tensor_value_info("echo", TensorProto.STRING, [-1])],
+    )
+
+
 def sum_graph() -> Any:
     """x FP32 [n] (any length) -> total FP32 [1]: big requests, small answers (memory probes)."""
     from onnx import TensorProto, helper
@@ -156,18 +168,11 @@ def build_repository(repo: Path) -> Path:
     write_model(repo, "identity_bf16", identity_graph(["BF16", "FP32"]))
     write_model(repo, "fp16_double", scale_graph("fp16_double", ONNX_TYPES["FP16"], 2.0))
     write_model(repo, "int64_triple", scale_graph("int64_triple", ONNX_TYPES["INT64"], 3))
-    from onnx import TensorProto, helper
 
-    strings = helper.make_graph(
-        [helper.make_node("Identity", ["text"], ["echo"])],
-        "strings",
-        [helper.make_tensor_value_info("text", TensorProto.STRING, [-1])],
-        [helper.make_tensor_value_info("echo", TensorProto.STRING, [-1])],
-    )
     write_model(
         repo,
         "strings",
-        strings,
+        strings_graph(),
         'max_batch_size: 0\ninput [{ name: "text" data_type: TYPE_STRING dims: [-1] }]\n'
         'output [{ name: "echo" data_type: TYPE_STRING dims: [-1] }]\n',
     )

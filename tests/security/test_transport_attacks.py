@@ -15,11 +15,12 @@ import grpc
 import numpy as np
 import pytest
 from remote import RemoteServer
-from testmodels import SUM_CONFIG, identity_graph, sum_graph, tile_graph, write_model
+from testmodels import SUM_CONFIG, identity_graph, strings_graph, sum_graph, tile_graph, write_model
 
 from rapidserve import AsyncClient, Client, InferenceServerError, protos
 from rapidserve.clients import h2grpc
 from rapidserve.server import streams
+from rapidserve.server.streams import StreamAnswers
 
 MiB = 2**20
 INFER = protos.method_path("ModelInfer")
@@ -167,9 +168,10 @@ def test_every_rpc_is_read_through_a_budget_and_probes_through_their_own(repo: P
         assert code(protos.method_path("ServerMetadata")) == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert [code(method) for method in health_methods] == [grpc.StatusCode.OK] * 2
         main.release(10 * MiB)
-        health.admit(20 * MiB)  # the health budget (4 messages) full: health is bounded too
+        full = health.budget - health.reserve + 1  # the health budget full: health is bounded too
+        health.admit(full)
         assert [code(method) for method in health_methods] == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 2
-        health.release(20 * MiB)
+        health.release(full)
         assert [code(method) for method in health_methods] == [grpc.StatusCode.OK] * 2
     assert main.held == health.held == 0 and main.reading == health.reading == 0
 
@@ -358,6 +360,7 @@ def test_unexpected_errors_reach_the_caller_without_internals(repo: Path, serve,
 async def test_with_the_budget_turned_off_every_rpc_is_still_served(repo: Path, serve) -> None:
     """--max-inflight-bytes 0: gRPC reads requests as they come (unary, stream and health alike)."""
     server = serve(repo, max_inflight_bytes=0)
+    assert server.server.admissions == (None, None)
     x = np.arange(6, dtype=np.float32)
     with Client(server.url) as client:
         assert client.is_server_live()
@@ -366,3 +369,74 @@ async def test_with_the_budget_turned_off_every_rpc_is_still_served(repo: Path, 
         assert (await client.infer("sum", {"x": x}))["total"][0] == 15
     with grpc.insecure_channel(server.url) as channel:
         assert channel.unary_unary("/grpc.health.v1.Health/Check")(b"", timeout=10)
+
+
+def test_health_and_control_requests_are_refused_unparsed_when_large(repo: Path, serve) -> None:
+    """They name a model, a version, a service: 64 KiB is plenty, and parsing more would cost the loop."""
+    server = serve(repo, model_control_mode="none")
+    padding = b"\x7a" + protos.varint(100_000) + b"x" * 100_000  # an unknown field of 100 kB
+    with grpc.insecure_channel(server.url) as channel:
+        for method in ("ServerLive", "ModelReady", "ModelMetadata", "ModelStatistics", "RepositoryIndex"):
+            with pytest.raises(grpc.RpcError) as info:
+                channel.unary_unary(protos.method_path(method))(padding, timeout=10)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, method
+            assert "at most 65536" in info.value.details()
+        with pytest.raises(grpc.RpcError) as info:
+            channel.unary_unary("/grpc.health.v1.Health/Check")(padding, timeout=10)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        load = protos.RepositoryModelLoadRequest(model_name="sum")
+        load.parameters["config"].string_param = "{}" + " " * (3 * MiB)  # over a config's 1 MiB and then some
+        with pytest.raises(grpc.RpcError) as info:
+            channel.unary_unary(protos.method_path("RepositoryModelLoad"))(load.SerializeToString(), timeout=10)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "at most" in info.value.details()
+    assert Client(server.url).is_server_live()
+
+
+async def test_a_stream_request_cancelled_before_it_starts_gives_its_bytes_back(repo: Path, serve) -> None:
+    server = serve(repo)
+    servicer = server.server._servicer
+    request = protos.ModelInferRequest(model_name="sum")
+    request.inputs.add(name="x", datatype="FP32", shape=[6 * MiB])
+    request.raw_input_contents.append(np.ones(6 * MiB, np.float32).tobytes())  # 24 MiB: decoded in a task
+
+    async def begin_then_end_the_stream() -> int:
+        stream = StreamAnswers(servicer)
+        stream._in_flight += 1  # as read() does
+        assert stream._begin(request, request.ByteSize())
+        stream.cancel_pending()  # the stream ends in the same turn
+        for _ in range(5):
+            await asyncio.sleep(0)
+        return servicer.admission.held
+
+    assert server.run(begin_then_end_the_stream()) == 0
+
+
+def test_large_bytes_outputs_are_encoded_off_the_event_loop(repo: Path, serve, monkeypatch) -> None:
+    from rapidserve.server import codec
+
+    write_model(
+        repo,
+        "echo",
+        strings_graph(),
+        'max_batch_size: 0\ninput [{ name: "text" data_type: TYPE_STRING dims: [-1] }]\n'
+        'output [{ name: "echo" data_type: TYPE_STRING dims: [-1] }]\n',
+    )
+    server = serve(repo)
+    threads: list[int] = []
+    encode = codec.encode_response
+
+    def spy(response):
+        threads.append(threading.get_ident())
+        return encode(response)
+
+    monkeypatch.setattr(codec, "encode_response", spy)
+    loop_thread = server.run(_thread_id())
+    texts = np.array([b"a"] * 20_000, dtype=object)
+    with Client(server.url) as client:
+        assert list(client.infer("echo", {"text": texts})["echo"][:3]) == [b"a"] * 3
+        client.infer("echo", {"text": texts[:10]})
+    assert threads[0] != loop_thread and threads[1] == loop_thread  # many elements: a worker thread
+
+
+async def _thread_id() -> int:
+    return threading.get_ident()
