@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -179,24 +180,35 @@ def build_repository(repo: Path) -> Path:
     return repo
 
 
+def seeded(build: Callable[[], Any], seed: int = 0) -> Any:
+    """``build()`` with torch's random generator seeded for it alone: the same weights on every run,
+    and the caller's random state left as it was."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
 def tiny_classifier() -> Any:
     """A PyTorch MLP 16 -> 32 -> 32 -> 4 (a factory for `rapidserve prepare` tests)."""
     from torch import nn
 
-    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+    return seeded(lambda: nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4)))
 
 
 def tiny_student() -> Any:
+    """A smaller MLP 16 -> 8 -> 4, the distillation student of ``tiny_classifier``."""
     from torch import nn
 
-    return nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+    return seeded(lambda: nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4)), seed=1)
 
 
 def tiny_regressor() -> Any:
     """A PyTorch MLP 8 -> 24 -> 3 with no classes: its fidelity is cosine similarity."""
     from torch import nn
 
-    return nn.Sequential(nn.Linear(8, 24), nn.Tanh(), nn.Linear(24, 3))
+    return seeded(lambda: nn.Sequential(nn.Linear(8, 24), nn.Tanh(), nn.Linear(24, 3)), seed=2)
 
 
 def classification_data(rows: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -221,4 +233,4 @@ class TwoInputs:
             def forward(self, a: Any, b: Any) -> Any:
                 return self.linear(a) - b
 
-        return Module()
+        return seeded(Module, seed=3)

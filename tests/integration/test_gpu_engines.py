@@ -74,9 +74,11 @@ def test_instances_go_on_the_listed_gpus_and_cpus() -> None:
 
 def test_torch_compile_is_applied_when_the_config_asks(tmp_path: Path) -> None:
     torch = pytest.importorskip("torch", reason="needs the torch extra")
+    from testmodels import seeded
+
     from rapidserve.engines.pytorch import TorchEngine
 
-    model = torch.nn.Sequential(torch.nn.Linear(4, 3)).eval()
+    model = seeded(lambda: torch.nn.Sequential(torch.nn.Linear(4, 3))).eval()
     batch = torch.export.Dim("batch", min=1, max=16)
     program = torch.export.export(model, (torch.zeros(2, 4),), dynamic_shapes=({0: batch},))
     torch.export.save(program, str(tmp_path / "model.pt2"))

@@ -131,9 +131,9 @@ def test_code_formats_load_once_the_server_allows_them(repo: Path, serve, upload
         "output": [{"name": "OUTPUT__0", "data_type": "TYPE_FP32", "dims": [2, 4]}],
     }
     import torch
+    from testmodels import seeded
 
-    torch.manual_seed(0)
-    linear = torch.nn.Linear(4, 4).eval()
+    linear = seeded(lambda: torch.nn.Linear(4, 4)).eval()
     x = np.arange(8, dtype=np.float32).reshape(2, 4)
     with torch.no_grad():
         expected = linear(torch.from_numpy(x)).numpy()
