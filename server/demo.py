@@ -31,6 +31,7 @@ output [
 ]
 instance_group [ { kind: KIND_CPU, count: 1 } ]
 parameters { key: "intra_op_thread_count" value: { string_value: "1" } }
+response_cache { enable: true }
 """
 
 
@@ -41,11 +42,22 @@ def _cache_dir(env: dict[str, str] | None = None) -> Path:
 
 
 def demo_repository(cache_dir: Path | None = None) -> Path:
-    """The demo repository, built on first use."""
+    """The demo repository, built on first use. A cached copy whose config an older release wrote gets
+    this release's config (the trained weights stay), so the demo always behaves as documented."""
     repo = cache_dir or _cache_dir()
     if not (repo / DEMO_MODEL / "1" / "model.onnx").is_file():
         build_demo_repository(repo)
+    else:
+        config = repo / DEMO_MODEL / "config.pbtxt"
+        if not config.is_file() or config.read_text() != _CONFIG:
+            _write_config(repo)
     return repo
+
+
+def _write_config(repo: Path) -> None:
+    tmp = repo / DEMO_MODEL / "config.pbtxt.tmp"
+    tmp.write_text(_CONFIG)
+    tmp.replace(repo / DEMO_MODEL / "config.pbtxt")
 
 
 def train_digits_mlp(seed: int = 0, epochs: int = 300) -> tuple[dict[str, np.ndarray[Any, Any]], float]:
@@ -125,7 +137,7 @@ def build_demo_repository(repo: Path) -> float:
     version_dir.mkdir(parents=True, exist_ok=True)
     tmp = version_dir / "model.onnx.tmp"
     tmp.write_bytes(model.SerializeToString())
-    (repo / DEMO_MODEL / "config.pbtxt").write_text(_CONFIG)
+    _write_config(repo)
     tmp.replace(version_dir / "model.onnx")
     log.info("built the demo model '%s' in %s (held-out accuracy %.1f%%)", DEMO_MODEL, repo, accuracy * 100)
     return accuracy
