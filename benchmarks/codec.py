@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 
 from rapidserve import protos
-from rapidserve.engines.base import TensorSpec
+from rapidserve.common.codec import deserialize_bytes, encode_request, serialize_bytes
+from rapidserve.common.types import TensorSpec
 from rapidserve.server import codec
 from rapidserve.server.config import ModelSpec
 
@@ -40,7 +41,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=5)
     repeat = parser.parse_args().repeat
-    digits = wire(codec.encode_request("digits", {"pixels": np.zeros((1, 64), np.float32)}, ["label"]))
+    digits = wire(encode_request("digits", {"pixels": np.zeros((1, 64), np.float32)}, ["label"]))
     n = 100_000
     print(f"{'case':44s} {'per call':>12s}")
     for label, call in [
@@ -57,8 +58,8 @@ def main() -> None:
         ("BYTES, 16 bytes each", [b"0123456789abcdef"] * count),
         ("BYTES, 0-32 bytes", [b"x" * int(k) for k in rng.integers(0, 33, count)]),
     ]:
-        buffer = codec.serialize_bytes(np.array(items, dtype=object))
-        seconds = best(lambda buffer=buffer: codec.deserialize_bytes("s", buffer, count), 1, repeat)
+        buffer = serialize_bytes(np.array(items, dtype=object))
+        seconds = best(lambda buffer=buffer: deserialize_bytes("s", buffer, count), 1, repeat)
         print(f"{label:44s} {count / seconds / 1e6:9.2f} M")
     typed = protos.ModelInferRequest()
     typed.inputs.add(name="x", datatype="FP32", shape=[count]).contents.fp32_contents.extend([0.5] * count)

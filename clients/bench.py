@@ -37,8 +37,8 @@ from rapidserve.clients.connection import Headers, Tls, client_options, tls
 from rapidserve.clients.connection import add_arguments as client_arguments
 from rapidserve.clients.h2grpc import Connection, Reply
 from rapidserve.clients.loadgen import LoadPoint, Measurement, Window, closed_loop, open_loop, summarize
-from rapidserve.server import codec
-from rapidserve.server.datatypes import DATATYPES
+from rapidserve.common import codec
+from rapidserve.common.datatypes import DATATYPES
 
 __all__ = ["Payloads", "add_arguments", "run"]
 

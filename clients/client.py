@@ -22,9 +22,8 @@ import numpy as np
 
 from rapidserve import protos
 from rapidserve.clients.connection import Tls, channel, check_headers, hint, tls
-from rapidserve.engines.base import TensorSpec
-from rapidserve.server import codec
-from rapidserve.server.types import ParamValue
+from rapidserve.common import codec
+from rapidserve.common.types import ParamValue, TensorSpec
 
 __all__ = ["AsyncClient", "Client", "InferenceServerError", "ModelMetadata"]
 

@@ -1,4 +1,4 @@
-"""The Engine protocol every backend implements, and the specs engines describe themselves with."""
+"""The Engine protocol every backend implements (engines describe their tensors with ``TensorSpec``)."""
 
 from __future__ import annotations
 
@@ -8,24 +8,13 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-__all__ = ["Engine", "EngineInputError", "EngineOptions", "TensorSpec", "may_run_inline", "missing_extra"]
+from rapidserve.common.types import TensorSpec
+
+__all__ = ["Engine", "EngineInputError", "EngineOptions", "may_run_inline", "missing_extra"]
 
 
 class EngineInputError(ValueError):
     """Raised by ``Engine.infer`` when the request's data is what cannot be run (not the engine)."""
-
-
-@dataclass(frozen=True, slots=True)
-class TensorSpec:
-    """A named tensor: v2 datatype (e.g. ``"FP32"``) and shape, ``-1`` for a dimension of any size.
-
-    Engines report full shapes, batch dimension included. ``datatype`` is ``None`` and ``shape``
-    ``None`` when the model file does not say (TorchScript); the model config must then provide them.
-    """
-
-    name: str
-    datatype: str | None
-    shape: tuple[int, ...] | None
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,7 +16,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from rapidserve.engines.base import EngineInputError, EngineOptions, TensorSpec, missing_extra
+from rapidserve.common.types import TensorSpec
+from rapidserve.engines.base import EngineInputError, EngineOptions, missing_extra
 
 __all__ = ["OnnxRuntimeEngine", "external_data_locations", "has_ep_context_nodes", "load", "select_providers"]
 

@@ -13,6 +13,7 @@ the last PyTorch model loaded with it wins.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from rapidserve.engines.base import EngineOptions, TensorSpec, missing_extra
+from rapidserve.common.types import TensorSpec
+from rapidserve.engines.base import EngineOptions, missing_extra
 from rapidserve.engines.torch_cuda import CudaRunner
 
 __all__ = ["TorchEngine", "load"]
@@ -72,7 +74,9 @@ class TorchEngine:
                 program = move_to_device_pass(program, self._device)
             self._module = program.module().to(self._device)
         else:
-            self._module = torch.jit.load(str(path), map_location=self._device).eval()
+            with warnings.catch_warnings():  # TorchScript is the format Triton's PyTorch backend serves
+                warnings.filterwarnings("ignore", "`torch.jit.load` is deprecated", DeprecationWarning)
+                self._module = torch.jit.load(str(path), map_location=self._device).eval()
             names = [arg.name for arg in self._module.forward.schema.arguments[1:]]
             inputs = [TensorSpec(name, None, None) for name in names]
         if options.input_names:

@@ -23,7 +23,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from rapidserve.engines.base import EngineInputError, EngineOptions, TensorSpec, missing_extra
+from rapidserve.common.types import TensorSpec
+from rapidserve.engines.base import EngineInputError, EngineOptions, missing_extra
 from rapidserve.engines.buckets import select_profile
 
 __all__ = ["TensorRTEngine", "load"]

@@ -468,7 +468,7 @@ def _read_inputs(args: argparse.Namespace) -> dict[str, Any]:
 def _random_inputs(metadata: Any, args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
 
-    from rapidserve.server.datatypes import numpy_dtype
+    from rapidserve.common.datatypes import numpy_dtype
 
     rng = np.random.default_rng(args.seed)
     inputs = {}

@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import xxhash
 
-from rapidserve.server.codec import serialize_bytes
-from rapidserve.server.datatypes import datatype_of
+from rapidserve.common.codec import serialize_bytes
+from rapidserve.common.datatypes import datatype_of
 from rapidserve.server.errors import DeadlineExceeded, Overloaded, Unavailable
 
 __all__ = ["CacheEntry", "CacheStats", "KeyPart", "PredictionCache", "cache_key"]

@@ -12,16 +12,16 @@ from typing import Any
 from google.protobuf import json_format, text_format
 
 from rapidserve import protos
-from rapidserve.engines.base import TensorSpec
-from rapidserve.server.datatypes import (
+from rapidserve.common.datatypes import (
     DATATYPES,
     config_type_to_datatype,
     datatype_of,
     datatype_to_config_type,
     numpy_dtype,
 )
+from rapidserve.common.errors import shown
+from rapidserve.common.types import TensorSpec
 from rapidserve.server.errors import InvalidRequest, ModelLoadError
-from rapidserve.server.paths import shown
 from rapidserve.server.types import InferRequest
 
 __all__ = ["DEFAULT_MAX_BATCH_SIZE", "ModelSpec", "complete_config", "parse_config", "unsupported_fields"]

@@ -21,11 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rapidserve.common.errors import shown
 from rapidserve.server.cache import PredictionCache
 from rapidserve.server.errors import ModelLoadError, ModelNotFound, NotAllowed, RapidServeError, TooLarge, Unavailable
 from rapidserve.server.model import ModelVersion, build_version
 from rapidserve.server.overrides import OverrideLimits, check_config_size, parse_override
-from rapidserve.server.paths import MAX_NAME_BYTES, check_upload_path, shown
+from rapidserve.server.paths import MAX_NAME_BYTES, check_upload_path
 from rapidserve.server.repository import choose_files, fingerprint, read_source, upload_listing, upload_model_files
 from rapidserve.server.repository import list_models as _list_models
 from rapidserve.server.settings import UploadPolicy

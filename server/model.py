@@ -16,15 +16,16 @@ from typing import Any
 
 import numpy as np
 
+from rapidserve.common.datatypes import BYTES, DATATYPES, config_type_to_datatype, datatype_of, numpy_dtype
+from rapidserve.common.errors import shown
 from rapidserve.engines.base import Engine, EngineOptions, may_run_inline
 from rapidserve.engines.registry import load_engine
 from rapidserve.server.batcher import INLINE_BELOW_S, BatcherConfig, BatchRunner, DynamicBatcher
 from rapidserve.server.cache import CacheEntry, PredictionCache
 from rapidserve.server.config import ModelSpec, complete_config
-from rapidserve.server.datatypes import BYTES, DATATYPES, config_type_to_datatype, datatype_of, numpy_dtype
 from rapidserve.server.errors import EngineError, ModelLoadError, RapidServeError
 from rapidserve.server.overrides import check_instances, check_request_bytes, request_bytes
-from rapidserve.server.paths import confined_file, read_exactly, shown
+from rapidserve.server.paths import confined_file, read_exactly
 from rapidserve.server.repository import ModelSource
 from rapidserve.server.stats import ModelStats
 from rapidserve.server.types import InferRequest, InferResponse

@@ -13,10 +13,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from rapidserve.common.datatypes import config_type_to_datatype, numpy_dtype
+from rapidserve.common.errors import shown
 from rapidserve.server.config import parse_config_json
-from rapidserve.server.datatypes import config_type_to_datatype, numpy_dtype
 from rapidserve.server.errors import ModelLoadError
-from rapidserve.server.paths import shown
 
 __all__ = [
     "MAX_CONFIG_BYTES",

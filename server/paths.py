@@ -13,18 +13,13 @@ import os
 import stat
 from pathlib import Path
 
+from rapidserve.common.errors import shown
 from rapidserve.server.errors import ModelLoadError
 
-__all__ = ["MAX_NAME_BYTES", "check_upload_path", "confined_file", "read_exactly", "shown"]
+__all__ = ["MAX_NAME_BYTES", "check_upload_path", "confined_file", "read_exactly"]
 
 MAX_NAME_BYTES = 255  # a file name on common file systems: model names and each part of an upload path
 MAX_UPLOAD_PATH_BYTES = 1024
-
-
-def shown(text: str, limit: int = 80) -> str:
-    """``text`` as a message may quote it: at most ``limit`` characters, control characters escaped."""
-    text = text if len(text) <= limit else text[:limit] + "..."
-    return text.encode("unicode_escape").decode("ascii") if not text.isprintable() else text
 
 
 def _lexically_inside(relative: str, plain: bool) -> bool:

@@ -10,11 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rapidserve.common.errors import shown
 from rapidserve.engines.registry import BACKENDS, DEFAULT_FILENAMES, PLATFORM_OF_BACKEND, PLATFORMS, backend_for_file
 from rapidserve.server.config import read_config
 from rapidserve.server.errors import ModelLoadError
 from rapidserve.server.overrides import OverrideLimits
-from rapidserve.server.paths import confined_file, shown
+from rapidserve.server.paths import confined_file
 
 __all__ = [
     "ModelSource",

@@ -7,9 +7,9 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["InferRequest", "InferResponse", "ParamValue"]
+from rapidserve.common.types import ParamValue
 
-ParamValue = bool | int | float | str
+__all__ = ["InferRequest", "InferResponse"]
 
 
 @dataclass(slots=True)

@@ -69,7 +69,7 @@ def scale_graph(name: str, onnx_type: int, factor: float | int) -> Any:
     """x (any numeric type, [batch, 4]) -> y = x * factor, same type."""
     from onnx import helper, numpy_helper
 
-    from rapidserve.server.datatypes import numpy_dtype
+    from rapidserve.common.datatypes import numpy_dtype
 
     datatype = next(k for k, v in ONNX_TYPES.items() if v == onnx_type)
     factor_tensor = numpy_helper.from_array(np.array(factor, dtype=numpy_dtype(datatype)), "factor")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from rapidserve.common.datatypes import datatype_of
 from rapidserve.engines.prepare.context import Built
 from rapidserve.engines.prepare.source import Source, TensorInfo
-from rapidserve.server.datatypes import datatype_of
 
 __all__ = ["servable", "write_model"]
 

@@ -192,7 +192,7 @@ def test_a_queued_call_that_is_cancelled_or_times_out_counts_under_its_reason(tm
     from testmodels import slow_graph, write_model
 
     from rapidserve import protos
-    from rapidserve.server import codec
+    from rapidserve.common import codec
 
     write_model(tmp_path, "slow", slow_graph(repeats=400), "max_batch_size: 8")  # one instance: B waits behind A
     server = serve(tmp_path)

@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from rapidserve import AsyncClient, Client, InferenceServerError
-from rapidserve.server.datatypes import DATATYPES
+from rapidserve.common.datatypes import DATATYPES
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -24,7 +24,7 @@ from rapidserve.cli import main
 from rapidserve.clients import AsyncClient, Client, InferenceServerError
 from rapidserve.clients.connection import parse_header, tls
 from rapidserve.clients.h2grpc import Connection, ssl_context
-from rapidserve.server import codec
+from rapidserve.common import codec
 from rapidserve.server.settings import TlsSettings
 
 pytestmark = pytest.mark.timeout(60)

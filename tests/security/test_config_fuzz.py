@@ -11,9 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rapidserve import protos
-from rapidserve.engines.base import TensorSpec
+from rapidserve.common.datatypes import DATATYPES
+from rapidserve.common.types import TensorSpec
 from rapidserve.server.config import ModelSpec, complete_config, parse_config, parse_config_json, unsupported_fields
-from rapidserve.server.datatypes import DATATYPES
 from rapidserve.server.errors import ModelLoadError
 
 FUZZ = settings(max_examples=400, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))

@@ -11,7 +11,8 @@ import time
 import numpy as np
 import pytest
 
-from rapidserve.engines.base import EngineInputError, TensorSpec, may_run_inline
+from rapidserve.common.types import TensorSpec
+from rapidserve.engines.base import EngineInputError, may_run_inline
 from rapidserve.server.batcher import BatcherConfig, DynamicBatcher
 from rapidserve.server.config import complete_config, parse_config
 from rapidserve.server.errors import DeadlineExceeded, EngineError, InvalidRequest, Overloaded, Unavailable

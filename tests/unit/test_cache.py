@@ -134,11 +134,12 @@ async def test_a_cancelled_leader_hands_over_and_failures_reach_joiners() -> Non
 
 
 def test_the_key_from_wire_bytes_equals_the_key_from_decoded_arrays() -> None:
+    from rapidserve.common.codec import encode_request
     from rapidserve.server import codec
     from rapidserve.server.cache import cache_key
 
     inputs = {"b": np.arange(6, dtype=np.float32).reshape(2, 3), "a": np.array([[b"x", b"yz"]], dtype=object)}
-    msg = codec.encode_request("m", inputs, ["out"])
+    msg = encode_request("m", inputs, ["out"])
     parts = [(t.name, t.datatype, tuple(t.shape), msg.raw_input_contents[i]) for i, t in enumerate(msg.inputs)]
     decoded = codec.decode_request(msg).inputs
     assert cache_key("m", 3, parts, ["out"]) == PredictionCache.key("m", 3, decoded, ["out"])

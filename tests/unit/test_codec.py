@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 
 from rapidserve import protos
-from rapidserve.engines.base import TensorSpec
+from rapidserve.common import codec as shared
+from rapidserve.common.datatypes import CONTENTS_FIELD, DATATYPES
+from rapidserve.common.errors import InvalidTensor
+from rapidserve.common.types import TensorSpec
 from rapidserve.server import codec
 from rapidserve.server.config import ModelSpec
-from rapidserve.server.datatypes import CONTENTS_FIELD, DATATYPES
 from rapidserve.server.errors import InvalidRequest
 from rapidserve.server.types import InferResponse
 
@@ -37,7 +39,7 @@ def request_with(datatype: str, array: np.ndarray, raw: bool = True):
     msg = protos.ModelInferRequest(model_name="m")
     tensor = msg.inputs.add(name="x", datatype=datatype, shape=array.shape)
     if raw:
-        msg.raw_input_contents.append(codec.tensor_to_raw(array, datatype))
+        msg.raw_input_contents.append(shared.tensor_to_raw(array, datatype))
     else:
         getattr(tensor.contents, CONTENTS_FIELD[datatype]).extend(array.reshape(-1).tolist())
     return msg
@@ -57,7 +59,7 @@ def chunk(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> No
     """Large tensors are converted a chunk at a time: with chunks of 3 the small tensors here take
     that path too, and must give the same arrays and the same errors."""
     if request.param is not None:
-        monkeypatch.setattr(codec, "_CHUNK", request.param)
+        monkeypatch.setattr(shared, "_CHUNK", request.param)
 
 
 @pytest.mark.parametrize("datatype", list(CONTENTS_FIELD))
@@ -81,7 +83,7 @@ def test_response_outputs_are_always_raw_and_round_trip() -> None:
     assert len(msg.raw_output_contents) == len(outputs)
     assert all(not out.HasField("contents") for out in msg.outputs)
     assert [o.datatype for o in msg.outputs] == list(outputs)
-    decoded = codec.decode_response(msg)
+    decoded = shared.decode_response(msg)
     for name, array in outputs.items():
         np.testing.assert_array_equal(decoded[name], array)
 
@@ -89,11 +91,11 @@ def test_response_outputs_are_always_raw_and_round_trip() -> None:
 def test_bf16_raw_bytes_are_the_upper_half_of_float32() -> None:
     values = np.array([1.5, -2.25, 3.0], dtype=np.float32)
     expected = b"".join(v.tobytes()[2:4] for v in values)
-    assert codec.tensor_to_raw(values.astype(ml_dtypes.bfloat16), "BF16") == expected
+    assert shared.tensor_to_raw(values.astype(ml_dtypes.bfloat16), "BF16") == expected
 
 
 def test_str_elements_of_bytes_outputs_are_sent_as_utf8() -> None:
-    raw = codec.serialize_bytes(np.array(["h\u00e9", b"\x01"], dtype=object))
+    raw = shared.serialize_bytes(np.array(["h\u00e9", b"\x01"], dtype=object))
     assert raw == b"\x03\x00\x00\x00h\xc3\xa9\x01\x00\x00\x00\x01"
 
 
@@ -194,7 +196,7 @@ def test_shared_memory_and_classification_are_refused_clearly() -> None:
 
 
 def test_parameters_and_request_fields_are_decoded() -> None:
-    msg = codec.encode_request(
+    msg = shared.encode_request(
         "m",
         {"x": np.zeros(2, np.float32)},
         ["y"],
@@ -220,7 +222,7 @@ SPEC = ModelSpec(
 
 
 def _spec_request(**overrides: tuple[str, list[int], bytes]) -> protos.ModelInferRequest:
-    tensors = {"x": ("FP32", [2, 3], b"\x00" * 24), "s": ("BYTES", [2], codec.serialize_bytes(np.array([b"a", b""])))}
+    tensors = {"x": ("FP32", [2, 3], b"\x00" * 24), "s": ("BYTES", [2], shared.serialize_bytes(np.array([b"a", b""])))}
     tensors.update(overrides)
     msg = protos.ModelInferRequest(model_name="m")
     for name, entry in tensors.items():
@@ -307,7 +309,7 @@ def test_a_later_input_is_checked_before_an_earlier_one_is_decoded(monkeypatch: 
     msg.inputs[1].contents.fp32_contents.extend([1.0] * 5)  # one short
     msg.inputs[0].contents.bytes_contents.extend([b"a", b"b"])
     converted = []
-    monkeypatch.setattr(codec, "_convert_contents", lambda *args: converted.append(args))
+    monkeypatch.setattr(codec, "convert_contents", lambda *args: converted.append(args))
     with pytest.raises(InvalidRequest, match="fp32_contents has 5 elements, expected 6"):
         codec.decode_request(msg)
     assert converted == []
@@ -343,8 +345,8 @@ def test_absurd_shapes_are_invalid_requests(shape: list[int], message: str, data
     response.outputs.add(name="y", datatype=datatype, shape=shape)
     if raw:
         response.raw_output_contents.append(b"")
-    with pytest.raises(InvalidRequest, match=f"output 'y': .*{message.split(';')[0][:20]}"):
-        codec.decode_response(response)
+    with pytest.raises(InvalidTensor, match=f"output 'y': .*{message.split(';')[0][:20]}"):
+        shared.decode_response(response)
 
 
 def test_shapes_with_zero_and_large_dims_within_the_limit_still_decode() -> None:
@@ -375,7 +377,7 @@ def test_shapes_with_zero_and_large_dims_within_the_limit_still_decode() -> None
 @pytest.mark.usefixtures("chunk")
 def test_bytes_tensors_split_exactly(items: list[bytes]) -> None:
     buffer = b"".join(struct.pack("<I", len(item)) + item for item in items)
-    decoded = codec.deserialize_bytes("s", buffer, len(items))
+    decoded = shared.deserialize_bytes("s", buffer, len(items))
     assert decoded.dtype == object and decoded.shape == (len(items),)
     assert [type(item) for item in decoded] == [bytes] * len(items)
     assert decoded.tolist() == items
@@ -385,14 +387,14 @@ def test_bytes_tensors_split_exactly(items: list[bytes]) -> None:
 @pytest.mark.usefixtures("chunk")
 def test_bytes_elements_are_bytes_when_the_data_is_a_view(items: list[bytes]) -> None:
     data = b"".join(struct.pack("<I", len(item)) + item for item in items)
-    decoded = codec.deserialize_bytes("s", memoryview(data), len(items))  # large requests' raw entries are views
+    decoded = shared.deserialize_bytes("s", memoryview(data), len(items))  # large requests' raw entries are views
     assert [type(item) for item in decoded] == [bytes] * len(items) and decoded.tolist() == items
 
 
 def test_equal_lengths_in_total_but_not_each_take_the_strict_path() -> None:
     items = [b"ab"] * 20 + [b"a", b"abc"] + [b"ab"] * 20  # sums to what 42 two-byte elements need
     buffer = b"".join(struct.pack("<I", len(item)) + item for item in items)
-    assert codec.deserialize_bytes("s", buffer, len(items)).tolist() == items
+    assert shared.deserialize_bytes("s", buffer, len(items)).tolist() == items
 
 
 @pytest.mark.parametrize(
@@ -406,8 +408,8 @@ def test_equal_lengths_in_total_but_not_each_take_the_strict_path() -> None:
 )
 @pytest.mark.usefixtures("chunk")
 def test_malformed_bytes_tensors_with_many_elements(buffer: bytes, message: str) -> None:
-    with pytest.raises(InvalidRequest, match=message):
-        codec.deserialize_bytes("s", buffer, 40)
+    with pytest.raises(InvalidTensor, match=message):
+        shared.deserialize_bytes("s", buffer, 40)
 
 
 # --- heavy() ------------------------------------------------------------------------------------
@@ -432,7 +434,7 @@ class _Request:
 
 
 def test_heavy_flags_costly_decodes_from_shapes_and_counts_alone() -> None:
-    digits = codec.encode_request("digits", {"pixels": np.zeros((1, 64), np.float32)})
+    digits = shared.encode_request("digits", {"pixels": np.zeros((1, 64), np.float32)})
     assert not codec.heavy(_Request(digits))
     assert not codec.heavy(digits, digits.ByteSize())
     many = protos.ModelInferRequest()
@@ -586,7 +588,7 @@ def test_too_many_tensors_are_refused_naming_the_first_one_too_many(
 
 
 def test_the_caps_admit_as_many_as_they_name() -> None:
-    msg = codec.encode_request(
+    msg = shared.encode_request(
         "m", {f"x{i}": np.zeros(1, np.uint8) for i in range(4096)}, [str(i) for i in range(4096)]
     )
     for i in range(4096):
@@ -659,7 +661,7 @@ def test_control_characters_in_names_are_escaped() -> None:
 def _recorded_chunks(monkeypatch: pytest.MonkeyPatch) -> list[list[tuple[int, int]]]:
     """The spans of every chunked conversion, one list per tensor."""
     calls: list[list[tuple[int, int]]] = []
-    real = codec._chunks
+    real = shared._chunks
 
     def spy(count: int):  # type: ignore[no-untyped-def]
         spans: list[tuple[int, int]] = []
@@ -668,7 +670,7 @@ def _recorded_chunks(monkeypatch: pytest.MonkeyPatch) -> list[list[tuple[int, in
             spans.append(span)
             yield span
 
-    monkeypatch.setattr(codec, "_chunks", spy)
+    monkeypatch.setattr(shared, "_chunks", spy)
     return calls
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from rapidserve import protos
-from rapidserve.engines.base import TensorSpec
+from rapidserve.common.types import TensorSpec
 from rapidserve.server.config import DEFAULT_MAX_BATCH_SIZE, complete_config, parse_config, unsupported_fields
 from rapidserve.server.errors import InvalidRequest, ModelLoadError
 from rapidserve.server.types import InferRequest
