@@ -27,8 +27,8 @@ def find_perf_analyzer(explicit: str | None) -> str:
     found = explicit or os.environ.get("PERF_ANALYZER") or shutil.which("perf_analyzer")
     if not found:
         raise SystemExit(
-            "perf_analyzer not found: pass --perf-analyzer, set PERF_ANALYZER, or install NVIDIA's Triton "
-            "client SDK, which has it"
+            "perf_analyzer not found: pass --perf-analyzer or set PERF_ANALYZER; "
+            "benchmarks/install_perf_analyzer.sh DIR installs it as DIR/bin/perf_analyzer"
         )
     return found
 
@@ -269,7 +269,7 @@ def perf_analyzer(
     seconds per wall second) and ``cpu_us_per_infer`` (server CPU microseconds per inference) measured
     around the run.
 
-    This machine is noisy: when perf_analyzer finds no stable measurement, the point is measured
+    Small VMs are noisy: when perf_analyzer finds no stable measurement, the point is measured
     again once with windows twice as long and a 30% stability band, and ``relaxed`` is set to 1.
     """
     for attempt, (interval, band) in enumerate(((interval_ms, stability), (2 * interval_ms, 30))):

@@ -1,6 +1,6 @@
 """Does ``rapidserve bench`` measure what NVIDIA's perf_analyzer measures? Both drive the same running
 server and model (the MLP 64->256->256->10), in turn, at the same concurrency levels, from the same
-pinned core. This machine drifts over minutes, so each level is measured in ``--rounds`` pairs in
+pinned core. A small VM drifts over minutes, so each level is measured in ``--rounds`` pairs in
 ABBA order (perf_analyzer, bench, bench, perf_analyzer, ...) and the table compares the means; every
 single run is printed below it.
 

@@ -7,7 +7,7 @@ The peers live in their own environments (their dependencies clash with rapidser
   MLS/bin/python``.
 - Triton, through ``nvidia-pytriton`` (which bundles the real server): ``python3.12 -m venv TRI &&
   TRI/bin/pip install nvidia-pytriton onnxruntime``, then ``--triton-python TRI/bin/python``. On Python
-  3.11.7 pytriton 0.7.0's Python backend stub fails to load a model here (multiprocessing's resource
+  3.11.7 pytriton 0.7.0's Python backend stub fails to load a model (multiprocessing's resource
   tracker calls ``RLock._recursion_count``); 3.12 works.
 
     python benchmarks/peers.py [--mlserver-python MLS/bin/python] [--triton-python TRI/bin/python]
