@@ -1,6 +1,6 @@
 """A lean gRPC client over HTTP/2 for ``rapidserve bench``: serialized messages in, bytes out.
 
-Why it exists: on this project's 2-core machines grpcio's Python client spends 200-250 us of CPU on
+Why it exists: on a 2-core x86_64 VM grpcio's Python client spends 200-250 us of CPU on
 every unary call, as much as a small model's whole server-side time, so a load tester built on it
 reports its own overhead at low concurrency (benchmarks/RESULTS.md, "one request in flight"). Here a
 call is a header block encoded once per method plus the message, written in one ``transport.write``;

@@ -1,7 +1,7 @@
 """PyTorch dynamic INT8 (``torch.ao.quantization.quantize_dynamic``) of the Linear layers.
 
 Deprecated in torch 2.13 but still the one eager CPU route that makes Linear layers faster (about 8x
-on a Linear-heavy MLP here; torchao needs torch.compile to beat FP32). Saved as TorchScript, which the
+on a Linear-heavy MLP, 2-core x86_64 VM; torchao needs torch.compile to beat FP32). Saved as TorchScript, which the
 PyTorch engine loads without unpickling Python objects.
 """
 
