@@ -115,7 +115,7 @@ async def request_path_us(repo: Path, requests: int, rounds: int, concurrency: i
 
     async def client(count: int) -> None:
         for _ in range(count):
-            serialize(await servicer.infer(protos.ModelInferRequest.FromString(wire), None, len(wire)))
+            serialize(await servicer.inference.infer(protos.ModelInferRequest.FromString(wire), None, len(wire)))
 
     async def run(count: int) -> float:
         start = time.process_time()

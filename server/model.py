@@ -91,6 +91,7 @@ class Started:
     outputs: tuple[str, ...]
     start_ns: int
     id: str
+    deadline: float | None
 
 
 class ModelVersion:
@@ -143,48 +144,60 @@ class ModelVersion:
         self.stats.failed(_reason(error))
 
     def start(self, request: InferRequest) -> Started:
-        """Queue a request without a coroutine (the stream path): ``finish`` turns the started
-        request into its response once ``future`` is done. Only for models without the cache."""
+        """Validate and queue a request of a model without the cache; ``finish`` turns it into its response
+        once ``future`` is done. The stream calls the two without a coroutine; ``infer`` awaits between them.
+        A request is counted in the statistics by these two only (or, with the cache, by ``infer``)."""
         assert self._cache is None
         start = time.monotonic_ns()
         try:
             if not request.checked:
                 self.spec.validate(request)
             outputs = request.outputs or self._output_names
-            return Started(self._batcher.enqueue(request, outputs), outputs, start, request.id)
-        except RapidServeError as exc:
-            self.stats.failed(exc.reason, time.monotonic_ns() - start)
+            return Started(self._batcher.enqueue(request, outputs), outputs, start, request.id, request.deadline)
+        except BaseException as exc:
+            self._failed(exc, request.deadline, start)
             raise
 
-    def finish(self, started: Started) -> InferResponse:
-        """The response of a started request; a cancelled one raises ``CancelledError``."""
+    def finish(self, started: Started, error: BaseException | None = None) -> InferResponse:
+        """The response of a started request whose future is done; ``error``, what waiting for it raised
+        instead (the caller was cancelled), is counted and raised, as a failed or cancelled future is."""
         try:
+            if error is not None:
+                raise error
             arrays = started.future.result()
-        except (RapidServeError, asyncio.CancelledError) as exc:
-            self.stats.failed(_reason(exc), time.monotonic_ns() - started.start_ns)
+        except BaseException as exc:
+            self._failed(exc, started.deadline, started.start_ns)
             raise
         self.stats.succeeded(time.monotonic_ns() - started.start_ns)
         return InferResponse(self.name, str(self.version), {n: arrays[n] for n in started.outputs}, started.id)
 
     async def infer(self, request: InferRequest, cache_key: bytes | None = None) -> InferResponse:
-        """Run a request. ``cache_key``, when the caller already computed it (from the wire bytes,
-        with ``cache_key()``), saves hashing the inputs again."""
+        """Run a request: through ``start`` and ``finish``, or for a model with the cache through it.
+        ``cache_key``, when the caller already computed it (from the wire bytes, with ``cache_key()``),
+        saves hashing the inputs again."""
+        if self._cache is None:
+            started = self.start(request)
+            try:
+                await started.future
+            except BaseException as exc:
+                self.finish(started, exc)  # counts the failure, and raises it
+                raise
+            return self.finish(started)
         start = time.monotonic_ns()
         try:
             if not request.checked:
                 self.spec.validate(request)
             outputs = request.outputs or self._output_names
-            if self._cache is None:
-                arrays = await self._batcher.submit(request, outputs)
-                self.stats.succeeded(time.monotonic_ns() - start)
-            else:
-                if request.parameters:
-                    self._batcher.check_parameters(request)  # a hit would not reach the queue's checks
-                arrays = await self._cached(request, outputs, start, cache_key)
+            if request.parameters:
+                self._batcher.check_parameters(request)  # a hit would not reach the queue's checks
+            arrays = await self._cached(request, outputs, start, cache_key)
         except BaseException as exc:
-            self.stats.failed(_reason(exc, request.deadline), time.monotonic_ns() - start)
+            self._failed(exc, request.deadline, start)
             raise
         return InferResponse(self.name, str(self.version), {n: arrays[n] for n in outputs}, request.id)
+
+    def _failed(self, error: BaseException, deadline: float | None, start_ns: int) -> None:
+        self.stats.failed(_reason(error, deadline), time.monotonic_ns() - start_ns)
 
     async def _cached(
         self, request: InferRequest, outputs: tuple[str, ...], start: int, key: bytes | None

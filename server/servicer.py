@@ -2,7 +2,9 @@
 
 Errors raised below are transport-neutral; ``rapidserve.server.status`` maps them to gRPC status
 codes. How calls reach these methods (reading through the in-flight budget, parsing) is
-``rapidserve.server.transport``; one stream's requests and answers are ``rapidserve.server.streams``.
+``rapidserve.server.transport``; what an inference request goes through below the edge (the wire-level
+cache path, decoding, the model, encoding) is ``rapidserve.server.inference``; one stream's requests
+and answers are ``rapidserve.server.streams``.
 """
 
 from __future__ import annotations
@@ -16,23 +18,19 @@ from typing import Any, TypeVar
 import grpc
 
 from rapidserve import __version__, protos
-from rapidserve.server import codec
 from rapidserve.server.admission import Admission
-from rapidserve.server.cache import CacheEntry
-from rapidserve.server.errors import EngineError, InvalidRequest, ModelNotFound, RapidServeError, TooLarge, Unavailable
+from rapidserve.server.errors import InvalidRequest, ModelNotFound, RapidServeError, TooLarge, Unavailable
+from rapidserve.server.inference import InferencePath
 from rapidserve.server.manager import MAX_UPLOAD_FILES, ModelManager
 from rapidserve.server.model import ModelVersion
 from rapidserve.server.stats import Duration, ServerStats
 from rapidserve.server.status import message_of, status_of, unexpected
 from rapidserve.server.streams import SHUTTING_DOWN, StreamAnswers
-from rapidserve.server.types import InferResponse
-from rapidserve.server.wire import Undecodable, parser, wire_cache_key, with_id
+from rapidserve.server.wire import Undecodable, parser
 
 __all__ = ["InferenceServicer", "deadline_of"]
 
 EXTENSIONS = ("model_repository", "model_configuration", "statistics", "parameters")
-# BYTES outputs are encoded element by element: more than this many, and it happens in a worker thread
-ENCODE_ON_LOOP_ELEMENTS = 10_000
 
 Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
 
@@ -76,7 +74,7 @@ class InferenceServicer:
         self.stats = stats or ServerStats()  # inference requests that named no loaded model
         self._server_name = server_name
         self.admission = admission or Admission(2**62, 2**31, read_timeout_s=3600.0)
-        self.max_response_bytes = max_response_bytes
+        self.inference = InferencePath(manager, self.stats, max_response_bytes)
         self.parse = parser(protos.ModelInferRequest)
         self.draining = False
         self._streams: set[StreamAnswers] = set()
@@ -139,7 +137,7 @@ class InferenceServicer:
             raise Unavailable(SHUTTING_DOWN)
         self._unary_in_flight += 1
         try:
-            answer = self.infer(request, deadline_of(context), request.ByteSize())
+            answer = self.inference.infer(request, deadline_of(context), request.ByteSize())
             del request  # infer lets go of it once it is decoded
             return await answer
         finally:
@@ -211,86 +209,11 @@ class InferenceServicer:
         await self._manager.unload(request.model_name)
         return protos.RepositoryModelUnloadResponse()
 
-    async def infer(self, request: Any, deadline: float | None, size: int) -> Any:
-        """A ``ModelInferResponse``, or for a cache hit its serialized bytes, ready-made. The request is
-        let go once decoded: the caller must not keep a reference (its bytes would be held twice)."""
-        model = self.model_for(request)
-        spec = model.spec
-        if model.caches and len(request.inputs) <= len(spec.inputs) and len(request.outputs) <= len(spec.outputs):
-            key = wire_cache_key(request, model.name, model.version, model.output_names)
-        else:
-            key = None
-        if key is not None:
-            entry = model.cache_lookup(key)
-            if entry is not None:  # a hit skips decoding, validation, the queue and encoding
-                return self._checked(model, with_id(_encoded(model, entry), request.id))
-        if codec.heavy(request, size):  # many elements to convert: keep the event loop free meanwhile
-            decoded = await self._decode_in_thread(model, request, deadline)
-        else:
-            decoded = self.decode(model, request, deadline)
-        del request
-        response = await model.infer(decoded, key)
-        if any(a.dtype.kind == "O" and a.size > ENCODE_ON_LOOP_ELEMENTS for a in response.outputs.values()):
-            return self._checked(model, await asyncio.to_thread(codec.encode_response, response))
-        return self._checked(model, codec.encode_response(response))
-
-    @staticmethod
-    def decode(model: ModelVersion, request: Any, deadline: float | None) -> Any:
-        try:
-            return codec.decode_request(request, deadline, model.spec)
-        except RapidServeError as exc:
-            model.rejected(exc)
-            raise
-
-    @staticmethod
-    async def _decode_in_thread(model: ModelVersion, request: Any, deadline: float | None) -> Any:
-        try:
-            return await asyncio.to_thread(codec.decode_request, request, deadline, model.spec)
-        except RapidServeError as exc:
-            model.rejected(exc)  # (statistics change on the event loop only)
-            raise
-
-    def too_large(self, model: ModelVersion | None, size: int) -> EngineError:
-        """The error for an answer larger than the server sends (counted against the model)."""
-        name = f"model '{model.name}'" if model is not None else "the model"
-        error = EngineError(
-            f"{name} produced a response of {size} bytes, more than the server sends "
-            f"({self.max_response_bytes}, --grpc-max-message-bytes); ask for fewer outputs or a smaller batch"
-        )
-        if model is not None:
-            model.rejected(error)
-        return error
-
-    def _checked(self, model: ModelVersion, response: Any) -> Any:
-        """Refuse an answer larger than the client is allowed to receive, saying so (gRPC itself would
-        fail it with a bare RESOURCE_EXHAUSTED on the client's side)."""
-        size = len(response) if isinstance(response, bytes) else response.ByteSize()
-        if size > self.max_response_bytes:
-            raise self.too_large(model, size)
-        return response
-
-    def model_for(self, request: Any) -> ModelVersion:
-        """The version an inference request names; failures count without a model label."""
-        try:
-            return self._manager.get(request.model_name, request.model_version)
-        except RapidServeError as exc:
-            self.stats.failed(exc.reason)
-            raise
-
 
 def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
     """The call's gRPC deadline as a ``time.monotonic()`` time."""
     remaining = context.time_remaining()
     return None if remaining is None else time.monotonic() + remaining
-
-
-def _encoded(model: ModelVersion, entry: CacheEntry) -> bytes:
-    data = entry.memo.get("grpc")
-    if data is None:
-        response = InferResponse(model.name, str(model.version), entry.arrays)
-        data = codec.encode_response(response).SerializeToString()
-        model.remember(entry, "grpc", data)
-    return data
 
 
 def _duration(target: Any, source: Duration) -> None:

@@ -40,6 +40,7 @@ class StreamAnswers:
     def __init__(self, servicer: InferenceServicer) -> None:
         self._servicer = servicer
         self._admission = servicer.admission
+        self._inference = servicer.inference
         self._ready: deque[bytes] = deque()
         self._wakeup: asyncio.Future[None] | None = None
         self._in_flight = 0  # read and not yet handed to gRPC (answers in _ready included)
@@ -133,11 +134,11 @@ class StreamAnswers:
             return True
         self._pending_bytes += size
         try:
-            model = servicer.model_for(request)
+            model = self._inference.model_for(request)
             if model.caches or codec.heavy(request, size):
                 self._spawn(self._answer_async(request, size), size)
                 return True
-            started = model.start(servicer.decode(model, request, _stream_deadline(request)))
+            started = model.start(self._inference.decode(model, request, _stream_deadline(request)))
         except Exception as exc:
             self._emit(request, exc, size)
             return True
@@ -160,7 +161,7 @@ class StreamAnswers:
     async def _answer_async(self, request: Any, size: int) -> None:
         """(If the stream ends meanwhile the task is cancelled: ``_spawn`` gives its bytes back.)"""
         try:
-            answer = await self._servicer.infer(request, _stream_deadline(request), size)
+            answer = await self._inference.infer(request, _stream_deadline(request), size)
             self._emit(request, answer if isinstance(answer, bytes) else answer.SerializeToString(), size)
         except Exception as exc:
             self._emit(request, exc, size)
@@ -170,8 +171,8 @@ class StreamAnswers:
         released from the server's budget and the answer's counted against this stream's."""
         if isinstance(answer, bytes):
             result = stream_ok(answer)  # wrapping bytes is cheaper than copying the message
-            if len(result) > self._servicer.max_response_bytes:
-                answer = self._servicer.too_large(model, len(result))
+            if len(result) > self._inference.max_response_bytes:
+                answer = self._inference.too_large(model, len(result))
         if isinstance(answer, RapidServeError):
             result = _stream_error(request, status_of(answer), message_of(answer))
         elif isinstance(answer, Exception):
