@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from rapidserve.engines.prepare.data import Dataset
-from rapidserve.engines.prepare.source import Runner
+from rapidserve.engines.prepare.runners import Runner
 
 __all__ = ["benchmark", "resident_bytes"]
 

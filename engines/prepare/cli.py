@@ -1,14 +1,20 @@
-"""``rapidserve prepare``'s command line: arguments -> recipe, model, data -> ``pipeline.prepare``."""
+"""``rapidserve prepare``'s command line: arguments -> recipe, model, data -> ``pipeline.prepare``.
+
+No traceback reaches the user: a failure is one line naming the file, the step and the reason, with
+exit status 2; an unexpected one says to rerun with ``--log-level debug`` for the traceback."""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 __all__ = ["add_arguments", "run"]
+
+_ERROR = "rapidserve prepare: error: "
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,6 +47,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bench-seconds", type=float, help="seconds per timing (default 1)")
     parser.add_argument("--threads", type=int, help="intra-op threads for every variant while timing (default 1)")
     parser.add_argument("--keep-rejected", action="store_true", default=None, help="write over-budget variants too")
+    parser.add_argument(
+        "--dynamic-batch",
+        action="store_true",
+        default=None,
+        help="an ONNX file with a fixed batch dimension: rewrite it to a dynamic one, checked against the original "
+        "(default: prepare it at the batch size it fixes, written with max_batch_size 0)",
+    )
     parser.add_argument("--log-level", default="WARNING")
 
 
@@ -50,13 +63,33 @@ def _split(text: str | None) -> tuple[Any, ...] | None:
 
 def run(args: argparse.Namespace) -> int:
     try:
+        from rapidserve.engines.prepare.progress import DEBUG_HINT, PrepareError, Progress, one_line
+    except ImportError as exc:
+        print(f"{_ERROR}prepare needs {exc.name}: pip install 'rapidserve[cpu,torch]'", file=sys.stderr)
+        return 2
+    try:
+        return _run(args, Progress())
+    except KeyboardInterrupt:
+        print("rapidserve prepare: interrupted", file=sys.stderr)
+        return 130
+    except PrepareError as exc:
+        print(f"{_ERROR}{exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        logging.getLogger(__name__).debug("prepare failed", exc_info=True)
+        print(f"{_ERROR}unexpected {one_line(exc)} ({DEBUG_HINT})", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace, progress: Any) -> int:
+    try:
         from rapidserve.engines.prepare.data import load_npz
         from rapidserve.engines.prepare.demo import DEMO_FACTORY, DEMO_RECIPE, digits_data, train_teacher
         from rapidserve.engines.prepare.pipeline import prepare
         from rapidserve.engines.prepare.recipe import Recipe, load_recipe
         from rapidserve.engines.prepare.source import load_source
     except ImportError as exc:
-        print(f"error: prepare needs {exc.name}: pip install 'rapidserve[cpu,torch]'", file=sys.stderr)
+        print(f"{_ERROR}prepare needs {exc.name}: pip install 'rapidserve[cpu,torch]'", file=sys.stderr)
         return 2
     batch_sizes = _split(args.batch_sizes)
     overrides = {
@@ -68,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
         "bench_seconds": args.bench_seconds,
         "threads": args.threads,
         "keep_rejected": args.keep_rejected,
+        "dynamic_batch": args.dynamic_batch,
     }
     with tempfile.TemporaryDirectory(prefix="rapidserve-demo-") as tmp:
         try:
@@ -75,8 +109,9 @@ def run(args: argparse.Namespace) -> int:
             if not name:
                 raise ValueError("--name is required (variants are written as <NAME>-<variant>)")
             if args.demo:
-                train, val = digits_data()
-                factory, weights = DEMO_FACTORY, train_teacher(train, Path(tmp) / "digits-cnn.pt")
+                with progress.step("training the demo model on scikit-learn's digits"):
+                    train, val = digits_data()
+                    factory, weights = DEMO_FACTORY, train_teacher(train, Path(tmp) / "digits-cnn.pt")
                 for key, value in DEMO_RECIPE.items():
                     overrides[key] = overrides.get(key) or value
                 calib = train
@@ -84,28 +119,39 @@ def run(args: argparse.Namespace) -> int:
                 if args.val is None:
                     raise ValueError("--val is required: every variant is checked against the original on it")
                 order = _split(args.input_names) or ()
-                val = load_npz(args.val, order)
-                train = load_npz(args.train, order) if args.train else None
-                calib = load_npz(args.calib, order) if args.calib else (train or val)
+                with progress.step("reading the validation data", args.val):
+                    val = load_npz(args.val, order)
+                train = calib = None
+                if args.train:
+                    with progress.step("reading the training data", args.train):
+                        train = load_npz(args.train, order)
+                if args.calib:
+                    with progress.step("reading the calibration data", args.calib):
+                        calib = load_npz(args.calib, order)
+                calib = calib or train or val
                 factory, weights = args.model or "", args.weights
             overrides["name"] = name
-            recipe = (
-                load_recipe(args.recipe, **overrides)
-                if args.recipe
-                else Recipe(**{k: v for k, v in overrides.items() if v is not None})
-            )
+            if args.recipe:
+                with progress.step("reading the recipe", args.recipe):
+                    recipe = load_recipe(args.recipe, **overrides)
+            else:
+                recipe = Recipe(**{k: v for k, v in overrides.items() if v is not None})
             source = load_source(
                 name, val, factory=factory, weights=weights, model_file=args.model_file,
                 output_names=_split(args.output_names) or (("logits",) if args.demo else ()), task=args.task,
+                progress=progress, data_file=args.val or "the validation data",
             )  # fmt: skip
             names = [t.name for t in source.inputs]  # every dataset in the model's positional order
             calib_is_val, calib_is_train = calib is val, calib is train
             val = val.ordered(names)
             train = train.ordered(names) if train is not None else None
             calib = val if calib_is_val else train if calib_is_train else calib.ordered(names)
-            report = prepare(source, recipe, calib=calib, val=val, train=train, out=args.out, overwrite=args.overwrite)
+            report = prepare(
+                source, recipe, calib=calib, val=val, train=train, out=args.out, overwrite=args.overwrite,
+                progress=progress,
+            )  # fmt: skip
         except (ValueError, FileExistsError, FileNotFoundError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"{_ERROR}{exc}", file=sys.stderr)
             return 2
         if args.demo:
             val.save(args.out / "validation.npz")

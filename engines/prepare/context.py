@@ -7,8 +7,10 @@ from pathlib import Path
 from typing import Any
 
 from rapidserve.engines.prepare.data import Dataset
+from rapidserve.engines.prepare.export import export_onnx
 from rapidserve.engines.prepare.recipe import Recipe
-from rapidserve.engines.prepare.source import Runner, Source, onnx_runner, torch_runner
+from rapidserve.engines.prepare.runners import Runner, load_torchscript, onnx_runner, plan_runner, torch_runner
+from rapidserve.engines.prepare.source import Source
 
 __all__ = ["Built", "Context", "Skipped"]
 
@@ -27,11 +29,7 @@ class Built:
         if self.format == "onnx":
             return onnx_runner(self.path, threads)
         if self.format == "torchscript":
-            import torch
-
-            return torch_runner(torch.jit.load(str(self.path)), threads)
-        from rapidserve.engines.prepare.tensorrt import plan_runner
-
+            return torch_runner(load_torchscript(self.path), threads)
         return plan_runner(self.path)
 
 
@@ -71,7 +69,5 @@ class Context:
             if self.source.onnx_path is not None:
                 self._onnx = self.source.onnx_path
             else:
-                from rapidserve.engines.prepare.export import export_onnx
-
                 self._onnx = export_onnx(self.source.module, self.source, self.calib, self.file("onnx-fp32", ".onnx"))
         return self._onnx

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,8 @@ class Dataset:
 
 def load_npz(path: Path, input_names: Sequence[str] = ()) -> Dataset:
     """Inputs in ``input_names`` order when given, else in the file's order; ``labels`` when present."""
+    if path.is_file() and not zipfile.is_zipfile(path):
+        raise ValueError("not an .npz file (numpy.savez writes one: an array per model input, plus 'labels')")
     with np.load(path, allow_pickle=False) as data:
         arrays = {name: data[name] for name in data.files}
     labels = arrays.pop("labels", None)

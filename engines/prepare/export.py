@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 
 from rapidserve.engines.prepare.data import Dataset
-from rapidserve.engines.prepare.source import Source, onnx_runner, torch_runner
+from rapidserve.engines.prepare.runners import onnx_runner, torch_runner
+from rapidserve.engines.prepare.source import Source
 
 __all__ = ["ExportMismatch", "export_onnx", "export_torchscript"]
 

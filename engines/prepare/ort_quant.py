@@ -23,6 +23,8 @@ from rapidserve.engines.prepare.data import Dataset
 
 __all__ = ["onnx_fp16", "ort_int8_dynamic", "ort_int8_static"]
 
+_QDQ_OPSET = 13
+
 
 @contextlib.contextmanager
 def _in_temp_dir() -> Iterator[Path]:
@@ -36,10 +38,13 @@ def _in_temp_dir() -> Iterator[Path]:
 
 
 class _Calibration:
-    """ORT's CalibrationDataReader protocol over our dataset, 32 rows at a time."""
+    """ORT's CalibrationDataReader protocol over our dataset, 32 rows at a time, or as many as a model
+    with a fixed batch dimension takes (a last, shorter batch is left out)."""
 
-    def __init__(self, data: Dataset) -> None:
-        self._batches = iter(list(data.batches(32)))
+    def __init__(self, data: Dataset, fixed_batch: int | None) -> None:
+        size = fixed_batch or 32
+        batches = [b for b in data.batches(size) if fixed_batch is None or len(next(iter(b.values()))) == size]
+        self._batches = iter(batches)
 
     def get_next(self) -> dict[str, np.ndarray[Any, Any]] | None:
         return next(self._batches, None)
@@ -61,6 +66,21 @@ def _preprocessed(source: Path, tmp: Path) -> Path:
     return out
 
 
+def _opset_for_qdq(source: Path, tmp: Path) -> tuple[Path, str]:
+    """The model at an opset where per-channel QDQ is valid (DequantizeLinear's ``axis`` came in 13);
+    older model-zoo files (opset 9) are converted with ONNX's version converter first."""
+    import onnx
+    from onnx import version_converter
+
+    model = onnx.load(str(source))
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), _QDQ_OPSET)
+    if opset >= _QDQ_OPSET:
+        return source, ""
+    target = tmp / "upgraded.onnx"
+    onnx.save(version_converter.convert_version(model, _QDQ_OPSET), str(target))
+    return target, f"opset {opset} converted to {_QDQ_OPSET} first"
+
+
 def ort_int8_static(ctx: Context) -> Built:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -72,17 +92,19 @@ def ort_int8_static(ctx: Context) -> Built:
     target = ctx.file("ort-int8", ".onnx")
     calib = ctx.calib.sample(ctx.recipe.calibration_samples, ctx.recipe.seed)
     with _in_temp_dir() as tmp, _quiet():
+        upgraded, converted = _opset_for_qdq(ctx.onnx_fp32(), tmp)
         quantize_static(
-            str(_preprocessed(ctx.onnx_fp32(), tmp)),
+            str(_preprocessed(upgraded, tmp)),
             str(target),
-            _Calibration(calib),
+            _Calibration(calib, ctx.source.fixed_batch),
             quant_format=QuantFormat.QDQ,
             per_channel=True,
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             calibrate_method=method,
         )
-    return Built(target, "onnx", [f"{ctx.recipe.calibration} calibration on {len(calib)} samples, U8S8 per-channel"])
+    notes = [f"{ctx.recipe.calibration} calibration on {len(calib)} samples, U8S8 per-channel"]
+    return Built(target, "onnx", notes + ([converted] if converted else []))
 
 
 def ort_int8_dynamic(ctx: Context) -> Built:
@@ -120,17 +142,31 @@ def onnx_fp16(ctx: Context) -> Built:
     return Built(target, "onnx", ["for GPU providers: ONNX Runtime's CPU provider computes it in FP32, no faster"])
 
 
+class _FromOrtQuantization(logging.Filter):
+    """Drops the root logger's records that come from ONNX Runtime's quantization tools (they log
+    through ``logging.warning`` itself: advice on pre-processing, opsets, each tensor left alone)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno < logging.ERROR and f"{os.sep}onnxruntime{os.sep}" in record.pathname)
+
+
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """ORT's quantization tools log every node at INFO and warn about values truncated to FP16."""
+    """ONNX Runtime's quantization and FP16 tools, without their notices: warnings filtered by category
+    and module (their deprecation notices, FP16's "value truncated"), their own loggers at ERROR, and
+    their records to the root logger dropped. Anything else still reaches the user."""
     import warnings
 
+    ours = logging.getLogger("onnxruntime")
+    level, dropped = ours.level, _FromOrtQuantization()
     root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
+    ours.setLevel(logging.ERROR)
+    root.addFilter(dropped)
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+            warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"onnxruntime\.")
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"onnxruntime\.transformers\.float16")
             yield
     finally:
-        root.setLevel(level)
+        root.removeFilter(dropped)
+        ours.setLevel(level)

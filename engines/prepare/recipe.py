@@ -52,6 +52,7 @@ class Recipe:
     bench_seconds: float = 1.0  # per measurement
     threads: int = 1  # intra-op threads while benchmarking, for every variant alike
     max_batch_size: int = 0  # in the written configs; 0: max(32, the largest batch size)
+    dynamic_batch: bool = False  # rewrite an ONNX file's fixed batch dimension to a dynamic one (checked)
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 

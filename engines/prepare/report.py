@@ -34,7 +34,9 @@ def _markdown(report: dict[str, Any]) -> str:
         f"Budget: {report['budget']}. Recommended: the fastest accepted variant at batch {report['target_batch']} "
         f"(throughput): **{report['recommended'] or 'none'}**.",
         "",
-        f"Original (PyTorch eager{'' if report['source'] == 'pytorch' else ', here ONNX Runtime'}): "
+        f"Batching: {report.get('batching', 'dynamic batch dimension')}.",
+        "",
+        f"Original ({'PyTorch eager' if report['source'] == 'pytorch' else 'ONNX Runtime'}): "
         f"{_fidelity(original) or '-'}, p50 at batch 1 {original['p50_ms_batch1']:.3f} ms, "
         + ", ".join(f"{original['throughput_per_s'][b]:,.0f}/s at batch {b}" for b in sizes),
         "",
@@ -82,26 +84,33 @@ def _plot(report: dict[str, Any], path: Path) -> None:
     )
     key = key or "cosine_mean"
     target = str(report["target_batch"])
-    figure, axes = plt.subplots(1, 2, figsize=(12, 5))
-    for axis, x_of, x_label, log in (
-        (axes[0], lambda v: v["p50_ms_batch1"], "p50 latency at batch 1 (ms)", True),
-        (axes[1], lambda v: v["throughput_per_s"][target], f"throughput at batch {target} (inferences/s)", True),
+    from matplotlib.ticker import NullFormatter
+
+    palette = plt.get_cmap("tab20").colors
+    colors = palette[0::2] + palette[1::2]  # the ten strong colors first, then their light twins
+    figure, axes = plt.subplots(1, 2, figsize=(13, 5))
+    for axis, x_of, x_label in (
+        (axes[0], lambda v: v["p50_ms_batch1"], "p50 latency at batch 1 (ms)"),
+        (axes[1], lambda v: v["throughput_per_s"][target], f"throughput at batch {target} (inferences/s)"),
     ):
         original = report["original"]
         if key in original:
-            axis.scatter([x_of(original)], [original[key]], marker="s", color="black", label="original")
-        for v in built:
-            color = "tab:green" if v["accepted"] else "tab:red"
-            marker = "*" if v["recommended"] else "o"
-            axis.scatter([x_of(v)], [v[key]], color=color, marker=marker, s=140 if v["recommended"] else 50)
-            axis.annotate(v["name"], (x_of(v), v[key]), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        if log:
-            axis.set_xscale("log")
+            axis.scatter([x_of(original)], [original[key]], marker="s", color="black", s=60, label="original")
+        for index, v in enumerate(built):  # one color per variant, named in the legend: labels never overlap
+            marker = "*" if v["recommended"] else ("o" if v["accepted"] else "X")
+            state = "recommended" if v["recommended"] else ("accepted" if v["accepted"] else "over budget")
+            axis.scatter([x_of(v)], [v[key]], color=colors[index % len(colors)], marker=marker,
+                         s=180 if v["recommended"] else 60, edgecolors="black", linewidths=0.5,
+                         label=f"{v['name']} ({state})")  # fmt: skip
+        axis.set_xscale("log")
+        axis.xaxis.set_minor_formatter(NullFormatter())  # minor tick labels of a log axis run into each other
         axis.set_xlabel(x_label)
         axis.set_ylabel(label)
         axis.grid(True, alpha=0.3)
-    figure.suptitle(f"{report['model']}: green accepted, red over budget, star recommended")
-    figure.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="center right", fontsize=8, frameon=False)
+    figure.suptitle(f"{report['model']}: o accepted, X over budget, * recommended")
+    figure.tight_layout(rect=(0, 0, 0.8, 1))
     figure.savefig(path, dpi=110)
     plt.close(figure)
 

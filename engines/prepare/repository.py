@@ -21,27 +21,29 @@ def servable(format_: str) -> bool:
     return format_ in _SERVABLE
 
 
-def _tensors(tensors: list[TensorInfo]) -> str:
+def _tensors(tensors: list[TensorInfo], batch: tuple[int, ...]) -> str:
     entries = []
     for t in tensors:
         datatype = datatype_of(t.dtype)
         config_type = "TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}"
-        dims = ", ".join(str(d) for d in t.dims)
+        dims = ", ".join(str(d) for d in (*batch, *t.dims))
         entries.append(f'  {{ name: "{t.name}", data_type: {config_type}, dims: [ {dims} ] }}')
     return ",\n".join(entries)
 
 
 def write_model(repository: Path, model: str, built: Built, source: Source, max_batch_size: int) -> Path:
-    """``repository/model/config.pbtxt`` and ``repository/model/1/model.*``; returns the model folder."""
+    """``repository/model/config.pbtxt`` and ``repository/model/1/model.*``; returns the model folder.
+    ``max_batch_size`` 0 (a model whose batch size is fixed) writes full dims, the batch included."""
     folder = repository / model
+    batch = (source.fixed_batch or 1,) if max_batch_size == 0 else ()
     (folder / "1").mkdir(parents=True)
     shutil.copyfile(built.path, folder / "1" / _FILE[built.format])
     (folder / "config.pbtxt").write_text(
         f'name: "{model}"\n'
         f'platform: "{_PLATFORM[built.format]}"\n'
         f"max_batch_size: {max_batch_size}\n"
-        f"input [\n{_tensors(source.inputs)}\n]\n"
-        f"output [\n{_tensors(source.outputs)}\n]\n"
-        "dynamic_batching { }\n"
+        f"input [\n{_tensors(source.inputs, batch)}\n]\n"
+        f"output [\n{_tensors(source.outputs, batch)}\n]\n"
+        + ("dynamic_batching { }\n" if max_batch_size > 0 else "")
     )
     return folder

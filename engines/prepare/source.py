@@ -1,8 +1,7 @@
-"""The model to prepare, and how any variant runs on a batch: PyTorch eager, TorchScript or ONNX Runtime."""
+"""The model to prepare: a PyTorch module, a torch.export program or an ONNX file, and its tensors."""
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -11,11 +10,11 @@ from typing import Any
 
 import numpy as np
 
-from rapidserve.engines.prepare.data import Array, Dataset
+from rapidserve.engines.prepare.data import Dataset
+from rapidserve.engines.prepare.progress import Progress
+from rapidserve.engines.prepare.runners import Runner, eval_mode, onnx_runner, torch_runner
 
-__all__ = ["Runner", "Source", "TensorInfo", "load_source", "onnx_runner", "predict", "torch_runner"]
-
-Runner = Callable[[dict[str, Array]], list[Array]]  # inputs by name -> outputs in order
+__all__ = ["Source", "TensorInfo", "load_source"]
 
 
 @dataclass(frozen=True)
@@ -36,6 +35,7 @@ class Source:
     onnx_path: Path | None = None
     task: str = "auto"  # classify | regress | auto: a classifier when the data has labels
     program: Any = None  # the torch.export program, when the model came as a .pt2
+    fixed_batch: int | None = None  # the batch size an ONNX file fixes in its inputs' first dimension
 
     @property
     def scores(self) -> bool:
@@ -67,54 +67,6 @@ class Source:
         return tuple(torch.from_numpy(batch[spec.name]) for spec in self.inputs)
 
 
-def predict(runner: Runner, data: Dataset, batch_size: int = 32) -> list[Array]:
-    """Every output over the whole dataset, batch by batch."""
-    parts: list[list[Array]] = []
-    for batch in data.batches(batch_size):
-        for i, out in enumerate(runner(batch)):
-            if len(parts) <= i:
-                parts.append([])
-            parts[i].append(np.asarray(out))
-    return [np.concatenate(p) for p in parts]
-
-
-def torch_runner(module: Any, threads: int = 1) -> Runner:
-    """Eager nn.Module or TorchScript, positional inputs, without gradients."""
-    import torch
-
-    torch.set_num_threads(threads)
-    eval_mode(module)
-
-    def run(batch: dict[str, Array]) -> list[Array]:
-        with torch.inference_mode():
-            result = module(*(torch.from_numpy(np.ascontiguousarray(a)) for a in batch.values()))
-        items = result if isinstance(result, (tuple, list)) else (result,)
-        return [t.detach().numpy() for t in items]
-
-    return run
-
-
-def eval_mode(module: Any) -> None:
-    with contextlib.suppress(NotImplementedError):  # a torch.export program's module has no train/eval modes
-        module.eval()
-
-
-def onnx_runner(path: Path, threads: int = 1) -> Runner:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3  # keep ORT's warnings about its own fusions out of the output
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-
-    def run(batch: dict[str, Array]) -> list[Array]:
-        return list(session.run(names, batch))
-
-    return run
-
-
 def import_factory(spec: str) -> Callable[[], Any]:
     """``pkg.module:function`` -> the function."""
     module_name, _, attr = spec.partition(":")
@@ -135,34 +87,44 @@ def load_source(
     model_file: Path | None = None,
     output_names: Sequence[str] = (),
     task: str = "auto",
+    progress: Progress | None = None,
+    data_file: str | Path = "the validation data",
 ) -> Source:
     """Load the model and describe its tensors: inputs from the model file or the data, outputs
     from one run on two rows of the data."""
-    inputs = [TensorInfo(n, a.dtype, tuple(a.shape[1:])) for n, a in data.inputs.items()]
-    module = program = None
-    onnx_path = None
-    if factory:
-        import torch
-
-        module = import_factory(factory)()
-        if weights is not None:
-            module.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-        eval_mode(module)
-    elif model_file is not None and model_file.suffix == ".pt2":
-        import torch
-
-        program = torch.export.load(str(model_file))
-        module = program.module()
-        inputs = _program_inputs(program, data)
-    elif model_file is not None and model_file.suffix == ".onnx":
-        onnx_path = model_file.resolve()  # the quantization tools run in a folder of their own
-        inputs = _onnx_inputs(model_file, data)
-    else:
+    if not factory and (model_file is None or model_file.suffix not in (".pt2", ".onnx")):
         raise ValueError("give --model pkg.module:factory [--weights FILE] or --model-file model.pt2|model.onnx")
     if task not in ("auto", "classify", "regress"):
         raise ValueError(f"--task must be auto, classify or regress, not {task!r}")
-    source = Source(name, inputs, [], module, onnx_path, task, program)
-    outputs = source.runner()(data.rows(2))
+    progress = progress or Progress(enabled=False)
+    inputs = [TensorInfo(n, a.dtype, tuple(a.shape[1:])) for n, a in data.inputs.items()]
+    module = program = onnx_path = fixed = graph = None
+    where = model_file or factory
+    with progress.step("loading the model", where):
+        if factory:
+            import torch
+
+            module = import_factory(factory)()
+            if weights is not None:
+                module.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+            eval_mode(module)
+        elif model_file is not None and model_file.suffix == ".pt2":
+            import torch
+
+            program = torch.export.load(str(model_file))
+            module = program.module()
+            inputs = _program_inputs(program, data)
+        elif model_file is not None:
+            import onnx
+
+            onnx_path = model_file.resolve()  # the quantization tools run in a folder of their own
+            graph = onnx.load(str(model_file), load_external_data=False).graph
+    if graph is not None:
+        with progress.step(f"checking {data_file} against the model's inputs", where):
+            inputs, fixed = _onnx_inputs(graph, data)
+    source = Source(name, inputs, [], module, onnx_path, task, program, fixed)
+    with progress.step(f"running the model on {data_file}", where):
+        outputs = source.runner()(data.rows(2))
     names = list(output_names) or (["output"] if len(outputs) == 1 else [f"output_{i}" for i in range(len(outputs))])
     if len(names) != len(outputs):
         raise ValueError(f"the model returns {len(outputs)} outputs but {len(names)} output names were given")
@@ -190,13 +152,35 @@ def _program_inputs(program: Any, data: Dataset) -> list[TensorInfo]:
     return [TensorInfo(n, data.inputs[n].dtype, tuple(data.inputs[n].shape[1:])) for n in names]
 
 
-def _onnx_inputs(path: Path, data: Dataset) -> list[TensorInfo]:
-    import onnx
+def _onnx_inputs(graph: Any, data: Dataset) -> tuple[list[TensorInfo], int | None]:
+    """An ONNX graph's inputs, checked against the data (type, rank, every fixed dimension but the
+    batch), and the batch size the graph fixes (None when any input leaves it free)."""
+    from onnx import helper
 
-    graph = onnx.load(str(path), load_external_data=False).graph
     initializers = {i.name for i in graph.initializer}
-    names = [i.name for i in graph.input if i.name not in initializers]
-    missing = [n for n in names if n not in data.inputs]
+    values = [i for i in graph.input if i.name not in initializers]
+    missing = [v.name for v in values if v.name not in data.inputs]
     if missing:
         raise ValueError(f"the data has no array for the ONNX model's input(s) {', '.join(missing)}")
-    return [TensorInfo(n, data.inputs[n].dtype, tuple(data.inputs[n].shape[1:])) for n in names]
+    firsts: list[int | None] = []
+    for value in values:
+        array, tensor = data.inputs[value.name], value.type.tensor_type
+        want = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.elem_type))
+        if array.dtype != want:
+            raise ValueError(f"input '{value.name}': the data holds {array.dtype}, the model takes {want}")
+        if not tensor.HasField("shape"):
+            firsts.append(None)
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tensor.shape.dim]
+        pairs = zip(dims[1:], array.shape[1:], strict=True) if len(dims) == array.ndim else None
+        rows_fit = pairs is not None and all(w is None or w == g for w, g in pairs)
+        if not rows_fit:
+            shape = ", ".join(str(d) if d is not None else "?" for d in dims)
+            raise ValueError(
+                f"input '{value.name}': the data's rows have shape {list(array.shape[1:])}, the model takes "
+                f"[{shape}] (the data holds one row per sample: its first dimension counts the samples)"
+            )
+        firsts.append(dims[0] if dims else None)
+    sizes = {d for d in firsts if d is not None}
+    fixed = min(sizes) if sizes and all(d is not None for d in firsts) else None
+    return [TensorInfo(v.name, data.inputs[v.name].dtype, tuple(data.inputs[v.name].shape[1:])) for v in values], fixed

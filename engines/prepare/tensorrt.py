@@ -2,10 +2,9 @@
 static QDQ ONNX (explicit quantization), with one optimization profile over the batch dimension
 (min 1, opt the recipe's largest batch size, max the config's max_batch_size).
 
-Written against the TensorRT 10 Python API and unverified here: TensorRT cannot be installed on these
-machines (its wheels download their libraries from NVIDIA's index) and they have no GPU, so the step
-reports itself skipped and why. A plan only runs on the GPU model and TensorRT version that built it.
-Validation and benchmarks run the plan with the server's own TensorRT engine.
+Written against the TensorRT 10 Python API. Without TensorRT or a CUDA device the step reports itself
+skipped and says which is missing. A plan only runs on the GPU model and TensorRT version that built
+it. Validation and benchmarks run the plan with the server's own TensorRT engine (``runners.plan_runner``).
 """
 
 from __future__ import annotations
@@ -14,21 +13,20 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from rapidserve.engines.prepare.context import Built, Context, Skipped
-from rapidserve.engines.prepare.source import Runner
+from rapidserve.engines.prepare.ort_quant import ort_int8_static
 
-__all__ = ["build_plan", "plan_runner", "tensorrt_fp16", "tensorrt_int8"]
+__all__ = ["build_plan", "tensorrt_fp16", "tensorrt_int8"]
 
 
 def _require() -> Any:
-    if importlib.util.find_spec("tensorrt") is None:
-        raise Skipped("TensorRT is not installed (its wheels fetch libraries from NVIDIA's index, unreachable here)")
+    """The tensorrt module, or Skipped saying what this machine lacks: a CUDA device, or TensorRT itself."""
     import torch
 
     if not torch.cuda.is_available():
-        raise Skipped("TensorRT needs a CUDA GPU and torch sees none")
+        raise Skipped("TensorRT needs a CUDA device, and torch sees none on this machine")
+    if importlib.util.find_spec("tensorrt") is None:
+        raise Skipped("TensorRT is not installed (pip install tensorrt, or see NVIDIA's TensorRT install guide)")
     import tensorrt
 
     return tensorrt
@@ -52,7 +50,7 @@ def build_plan(trt: Any, onnx_path: Path, target: Path, *, fp16: bool, int8: boo
     for index in range(network.num_inputs):
         tensor = network.get_input(index)
         if tuple(tensor.shape)[:1] != (-1,):
-            raise Skipped(f"input '{tensor.name}' has a fixed batch dimension: export the ONNX with a dynamic one")
+            raise Skipped(f"input '{tensor.name}' has a fixed batch dimension: rerun with --dynamic-batch")
         rest = tuple(tensor.shape)[1:]
         if any(d < 0 for d in rest):
             raise Skipped(f"input '{tensor.name}' has dynamic dimensions beyond the batch: one profile cannot cover it")
@@ -65,21 +63,6 @@ def build_plan(trt: Any, onnx_path: Path, target: Path, *, fp16: bool, int8: boo
     return target
 
 
-def plan_runner(path: Path) -> Runner:
-    """Run a plan on batches of numpy arrays (for validation and benchmarks), with the server's engine."""
-    from rapidserve.engines.base import EngineOptions
-    from rapidserve.engines.tensorrt import TensorRTEngine
-
-    engine = TensorRTEngine(path, EngineOptions(device="cuda:0"))
-    names = [spec.name for spec in engine.outputs]
-
-    def run(batch: dict[str, np.ndarray[Any, Any]]) -> list[np.ndarray[Any, Any]]:
-        results = engine.infer(batch, names)
-        return [results[name] for name in names]
-
-    return run
-
-
 def tensorrt_fp16(ctx: Context) -> Built:
     trt = _require()
     path = build_plan(trt, ctx.onnx_fp32(), ctx.file("tensorrt-fp16", ".plan"), fp16=True, int8=False,
@@ -89,8 +72,6 @@ def tensorrt_fp16(ctx: Context) -> Built:
 
 def tensorrt_int8(ctx: Context) -> Built:
     trt = _require()
-    from rapidserve.engines.prepare.ort_quant import ort_int8_static
-
     qdq = ctx.file("ort-int8", ".onnx")
     if not qdq.exists():
         qdq = ort_int8_static(ctx).path

@@ -13,7 +13,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from rapidserve.engines.prepare.data import Dataset
-from rapidserve.engines.prepare.source import eval_mode
+from rapidserve.engines.prepare.runners import eval_mode
 
 if TYPE_CHECKING:
     from rapidserve.engines.prepare.context import Context

@@ -97,3 +97,21 @@ def test_torchscript_without_config_fails_to_load_with_a_clear_reason(tmp_path: 
         (entry,) = client.repository_index()
     assert entry.state == "UNAVAILABLE"
     assert "give its data_type and dims in config.pbtxt" in entry.reason
+
+
+def test_loading_torchscript_shows_no_deprecation_notice(tmp_path: Path) -> None:
+    """torch.jit.load warns that TorchScript is deprecated; serving TorchScript is a supported format."""
+    import warnings
+
+    from rapidserve.engines.base import EngineOptions
+    from rapidserve.engines.pytorch import TorchEngine
+
+    path = tmp_path / "model.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracing's own notices are not what this test is about
+        torch.jit.trace(TwoHeads().eval(), (torch.randn(1, 8), torch.randn(1, 4))).save(str(path))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        engine = TorchEngine(path, EngineOptions(input_names=("a", "b"), output_names=("logits", "label")))
+        engine.close()
+    assert [str(w.message) for w in seen if issubclass(w.category, DeprecationWarning)] == []
