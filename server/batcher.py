@@ -78,18 +78,27 @@ class _JoinRate:
 
     Learned from the batcher's own waits: a lone closed-loop client never sends while its request
     waits, so waiting stops paying and stops happening; with many clients, waits fill batches and go
-    on. One decision in ``EXPLORE_EVERY`` waits regardless, so the estimate follows the load.
+    on. To follow the load, one decision in ``EXPLORE_EVERY`` waits regardless, but only once a request
+    has arrived while another was queued or running since the last such wait: a lone client never
+    does that, so it is never made to wait out the delay.
     """
 
     EXPLORE_EVERY = 64
     rate: float = 0.0
     decisions: int = 0
+    contended: bool = False  # a request arrived while another was in the batcher, since the last exploration
+    exploring: bool = False  # an exploring wait lasts its whole delay (or until the batch is full)
     wait_start: float | None = None
     arrivals_at_start: int = 0
 
     def should_wait(self, remaining_s: float) -> bool:
         self.decisions += 1
-        return self.rate * remaining_s >= 1.0 or self.decisions % self.EXPLORE_EVERY == 0
+        if self.exploring or self.rate * remaining_s >= 1.0:
+            return True
+        if self.decisions >= self.EXPLORE_EVERY and self.contended:
+            self.decisions, self.contended, self.exploring = 0, False, True
+            return True
+        return False
 
     def waiting(self, now: float, arrivals: int) -> None:
         if self.wait_start is None:
@@ -99,7 +108,7 @@ class _JoinRate:
         if self.wait_start is not None and now > self.wait_start:
             sample = (arrivals - self.arrivals_at_start) / (now - self.wait_start)
             self.rate = 0.7 * self.rate + 0.3 * sample
-        self.wait_start = None
+        self.wait_start, self.exploring = None, False
 
 
 @dataclass(slots=True)
@@ -180,6 +189,8 @@ class DynamicBatcher:
         )
         level = self._priority(request)
         self._arrived += 1
+        if queues.live or self._running:
+            self._joins.contended = True
         queues.levels[level].append(item)
         queues.count += 1
         queues.live += 1

@@ -13,6 +13,7 @@ import pytest
 
 from rapidserve.common.types import TensorSpec
 from rapidserve.engines.base import EngineInputError, may_run_inline
+from rapidserve.server import batcher as batcher_module
 from rapidserve.server.batcher import BatcherConfig, DynamicBatcher
 from rapidserve.server.config import complete_config, parse_config
 from rapidserve.server.errors import DeadlineExceeded, EngineError, InvalidRequest, Overloaded, Unavailable
@@ -106,36 +107,100 @@ async def test_max_batch_size_and_trailing_shapes_split_batches() -> None:
     await batcher.close()
 
 
-async def test_fixed_mode_waits_the_delay_measured_from_the_oldest_request() -> None:
+class FakeClock:
+    """Stands in for the batcher's ``time.monotonic()``: the batcher's notion of "now" moves only when a
+    test moves it, so whether a batch waited out its delay never depends on the machine's speed."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    @staticmethod
+    def monotonic_ns() -> int:
+        return time.monotonic_ns()
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    fake = FakeClock()
+    monkeypatch.setattr(batcher_module, "time", fake)
+    return fake
+
+
+async def turns(count: int = 5) -> None:
+    """Let the event loop run a few times (callbacks scheduled with call_soon included)."""
+    for _ in range(count):
+        await asyncio.sleep(0)
+
+
+async def test_fixed_mode_waits_the_delay_measured_from_the_oldest_request(clock: FakeClock) -> None:
     engine = FakeEngine()
-    batcher = make(engine, max_queue_delay_s=0.2, adaptive=False)
-    start = time.monotonic()
+    batcher = make(engine, max_queue_delay_s=0.25, adaptive=False)
     first = asyncio.ensure_future(batcher.submit(request(1), ["y"]))
-    await asyncio.sleep(0.1)
+    await turns()
+    clock.now += 0.125  # (binary fractions: the sums are exact)
     second = asyncio.ensure_future(batcher.submit(request(2), ["y"]))
-    await asyncio.gather(first, second)
-    elapsed = time.monotonic() - start
+    await asyncio.sleep(0.3)  # real time passes, the batcher's does not: its timers fire and find it early
+    assert not engine.batches and not first.done()
+    clock.now += 0.125  # 0.25 s after the first request, 0.125 s after the second
+    await asyncio.wait_for(asyncio.gather(first, second), 10)
     assert [len(b) for b in engine.batches] == [2]
-    assert 0.19 <= elapsed < 0.28  # 0.2 s from the first request, not from the second
     await batcher.close()
 
 
-async def test_adaptive_mode_does_not_make_a_lone_request_wait() -> None:
+async def test_adaptive_mode_never_makes_a_lone_client_wait_out_the_delay() -> None:
+    """A delay of a minute, each request given a third of it: one that waited would fail. More requests
+    than the one-in-64 decisions that may wait to learn the load."""
     engine = FakeEngine()
-    batcher = make(engine, max_queue_delay_s=0.5)
-    for i in range(5):
-        start = time.monotonic()
-        await batcher.submit(request(i), ["y"])
-        assert time.monotonic() - start < 0.1
+    batcher = make(engine, max_queue_delay_s=60.0)
+    for i in range(3 * 64 + 1):
+        result = await asyncio.wait_for(batcher.submit(request(i), ["y"]), 20)
+        assert result["y"][0, 0] == 2 * i
+    assert [len(b) for b in engine.batches] == [1] * (3 * 64 + 1)
     await batcher.close()
 
 
-async def test_preferred_batch_size_goes_at_once() -> None:
+async def test_adaptive_mode_batches_a_steady_stream_that_would_never_share_a_batch_by_itself() -> None:
+    """One request every 2 ms, each arriving alone, onto 8 instances that take 5 ms a call: a batcher that
+    never waits runs every request alone on a free instance (all batches of 1); the adaptive one learns
+    that requests join while it waits, and waits."""
+
+    class Slow(FakeEngine):
+        def infer(self, inputs, outputs):
+            time.sleep(0.005)
+            return super().infer(inputs, outputs)
+
+    engine = Slow()
+    batcher = make(engine, instances=8, max_queue_delay_s=0.05)
+    tasks = []
+    for i in range(300):
+        tasks.append(asyncio.ensure_future(batcher.submit(request(i), ["y"])))
+        await asyncio.sleep(0.002)
+    results = await asyncio.wait_for(asyncio.gather(*tasks), 60)
+    assert [r["y"][0, 0] for r in results] == [2 * i for i in range(300)]
+    sizes = [len(b) for b in engine.batches]
+    later = sizes[len(sizes) // 2 :]
+    assert max(sizes) > 1 and sum(later) / len(later) >= 1.5, sizes
+    await batcher.close()
+
+
+async def test_adaptive_mode_is_off_in_fixed_mode_and_fixed_mode_waits_for_a_lone_request(clock: FakeClock) -> None:
+    engine = FakeEngine()
+    batcher = make(engine, max_queue_delay_s=4.0, adaptive=False)
+    lone = asyncio.ensure_future(batcher.submit(request(1), ["y"]))
+    await asyncio.sleep(0.05)
+    assert not lone.done() and not engine.batches
+    clock.now += 4.0
+    await asyncio.wait_for(lone, 10)
+    await batcher.close()
+
+
+async def test_preferred_batch_size_goes_at_once(clock: FakeClock) -> None:
     engine = FakeEngine()
     batcher = make(engine, max_queue_delay_s=5.0, preferred_batch_sizes=(2,), adaptive=False)
-    start = time.monotonic()
-    await asyncio.gather(batcher.submit(request(1), ["y"]), batcher.submit(request(2), ["y"]))
-    assert time.monotonic() - start < 1.0
+    await asyncio.wait_for(asyncio.gather(batcher.submit(request(1), ["y"]), batcher.submit(request(2), ["y"])), 10)
     assert [len(b) for b in engine.batches] == [2]
     await batcher.close()
 
