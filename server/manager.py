@@ -15,13 +15,14 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from rapidserve.common.errors import shown
+from rapidserve.engines.registry import DEFAULT_FILENAMES
 from rapidserve.server.cache import PredictionCache
 from rapidserve.server.errors import ModelLoadError, ModelNotFound, NotAllowed, RapidServeError, TooLarge, Unavailable
 from rapidserve.server.model import ModelVersion, build_version
@@ -111,6 +112,7 @@ class ModelManager:
         self._startup = set(names)
         await asyncio.gather(*(self._load_quietly(name) for name in names))
         self._started = True
+        self._warn_if_empty(available, names)
         if self.control_mode == "poll":
             self._poller = asyncio.create_task(self._poll(), name="rapidserve-poll")
 
@@ -149,6 +151,31 @@ class ModelManager:
         self._uploads.cleanup()
         return loading
 
+    def startup_failures(self) -> list[tuple[str, str]]:
+        """(model, reason) for each model loaded at start that is not ready, by name: what
+        ``--exit-on-error`` reports before the server exits."""
+        failed = []
+        for name in sorted(self._startup):
+            if not self._is_ready(name):
+                model = self._models.get(name)
+                failed.append((name, (model.reason if model is not None else "") or "not in the model repository"))
+        return failed
+
+    def _warn_if_empty(self, available: Mapping[str, Path], loading: list[str]) -> None:
+        """A repository that gives the server nothing to serve is worth a line: the server answers every
+        request NOT_FOUND, which alone does not say why."""
+        where = ", ".join(str(repo) for repo in self.repositories)
+        if not available:
+            log.warning(
+                "no models in %s: a model is a folder <repository>/<model>/ holding a version folder such as "
+                "<model>/1/ with one of %s (and optionally <model>/config.pbtxt)",
+                where,
+                ", ".join(name for names in DEFAULT_FILENAMES.values() for name in names),
+            )
+        elif loading and not any(self._is_ready(name) for name in loading):
+            log.warning("none of the %d models in %s loaded: the server serves nothing (see the errors above)",
+                        len(loading), where)  # fmt: skip
+
     @property
     def ready(self) -> bool:
         """True once every model loaded at startup is ready (strict readiness, like Triton)."""
@@ -160,7 +187,7 @@ class ModelManager:
         """The version that serves a request; ``""`` picks the highest loaded version."""
         model = self._models.get(name)
         if model is None:
-            raise ModelNotFound(f"unknown model '{shown(name)}'")
+            raise self.unknown(name)
         if not model.versions:
             if model.state == LOADING:
                 raise Unavailable(f"model '{name}' is loading")
@@ -174,6 +201,11 @@ class ModelManager:
                 f"loaded: {', '.join(map(str, sorted(model.versions)))}"
             )
         return model.versions[int(version)]
+
+    def unknown(self, name: str) -> ModelNotFound:
+        """The error for a request naming a model the server does not have: it lists the loaded ones."""
+        loaded = loaded_names(n for n, m in self._models.items() if m.versions)
+        return ModelNotFound(f"unknown model '{shown(name)}'; {loaded}")
 
     def is_ready(self, name: str, version: str = "") -> bool:
         try:
@@ -442,6 +474,28 @@ class ModelManager:
             shutil.rmtree(directory.parent, ignore_errors=True)
             raise ModelLoadError(f"model '{name}': the uploaded files could not be stored: {exc.strerror}") from None
         return directory
+
+
+MAX_LISTED = 20  # names an unknown-model message lists; the message stays under the status-message bound
+_LISTED_CHARS = 600
+
+
+def loaded_names(names: Iterable[str]) -> str:
+    """``loaded models: a, b, ...`` for a message, at most MAX_LISTED names in about _LISTED_CHARS
+    characters (each name cut to 40), then ``and N more``."""
+    ordered = sorted(names)
+    if not ordered:
+        return "no models are loaded"
+    shown_names: list[str] = []
+    length = 0
+    for name in ordered[:MAX_LISTED]:
+        text = f"'{shown(name, 40)}'"
+        if length + len(text) > _LISTED_CHARS:
+            break
+        shown_names.append(text)
+        length += len(text) + 2
+    rest = len(ordered) - len(shown_names)
+    return "loaded models: " + ", ".join(shown_names) + (f" and {rest} more" if rest else "")
 
 
 def _public(exc: BaseException, name: str, directory: Path | None) -> BaseException:

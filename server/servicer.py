@@ -19,7 +19,7 @@ import grpc
 
 from rapidserve import __version__, protos
 from rapidserve.server.admission import Admission
-from rapidserve.server.errors import InvalidRequest, ModelNotFound, RapidServeError, TooLarge, Unavailable
+from rapidserve.server.errors import InvalidRequest, RapidServeError, TooLarge, Unavailable
 from rapidserve.server.inference import InferencePath
 from rapidserve.server.manager import MAX_UPLOAD_FILES, ModelManager
 from rapidserve.server.model import ModelVersion
@@ -174,7 +174,7 @@ class InferenceServicer:
                 else [v for v in self._manager.loaded() if v.name == request.name]
             )
             if not versions:
-                raise ModelNotFound(f"unknown model '{request.name}'")
+                raise self._manager.unknown(request.name)
         else:
             versions = self._manager.loaded()
         return protos.ModelStatisticsResponse(model_stats=[_statistics(v) for v in versions])

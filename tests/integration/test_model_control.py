@@ -336,3 +336,46 @@ def test_stop_waits_for_a_stuck_load_only_as_long_as_it_is_told(
         with pytest.raises(InferenceServerError) as info:
             client.load_model("scale")
         assert info.value.code == grpc.StatusCode.UNAVAILABLE and "stopping" in info.value.message
+
+
+def test_a_request_for_an_unknown_model_lists_the_loaded_ones(tmp_path: Path, serve) -> None:
+    for name in ("beta", "alpha"):
+        triple_repo(tmp_path, name)
+    server = serve(tmp_path)
+    calls = {
+        "infer": lambda client: client.infer("nope", ones()),
+        "metadata": lambda client: client.model_metadata("nope"),
+        "config": lambda client: client.model_config("nope"),
+        "statistics": lambda client: client.model_statistics("nope"),
+    }
+    with Client(server.url) as client:
+        for rpc, call in calls.items():
+            with pytest.raises(InferenceServerError) as info:
+                call(client)
+            assert info.value.code == grpc.StatusCode.NOT_FOUND, rpc
+            assert info.value.message == "unknown model 'nope'; loaded models: 'alpha', 'beta'", rpc
+
+
+def test_the_list_of_loaded_models_is_bounded() -> None:
+    from rapidserve.server.manager import loaded_names
+    from rapidserve.server.status import MAX_MESSAGE_CHARS
+
+    assert loaded_names([]) == "no models are loaded"
+    few = [f"m{i:02d}" for i in range(25)]
+    assert loaded_names(few) == "loaded models: " + ", ".join(f"'{n}'" for n in few[:20]) + " and 5 more"
+    long = ["x" * 255 + str(i) for i in range(50)]  # the longest model names a repository can hold
+    text = loaded_names(long)
+    assert text.endswith(" more") and len(f"unknown model '{'y' * 80}...'; {text}") < MAX_MESSAGE_CHARS
+
+
+def test_a_repository_that_serves_nothing_says_so(tmp_path: Path, serve, caplog: pytest.LogCaptureFixture) -> None:
+    empty, broken = tmp_path / "empty", tmp_path / "broken"
+    empty.mkdir()
+    (broken / "m" / "1").mkdir(parents=True)
+    (broken / "m" / "1" / "model.onnx").write_bytes(b"not onnx")
+    with caplog.at_level(logging.WARNING, logger="rapidserve"):
+        serve(empty)
+        serve(broken)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(w.startswith(f"no models in {empty}: a model is a folder") and "model.onnx" in w for w in warnings)
+    assert f"none of the 1 models in {broken} loaded: the server serves nothing (see the errors above)" in warnings
