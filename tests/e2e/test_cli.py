@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -139,6 +140,8 @@ def test_demo_serves_without_a_repository_and_infer_prints_outputs(tmp_path: Pat
             timeout=60,
         )
         assert bad.returncode == 1 and "NOT_FOUND" in bad.stderr
+        assert bad.stderr.startswith("rapidserve infer: error: ") and "loaded models: 'digits'" in bad.stderr
+        assert "Traceback" not in bad.stderr
         client.close()
     finally:
         assert remote.stop() == 0
@@ -173,6 +176,7 @@ def test_startup_errors_exit_nonzero_with_a_message(tmp_path: Path) -> None:
     assert missing.returncode == 2 and "model repository not found" in missing.stderr
     first = RemoteServer("--model-repository", str(tmp_path))
     try:
+        first.wait_for_line(rf"no models in {re.escape(str(tmp_path))}: a model is a folder .*model\.onnx")
         busy = subprocess.run(
             [sys.executable, "-m", "rapidserve", "serve", "--model-repository", str(tmp_path),
              "--host", "127.0.0.1", "--grpc-port", str(first.port), "--metrics-port", "0"],
@@ -201,3 +205,33 @@ def test_health_command_follows_readiness_and_metrics_are_served(server: RemoteS
         [*health, "--url", server.url, "--timeout-s", "1"], capture_output=True, text=True, timeout=60
     )
     assert down.returncode == 1 and "unhealthy: UNAVAILABLE" in down.stderr
+
+
+TYPO = 'name: "typo"\nbackend: "onnxruntime"\nmax_batch_sise: 4\n'
+
+
+def test_a_model_that_fails_to_load_at_start_exits_unless_exit_on_error_is_false(tmp_path: Path) -> None:
+    write_model(tmp_path, "add_sub", add_sub_graph(), ADD_SUB_CONFIG)
+    write_model(tmp_path, "typo", add_sub_graph(), TYPO)
+    failed = subprocess.run(
+        [sys.executable, "-m", "rapidserve", "serve", "--model-repository", str(tmp_path), "--host", "127.0.0.1",
+         "--grpc-port", "0", "--metrics-port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr
+    last = failed.stderr.strip().splitlines()[-1]
+    assert last.startswith("rapidserve serve: error: model 'typo' failed to load: ")
+    assert "load: typo/config.pbtxt:3:1: the model config has no field 'max_batch_sise'" in last
+    assert "did you mean max_batch_size?" in last and "--exit-on-error=false" in last
+
+    remote = RemoteServer("--model-repository", str(tmp_path), env={"RAPIDSERVE_EXIT_ON_ERROR": "false"})
+    try:
+        client = tc.InferenceServerClient(remote.url)
+        remote.wait_for_line("not every startup model loaded")
+        assert client.is_server_live() and not client.is_server_ready()
+        assert client.is_model_ready("add_sub") and not client.is_model_ready("typo")
+        client.close()
+    finally:
+        assert remote.stop() == 0
