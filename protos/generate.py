@@ -3,7 +3,8 @@
 Run ``python protos/generate.py`` after editing a ``.proto``; ``--check`` exits 1 when the
 committed file is out of date. We ship a serialized descriptor set instead of ``*_pb2.py`` modules
 because generated ``_pb2`` code registers into protobuf's default pool, where it would clash with
-tritonclient's own ``inference`` package.
+tritonclient's own ``inference`` package, and because generated code demands a protobuf runtime at
+least as new as its generator: a descriptor set loads into any runtime the other packages pick.
 """
 
 from __future__ import annotations
@@ -15,7 +16,13 @@ import textwrap
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-PROTO_FILES = ("model_config.proto", "grpc_service.proto")
+PROTO_FILES = (
+    "model_config.proto",
+    "grpc_service.proto",
+    "health.proto",
+    "reflection_v1alpha.proto",
+    "reflection_v1.proto",
+)
 OUTPUT = HERE / "_descriptor_set.py"
 
 _HEADER = '''"""Serialized FileDescriptorSet of rapidserve's protos. Generated, do not edit.
