@@ -16,16 +16,15 @@ import time
 from typing import Any
 
 import grpc
-from google.protobuf import descriptor_pb2
-from grpc_health.v1 import health_pb2
-from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection
 
 from rapidserve import protos
 from rapidserve.server.access import RestrictionInterceptor
 from rapidserve.server.admission import Admission
 from rapidserve.server.cache import PredictionCache
+from rapidserve.server.health import HealthService
 from rapidserve.server.manager import ModelManager
+from rapidserve.server.ports import bind_error, check_bindable
+from rapidserve.server.reflection import Reflection
 from rapidserve.server.servicer import InferenceServicer
 from rapidserve.server.settings import ServerSettings, TlsSettings
 from rapidserve.server.stats import ServerStats
@@ -57,10 +56,9 @@ class InferenceServer:
             uploads=settings.uploads,
             max_message_bytes=settings.grpc_max_message_bytes,
         )
-        self._health_updates: set[asyncio.Task[None]] = set()
         self._server: grpc.aio.Server | None = None
         self._follow_readiness = False  # health tracks ServerReady once the startup models are in
-        self._health = health_aio.HealthServicer()
+        self._health = HealthService()
         self.stats = ServerStats()
         self._metrics: Any = None
         self._certificates: _Certificates | None = None
@@ -87,27 +85,16 @@ class InferenceServer:
         self._servicer = InferenceServicer(
             self.manager, stats=self.stats, admission=admission, max_response_bytes=settings.grpc_max_message_bytes
         )
+        services = (protos.SERVICE_NAME, protos.HEALTH_SERVICE_NAME, *protos.REFLECTION_SERVICE_NAMES)
         server.add_generic_rpc_handlers(
             (
                 inference_handler(self._servicer, admission, health, _load_request_bytes(settings)),
                 health_handler(self._health, health),
+                *Reflection(protos.FILES, services, admission).handlers(),
             )
         )
-        _register_health_descriptor()
-        reflection.enable_server_reflection(
-            (protos.SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            server,
-            pool=protos.POOL,
-        )
-        address = f"{settings.host}:{settings.grpc_port}"
-        if settings.tls is not None:
-            self._certificates = _Certificates(settings.tls)
-            self.port = server.add_secure_port(address, self._certificates.credentials())
-        else:
-            self.port = server.add_insecure_port(address)
-        if self.port == 0:
-            raise OSError(f"cannot bind {address}")
-        await self._set_health(False)
+        self.port = self._bind(server)
+        self._set_health(False)
         self._server = server
         await server.start()
         log.info("gRPC server listening on %s:%d%s", settings.host, self.port, " (TLS)" if settings.tls else "")
@@ -120,7 +107,7 @@ class InferenceServer:
             log.info("Prometheus metrics at http://%s:%d/metrics", metrics_host, self.metrics_port)
         await self.manager.start()
         self._follow_readiness = True
-        await self._set_health(self.manager.ready)
+        self._set_health(self.manager.ready)
         if self.manager.ready:
             log.info("server ready")
         else:
@@ -135,7 +122,7 @@ class InferenceServer:
         self._follow_readiness = False  # the unloads below must not turn health back on
         if self._servicer is not None:
             self._servicer.drain()
-        await self._set_health(False)  # (health Watch streams hear it)
+        self._set_health(False)  # (health Watch streams hear it)
         if self._server is not None:
             refusing = asyncio.create_task(self._server.stop(grace))  # no new calls from now on
             if self._servicer is not None:
@@ -164,14 +151,30 @@ class InferenceServer:
         """Models were loaded or unloaded: the health service follows ServerReady."""
         if not self._follow_readiness:
             return
-        task = asyncio.ensure_future(self._set_health(self.manager.ready))
-        self._health_updates.add(task)
-        task.add_done_callback(self._health_updates.discard)
+        self._set_health(self.manager.ready)
 
-    async def _set_health(self, ready: bool) -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+    def _set_health(self, ready: bool) -> None:
+        status = protos.HealthCheckResponse.SERVING if ready else protos.HealthCheckResponse.NOT_SERVING
         for service in ("", protos.SERVICE_NAME):
-            await self._health.set(service, status)
+            self._health.set(service, status)
+
+    def _bind(self, server: grpc.aio.Server) -> int:
+        """Bind the gRPC port; a port that cannot be bound is one line naming it and the flag that moves it."""
+        settings = self.settings
+        names = (settings.host, settings.grpc_port, "gRPC", "--grpc-port", "--host")
+        check_bindable(*names)
+        address = f"{settings.host}:{settings.grpc_port}"
+        try:
+            if settings.tls is not None:
+                self._certificates = _Certificates(settings.tls)
+                port = server.add_secure_port(address, self._certificates.credentials())
+            else:
+                port = server.add_insecure_port(address)
+        except RuntimeError:  # grpcio 1.60+ raises where older releases returned 0
+            port = 0
+        if port == 0:
+            raise bind_error(*names)  # taken since the check
+        return port
 
 
 def _load_request_bytes(settings: ServerSettings) -> int:
@@ -246,11 +249,3 @@ class _Certificates:
         return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=root)
 
 
-def _register_health_descriptor() -> None:
-    """Reflection reads our private pool; give it the health service's file so it can describe it."""
-    proto = descriptor_pb2.FileDescriptorProto()
-    health_pb2.DESCRIPTOR.CopyToProto(proto)
-    try:
-        protos.POOL.FindFileByName(proto.name)
-    except KeyError:
-        protos.POOL.Add(proto)

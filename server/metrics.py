@@ -32,6 +32,7 @@ from prometheus_client.utils import floatToGoString
 
 from rapidserve.server.gpu_metrics import GpuCollector
 from rapidserve.server.manager import ModelManager
+from rapidserve.server.ports import bind_error
 from rapidserve.server.stats import QUANTILES, Histogram, LatencyWindow, ServerStats
 
 __all__ = ["MetricsServer", "RapidServeCollector", "Snapshot", "take_snapshot"]
@@ -292,8 +293,13 @@ class MetricsServer:
             RapidServeCollector(lambda: _on_loop(loop, lambda: take_snapshot(manager, stats), SNAPSHOT_TIMEOUT_S))
         )
         ProcessCollector(namespace="rapidserve", registry=self.registry)
-        self.registry.register(GpuCollector())
-        self._http, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        gpus = GpuCollector()
+        gpus.probe()  # at start, so that a scrape never logs why there are no GPU metrics
+        self.registry.register(gpus)
+        try:
+            self._http, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        except OSError:
+            raise bind_error(host, port, "metrics", "--metrics-port", "--metrics-host") from None
         self.port = int(self._http.server_port)
         return self.port
 

@@ -16,11 +16,11 @@ from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
-from grpc_health.v1 import health_pb2
 
 from rapidserve import protos
 from rapidserve.server.admission import Admission
 from rapidserve.server.errors import InvalidRequest, RapidServeError
+from rapidserve.server.health import HealthService
 from rapidserve.server.servicer import InferenceServicer, deadline_of
 from rapidserve.server.status import message_of, status_of
 from rapidserve.server.wire import SPLIT_FROM_BYTES, parser
@@ -70,24 +70,23 @@ def inference_handler(
     return grpc.method_handlers_generic_handler(protos.SERVICE_NAME, handlers)
 
 
-def health_handler(servicer: Any, admission: Admission | None) -> grpc.GenericRpcHandler:
+def health_handler(servicer: HealthService, admission: Admission | None) -> grpc.GenericRpcHandler:
     """The standard gRPC health service, its requests bounded (by the health budget)."""
     check = grpc.unary_unary_rpc_method_handler(
         servicer.Check,
-        request_deserializer=health_pb2.HealthCheckRequest.FromString,
-        response_serializer=health_pb2.HealthCheckResponse.SerializeToString,
+        request_deserializer=protos.HealthCheckRequest.FromString,
+        response_serializer=protos.HealthCheckResponse.SerializeToString,
     )
     watch = grpc.unary_stream_rpc_method_handler(
         servicer.Watch,
-        request_deserializer=health_pb2.HealthCheckRequest.FromString,
-        response_serializer=health_pb2.HealthCheckResponse.SerializeToString,
+        request_deserializer=protos.HealthCheckRequest.FromString,
+        response_serializer=protos.HealthCheckResponse.SerializeToString,
     )
-    service = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
     handlers = {
         "Check": admitted(check, admission, max_bytes=CONTROL_REQUEST_BYTES),
         "Watch": admitted(watch, admission, max_bytes=CONTROL_REQUEST_BYTES),
     }
-    return grpc.method_handlers_generic_handler(service, handlers)
+    return grpc.method_handlers_generic_handler(protos.HEALTH_SERVICE_NAME, handlers)
 
 
 def admitted(

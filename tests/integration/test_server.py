@@ -12,10 +12,10 @@ import ml_dtypes
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from standard_services import health_check
 from tritonclient.utils import InferenceServerException
 
-from rapidserve import AsyncClient, Client, InferenceServerError
+from rapidserve import AsyncClient, Client, InferenceServerError, protos
 from rapidserve.common.datatypes import DATATYPES
 
 pytestmark = pytest.mark.timeout(120)
@@ -264,12 +264,15 @@ def test_statistics_count_requests(client) -> None:
 
 
 def test_grpc_health_and_reflection(shared_server) -> None:
-    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+    """Read by grpcio-reflection's own client: an implementation independent of ours."""
+    reflection_client = pytest.importorskip(
+        "grpc_reflection.v1alpha.proto_reflection_descriptor_database", reason="grpcio-reflection is a dev extra"
+    )
 
     with grpc.insecure_channel(shared_server.url) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
-        reflection_db = ProtoReflectionDescriptorDatabase(channel)
+        check = health_check(channel)
+        assert check(protos.HealthCheckRequest()).status == protos.HealthCheckResponse.SERVING
+        reflection_db = reflection_client.ProtoReflectionDescriptorDatabase(channel)
         services = set(reflection_db.get_services())
         assert {"inference.GRPCInferenceService", "grpc.health.v1.Health"} <= services
         described = reflection_db.FindFileContainingSymbol("inference.GRPCInferenceService")

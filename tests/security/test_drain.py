@@ -13,9 +13,10 @@ import grpc
 import numpy as np
 import pytest
 from remote import RemoteServer
+from standard_services import health_watch
 from testmodels import ADD_SUB_CONFIG, add_sub_graph, write_model
 
-from rapidserve import AsyncClient, InferenceServerError
+from rapidserve import AsyncClient, InferenceServerError, protos
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -116,8 +117,6 @@ def test_sigterm_with_an_idle_open_stream_exits_well_before_the_exit_timeout(rep
 def test_drain_finishes_accepted_unary_requests_and_does_not_wait_for_health_watchers(repo: Path, serve) -> None:
     server = serve(repo, grace_period_s=30)
     model = server.server.manager.get("add_sub")
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
     from rapidserve import Client
 
     results: dict[float, object] = {}
@@ -133,8 +132,8 @@ def test_drain_finishes_accepted_unary_requests_and_does_not_wait_for_health_wat
     for thread in threads:
         thread.start()
     channel = grpc.insecure_channel(server.url)
-    watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=60)
-    assert next(watch).status == health_pb2.HealthCheckResponse.SERVING  # a watcher is connected
+    watch = health_watch(channel)(protos.HealthCheckRequest(), timeout=60)
+    assert next(watch).status == protos.HealthCheckResponse.SERVING  # a watcher is connected
     while model.pending_requests < 2:  # both unary requests are queued on the server
         time.sleep(0.01)
     started = time.monotonic()
@@ -144,7 +143,7 @@ def test_drain_finishes_accepted_unary_requests_and_does_not_wait_for_health_wat
         thread.join(30)
     for value in (1.0, 2.0):
         np.testing.assert_array_equal(results[value], np.full((1, 16), value + 1, np.float32))
-    assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING  # told before it was cut off
+    assert next(watch).status == protos.HealthCheckResponse.NOT_SERVING  # told before it was cut off
     with pytest.raises(grpc.RpcError):
         next(watch)
     channel.close()

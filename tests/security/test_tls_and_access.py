@@ -13,8 +13,8 @@ from pathlib import Path
 import grpc
 import pytest
 from certs import Pki, make_pki
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from remote import RemoteServer
+from standard_services import health_check
 from testmodels import ADD_SUB_CONFIG, add_sub_graph, write_model
 
 from rapidserve import protos
@@ -152,11 +152,10 @@ def test_restricted_protocols_need_their_header_and_value(repo: Path, serve) -> 
         assert call("RepositoryIndex", index, admin) == grpc.StatusCode.OK
         assert _code(lambda: _live(channel)) == grpc.StatusCode.PERMISSION_DENIED
         assert _live(channel, probe)
-        health = health_pb2_grpc.HealthStub(channel)
-        assert (
-            _code(lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=5)) == grpc.StatusCode.PERMISSION_DENIED
-        )
-        assert health.Check(health_pb2.HealthCheckRequest(), timeout=5, metadata=probe).status == 1
+        check = health_check(channel)
+        assert _code(lambda: check(protos.HealthCheckRequest(), timeout=5)) == grpc.StatusCode.PERMISSION_DENIED
+        serving = protos.HealthCheckResponse.SERVING
+        assert check(protos.HealthCheckRequest(), timeout=5, metadata=probe).status == serving
         # protocols without a group stay open
         metadata_request = protos.ServerMetadataRequest().SerializeToString()
         assert call("ServerMetadata", metadata_request) == grpc.StatusCode.OK

@@ -74,3 +74,43 @@ def test_service_paths_match_tritonclient() -> None:
         assert method.input_type.full_name == other.input_type.full_name
         assert method.output_type.full_name == other.output_type.full_name
         assert method.client_streaming == other.client_streaming
+
+
+@pytest.mark.parametrize(
+    ("ours", "module"),
+    [("health.proto", "grpc_health.v1.health_pb2"), ("reflection_v1alpha.proto", "grpc_reflection.v1alpha.reflection_pb2")],
+)
+def test_health_and_reflection_match_grpcs_own_messages_on_the_wire(ours: str, module: str) -> None:
+    """Our health and reflection files against the generated code of grpcio-health-checking and
+    grpcio-reflection (dev extras): every message, field number, type and cardinality, every method."""
+    other = pytest.importorskip(module, reason="grpcio-health-checking and grpcio-reflection are dev extras").DESCRIPTOR
+    mine = protos.POOL.FindFileByName(ours)
+    assert mine.package == other.package
+    messages = list(_messages(mine))
+    assert {m.full_name for m in messages} >= {m.full_name for m in _messages(other)}
+    for message in messages:
+        match = other.pool.FindMessageTypeByName(message.full_name)
+        assert {f.name: (f.number, f.type, f.is_repeated) for f in message.fields} == {
+            f.name: (f.number, f.type, f.is_repeated) for f in match.fields
+        }, message.full_name
+    for service in other.services_by_name.values():
+        for method in service.methods:
+            ours_method = mine.services_by_name[service.name].methods_by_name[method.name]
+            assert ours_method.input_type.full_name == method.input_type.full_name
+            assert ours_method.output_type.full_name == method.output_type.full_name
+            assert ours_method.server_streaming == method.server_streaming
+
+
+def test_reflection_v1_has_the_messages_of_v1alpha() -> None:
+    """Served with one set of classes: the two versions must agree field by field."""
+    alpha = protos.POOL.FindFileByName("reflection_v1alpha.proto")
+    stable = protos.POOL.FindFileByName("reflection_v1.proto")
+    shape = {
+        name: {f.name: (f.number, f.type, f.is_repeated) for f in message.fields}
+        for name, message in alpha.message_types_by_name.items()
+    }
+    assert shape == {
+        name: {f.name: (f.number, f.type, f.is_repeated) for f in message.fields}
+        for name, message in stable.message_types_by_name.items()
+    }
+    assert stable.package == "grpc.reflection.v1" and "ServerReflection" in stable.services_by_name
