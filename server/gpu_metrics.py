@@ -2,7 +2,9 @@
 extra): utilization and memory per GPU, labelled by the GPU's UUID.
 
 Read when Prometheus scrapes, in the scrape's own thread (NVML is thread-safe). Without the library,
-without a driver, or without GPUs, the collector reports nothing and says why once in the log.
+without a driver, or without GPUs, the collector reports nothing: a CPU machine is not a fault, so it
+says why in one debug line when the server starts (``probe``) and never at scrape time. It advises no
+install: ``rapidserve[gpu]`` beside ``rapidserve[cpu]`` would put both ONNX Runtime builds in one place.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ class GpuCollector(Collector):
         self._nvml: Any = None
         self._unavailable = ""
 
-    def _library(self) -> Any:
+    def probe(self) -> bool:
+        """Start NVML once; whether GPU metrics will be reported (why not goes to the debug log)."""
         if self._nvml is None and not self._unavailable:
             try:
                 import pynvml
@@ -32,20 +35,20 @@ class GpuCollector(Collector):
                 pynvml.nvmlInit()
                 self._nvml = pynvml
             except ImportError:
-                self._unavailable = "nvidia-ml-py is not installed (pip install 'rapidserve[gpu]')"
+                self._unavailable = "the NVIDIA management library for Python (nvidia-ml-py) is not installed"
             except Exception as exc:  # pynvml.NVMLError: no driver, no library, no device
-                self._unavailable = f"NVML did not start: {exc}"
+                self._unavailable = f"NVML did not start ({exc}): no NVIDIA driver here"
             if self._unavailable:
-                log.info("no GPU metrics: %s", self._unavailable)
-        return self._nvml
+                log.debug("no GPU metrics: %s", self._unavailable)
+        return self._nvml is not None
 
     def describe(self) -> Iterator[Metric]:
         yield from self._families([])
 
     def collect(self) -> Iterator[Metric]:
-        nvml = self._library()
-        if nvml is None:
+        if not self.probe():
             return
+        nvml = self._nvml
         readings = []
         for index in range(nvml.nvmlDeviceGetCount()):
             try:

@@ -111,7 +111,7 @@ def test_gpu_metrics_without_a_gpu_report_nothing_and_say_why(caplog: pytest.Log
     if _nvml_starts():
         pytest.skip("this machine has a GPU: test_gpu_metrics_read_every_gpu covers it")
     collector = GpuCollector()
-    with caplog.at_level(logging.INFO, logger="rapidserve.server.gpu_metrics"):
+    with caplog.at_level(logging.DEBUG, logger="rapidserve.server.gpu_metrics"):
         assert list(collector.collect()) == []
         assert list(collector.collect()) == []  # said once, not on every scrape
     assert [r.message for r in caplog.records if "no GPU metrics" in r.message].__len__() == 1
