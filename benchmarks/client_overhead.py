@@ -64,7 +64,7 @@ def client_loop(url: str, kind: str, calls: int) -> dict[str, float]:
                 async def send() -> None:
                     await call(data)
             else:
-                from rapidserve.clients.h2grpc import Connection
+                from rapidserve.clients._h2grpc import Connection
 
                 connection = await Connection.open(url)
 

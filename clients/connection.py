@@ -59,8 +59,8 @@ class Tls:
         )
 
     def ssl_context(self) -> ssl.SSLContext:
-        """For ``rapidserve.clients.h2grpc`` (ALPN h2)."""
-        from rapidserve.clients.h2grpc import ssl_context
+        """For the bench's HTTP/2 client, ``rapidserve.clients._h2grpc`` (ALPN h2)."""
+        from rapidserve.clients._h2grpc import ssl_context
 
         return ssl_context(self.root_certificates, self.private_key, self.certificate_chain)
 

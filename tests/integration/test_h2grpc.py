@@ -14,7 +14,7 @@ from testmodels import slow_graph, write_model
 
 from rapidserve import protos
 from rapidserve.clients import Client
-from rapidserve.clients.h2grpc import Connection
+from rapidserve.clients._h2grpc import Connection
 from rapidserve.common import codec
 
 pytestmark = pytest.mark.timeout(120)

@@ -22,8 +22,8 @@ from testmodels import ADD_SUB_CONFIG, add_sub_graph, write_model
 from rapidserve import protos
 from rapidserve.cli import main
 from rapidserve.clients import AsyncClient, Client, InferenceServerError
+from rapidserve.clients._h2grpc import Connection, ssl_context
 from rapidserve.clients.connection import parse_header, tls
-from rapidserve.clients.h2grpc import Connection, ssl_context
 from rapidserve.common import codec
 from rapidserve.server.settings import TlsSettings
 

@@ -18,7 +18,7 @@ from remote import RemoteServer
 from testmodels import SUM_CONFIG, identity_graph, strings_graph, sum_graph, tile_graph, write_model
 
 from rapidserve import AsyncClient, Client, InferenceServerError, protos
-from rapidserve.clients import h2grpc
+from rapidserve.clients import _h2grpc as h2grpc
 from rapidserve.server import streams
 from rapidserve.server.streams import StreamAnswers
 

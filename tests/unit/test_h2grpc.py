@@ -19,8 +19,8 @@ import hpack
 import pytest
 from certs import Pki, make_pki
 
-from rapidserve.clients import h2grpc
-from rapidserve.clients.h2grpc import (
+from rapidserve.clients import _h2grpc as h2grpc
+from rapidserve.clients._h2grpc import (
     CONTINUATION,
     DATA,
     END_HEADERS,
@@ -379,7 +379,7 @@ def test_max_concurrent_streams_is_respected() -> None:
 
 
 def test_streaming_call_and_bench_streams_that_break() -> None:
-    from rapidserve.clients.bench import Streams
+    from rapidserve.clients.bench.transports import Streams
 
     async def script(peer: Peer, kind: int, flags: int, stream_id: int, payload: bytes) -> None:
         if kind == HEADERS:
@@ -492,7 +492,7 @@ def test_calls_waiting_for_a_stream_slot_end_when_the_server_goes_away() -> None
 
 
 def test_a_closed_loop_on_a_closed_connection_keeps_the_event_loop_running() -> None:
-    from rapidserve.clients.bench import Unary
+    from rapidserve.clients.bench.transports import Unary
     from rapidserve.clients.loadgen import Measurement, closed_loop
 
     async def hang_up(peer: Peer, kind: int, flags: int, stream_id: int, payload: bytes) -> None:
@@ -570,7 +570,8 @@ def test_a_failing_message_handler_ends_only_its_stream() -> None:
 
 
 def test_bench_spreads_calls_over_connections_like_perf_analyzer() -> None:
-    from rapidserve.clients.bench import Job, Unary, connection_count
+    from rapidserve.clients.bench.jobs import Job, connection_count
+    from rapidserve.clients.bench.transports import Unary
     from rapidserve.clients.loadgen import Measurement
 
     def job(mode: str, level: float, connections: int | None = None) -> Job:
@@ -590,3 +591,31 @@ def test_bench_spreads_calls_over_connections_like_perf_analyzer() -> None:
         return statuses
 
     assert run(scenario) == ["OK"] * 6
+
+
+def test_an_hpack_without_its_internal_table_is_refused_when_a_connection_is_made(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import importlib.metadata
+    from types import SimpleNamespace
+
+    h2grpc.check_hpack()  # the installed hpack has it
+    message = (
+        f"hpack {importlib.metadata.version('hpack')} lacks the internal table rapidserve's bench client relies on; "
+        "install hpack>=4,<5"
+    )
+
+    class NoTable:
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            self.header_table = SimpleNamespace(maxsize=4096)
+
+    monkeypatch.setattr(hpack, "Decoder", NoTable)
+    with pytest.raises(ImportError) as refused:
+        h2grpc.check_hpack()
+    assert str(refused.value) == message
+
+    async def connect() -> None:
+        Connection("localhost:1")
+
+    with pytest.raises(ImportError, match="lacks the internal table"):
+        asyncio.run(connect())

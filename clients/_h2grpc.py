@@ -1,23 +1,27 @@
-"""A lean gRPC client over HTTP/2 for ``rapidserve bench``: serialized messages in, bytes out.
+"""A lean gRPC client over HTTP/2 for ``rapidserve bench``: serialized messages in, bytes out. Private:
+the bench's transport, not an API.
 
-Why it exists: on a 2-core x86_64 VM grpcio's Python client spends 200-250 us of CPU on
-every unary call, as much as a small model's whole server-side time, so a load tester built on it
-reports its own overhead at low concurrency (benchmarks/RESULTS.md, "one request in flight"). Here a
-call is a header block encoded once per method plus the message, written in one ``transport.write``;
-an answer is parsed from the frames without creating protobuf or grpc objects.
+Why it exists: on a 2-core x86_64 VM grpcio's Python client spends 260-580 us of CPU on every unary
+call (its blocking and asyncio calls), as much as a small model's whole server-side time, so a load
+tester built on it reports its own overhead at low concurrency; this one spends 110-175 us
+(``benchmarks/client_overhead.py``; benchmarks/RESULTS.md, "one request in flight"). Here a call is a
+header block encoded once per method plus the message, written in one ``transport.write``; an answer
+is parsed from the frames without creating protobuf or grpc objects.
 
 Scope: HTTP/2 with prior knowledge in plaintext (h2c, what ``grpc.insecure_channel`` speaks) or over TLS
 with ALPN ``h2`` (mutual TLS too: see ``ssl_context``), unary and bidirectional-streaming calls, identity
 message encoding, extra request headers fixed per connection. The framing follows RFC 9113 (flow control
 both ways, CONTINUATION, padding, SETTINGS, PING, RST_STREAM, GOAWAY); HPACK comes from the ``hpack``
-package. Request header blocks use never-indexed literals only, so they never touch the server's
-decoding table and can be reused verbatim on every call; TLS and extra headers change what a block holds,
-not what a call costs.
+package, whose decoder's internal table (``header_table.dynamic_entries``, hpack 4) the header-block
+cache reads: ``check_hpack`` refuses an hpack without it. Request header blocks use never-indexed
+literals only, so they never touch the server's decoding table and can be reused verbatim on every
+call; TLS and extra headers change what a block holds, not what a call costs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import math
 import ssl as _ssl
 import struct
@@ -32,7 +36,7 @@ import hpack
 
 from rapidserve.clients.connection import check_headers
 
-__all__ = ["Connection", "Reply", "Stream", "ssl_context"]
+__all__ = ["Connection", "Reply", "Stream", "check_hpack", "ssl_context"]
 
 # frame types, flags, settings and error codes of RFC 9113
 DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = range(10)
@@ -55,6 +59,20 @@ _HTTP_CODES = {400: grpc.StatusCode.INTERNAL, 401: grpc.StatusCode.UNAUTHENTICAT
                503: grpc.StatusCode.UNAVAILABLE, 504: grpc.StatusCode.UNAVAILABLE}  # fmt: skip
 _RESET_CODES = {0x7: grpc.StatusCode.UNAVAILABLE, 0x8: grpc.StatusCode.CANCELLED,
                 0xB: grpc.StatusCode.RESOURCE_EXHAUSTED, 0xC: grpc.StatusCode.PERMISSION_DENIED}  # fmt: skip
+
+
+def check_hpack(decoder: hpack.Decoder | None = None) -> None:
+    """Raise ``ImportError`` when hpack's decoder lacks the internal table ``Connection._decode`` reads
+    (hpack 4 has it; hpack is not pinned by everything that installs it)."""
+    table = (decoder or hpack.Decoder()).header_table
+    if not hasattr(table, "dynamic_entries"):
+        try:
+            version = importlib.metadata.version("hpack")
+        except importlib.metadata.PackageNotFoundError:
+            version = getattr(hpack, "__version__", "(unknown version)")
+        raise ImportError(
+            f"hpack {version} lacks the internal table rapidserve's bench client relies on; install hpack>=4,<5"
+        )
 
 
 def frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
@@ -144,6 +162,7 @@ class Connection(asyncio.Protocol):
         self._next_id = 1
         self._blocks: dict[tuple[str, float | None], bytes] = {}  # encoded request header blocks
         self._decoder = hpack.Decoder(max_header_list_size=1 << 24)  # room for large trailers (status details)
+        check_hpack(self._decoder)
         self._table = self._decoder.header_table.dynamic_entries  # newest entry first
         self._decoded: dict[bytes, tuple[object, int, int, dict[bytes, bytes]]] = {}  # see _decode
         self._rx = bytearray()  # the start of a frame that has not fully arrived
