@@ -249,16 +249,18 @@ def test_upload_names_cannot_escape_and_each_upload_replaces_the_last(tmp_path: 
 
 
 def test_health_follows_readiness_after_loads_and_unloads(tmp_path: Path, serve) -> None:
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from standard_services import health_check
+
+    from rapidserve import protos
 
     triple_repo(tmp_path, "scale")
     server = serve(tmp_path, model_control_mode="explicit", load_models=("scale",))
-    serving = health_pb2.HealthCheckResponse.SERVING
+    serving = protos.HealthCheckResponse.SERVING
     with grpc.insecure_channel(server.url) as channel, Client(server.url) as client:
-        health = health_pb2_grpc.HealthStub(channel)
+        check = health_check(channel)
 
         def status() -> int:
-            return health.Check(health_pb2.HealthCheckRequest(service="inference.GRPCInferenceService")).status
+            return check(protos.HealthCheckRequest(service="inference.GRPCInferenceService")).status
 
         assert status() == serving
         client.unload_model("scale")  # a startup model is gone: not ready
