@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from rapidserve.engines.prepare.data import Array, Dataset
+from rapidserve.engines.prepare.progress import one_line
 from rapidserve.engines.prepare.runners import onnx_runner, predict
 from rapidserve.engines.prepare.source import Source
 
@@ -59,34 +60,35 @@ def make_dynamic(source: Path, target: Path) -> Path:
 def _difference(want: list[Array], got: list[Array]) -> str:
     for index, (a, b) in enumerate(zip(want, got, strict=True)):
         if a.shape != b.shape:
-            return f"output {index} has shape {list(b.shape)} where the original gives {list(a.shape)}"
+            return f"its output {index} has shape {list(b.shape)} where the original gives {list(a.shape)}"
         scale = max(float(np.abs(a).max()) if a.size else 0.0, 1.0)
         error = float(np.abs(a.astype(np.float64) - b).max()) / scale if a.size else 0.0
         if error > _TOLERANCE:
-            return f"output {index} differs from the original's by {error:.2e} (relative)"
+            return f"its output {index} differs from the original's by {error:.2e} (relative)"
     return ""
 
 
 def with_dynamic_batch(source: Source, val: Dataset, workdir: Path) -> tuple[Source, str]:
-    """The source rewritten to a dynamic batch when that is safe, and a sentence saying what was done."""
+    """The source rewritten to a dynamic batch when that is safe, and a sentence saying what was done
+    (or why not: then the source is returned as it was)."""
     import onnx
 
     assert source.onnx_path is not None and source.fixed_batch is not None
     fixed = source.fixed_batch
-    kept = f"kept the fixed batch of {fixed}"
     reason = hard_coded_batch(onnx.load(str(source.onnx_path), load_external_data=False), fixed)
     if reason:
-        return source, f"--dynamic-batch not applied: {reason}; {kept}"
+        return source, f"--dynamic-batch not applied: {reason}"
     rewritten = make_dynamic(source.onnx_path, workdir / "dynamic-batch.onnx")
     check = val if len(val) >= CHECK_BATCH else Dataset(val.rows(CHECK_BATCH))
     try:
         want = predict(onnx_runner(source.onnx_path), check, fixed)
-        got = predict(onnx_runner(rewritten), check, CHECK_BATCH)
+        got = predict(onnx_runner(rewritten, log_severity=4), check, CHECK_BATCH)
         difference = _difference(want, got)
     except Exception as exc:  # ONNX Runtime refusing the rewritten graph is an answer, not a crash
-        difference = f"ONNX Runtime cannot run it at batch {CHECK_BATCH}: {' '.join(str(exc).split())[:300]}"
+        difference = f"ONNX Runtime cannot run it at batch {CHECK_BATCH}: {one_line(exc)}"
     if difference:
-        return source, f"--dynamic-batch not applied: the rewritten model's {difference}; {kept}"
+        failed = "the rewritten model failed the check against the original"
+        return source, f"--dynamic-batch not applied: {failed}: {difference}"
     note = (
         f"--dynamic-batch: the model's batch dimension (fixed at {fixed}) was rewritten to a dynamic one, "
         f"which gave the original's outputs on {len(check)} validation samples in batches of {CHECK_BATCH}"

@@ -12,6 +12,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from rapidserve.engines.prepare.progress import DEBUG_HINT, PrepareError, Progress, one_line
+
 __all__ = ["add_arguments", "run"]
 
 _ERROR = "rapidserve prepare: error: "
@@ -63,11 +65,6 @@ def _split(text: str | None) -> tuple[Any, ...] | None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        from rapidserve.engines.prepare.progress import DEBUG_HINT, PrepareError, Progress, one_line
-    except ImportError as exc:
-        print(f"{_ERROR}prepare needs {exc.name}: pip install 'rapidserve[cpu,torch]'", file=sys.stderr)
-        return 2
-    try:
         return _run(args, Progress())
     except KeyboardInterrupt:
         print("rapidserve prepare: interrupted", file=sys.stderr)
@@ -81,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
 
-def _run(args: argparse.Namespace, progress: Any) -> int:
+def _run(args: argparse.Namespace, progress: Progress) -> int:
     try:
         from rapidserve.engines.prepare.data import load_npz
         from rapidserve.engines.prepare.demo import DEMO_FACTORY, DEMO_RECIPE, digits_data, train_teacher

@@ -8,7 +8,9 @@ exports are checked against the module's own outputs before they are used.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +20,27 @@ from rapidserve.engines.prepare.data import Dataset
 from rapidserve.engines.prepare.runners import onnx_runner, torch_runner
 from rapidserve.engines.prepare.source import Source
 
-__all__ = ["ExportMismatch", "export_onnx", "export_torchscript"]
+__all__ = ["ExportMismatch", "export_onnx", "export_torchscript", "torch_notices_quiet"]
 
 OPSET = 17
+# torch's notices about the paths taken here on purpose (see above): filtered by category and message,
+# so that a warning about the user's model itself (a TracerWarning, say) still reaches them
+_NOTICES = (
+    (DeprecationWarning, r"You are using the legacy TorchScript-based ONNX export"),
+    (DeprecationWarning, r"The feature will be removed"),  # raised inside the legacy exporter
+    (DeprecationWarning, r"`torch\.jit\.\w+` is deprecated"),
+    (DeprecationWarning, r"torch\.ao\.quantization is deprecated"),
+    (UserWarning, r"torch\.quantize_per_tensor, torch\.quantize_per_channel"),
+    (FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated"),  # the dynamo exporter, torch 2.13
+)
+
+
+@contextlib.contextmanager
+def torch_notices_quiet() -> Iterator[None]:
+    with warnings.catch_warnings():
+        for category, message in _NOTICES:
+            warnings.filterwarnings("ignore", message, category)
+        yield
 
 
 class ExportMismatch(RuntimeError):
@@ -34,8 +54,7 @@ def export_onnx(module: Any, source: Source, data: Dataset, path: Path) -> Path:
     names_out = [t.name for t in source.outputs]
     if module is source.module and source.program is not None:
         return _export_program(source, data, path, names_in, names_out)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice
+    with torch_notices_quiet():
         torch.onnx.export(
             module,
             source.example(data),
@@ -60,8 +79,7 @@ def _export_program(source: Source, data: Dataset, path: Path, names_in: list[st
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # it logs every step, and each missing torchvision operator
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with torch_notices_quiet():
             torch.onnx.export(
                 source.program, f=str(path), dynamo=True, external_data=False, opset_version=18,
                 input_names=names_in, output_names=names_out, verbose=False,
@@ -76,8 +94,7 @@ def export_torchscript(module: Any, source: Source, data: Dataset, path: Path) -
     """Traced TorchScript, which the PyTorch engine loads (``model.pt``) without unpickling code."""
     import torch
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer and quantization deprecation notices
+    with torch_notices_quiet():
         traced = torch.jit.trace(module, source.example(data), check_trace=False)
         torch.jit.save(traced, str(path))
         loaded = torch.jit.load(str(path))

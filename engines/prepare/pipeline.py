@@ -134,7 +134,7 @@ def _batching(source: Source, recipe: Recipe, val: Dataset, workdir: Path, progr
     with progress.step("--dynamic-batch: rewriting and checking the batch dimension", source.onnx_path):
         rewritten, note = with_dynamic_batch(source, val, workdir)
     progress.say(note)
-    return rewritten, note if rewritten.fixed_batch is None else f"{note}: {kept}"
+    return rewritten, note if rewritten.fixed_batch is None else f"{note}; {kept}"
 
 
 @contextlib.contextmanager

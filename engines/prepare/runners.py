@@ -101,13 +101,15 @@ def chunked(run: Runner, size: int) -> Runner:
     return run_chunks
 
 
-def onnx_runner(path: Path, threads: int = 1) -> Runner:
+def onnx_runner(path: Path, threads: int = 1, *, log_severity: int = 3) -> Runner:
+    """``log_severity`` 3 keeps ORT's warnings about its own fusions out of the output; 4 its errors too,
+    for a run whose failure is an expected answer."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    options.log_severity_level = 3  # keep ORT's warnings about its own fusions out of the output
+    options.log_severity_level = log_severity
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
 

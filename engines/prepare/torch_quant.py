@@ -8,10 +8,9 @@ PyTorch engine loads without unpickling Python objects.
 from __future__ import annotations
 
 import copy
-import warnings
 
 from rapidserve.engines.prepare.context import Built, Context, Skipped
-from rapidserve.engines.prepare.export import export_torchscript
+from rapidserve.engines.prepare.export import export_torchscript, torch_notices_quiet
 
 __all__ = ["torch_int8_dynamic"]
 
@@ -25,8 +24,7 @@ def torch_int8_dynamic(ctx: Context) -> Built:
         raise Skipped("the model has no nn.Linear layer for dynamic INT8 to quantize")
     if "x86" in torch.backends.quantized.supported_engines:
         torch.backends.quantized.engine = "x86"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notices
+    with torch_notices_quiet():  # torch.ao.quantization's deprecation notices
         quantized = torch.ao.quantization.quantize_dynamic(copy.deepcopy(module), {torch.nn.Linear}, torch.qint8)
     path = export_torchscript(quantized, ctx.source, ctx.calib, ctx.file("torch-int8-dynamic", ".pt"))
     others = sum(isinstance(m, torch.nn.Conv2d) for m in module.modules())

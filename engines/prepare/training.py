@@ -7,16 +7,14 @@ targets when distilling; everything else learns to reproduce the original's outp
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from rapidserve.engines.prepare.context import Context
 from rapidserve.engines.prepare.data import Dataset
 from rapidserve.engines.prepare.runners import eval_mode
-
-if TYPE_CHECKING:
-    from rapidserve.engines.prepare.context import Context
 
 __all__ = ["fine_tune", "train"]
 

@@ -24,6 +24,11 @@ def test_the_demo_repository_serves_every_accepted_variant_with_its_reported_acc
         capture_output=True, text=True, timeout=540,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
+    # not a terminal: a line per step with its elapsed seconds, and nothing else (no warnings, no bars)
+    lines = done.stderr.splitlines()
+    assert [line for line in lines if not line.startswith("prepare [")] == []
+    assert any(line.endswith("training the demo model on scikit-learn's digits: started") for line in lines)
+    assert sum(": done in " in line for line in lines) >= 4
     report = json.loads((out / "report.json").read_text())
     assert "Recommended" in done.stdout and report["recommended"] in done.stdout
     by_name = {v["name"]: v for v in report["variants"]}
