@@ -247,5 +247,3 @@ class _Certificates:
                 f"{tls.server_cert}, {tls.server_key}: not a matching PEM certificate and key ({exc})"
             ) from None
         return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=root)
-
-

@@ -29,7 +29,9 @@ def health_watch(channel: grpc.Channel) -> Any:
     )
 
 
-def reflect(channel: grpc.Channel, requests: Iterable[Any], version: str = "v1alpha", timeout: float = 10) -> Iterator[Any]:
+def reflect(
+    channel: grpc.Channel, requests: Iterable[Any], version: str = "v1alpha", timeout: float = 10
+) -> Iterator[Any]:
     """One ServerReflectionInfo stream carrying ``requests``; yields the responses."""
     call = channel.stream_stream(
         f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo",

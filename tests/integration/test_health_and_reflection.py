@@ -45,7 +45,9 @@ def _files(response) -> list[descriptor_pb2.FileDescriptorProto]:
 def test_health_check_follows_readiness_and_refuses_unknown_services(channel) -> None:
     check = health_check(channel)
     for service in ("", "inference.GRPCInferenceService"):
-        assert check(protos.HealthCheckRequest(service=service), timeout=10).status == protos.HealthCheckResponse.SERVING
+        assert (
+            check(protos.HealthCheckRequest(service=service), timeout=10).status == protos.HealthCheckResponse.SERVING
+        )
     with pytest.raises(grpc.RpcError) as info:
         check(protos.HealthCheckRequest(service="no.such.Service"), timeout=10)
     assert info.value.code() == grpc.StatusCode.NOT_FOUND

@@ -31,7 +31,9 @@ def busy_port() -> Iterator[int]:
 
 
 def _settings(tmp_path: Path, **ports: int) -> ServerSettings:
-    return ServerSettings(model_repositories=(tmp_path,), host="127.0.0.1", **{"grpc_port": 0, "metrics_port": 0, **ports})
+    return ServerSettings(
+        model_repositories=(tmp_path,), host="127.0.0.1", **{"grpc_port": 0, "metrics_port": 0, **ports}
+    )
 
 
 @pytest.mark.parametrize("which", ["grpc_port", "metrics_port"])
