@@ -30,9 +30,7 @@ _DESCRIPTION = (
     "e.g. RAPIDSERVE_GRPC_PORT for --grpc-port."
 )
 
-# kept for callers of the previous names
-_env = env
-_settings = _serve.settings_of
+_settings = _serve.settings_of  # the server's settings from parsed flags (tests build them this way)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -91,18 +89,9 @@ def _log_level(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
-def _subcommand(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            found: argparse.ArgumentParser = action.choices[name]
-            return found
-    return parser
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    command = _subcommand(parser, args.command)
     bad = bad_variable(args)
     if bad is not None:
         return _usage_error(args.command, bad.message())
@@ -111,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=level if level in LOG_LEVELS else "WARNING", format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
-        return _run(args, command)
+        return _run(args)
     except KeyboardInterrupt:
         print(f"rapidserve {args.command}: interrupted", file=sys.stderr)
         return 130
@@ -122,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-def _run(args: argparse.Namespace, command: argparse.ArgumentParser) -> int:
+def _run(args: argparse.Namespace) -> int:
     if args.command == "serve":
         try:
             settings, demo = _serve.settings_of(args)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import queue
 import re
 import signal
@@ -174,6 +175,17 @@ def test_startup_errors_exit_nonzero_with_a_message(tmp_path: Path) -> None:
         timeout=60,
     )
     assert missing.returncode == 2 and "model repository not found" in missing.stderr
+    bad = subprocess.run(
+        [sys.executable, "-m", "rapidserve", "serve"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "RAPIDSERVE_GRPC_PORT": "abc"},
+    )
+    assert bad.returncode == 2
+    assert (
+        bad.stderr == "rapidserve serve: error: environment variable RAPIDSERVE_GRPC_PORT='abc': expected an integer\n"
+    )
     first = RemoteServer("--model-repository", str(tmp_path))
     try:
         first.wait_for_line(rf"no models in {re.escape(str(tmp_path))}: a model is a folder .*model\.onnx")
