@@ -95,6 +95,10 @@ def export_torchscript(module: Any, source: Source, data: Dataset, path: Path) -
     import torch
 
     with torch_notices_quiet():
+        if module is source.module and source.program is not None:
+            # a torch.export program's module checks its input shapes with Python booleans, which the
+            # tracer warns about; the check below runs the trace at another batch size instead
+            warnings.filterwarnings("ignore", "Converting a tensor to a Python boolean", torch.jit.TracerWarning)
         traced = torch.jit.trace(module, source.example(data), check_trace=False)
         torch.jit.save(traced, str(path))
         loaded = torch.jit.load(str(path))

@@ -36,6 +36,7 @@ def write_model(repository: Path, model: str, built: Built, source: Source, max_
     ``max_batch_size`` 0 (a model whose batch size is fixed) writes full dims, the batch included."""
     folder = repository / model
     batch = (source.fixed_batch or 1,) if max_batch_size == 0 else ()
+    queue = "dynamic_batching { }\n" if max_batch_size > 0 else ""  # Triton batches only where the model can
     (folder / "1").mkdir(parents=True)
     shutil.copyfile(built.path, folder / "1" / _FILE[built.format])
     (folder / "config.pbtxt").write_text(
@@ -44,6 +45,6 @@ def write_model(repository: Path, model: str, built: Built, source: Source, max_
         f"max_batch_size: {max_batch_size}\n"
         f"input [\n{_tensors(source.inputs, batch)}\n]\n"
         f"output [\n{_tensors(source.outputs, batch)}\n]\n"
-        + ("dynamic_batching { }\n" if max_batch_size > 0 else "")
+        f"{queue}"
     )
     return folder

@@ -162,7 +162,10 @@ def test_dynamic_batch_rewrites_the_batch_dimension_and_serves_batches(files, tm
     ("reshape", "why"),
     [
         ("constant", "its Reshape node 'flatten' hard-codes the batch in its shape [1, -1]"),  # seen in the graph
-        ("computed", "the rewritten model failed the check against the original: "),  # seen only when the rewritten model runs: a check, not a guess
+        (
+            "computed",
+            "the rewritten model failed the check against the original: ",
+        ),  # seen only when the rewritten model runs: a check, not a guess
     ],
 )
 def test_dynamic_batch_falls_back_on_a_reshape_that_hard_codes_the_batch(
@@ -217,7 +220,9 @@ def test_an_unexpected_failure_is_one_line_with_the_way_to_the_traceback(
     assert prepare("--model-file", str(files["model"]), "--name", "z", "--val", str(files["val"]), "--out",
                    str(tmp_path / "repo"), "--variants", "onnx-fp32") == 2  # fmt: skip
     (line,) = error_lines(capsys.readouterr().err)
-    assert line.startswith(f"rapidserve prepare: error: {tmp_path / 'repo' / 'report.md'}: writing the report: KeyError")
+    assert line.startswith(
+        f"rapidserve prepare: error: {tmp_path / 'repo' / 'report.md'}: writing the report: KeyError"
+    )
     assert line.endswith("(run with --log-level debug for the traceback)")
 
     monkeypatch.setattr(pipeline, "_prepare_out", broken)
