@@ -123,3 +123,73 @@ def test_bad_request_parameters_are_refused_even_when_the_answer_is_cached(tmp_p
             c.infer("scale", {"x": x}, parameters={"priority": 9})
         assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
         np.testing.assert_array_equal(c.infer("scale", {"x": x}, parameters={"priority": 1})["y"], x * 3)
+
+
+def _batching_config(delay_s: float, mode: str | None = None) -> str:
+    param = f'parameters {{ key: "batching_mode" value: {{ string_value: "{mode}" }} }}\n' if mode else ""
+    return f"max_batch_size: 8\ndynamic_batching {{ max_queue_delay_microseconds: {int(delay_s * 1e6)} }}\n{param}"
+
+
+def _queue_s(client: Client, model: str) -> tuple[float, int]:
+    """(seconds requests spent queued in all, requests counted), from the server's statistics."""
+    queue = client.model_statistics(model).model_stats[0].inference_stats.queue
+    return queue.ns / 1e9, queue.count
+
+
+WAITS_S = 0.25  # a fixed-mode model's delay: each lone request queues at least this long
+NEVER_S = 60.0  # an adaptive model's delay: one lone request that waited it out would show in the total
+LONE_REQUESTS = 3 * 64 + 1  # more than the one-in-64 decisions that may wait to learn the load
+
+
+@pytest.mark.parametrize("server_mode", ["adaptive", "fixed"])
+def test_batching_mode_from_the_server_setting_and_the_model_parameter(
+    tmp_path: Path, serve, server_mode: str
+) -> None:
+    """The server's ``--batching-mode`` applies to a model without the ``batching_mode`` parameter; the
+    parameter overrides it. A lone client of an adaptive model never waits out even a minute's delay;
+    one of a fixed model waits the delay every time."""
+    other = "fixed" if server_mode == "adaptive" else "adaptive"
+    delays = {"adaptive": NEVER_S, "fixed": WAITS_S}
+    write_model(tmp_path, "by_server", scale_graph("by_server", INT64, 3), _batching_config(delays[server_mode]))
+    write_model(tmp_path, "by_model", scale_graph("by_model", INT64, 3), _batching_config(delays[other], other))
+    server = serve(tmp_path, batching_mode=server_mode)
+    modes = {"by_server": server_mode, "by_model": other}
+    with Client(server.url, timeout_s=120) as c:
+        for model, mode in modes.items():
+            count = LONE_REQUESTS if mode == "adaptive" else 2
+            for i in range(count):
+                x = np.full((1, 4), i, np.int64)
+                np.testing.assert_array_equal(c.infer(model, {"x": x})["y"], x * 3)
+            total_s, counted = _queue_s(c, model)
+            assert counted == count
+            if mode == "fixed":
+                assert total_s >= count * WAITS_S, (model, total_s)
+            else:
+                assert total_s < NEVER_S / 10, (model, total_s)
+
+
+def test_a_steady_stream_of_concurrent_clients_gets_batches_larger_than_one(tmp_path: Path, serve) -> None:
+    write_model(tmp_path, "scale", scale_graph("scale", INT64, 3), _batching_config(0.05))
+    server = serve(tmp_path)  # adaptive, the default
+    errors: list[BaseException] = []
+
+    def client(worker: int) -> None:
+        try:
+            with Client(server.url, timeout_s=60) as c:
+                for i in range(80):
+                    x = np.full((1, 4), worker * 1000 + i, np.int64)
+                    np.testing.assert_array_equal(c.infer("scale", {"x": x})["y"], x * 3)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(w,)) for w in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+    with Client(server.url) as c:
+        stats = c.model_statistics("scale").model_stats[0]
+    sizes = {b.batch_size: b.compute_infer.count for b in stats.batch_stats}
+    assert sum(size * count for size, count in sizes.items()) == 8 * 80
+    assert max(sizes) > 1, sizes
