@@ -165,7 +165,12 @@ class PredictionCache:
         self.used_bytes -= _MODEL_BYTES
 
     async def get_or_compute(
-        self, key: bytes, model: str, compute: Callable[[], Awaitable[Arrays]], deadline: float | None = None
+        self,
+        key: bytes,
+        model: str,
+        compute: Callable[[], Awaitable[Arrays]],
+        deadline: float | None = None,
+        generation: int | None = None,
     ) -> tuple[Arrays, str]:
         """(outputs, "hit" | "miss" | "join"). Identical misses in flight at once share one computation:
         the first runs it ("miss"), the others wait for its answer ("join").
@@ -173,7 +178,13 @@ class PredictionCache:
         A caller that joins another's computation waits at most until its own ``deadline``
         (``time.monotonic()``), and if that computation fails for reasons of its own request
         (cancelled, timed out, queue full, model unloading) it tries again instead of failing.
+        ``generation``: the model's generation when the caller's version was loaded; a request to a
+        version that a reload has since replaced computes alone, neither cached nor shared, since a
+        reload of the same version number has the same keys.
         """
+        if generation is not None and generation != self.generation(model):
+            self.stats.misses += 1
+            return await compute(), "miss"
         while True:
             cached = self.get(key)
             if cached is not None:

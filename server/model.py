@@ -108,6 +108,9 @@ class ModelVersion:
         self.stats = ModelStats()
         self._engines = loaded.engines
         self._cache = cache if cache is not None and loaded.config.response_cache.enable else None
+        # the cache's generation of this model when this version was loaded: once a reload replaces
+        # it, its in-flight requests no longer fill the cache or lead computations for the new one
+        self._generation = cache.generation(name) if cache is not None else 0
         self._output_names = tuple(spec.name for spec in loaded.spec.outputs)
         self._batcher = DynamicBatcher(
             f"{name}/{loaded.version}",
@@ -206,7 +209,7 @@ class ModelVersion:
         key = key or self._cache.key(self.name, self.version, request.inputs, outputs)
         looked_up = time.monotonic_ns()
         arrays, outcome = await self._cache.get_or_compute(
-            key, self.name, lambda: self._batcher.submit(request, outputs), request.deadline
+            key, self.name, lambda: self._batcher.submit(request, outputs), request.deadline, self._generation
         )
         if outcome == "hit":
             self.stats.cache_hit_served(time.monotonic_ns() - start, self._rows(arrays))

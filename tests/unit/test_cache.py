@@ -294,3 +294,54 @@ def test_accounting_returns_to_zero_when_entries_leave() -> None:
     small.drop_model("a")
     small.drop_model("b")
     assert cache.used_bytes == small.used_bytes == 0 and len(cache) == len(small) == 0
+
+
+class _Adds:
+    """An engine that adds a constant: two of them stand for two loads of one model version."""
+
+    def __init__(self, offset: float) -> None:
+        self.offset = offset
+        self.calls = 0
+
+    def infer(self, inputs, outputs):
+        self.calls += 1
+        return {"y": inputs["x"] + np.float32(self.offset)}
+
+    def close(self) -> None:
+        pass
+
+
+def _version(cache: PredictionCache, offset: float):
+    from rapidserve.engines.base import TensorSpec
+    from rapidserve.server.config import complete_config, parse_config
+    from rapidserve.server.model import LoadedVersion, ModelVersion
+
+    config = parse_config('name: "m"\nmax_batch_size: 8\nresponse_cache { enable: true }')
+    spec = complete_config(config, (TensorSpec("x", "FP32", (-1, 3)),), (TensorSpec("y", "FP32", (-1, 3)),))
+    engine = _Adds(offset)
+    return ModelVersion("m", LoadedVersion(1, config, spec, [engine], 0.0), cache=cache), engine
+
+
+async def test_a_request_to_the_version_a_reload_replaced_never_fills_or_leads_for_the_new_one() -> None:
+    """A request picks its model version, the model is reloaded (same version number, new weights: the
+    manager drops the model's entries and swaps the version in), then the request reaches the cache.
+    Its answer must not be inserted for the new version, nor shared with the new version's requests."""
+    from rapidserve.server.types import InferRequest
+
+    cache = PredictionCache(1 << 20)
+    old, _ = _version(cache, 1.0)
+    cache.drop_model("m")  # what a reload does before it swaps in the new version
+    new, new_engine = _version(cache, 2.0)
+    x = np.full((1, 3), 5.0, np.float32)
+    late = await old.infer(InferRequest("m", "", {"x": x}))
+    np.testing.assert_array_equal(late.outputs["y"], x + 1)  # it was addressed to the old weights
+    np.testing.assert_array_equal((await new.infer(InferRequest("m", "", {"x": x}))).outputs["y"], x + 2)
+    assert new_engine.calls == 1
+
+    # in flight together: the old version's computation is not joined by the new version's request
+    first = asyncio.ensure_future(old.infer(InferRequest("m", "", {"x": x + 1})))
+    second = asyncio.ensure_future(new.infer(InferRequest("m", "", {"x": x + 1})))
+    answers = await asyncio.gather(first, second)
+    np.testing.assert_array_equal(answers[1].outputs["y"], x + 3)
+    await old.close()
+    await new.close()
