@@ -202,8 +202,8 @@ def _infer(args: argparse.Namespace) -> int:
 
     try:
         client = Client(args.url, timeout_s=args.timeout_s, **client_options(args))
-    except (OSError, ValueError) as exc:
-        raise CommandError(str(exc)) from exc
+    except (OSError, ValueError) as exc:  # the TLS and header options: a usage error
+        return _usage_error("infer", str(exc))
     with client:
         inputs = _read_inputs(args)
         try:
