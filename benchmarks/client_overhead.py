@@ -5,7 +5,7 @@ loop, and the table gives p50/p99 latency and the client's CPU per call, next to
 measured in the same run, before and after the Python clients.
 
 Clients: grpcio's blocking call and its asyncio call (both with raw bytes, no protobuf work), and the
-lean HTTP/2 client ``rapidserve bench`` uses (``rapidserve.clients.h2grpc``) on uvloop.
+lean HTTP/2 client ``rapidserve bench`` uses (``rapidserve.clients._h2grpc``) on uvloop.
 
     python benchmarks/client_overhead.py [--perf-analyzer PATH] [--calls 5000] [--noop]
 """
