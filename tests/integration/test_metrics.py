@@ -226,3 +226,45 @@ def test_a_queued_call_that_is_cancelled_or_times_out_counts_under_its_reason(tm
         other = "timeout" if ending == "cancel" else "cancelled"
         assert value(samples, "rapidserve_request_failure_total", **labels, reason=other) == 0
         assert client.model_statistics("slow").model_stats[0].inference_stats.fail.count == 1
+
+
+SINGLE_FLIGHT = """max_batch_size: 2
+dynamic_batching { max_queue_delay_microseconds: 60000000 }
+response_cache { enable: true }
+parameters { key: "batching_mode" value: { string_value: "fixed" } }
+"""
+
+
+def test_identical_requests_in_flight_together_compute_once_and_count_as_joins(tmp_path: Path, serve) -> None:
+    """Over one stream the server takes requests in order: the first of four identical requests waits in
+    the queue (fixed mode, a minute's delay, batches of 2) until a different request fills its batch,
+    so the three after it join its computation for certain, whatever the machine's speed."""
+    import asyncio
+
+    from testmodels import scale_graph, write_model
+
+    from rapidserve import AsyncClient
+
+    write_model(tmp_path, "once", scale_graph("once", 7, 3), SINGLE_FLIGHT)
+    server = serve(tmp_path)
+    same = np.arange(4, dtype=np.int64).reshape(1, 4)
+    filler = same + 100
+
+    async def send() -> list[dict[str, np.ndarray]]:
+        async with AsyncClient(server.url, timeout_s=120) as client:
+            calls = [client.infer("once", {"x": same}) for _ in range(4)] + [client.infer("once", {"x": filler})]
+            return await asyncio.gather(*calls)
+
+    answers = asyncio.run(send())
+    for answer, x in zip(answers, [same] * 4 + [filler], strict=True):
+        np.testing.assert_array_equal(answer["y"], x * 3)
+    samples = scrape(server.metrics_url)
+    labels = {"model": "once", "version": "1"}
+    assert value(samples, "rapidserve_cache_join_total", **labels) == 3
+    assert value(samples, "rapidserve_cache_hit_total", **labels) == 0
+    assert value(samples, "rapidserve_execution_total", **labels) == 1  # one batch: the leader and the filler
+    assert value(samples, "rapidserve_request_success_total", **labels) == 5
+    with Client(server.url) as client:
+        stats = client.model_statistics("once").model_stats[0]
+    assert stats.execution_count == 1 and [(b.batch_size, b.compute_infer.count) for b in stats.batch_stats] == [(2, 1)]
+    assert stats.inference_stats.success.count == 5 and stats.inference_stats.cache_hit.count == 0
