@@ -193,3 +193,48 @@ def test_a_steady_stream_of_concurrent_clients_gets_batches_larger_than_one(tmp_
     sizes = {b.batch_size: b.compute_infer.count for b in stats.batch_stats}
     assert sum(size * count for size, count in sizes.items()) == 8 * 80
     assert max(sizes) > 1, sizes
+
+
+def test_the_cache_stays_within_its_byte_bound_through_a_real_server(tmp_path: Path, serve) -> None:
+    """Answers of 16 KiB into a 256 KiB cache: the bytes the server reports hold at least the answers it
+    keeps (sizes taken from the arrays the client got) and never exceed the bound; the oldest answers
+    are evicted, the newest still answered from the cache."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+    from testmodels import tile_graph
+
+    config = """max_batch_size: 0
+input [ { name: "x", data_type: TYPE_FP32, dims: [ -1 ] } ]
+output [ { name: "y", data_type: TYPE_FP32, dims: [ -1 ] } ]
+response_cache { enable: true }
+"""
+    write_model(tmp_path, "tile", tile_graph(16), config)
+    capacity = 256 * 1024
+    server = serve(tmp_path, cache_size_bytes=capacity)
+
+    def gauges() -> dict[str, float]:
+        with urllib.request.urlopen(server.metrics_url, timeout=30) as response:
+            text = response.read().decode()
+        return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples if not s.labels}
+
+    answer_bytes = 0
+    requests = 40
+    with Client(server.url) as c:
+        for i in range(requests):
+            x = np.full(256, float(i), np.float32)
+            y = c.infer("tile", {"x": x})["y"]
+            np.testing.assert_array_equal(y, np.tile(x, 16))
+            answer_bytes = y.nbytes
+            held = gauges()
+            assert held["rapidserve_cache_bytes"] <= held["rapidserve_cache_capacity_bytes"] == capacity
+            assert held["rapidserve_cache_bytes"] >= held["rapidserve_cache_entries"] * answer_bytes
+        entries = int(held["rapidserve_cache_entries"])
+        assert requests * answer_bytes > capacity and capacity / 2 <= entries * answer_bytes
+        assert held["rapidserve_cache_eviction_total"] == requests - entries
+        before = c.model_statistics("tile").model_stats[0].inference_stats
+        c.infer("tile", {"x": np.full(256, float(requests - 1), np.float32)})  # the newest: still cached
+        c.infer("tile", {"x": np.full(256, 0.0, np.float32)})  # the oldest: evicted long ago
+        after = c.model_statistics("tile").model_stats[0].inference_stats
+    assert after.cache_hit.count - before.cache_hit.count == 1
+    assert after.cache_miss.count - before.cache_miss.count == 1
