@@ -62,7 +62,9 @@ def test_open_loop_keeps_the_offered_rate_and_batches_count_inferences(server, t
                  "--out", str(out)]) == 0  # fmt: skip
     (row,) = rows(out)
     assert row["mode"] == "request_rate" and row["request_rate"] == 200
-    assert 150 < row["requests_per_s"] < 250 and row["infer_per_s"] == pytest.approx(4 * row["requests_per_s"])
+    # Poisson arrivals over the last three 0.3 s windows: ~180 expected, sd ~13; the ceiling is five sd
+    # above the offered rate, the floor half of it (a loaded machine answers late, not never)
+    assert 100 < row["requests_per_s"] < 275 and row["infer_per_s"] == pytest.approx(4 * row["requests_per_s"])
 
 
 @pytest.mark.parametrize("ratio", [0.0, 0.9])

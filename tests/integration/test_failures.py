@@ -65,7 +65,11 @@ def test_requests_whose_deadline_passes_in_the_queue_are_not_computed(repo: Path
         t.start()
     for t in threads:
         t.join()
-    time.sleep(0.3)  # anything still queued would have run by now
+    version = server.server.manager.get("slow")
+    settled = time.monotonic() + 60
+    while version.pending_requests or version.executions_in_flight:  # until nothing is queued or running
+        assert time.monotonic() < settled, "the queue never drained"
+        time.sleep(0.01)
     assert grpc.StatusCode.DEADLINE_EXCEEDED in codes
     with Client(server.url) as client:
         executions = client.model_statistics("slow").model_stats[0].execution_count
