@@ -138,8 +138,9 @@ def test_reload_keeps_serving_and_lets_in_flight_requests_finish(tmp_path: Path,
         t.start()
     with Client(server.url) as client:
         for _ in range(2):
-            time.sleep(0.2)
-            client.load_model("slow")  # reload while requests are queued and running
+            # reload while requests are running: wait until the serving version has a batch executing
+            wait_until(lambda: server.server.manager.get("slow").executions_in_flight or not threads[0].is_alive())
+            client.load_model("slow")
     for t in threads:
         t.join()
     errors = [r for r in results if isinstance(r, Exception)]
