@@ -79,8 +79,25 @@ async def _ready(server) -> bool:
     return bool((await type(servicer).ServerReady.__wrapped__(servicer, None, None)).ready)
 
 
+def _queued(metrics_url: str, model: str) -> float:
+    """The requests waiting in a model's queue, as the server's /metrics reports them."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(metrics_url, timeout=10) as response:
+        text = response.read().decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "rapidserve_queue_pending_requests" and sample.labels.get("model") == model
+    )
+
+
 def test_sigterm_with_an_idle_open_stream_exits_well_before_the_exit_timeout(repo: Path) -> None:
-    remote = RemoteServer("--model-repository", str(repo), "--exit-timeout-secs", "30", "--no-metrics")
+    remote = RemoteServer("--model-repository", str(repo), "--exit-timeout-secs", "30")
+    metrics_url = remote.metrics_url()
     try:
 
         async def open_stream_then_term() -> tuple[float, BaseException | None]:
@@ -93,7 +110,8 @@ def test_sigterm_with_an_idle_open_stream_exits_well_before_the_exit_timeout(rep
                         pass
                     await asyncio.sleep(0.1)
                 held = asyncio.create_task(client.infer("add_sub", _inputs(1.0)))  # queued for up to 1.5 s
-                await asyncio.sleep(0.3)
+                while not await asyncio.to_thread(_queued, metrics_url, "add_sub"):  # accepted: it is in the queue
+                    await asyncio.sleep(0.01)
                 started = time.monotonic()
                 remote.proc.send_signal(signal.SIGTERM)
                 outputs = await held
