@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from testmodels import seeded
 
 from rapidserve import Client, InferenceServerError
 
@@ -17,8 +18,7 @@ pytestmark = pytest.mark.timeout(180)
 class TwoHeads(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        torch.manual_seed(0)
-        self.body = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+        self.body = seeded(lambda: torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)))
 
     def forward(self, features: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.body(features) + offset

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from testmodels import seeded
 
 from rapidserve.engines.base import EngineOptions
 
@@ -16,8 +17,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 @pytest.fixture(scope="module")
 def program(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)).eval()
+    model = seeded(lambda: torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))).eval()
     batch = torch.export.Dim("batch", min=1, max=64)
     exported = torch.export.export(model, (torch.zeros(4, 16),), dynamic_shapes=({0: batch},))
     path = tmp_path_factory.mktemp("gpu") / "model.pt2"
