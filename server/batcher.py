@@ -87,16 +87,22 @@ class _JoinRate:
     rate: float = 0.0
     decisions: int = 0
     contended: bool = False  # a request arrived while another was in the batcher, since the last exploration
-    exploring: bool = False  # an exploring wait lasts its whole delay (or until the batch is full)
+    # when an exploring wait ends: it lasts its whole delay (or until its batch is full), not until the
+    # next event; a batch with a later delay (that one's requests were all cancelled) decides afresh
+    explore_until: float | None = None
     wait_start: float | None = None
     arrivals_at_start: int = 0
 
-    def should_wait(self, remaining_s: float) -> bool:
+    def should_wait(self, now: float, ready_at: float) -> bool:
         self.decisions += 1
-        if self.exploring or self.rate * remaining_s >= 1.0:
+        if self.explore_until is not None:
+            if ready_at <= self.explore_until:
+                return True
+            self.explore_until = None
+        if self.rate * (ready_at - now) >= 1.0:
             return True
         if self.decisions >= self.EXPLORE_EVERY and self.contended:
-            self.decisions, self.contended, self.exploring = 0, False, True
+            self.decisions, self.contended, self.explore_until = 0, False, ready_at
             return True
         return False
 
@@ -108,7 +114,7 @@ class _JoinRate:
         if self.wait_start is not None and now > self.wait_start:
             sample = (arrivals - self.arrivals_at_start) / (now - self.wait_start)
             self.rate = 0.7 * self.rate + 0.3 * sample
-        self.wait_start, self.exploring = None, False
+        self.wait_start, self.explore_until = None, None
 
 
 @dataclass(slots=True)
@@ -324,7 +330,7 @@ class DynamicBatcher:
             if preferred in sizes:
                 return self._take(chosen[: sizes.index(preferred) + 1]), None
         ready_at = oldest + cfg.max_queue_delay_s
-        if now >= ready_at or (cfg.adaptive and not self._joins.should_wait(ready_at - now)):
+        if now >= ready_at or (cfg.adaptive and not self._joins.should_wait(now, ready_at)):
             return self._take(chosen), None
         self._joins.waiting(now, self._arrived)
         return [], ready_at

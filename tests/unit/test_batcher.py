@@ -186,6 +186,26 @@ async def test_adaptive_mode_batches_a_steady_stream_that_would_never_share_a_ba
     await batcher.close()
 
 
+async def test_an_exploring_wait_whose_request_was_cancelled_does_not_hold_the_next_lone_request() -> None:
+    engine = FakeEngine()
+    batcher = make(engine, max_queue_delay_s=60.0)
+    for i in range(64):  # a lone client: decisions enough to explore, and no contention yet
+        await asyncio.wait_for(batcher.submit(request(i), ["y"]), 20)
+    engine.hold()
+    engine.started.clear()
+    running = asyncio.ensure_future(batcher.submit(request(100), ["y"]))
+    await wait_started(engine)
+    explored = asyncio.ensure_future(batcher.submit(request(101), ["y"]))  # arrives while another runs
+    await turns()
+    engine.release()
+    await running  # its instance is free again: request 101 waits, exploring
+    explored.cancel()
+    await turns()
+    np.testing.assert_array_equal((await asyncio.wait_for(batcher.submit(request(102), ["y"]), 20))["y"], 204)
+    assert 101 not in [float(b[0, 0]) for b in engine.batches]  # it was held back, and never ran
+    await batcher.close()
+
+
 async def test_adaptive_mode_is_off_in_fixed_mode_and_fixed_mode_waits_for_a_lone_request(clock: FakeClock) -> None:
     engine = FakeEngine()
     batcher = make(engine, max_queue_delay_s=4.0, adaptive=False)
