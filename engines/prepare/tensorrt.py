@@ -2,7 +2,10 @@
 static QDQ ONNX (explicit quantization), with one optimization profile over the batch dimension
 (min 1, opt the recipe's largest batch size, max the config's max_batch_size).
 
-Written against the TensorRT 10 Python API. Without TensorRT or a CUDA device the step reports itself
+Works with TensorRT 10 and 11. TensorRT 11 dropped the weak-typing precision flags (``BuilderFlag.FP16``/
+``INT8``): every network is strongly typed, so precision comes from the ONNX itself. There the FP16 engine
+is built from the ``onnx-fp16`` variant (FP16 weights and compute, FP32 I/O) and the INT8 engine from the
+QDQ ONNX as before. Without TensorRT or a CUDA device the step reports itself
 skipped and says which is missing. A plan only runs on the GPU model and TensorRT version that built
 it. Validation and benchmarks run the plan with the server's own TensorRT engine (``runners.plan_runner``).
 """
@@ -14,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from rapidserve.engines.prepare.context import Built, Context, Skipped
-from rapidserve.engines.prepare.ort_quant import ort_int8_static
+from rapidserve.engines.prepare.ort_quant import onnx_fp16, ort_int8_static
 
-__all__ = ["build_plan", "tensorrt_fp16", "tensorrt_int8"]
+__all__ = ["build_plan", "tensorrt_fp16", "tensorrt_int8", "weakly_typed"]
 
 
 def _require() -> Any:
@@ -41,10 +44,11 @@ def build_plan(trt: Any, onnx_path: Path, target: Path, *, fp16: bool, int8: boo
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise RuntimeError(f"TensorRT could not parse {onnx_path.name}: {errors}")
     config = builder.create_builder_config()
-    if fp16:
-        config.set_flag(trt.BuilderFlag.FP16)
-    if int8:
-        config.set_flag(trt.BuilderFlag.INT8)  # the Q/DQ nodes carry the scales: no calibrator
+    if weakly_typed(trt):  # TensorRT 10: the flags allow lower precision; 11: the ONNX's types decide
+        if fp16:
+            config.set_flag(trt.BuilderFlag.FP16)
+        if int8:
+            config.set_flag(trt.BuilderFlag.INT8)  # the Q/DQ nodes carry the scales: no calibrator
     profile = builder.create_optimization_profile()
     opt = min(opt, max_batch)
     for index in range(network.num_inputs):
@@ -63,9 +67,15 @@ def build_plan(trt: Any, onnx_path: Path, target: Path, *, fp16: bool, int8: boo
     return target
 
 
+def weakly_typed(trt: Any) -> bool:
+    """Whether this TensorRT still has the precision flags (10.x); 11.x builds every network strongly typed."""
+    return hasattr(trt.BuilderFlag, "FP16")
+
+
 def tensorrt_fp16(ctx: Context) -> Built:
     trt = _require()
-    path = build_plan(trt, ctx.onnx_fp32(), ctx.file("tensorrt-fp16", ".plan"), fp16=True, int8=False,
+    source = ctx.onnx_fp32() if weakly_typed(trt) else _fp16_onnx(ctx)
+    path = build_plan(trt, source, ctx.file("tensorrt-fp16", ".plan"), fp16=True, int8=False,
                       opt=ctx.recipe.target_batch, max_batch=ctx.recipe.config_max_batch)  # fmt: skip
     return Built(path, "tensorrt", [f"TensorRT {trt.__version__}, built for this GPU only"])
 
@@ -78,3 +88,9 @@ def tensorrt_int8(ctx: Context) -> Built:
     path = build_plan(trt, qdq, ctx.file("tensorrt-int8", ".plan"), fp16=True, int8=True,
                       opt=ctx.recipe.target_batch, max_batch=ctx.recipe.config_max_batch)  # fmt: skip
     return Built(path, "tensorrt", [f"TensorRT {trt.__version__}, INT8 from the QDQ ONNX, built for this GPU only"])
+
+
+def _fp16_onnx(ctx: Context) -> Path:
+    """The ONNX with FP16 weights and compute: what a strongly typed TensorRT builds an FP16 engine from."""
+    half = ctx.file("onnx-fp16", ".onnx")
+    return half if half.exists() else onnx_fp16(ctx).path
