@@ -153,9 +153,12 @@ def parse_header(text: str) -> tuple[str, str]:
     return check_headers([(name, value)])[0]
 
 
-def add_arguments(parser: argparse.ArgumentParser, env: Callable[..., Any] | None = None) -> None:
+def add_arguments(
+    parser: argparse.ArgumentParser, env: Callable[..., Any] | None = None, ssl_default: Any = False
+) -> None:
     """The TLS and header options; ``env(name, default, many=False)`` supplies defaults from the
-    environment (the ``RAPIDSERVE_*`` variables of ``rapidserve.cli``)."""
+    environment (the ``RAPIDSERVE_*`` variables of ``rapidserve.cli``), and ``ssl_default`` the value of
+    ``--ssl`` when it is not given (the CLI's checked ``RAPIDSERVE_SSL``)."""
 
     def default(name: str, value: Any = None, many: bool = False) -> Any:
         return env(name, value, many=many) if env is not None else value
@@ -164,7 +167,7 @@ def add_arguments(parser: argparse.ArgumentParser, env: Callable[..., Any] | Non
     group.add_argument(
         "--ssl",
         action="store_true",
-        default=str(default("ssl", "")).strip().lower() in ("1", "true", "yes", "on"),
+        default=ssl_default,
         help="connect over TLS (implied by the three certificate options and --ssl-target-name)",
     )
     group.add_argument("--root-certificates", default=default("root-certificates"), metavar="PEM",

@@ -17,7 +17,7 @@ from typing import Any
 
 import rapidserve
 from rapidserve import _serve
-from rapidserve._options import HelpFormatter, bad_variable, choice, complete_help, env, env_default
+from rapidserve._options import HelpFormatter, bad_variable, choice, complete_help, env, env_default, flag
 from rapidserve._serve import LOG_LEVELS, CommandError
 
 __all__ = ["main"]
@@ -58,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     _log_level(infer)
     from rapidserve.clients.connection import add_arguments as client_arguments
 
-    client_arguments(infer, env)
+    client_arguments(infer, env, env_default("ssl", flag, False))
 
     bench = command("bench", "load-test a model over gRPC: closed or open loop, perf_analyzer-style")
     from rapidserve.clients.bench import add_arguments as bench_arguments
@@ -76,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     health.add_argument("--url", default=env("url", "localhost:8001"), help="the server's gRPC address")
     health.add_argument("--timeout-s", type=float, default=3.0, help="deadline of the check in seconds")
     _log_level(health)
-    client_arguments(health, env)
+    client_arguments(health, env, env_default("ssl", flag, False))
     complete_help(parser)
     return parser
 

@@ -130,3 +130,16 @@ def test_a_server_that_is_not_there_is_one_line_naming_the_code(capsys: pytest.C
     assert cli.main(["infer", "m", "--url", "127.0.0.1:1", "--timeout-s", "5"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("rapidserve infer: error: [UNAVAILABLE]") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("command", ["infer", "health"])
+def test_a_bad_ssl_variable_is_refused_not_read_as_off(
+    command: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("RAPIDSERVE_SSL", "maybe")
+    argv = [command, "--url", "127.0.0.1:1", *(["digits"] if command == "infer" else [])]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == f"rapidserve {command}: error: environment variable RAPIDSERVE_SSL='maybe': expected true or false, got 'maybe'\n"
+    monkeypatch.setenv("RAPIDSERVE_SSL", "yes")
+    assert cli._parser().parse_args(argv).ssl is True
