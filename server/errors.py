@@ -1,5 +1,5 @@
 """Transport-neutral errors of the serving core. The gRPC edge maps them to status codes in one table
-(``rapidserve.server.servicer.STATUS_OF``); nothing below the servicer knows about gRPC."""
+(``rapidserve.server.status.STATUS_OF``); nothing below the transport knows about gRPC."""
 
 from __future__ import annotations
 
