@@ -68,8 +68,10 @@ class InferencePath:
 
     @staticmethod
     async def _decode_in_thread(model: ModelVersion, request: Any, deadline: float | None) -> InferRequest:
+        """Decoded in a worker thread, with the version held open: a reload meanwhile must not close it."""
         try:
-            return await asyncio.to_thread(codec.decode_request, request, deadline, model.spec)
+            with model.held():
+                return await asyncio.to_thread(codec.decode_request, request, deadline, model.spec)
         except RapidServeError as exc:
             model.rejected(exc)  # (statistics change on the event loop only)
             raise

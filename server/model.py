@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Iterator
@@ -112,6 +113,9 @@ class ModelVersion:
         # it, its in-flight requests no longer fill the cache or lead computations for the new one
         self._generation = cache.generation(name) if cache is not None else 0
         self._output_names = tuple(spec.name for spec in loaded.spec.outputs)
+        self._holds = 0  # requests that picked this version and are being decoded off the loop
+        self._unheld = asyncio.Event()
+        self._unheld.set()
         self._batcher = DynamicBatcher(
             f"{name}/{loaded.version}",
             [_conforming(engine.infer, loaded.spec) for engine in loaded.engines],
@@ -141,6 +145,19 @@ class ModelVersion:
     def remember(self, entry: CacheEntry, kind: str, data: bytes) -> None:
         assert self._cache is not None
         self._cache.remember(entry, kind, data)
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """Keep this version open while a request that picked it is prepared off the event loop: a
+        reload that replaces it meanwhile closes it only after, as it lets queued requests finish."""
+        self._holds += 1
+        self._unheld.clear()
+        try:
+            yield
+        finally:
+            self._holds -= 1
+            if not self._holds:
+                self._unheld.set()
 
     def rejected(self, error: BaseException) -> None:
         """Count a request that failed before it reached this model (it did not decode)."""
@@ -238,8 +255,9 @@ class ModelVersion:
         return self._batcher.running
 
     async def close(self) -> None:
-        """Let queued and running requests finish, then release the engines."""
-        await self._batcher.close()
+        """Let held, queued and running requests finish, then release the engines."""
+        await self._unheld.wait()
+        await self._batcher.close()  # (no step between: a request held now has been queued)
         await asyncio.to_thread(_close_all, self._engines)
 
 

@@ -128,3 +128,47 @@ def test_a_cached_model_reloaded_under_load_loses_no_request_and_serves_no_stale
     stale = [(sent - reloaded, offset) for sent, _, offset in hammer.answers if sent > reloaded and offset != 2.0]
     assert not stale, stale[:5]
 
+
+
+def test_a_request_decoded_off_the_loop_while_its_version_is_replaced_is_still_answered(
+    tmp_path: Path, serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A large request picks its model version, then decodes in a worker thread; a reload that swaps
+    the version meanwhile must let it finish on the version it picked (as for a request already queued)."""
+    from rapidserve.server import codec
+
+    write_model(tmp_path, "plus", plus_graph(1.0), CONFIG_PBTXT.replace("response_cache { enable: true }\n", ""))
+    server = serve(tmp_path, model_control_mode="explicit", load_models=("plus",))
+    decode, decoding, release = codec.decode_request, threading.Event(), threading.Event()
+
+    def held_decode(*args: Any, **kwargs: Any) -> Any:
+        if not decoding.is_set():  # the first request only: it waits in its worker thread
+            decoding.set()
+            assert release.wait(60)
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(codec, "heavy", lambda *args, **kwargs: True)  # every request decodes in a thread
+    monkeypatch.setattr(codec, "decode_request", held_decode)
+    answer: list[Any] = []
+
+    def call() -> None:
+        with Client(server.url, timeout_s=60) as client:
+            try:
+                answer.append(client.infer("plus", {"x": np.full((1, 3), 5.0, np.float32)})["y"])
+            except BaseException as exc:
+                answer.append(exc)
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    try:
+        assert decoding.wait(60)
+        write_model(tmp_path, "plus", plus_graph(2.0), version=2)
+        with Client(server.url, timeout_s=60) as control:
+            control.load_model("plus")  # returns once version 2 serves and version 1 is retiring
+            assert control.infer("plus", {"x": np.zeros((1, 3), np.float32)})["y"].tolist() == [[2.0, 2.0, 2.0]]
+    finally:
+        release.set()
+        caller.join(60)
+    (result,) = answer
+    assert not isinstance(result, BaseException), result
+    assert result.tolist() == [[6.0, 6.0, 6.0]]  # version 1's answer: the version it picked
