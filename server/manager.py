@@ -25,7 +25,8 @@ from rapidserve.common.errors import shown
 from rapidserve.engines.registry import DEFAULT_FILENAMES
 from rapidserve.server.cache import PredictionCache
 from rapidserve.server.errors import ModelLoadError, ModelNotFound, NotAllowed, RapidServeError, TooLarge, Unavailable
-from rapidserve.server.model import ModelVersion, build_version
+from rapidserve.server.loading import build_version
+from rapidserve.server.model import ModelVersion
 from rapidserve.server.overrides import OverrideLimits, check_config_size, parse_override
 from rapidserve.server.paths import MAX_NAME_BYTES, check_upload_path
 from rapidserve.server.repository import choose_files, fingerprint, read_source, upload_listing, upload_model_files

@@ -62,7 +62,7 @@ def test_onnx_runtime_on_cuda_binds_io_and_matches_the_cpu(tmp_path: Path) -> No
 
 def test_instances_go_on_the_listed_gpus_and_cpus() -> None:
     from rapidserve import protos
-    from rapidserve.server.model import KIND_CPU, KIND_GPU, _instance_devices
+    from rapidserve.server.loading import KIND_CPU, KIND_GPU, _instance_devices
 
     config = protos.ModelConfig(name="m")
     config.instance_group.add(kind=KIND_GPU, count=2, gpus=[0, 1])

@@ -794,7 +794,7 @@ def test_accelerators_and_epcontext_pass_the_upload_check_once_code_models_are_a
 def test_a_named_model_file_is_loaded_from_the_real_path_that_was_checked(tmp_path: Path) -> None:
     """A link swapped after the check cannot redirect the load: the source holds the checked target."""
     from rapidserve.server.config import parse_config_json
-    from rapidserve.server.model import build_version
+    from rapidserve.server.loading import build_version
     from rapidserve.server.repository import read_source
 
     secret = outside_model(tmp_path)

@@ -18,7 +18,8 @@ from rapidserve.server.batcher import BatcherConfig, DynamicBatcher
 from rapidserve.server.config import complete_config, parse_config
 from rapidserve.server.errors import DeadlineExceeded, EngineError, InvalidRequest, Overloaded, Unavailable
 from rapidserve.server.isolation import FaultIsolation
-from rapidserve.server.model import LoadedVersion, ModelVersion
+from rapidserve.server.loading import LoadedVersion
+from rapidserve.server.model import ModelVersion
 from rapidserve.server.stats import ModelStats
 from rapidserve.server.types import InferRequest
 

@@ -314,7 +314,8 @@ class _Adds:
 def _version(cache: PredictionCache, offset: float):
     from rapidserve.engines.base import TensorSpec
     from rapidserve.server.config import complete_config, parse_config
-    from rapidserve.server.model import LoadedVersion, ModelVersion
+    from rapidserve.server.loading import LoadedVersion
+    from rapidserve.server.model import ModelVersion
 
     config = parse_config('name: "m"\nmax_batch_size: 8\nresponse_cache { enable: true }')
     spec = complete_config(config, (TensorSpec("x", "FP32", (-1, 3)),), (TensorSpec("y", "FP32", (-1, 3)),))
