@@ -142,9 +142,7 @@ LONE_REQUESTS = 3 * 64 + 1  # more than the one-in-64 decisions that may wait to
 
 
 @pytest.mark.parametrize("server_mode", ["adaptive", "fixed"])
-def test_batching_mode_from_the_server_setting_and_the_model_parameter(
-    tmp_path: Path, serve, server_mode: str
-) -> None:
+def test_batching_mode_from_the_server_setting_and_the_model_parameter(tmp_path: Path, serve, server_mode: str) -> None:
     """The server's ``--batching-mode`` applies to a model without the ``batching_mode`` parameter; the
     parameter overrides it. A lone client of an adaptive model never waits out even a minute's delay;
     one of a fixed model waits the delay every time."""

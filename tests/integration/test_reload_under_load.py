@@ -129,7 +129,6 @@ def test_a_cached_model_reloaded_under_load_loses_no_request_and_serves_no_stale
     assert not stale, stale[:5]
 
 
-
 def test_a_request_decoded_off_the_loop_while_its_version_is_replaced_is_still_answered(
     tmp_path: Path, serve, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -80,7 +80,11 @@ def test_each_package_has_source_files_to_check() -> None:
         ("from rapidserve.server.codec import heavy", "rapidserve.clients.x", "rapidserve.server.codec"),
         ("def f():\n    from rapidserve.server import app", "rapidserve.engines.x", "rapidserve.server.app"),
         ("from ..server import codec", "rapidserve.clients.x", "rapidserve.server"),
-        ("import importlib\nimportlib.import_module('rapidserve.server.app')", "rapidserve.engines.x", "rapidserve.server.app"),
+        (
+            "import importlib\nimportlib.import_module('rapidserve.server.app')",
+            "rapidserve.engines.x",
+            "rapidserve.server.app",
+        ),
     ],
 )
 def test_the_check_sees_every_form_of_import(source: str, module: str, expected: str) -> None:

@@ -140,6 +140,9 @@ def test_a_bad_ssl_variable_is_refused_not_read_as_off(
     argv = [command, "--url", "127.0.0.1:1", *(["digits"] if command == "infer" else [])]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
-    assert err == f"rapidserve {command}: error: environment variable RAPIDSERVE_SSL='maybe': expected true or false, got 'maybe'\n"
+    assert (
+        err
+        == f"rapidserve {command}: error: environment variable RAPIDSERVE_SSL='maybe': expected true or false, got 'maybe'\n"
+    )
     monkeypatch.setenv("RAPIDSERVE_SSL", "yes")
     assert cli._parser().parse_args(argv).ssl is True

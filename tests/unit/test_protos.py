@@ -78,7 +78,10 @@ def test_service_paths_match_tritonclient() -> None:
 
 @pytest.mark.parametrize(
     ("ours", "module"),
-    [("health.proto", "grpc_health.v1.health_pb2"), ("reflection_v1alpha.proto", "grpc_reflection.v1alpha.reflection_pb2")],
+    [
+        ("health.proto", "grpc_health.v1.health_pb2"),
+        ("reflection_v1alpha.proto", "grpc_reflection.v1alpha.reflection_pb2"),
+    ],
 )
 def test_health_and_reflection_match_grpcs_own_messages_on_the_wire(ours: str, module: str) -> None:
     """Our health and reflection files against the generated code of grpcio-health-checking and

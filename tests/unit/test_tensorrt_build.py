@@ -62,6 +62,7 @@ def _fake_trt(*, version: int, input_shape: tuple[int, ...]) -> SimpleNamespace:
             return True
 
     flags = SimpleNamespace(FP16="FP16", INT8="INT8") if version < 11 else SimpleNamespace(TF32="TF32")
+
     class Logger:
         WARNING = 2
 
@@ -72,7 +73,9 @@ def _fake_trt(*, version: int, input_shape: tuple[int, ...]) -> SimpleNamespace:
 
 
 @pytest.mark.parametrize(("version", "expected"), [(10, ["FP16", "INT8"]), (11, [])])
-def test_precision_flags_are_set_only_where_tensorrt_still_has_them(tmp_path: Path, version: int, expected: list[str]) -> None:
+def test_precision_flags_are_set_only_where_tensorrt_still_has_them(
+    tmp_path: Path, version: int, expected: list[str]
+) -> None:
     trt = _fake_trt(version=version, input_shape=(-1, 3, 8, 8))
     onnx = tmp_path / "m.onnx"
     onnx.write_bytes(b"\x00")
