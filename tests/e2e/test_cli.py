@@ -77,7 +77,11 @@ def test_sigterm_lets_in_flight_requests_finish_and_exits_zero(tmp_path: Path) -
         tmp_path,
         "slow",
         slow_graph(repeats=400),
-        'max_batch_size: 4\nparameters { key: "intra_op_thread_count" value: { string_value: "1" } }',
+        # the three requests leave the queue together, as one batch, and only once all three are in
+        "max_batch_size: 4\n"
+        "dynamic_batching { max_queue_delay_microseconds: 60000000 preferred_batch_size: [ 3 ] }\n"
+        'parameters { key: "intra_op_thread_count" value: { string_value: "1" } }\n'
+        'parameters { key: "batching_mode" value: { string_value: "fixed" } }',
     )
     remote = RemoteServer("--model-repository", str(tmp_path), "--exit-timeout-secs", "20")
     client = tc.InferenceServerClient(remote.url)
@@ -88,7 +92,9 @@ def test_sigterm_lets_in_flight_requests_finish_and_exits_zero(tmp_path: Path) -
         client.async_infer(
             "slow", [triton_input("x", x, "FP32")], callback=lambda result, error: answers.put((result, error))
         )
-    time.sleep(0.2)  # the requests are queued and running
+    metrics_url = remote.metrics_url()
+    while not _executing(metrics_url, "slow"):  # the batch of all three is running
+        time.sleep(0.01)
     remote.proc.send_signal(signal.SIGTERM)
     for _ in range(3):
         result, error = answers.get(timeout=60)
@@ -97,6 +103,22 @@ def test_sigterm_lets_in_flight_requests_finish_and_exits_zero(tmp_path: Path) -
     assert remote.stop() == 0
     assert "shutting down" in remote.log
     client.close()
+
+
+def _executing(metrics_url: str, model: str) -> float:
+    """The batches a model is running, as the server's /metrics reports them."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(metrics_url, timeout=10) as response:
+        text = response.read().decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "rapidserve_executions_in_flight" and sample.labels.get("model") == model
+    )
 
 
 def test_demo_serves_without_a_repository_and_infer_prints_outputs(tmp_path: Path) -> None:
