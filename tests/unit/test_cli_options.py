@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from rapidserve import cli
+from rapidserve import _serve, cli
 from rapidserve._options import bad_variable
 
 
@@ -146,3 +146,31 @@ def test_a_bad_ssl_variable_is_refused_not_read_as_off(
     )
     monkeypatch.setenv("RAPIDSERVE_SSL", "yes")
     assert cli._parser().parse_args(argv).ssl is True
+
+
+def test_batching_mode_reaches_the_settings_from_the_flag_and_the_variable(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("RAPIDSERVE_BATCHING_MODE", raising=False)
+    repository = ["--model-repository", str(tmp_path)]
+
+    def mode(*argv: str) -> str:
+        settings, _ = _serve.settings_of(cli._parser().parse_args(["serve", *repository, *argv]))
+        return str(settings.batching_mode)
+
+    assert mode() == "adaptive"
+    assert mode("--batching-mode", "fixed") == "fixed"
+    monkeypatch.setenv("RAPIDSERVE_BATCHING_MODE", "fixed")
+    assert mode() == "fixed"
+    assert mode("--batching-mode", "adaptive") == "adaptive"  # a flag wins over the variable
+
+
+def test_a_bad_batching_mode_variable_is_one_line_and_status_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    monkeypatch.setenv("RAPIDSERVE_BATCHING_MODE", "sometimes")
+    assert cli.main(["serve", "--model-repository", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (
+        "rapidserve serve: error: environment variable RAPIDSERVE_BATCHING_MODE='sometimes': "
+        "expected one of adaptive, fixed, got 'sometimes'\n"
+    )
