@@ -16,10 +16,13 @@ import grpc
 
 from rapidserve import protos
 
-__all__ = ["MAX_WATCHERS", "HealthService"]
+__all__ = ["MAX_REQUEST_BYTES", "MAX_WATCHERS", "HealthService"]
 
 # Watch streams open at once; more are refused (RESOURCE_EXHAUSTED) rather than held
 MAX_WATCHERS = 1024
+# A health request names one service (fully-qualified gRPC service names are far shorter); a larger
+# one is refused unparsed, so open watchers hold at most MAX_WATCHERS x this much
+MAX_REQUEST_BYTES = 1024
 
 _Status = int  # a protos.HealthCheckResponse.ServingStatus value
 

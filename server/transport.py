@@ -20,7 +20,7 @@ from google.protobuf.message import DecodeError
 from rapidserve import protos
 from rapidserve.server.admission import Admission
 from rapidserve.server.errors import InvalidRequest, RapidServeError
-from rapidserve.server.health import HealthService
+from rapidserve.server.health import MAX_REQUEST_BYTES, HealthService
 from rapidserve.server.servicer import InferenceServicer, deadline_of
 from rapidserve.server.status import message_of, status_of
 from rapidserve.server.wire import SPLIT_FROM_BYTES, parser
@@ -83,8 +83,8 @@ def health_handler(servicer: HealthService, admission: Admission | None) -> grpc
         response_serializer=protos.HealthCheckResponse.SerializeToString,
     )
     handlers = {
-        "Check": admitted(check, admission, max_bytes=CONTROL_REQUEST_BYTES),
-        "Watch": admitted(watch, admission, max_bytes=CONTROL_REQUEST_BYTES),
+        "Check": admitted(check, admission, max_bytes=MAX_REQUEST_BYTES),
+        "Watch": admitted(watch, admission, max_bytes=MAX_REQUEST_BYTES),
     }
     return grpc.method_handlers_generic_handler(protos.HEALTH_SERVICE_NAME, handlers)
 
@@ -145,12 +145,12 @@ def admitted(
     if inspect.isasyncgenfunction(behavior):
 
         async def generator(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+            # a response stream may stay open for long (health Watch): its small request, parsed, gives
+            # its bytes back at once rather than holding the budget for the stream's life
             message, held = await receive(context)
-            try:
-                async for item in behavior(message, context):
-                    yield item
-            finally:
-                admission.release(held)
+            admission.release(held)
+            async for item in behavior(message, context):
+                yield item
 
         return grpc.stream_stream_rpc_method_handler(generator, **options)
 

@@ -190,3 +190,41 @@ async def test_health_watch_streams_every_change_and_open_watchers_are_bounded(m
             again.cancel()
     finally:
         await server.stop(0)
+
+
+async def test_open_health_watchers_hold_no_budget_so_checks_keep_answering() -> None:
+    """Watch streams live long: the bytes of their requests go back to the health budget once parsed,
+    and a request naming a service longer than any real one is refused, so watchers opened by a hostile
+    caller never starve the probes."""
+    service = HealthService()
+    service.set("", protos.HealthCheckResponse.SERVING)
+    budget = Admission(8 * 2**20, 2**20, 2.0, "the health budget")  # as for --grpc-max-message-bytes 1MiB
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((health_handler(service, budget),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            watch, check = health_watch(channel), health_check(channel)
+            # 200 watchers naming 60 KB services: 12 MB, more than the whole budget if they were held
+            big = [watch(protos.HealthCheckRequest(service="s" * 60_000)) for _ in range(200)]
+            codes = []
+            for call in big:
+                try:
+                    await call.read()
+                    codes.append(grpc.StatusCode.OK)
+                except grpc.aio.AioRpcError as exc:
+                    codes.append(exc.code())
+            assert set(codes) == {grpc.StatusCode.INVALID_ARGUMENT}, set(codes)
+            # as many watchers of the longest name taken stay open, and cost the budget nothing
+            longest = "s" * (health_module.MAX_REQUEST_BYTES - 8)
+            held = [watch(protos.HealthCheckRequest(service=longest)) for _ in range(200)]
+            for call in held:
+                assert (await call.read()).status == protos.HealthCheckResponse.SERVICE_UNKNOWN
+            assert service.watchers == 200
+            assert (await check(protos.HealthCheckRequest(), timeout=10)).status == protos.HealthCheckResponse.SERVING
+            assert budget.held == 0, budget.held
+            for call in held:
+                call.cancel()
+    finally:
+        await server.stop(0)
