@@ -93,7 +93,12 @@ def test_sigterm_lets_in_flight_requests_finish_and_exits_zero(tmp_path: Path) -
             "slow", [triton_input("x", x, "FP32")], callback=lambda result, error: answers.put((result, error))
         )
     metrics_url = remote.metrics_url()
+    deadline = time.monotonic() + 60
     while not _executing(metrics_url, "slow"):  # the batch of all three is running
+        if not answers.empty() or time.monotonic() > deadline:
+            remote.stop()  # not left running when the test fails
+            seen = "an answer came back" if not answers.empty() else "60 s passed"
+            pytest.fail(f"/metrics never showed the batch of three running before {seen}\n{remote.log}")
         time.sleep(0.01)
     remote.proc.send_signal(signal.SIGTERM)
     for _ in range(3):

@@ -110,7 +110,13 @@ def test_sigterm_with_an_idle_open_stream_exits_well_before_the_exit_timeout(rep
                         pass
                     await asyncio.sleep(0.1)
                 held = asyncio.create_task(client.infer("add_sub", _inputs(1.0)))  # queued for up to 1.5 s
+                deadline = time.monotonic() + 60
                 while not await asyncio.to_thread(_queued, metrics_url, "add_sub"):  # accepted: it is in the queue
+                    assert not held.done() and time.monotonic() < deadline, (
+                        "/metrics never showed the request queued before it "
+                        + ("was answered" if held.done() else "60 s passed")
+                        + f"\n{remote.log}"
+                    )
                     await asyncio.sleep(0.01)
                 started = time.monotonic()
                 remote.proc.send_signal(signal.SIGTERM)
