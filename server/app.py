@@ -23,7 +23,7 @@ from rapidserve.server.admission import Admission
 from rapidserve.server.cache import PredictionCache
 from rapidserve.server.health import HealthService
 from rapidserve.server.manager import ModelManager
-from rapidserve.server.ports import bind_error, check_bindable
+from rapidserve.server.ports import bare_host, bind_error, check_bindable, host_port
 from rapidserve.server.reflection import Reflection
 from rapidserve.server.servicer import InferenceServicer
 from rapidserve.server.settings import ServerSettings, TlsSettings
@@ -97,14 +97,14 @@ class InferenceServer:
         self._set_health(False)
         self._server = server
         await server.start()
-        log.info("gRPC server listening on %s:%d%s", settings.host, self.port, " (TLS)" if settings.tls else "")
+        log.info("gRPC server listening on %s%s", host_port(settings.host, self.port), " (TLS)" if settings.tls else "")
         if settings.metrics_enabled:
             from rapidserve.server.metrics import MetricsServer  # prometheus_client loads only when used
 
             self._metrics = MetricsServer(self.manager, self.stats)
-            metrics_host = settings.metrics_host or settings.host
+            metrics_host = bare_host(settings.metrics_host or settings.host)
             self.metrics_port = await self._metrics.start(metrics_host, settings.metrics_port)
-            log.info("Prometheus metrics at http://%s:%d/metrics", metrics_host, self.metrics_port)
+            log.info("Prometheus metrics at http://%s/metrics", host_port(metrics_host, self.metrics_port))
         await self.manager.start()
         self._follow_readiness = True
         self._set_health(self.manager.ready)
@@ -163,7 +163,7 @@ class InferenceServer:
         settings = self.settings
         names = (settings.host, settings.grpc_port, "gRPC", "--grpc-port", "--host")
         check_bindable(*names)
-        address = f"{settings.host}:{settings.grpc_port}"
+        address = host_port(settings.host, settings.grpc_port)
         try:
             if settings.tls is not None:
                 self._certificates = _Certificates(settings.tls)

@@ -11,7 +11,18 @@ import socket
 
 from rapidserve.server.errors import RapidServeError
 
-__all__ = ["bind_error", "check_bindable"]
+__all__ = ["bare_host", "bind_error", "check_bindable", "host_port"]
+
+
+def bare_host(host: str) -> str:
+    """``host`` without the brackets an IPv6 address takes in an address with a port (``[::]`` -> ``::``)."""
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+
+
+def host_port(host: str, port: int) -> str:
+    """``host:port`` as gRPC and URLs take it: an IPv6 address in brackets, whether or not it came so."""
+    bare = bare_host(host)
+    return f"[{bare}]:{port}" if ":" in bare else f"{bare}:{port}"
 
 
 def check_bindable(host: str, port: int, what: str, port_flag: str, host_flag: str) -> None:
@@ -36,7 +47,7 @@ def _move(port_flag: str) -> str:
 def _problem(host: str, port: int, what: str, port_flag: str, host_flag: str) -> str | None:
     try:
         family, kind, proto, _, sockaddr = socket.getaddrinfo(
-            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            bare_host(host) or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )[0]
     except OSError as exc:
         return f"the {what} address {host!r} does not resolve ({exc}): fix {host_flag}"
