@@ -27,14 +27,13 @@ import ssl as _ssl
 import struct
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from pathlib import Path
 from typing import NamedTuple
 from urllib.parse import unquote
 
 import grpc
 import hpack
 
-from rapidserve.clients.connection import check_headers
+from rapidserve.clients.connection import check_headers, ssl_context
 
 __all__ = ["Connection", "Reply", "Stream", "check_hpack", "ssl_context"]
 
@@ -664,30 +663,6 @@ class Connection(asyncio.Protocol):
             self._transport.write(frame(GOAWAY, 0, 0, struct.pack(">II", 0, PROTOCOL_ERROR)))
             self._transport.close()
         self._shut(Reply(grpc.StatusCode.INTERNAL, f"HTTP/2 protocol error from the server: {reason}"))
-
-
-def ssl_context(
-    root_certificates: str | Path | None = None,
-    private_key: str | Path | None = None,
-    certificate_chain: str | Path | None = None,
-) -> _ssl.SSLContext:
-    """A client TLS context for ``Connection.open``: verifies the server against ``root_certificates``
-    (a PEM file; None: the system's CAs), presents ``certificate_chain`` and ``private_key`` (PEM files)
-    for mutual TLS, and offers ALPN ``h2``, which gRPC servers require."""
-    if (private_key is None) != (certificate_chain is None):
-        raise ValueError("a client certificate needs both private_key and certificate_chain (PEM files)")
-    try:
-        context = _ssl.create_default_context(cafile=root_certificates)
-    except _ssl.SSLError as exc:
-        raise ValueError(f"root_certificates {root_certificates} holds no usable PEM certificate ({exc})") from None
-    if certificate_chain is not None:
-        try:
-            context.load_cert_chain(certificate_chain, private_key)
-        except _ssl.SSLError as exc:
-            raise ValueError(f"certificate_chain {certificate_chain} and private_key {private_key} are not a PEM "
-                             f"certificate and its key ({exc})") from None  # fmt: skip
-    context.set_alpn_protocols(["h2"])
-    return context
 
 
 def grpc_timeout(seconds: float) -> str:

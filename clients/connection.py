@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import argparse
 import re
+import ssl as _ssl
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
-
-if TYPE_CHECKING:
-    import ssl
 
 __all__ = [
     "Headers",
@@ -26,6 +24,7 @@ __all__ = [
     "client_options",
     "hint",
     "parse_header",
+    "ssl_context",
     "tls",
 ]
 
@@ -58,11 +57,33 @@ class Tls:
             _pem(self.certificate_chain, "certificate_chain"),
         )
 
-    def ssl_context(self) -> ssl.SSLContext:
+    def ssl_context(self) -> _ssl.SSLContext:
         """For the bench's HTTP/2 client, ``rapidserve.clients._h2grpc`` (ALPN h2)."""
-        from rapidserve.clients._h2grpc import ssl_context
-
         return ssl_context(self.root_certificates, self.private_key, self.certificate_chain)
+
+
+def ssl_context(
+    root_certificates: str | Path | None = None,
+    private_key: str | Path | None = None,
+    certificate_chain: str | Path | None = None,
+) -> _ssl.SSLContext:
+    """A client TLS context for the bench's HTTP/2 connections (``rapidserve.clients._h2grpc``): verifies the
+    server against ``root_certificates`` (a PEM file; None: the system's CAs), presents ``certificate_chain``
+    and ``private_key`` (PEM files) for mutual TLS, and offers ALPN ``h2``, which gRPC servers require."""
+    if (private_key is None) != (certificate_chain is None):
+        raise ValueError("a client certificate needs both private_key and certificate_chain (PEM files)")
+    try:
+        context = _ssl.create_default_context(cafile=root_certificates)
+    except _ssl.SSLError as exc:
+        raise ValueError(f"root_certificates {root_certificates} holds no usable PEM certificate ({exc})") from None
+    if certificate_chain is not None:
+        try:
+            context.load_cert_chain(certificate_chain, private_key)
+        except _ssl.SSLError as exc:
+            raise ValueError(f"certificate_chain {certificate_chain} and private_key {private_key} are not a PEM "
+                             f"certificate and its key ({exc})") from None  # fmt: skip
+    context.set_alpn_protocols(["h2"])
+    return context
 
 
 def tls(
