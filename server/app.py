@@ -55,6 +55,10 @@ class InferenceServer:
             on_change=self._readiness_changed,
             uploads=settings.uploads,
             max_message_bytes=settings.grpc_max_message_bytes,
+            # the names are what RepositoryIndex and metadata tell: not to callers those are closed to
+            name_loaded_models=not any(
+                {"metadata", "model-repository"} & set(protocols) for protocols, _, _ in settings.restricted_protocols
+            ),
         )
         self._server: grpc.aio.Server | None = None
         self._follow_readiness = False  # health tracks ServerReady once the startup models are in

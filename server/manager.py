@@ -77,13 +77,16 @@ class ModelManager:
         on_change: Callable[[], None] | None = None,
         uploads: UploadPolicy | None = None,
         max_message_bytes: int = 64 * 2**20,
+        name_loaded_models: bool = True,
     ) -> None:
         """``max_message_bytes`` is the server's ``--grpc-max-message-bytes``: no warm-up request a
-        caller's config asks for may be larger."""
+        caller's config asks for may be larger. ``name_loaded_models``: an unknown model's error lists
+        the loaded ones (not where the calls that list them are restricted)."""
         if control_mode not in ("none", "explicit", "poll"):
             raise ValueError(f"model control mode must be none, explicit or poll, not {control_mode!r}")
         self.repositories = repositories
         self.control_mode = control_mode
+        self._name_loaded_models = name_loaded_models
         self._load_models = load_models
         self._poll_secs = poll_secs
         self._batching_mode = batching_mode
@@ -205,6 +208,8 @@ class ModelManager:
 
     def unknown(self, name: str) -> ModelNotFound:
         """The error for a request naming a model the server does not have: it lists the loaded ones."""
+        if not self._name_loaded_models:
+            return ModelNotFound(f"unknown model '{shown(name)}'")
         loaded = loaded_names(n for n, m in self._models.items() if m.versions)
         return ModelNotFound(f"unknown model '{shown(name)}'; {loaded}")
 

@@ -264,3 +264,25 @@ def test_restriction_groups_come_from_the_environment_separated_by_semicolons(re
             assert call("ModelInfer", infer, (("triton-grpc-protocol-k", "v"),)) == grpc.StatusCode.INVALID_ARGUMENT
     finally:
         assert remote.stop() == 0, remote.log
+
+
+@pytest.mark.parametrize("hidden_by", ["metadata", "model-repository"])
+def test_an_unknown_model_lists_no_loaded_models_when_their_names_are_restricted(
+    repo: Path, serve, hidden_by: str
+) -> None:
+    """The loaded models' names are what the restricted RepositoryIndex and metadata calls tell: an
+    inference caller without their key learns none of them from a NOT_FOUND."""
+    restricted = (((hidden_by,), "admin-key", "s3cret"),)
+    open_server = serve(repo, model_control_mode="explicit", load_models=("add_sub",))
+    closed_server = serve(
+        repo, restricted_protocols=restricted, model_control_mode="explicit", load_models=("add_sub",)
+    )
+    infer = protos.ModelInferRequest(model_name="nope").SerializeToString()
+    details = {}
+    for name, server in (("open", open_server), ("closed", closed_server)):
+        with grpc.insecure_channel(server.url) as channel, pytest.raises(grpc.RpcError) as info:
+            channel.unary_unary(protos.method_path("ModelInfer"))(infer, timeout=5)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        details[name] = info.value.details()
+    assert "add_sub" in details["open"], details
+    assert "add_sub" not in details["closed"] and "unknown model 'nope'" in details["closed"], details
