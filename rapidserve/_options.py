@@ -5,6 +5,7 @@ every option's default."""
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ __all__ = [
     "env",
     "env_default",
     "flag",
+    "positive",
+    "positive_list",
     "size",
     "variable",
 ]
@@ -93,6 +96,43 @@ def flag(text: str) -> bool:
     if value in ("0", "false", "no", "off", ""):
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _positive_of(kind: type[int] | type[float], text: str) -> int | float | None:
+    try:
+        value = kind(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) and value > 0 else None
+
+
+def positive(kind: type[int] | type[float]) -> Callable[[str], Any]:
+    """A type for one positive integer (``int``) or finite number (``float``)."""
+    what = "a positive integer" if kind is int else "a positive number"
+
+    def convert(text: str) -> Any:
+        value = _positive_of(kind, text)
+        if value is None:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    convert.__name__ = "positive"
+    return convert
+
+
+def positive_list(kind: type[int] | type[float]) -> Callable[[str], list[Any]]:
+    """A type for comma-separated positive integers or numbers (``1,8,32``): argparse's usage error names
+    the option, where a conversion after parsing would report a bare ``int()`` failure."""
+    what = "positive integers" if kind is int else "positive numbers"
+
+    def convert(text: str) -> list[Any]:
+        values = [_positive_of(kind, part) for part in text.split(",")]
+        if not values or any(value is None for value in values):
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}")
+        return values
+
+    convert.__name__ = "positive_list"
+    return convert
 
 
 def choice(*values: str, upper: bool = False) -> Callable[[str], str]:

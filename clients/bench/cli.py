@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from rapidserve._options import positive, positive_list
 from rapidserve.clients._h2grpc import check_hpack
 from rapidserve.clients.bench.jobs import Job, measure
 from rapidserve.clients.bench.report import plot, print_table, require_matplotlib, write_rows
@@ -86,26 +87,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--streaming", action="store_true", help="send over ModelStreamInfer streams (one per 2 requests in flight)"
     )
     loads = parser.add_mutually_exclusive_group()
-    loads.add_argument("--concurrency", default=None, help="closed loop: comma-separated levels (default 1)")
-    loads.add_argument("--request-rate", help="open loop: comma-separated requests/s")
+    loads.add_argument(
+        "--concurrency",
+        type=positive_list(int),
+        metavar="N1,N2",
+        help="closed loop: comma-separated levels (default 1)",
+    )
+    loads.add_argument(
+        "--request-rate", type=positive_list(float), metavar="R1,R2", help="open loop: comma-separated requests/s"
+    )
     parser.add_argument("--poisson", action="store_true", help="open loop: Poisson arrivals (default constant gaps)")
-    parser.add_argument("--max-p99-ms", type=float, help="stop the sweep at the first point whose p99 exceeds this")
-    parser.add_argument("-b", "--batch-size", type=int, default=1)
+    parser.add_argument(
+        "--max-p99-ms", type=positive(float), help="stop the sweep at the first point whose p99 exceeds this"
+    )
+    parser.add_argument("-b", "--batch-size", type=positive(int), default=1)
     parser.add_argument("--shape", action="append", default=[], help="NAME:D1,D2 for inputs with free dims")
     parser.add_argument("--input-data", default="random", help="random, zero, or a .npy/.npz file")
     parser.add_argument("--duplicate-ratio", type=float, help="fraction of requests repeating a recent input")
-    parser.add_argument("--measurement-interval", type=int, default=2000, metavar="MS")
+    parser.add_argument("--measurement-interval", type=positive(int), default=2000, metavar="MS")
     parser.add_argument("--warmup-s", type=float, default=1.0)
     parser.add_argument("--stability-percentage", type=float, default=10.0)
-    parser.add_argument("--max-trials", type=int, default=10)
-    parser.add_argument("--workers", type=int, default=1, help="client processes (when one core cannot keep up)")
+    parser.add_argument("--max-trials", type=positive(int), default=10)
+    parser.add_argument(
+        "--workers", type=positive(int), default=1, help="client processes (when one core cannot keep up)"
+    )
     parser.add_argument(
         "--connections",
-        type=int,
+        type=positive(int),
         help="HTTP/2 connections per worker (default: one per 6 requests in flight in a closed loop, as "
         "perf_analyzer's clients share them; 1 in an open loop)",
     )
-    parser.add_argument("--timeout-s", type=float, help="per-request deadline (unary)")
+    parser.add_argument("--timeout-s", type=positive(float), help="per-request deadline (unary)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="results as .csv or .json (by extension)")
     parser.add_argument("--plot", type=Path, help="a PNG of latency percentiles against throughput")
@@ -117,9 +129,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.duplicate_ratio is not None and not 0 <= args.duplicate_ratio <= 1:
         print("error: --duplicate-ratio must be between 0 and 1", file=sys.stderr)
-        return 2
-    if args.connections is not None and args.connections < 1:
-        print("error: --connections must be at least 1", file=sys.stderr)
         return 2
     try:
         check_hpack()
@@ -135,10 +144,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     mode = "request_rate" if args.request_rate else "concurrency"
-    levels = [float(x) for x in (args.request_rate or args.concurrency or "1").split(",")]
-    if min(levels) <= 0:
-        print(f"error: {mode.replace('_', ' ')} levels must be positive, got {levels}", file=sys.stderr)
-        return 2
+    levels = args.request_rate or args.concurrency or [1]
     measurement = Measurement(
         window_s=args.measurement_interval / 1000,
         warmup_s=args.warmup_s,

@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from rapidserve._options import positive, positive_list
 from rapidserve.engines.prepare.progress import DEBUG_HINT, PrepareError, Progress, one_line
 
 __all__ = ["add_arguments", "run"]
@@ -36,7 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--budget-top1", type=float, metavar="POINTS", help="top-1 points a variant may lose (1.0)")
     budget.add_argument("--budget-cosine", type=float, metavar="MIN", help="mean cosine similarity to keep (0.99)")
-    parser.add_argument("--batch-sizes", help="batch sizes to benchmark, e.g. 1,32; the largest picks the winner")
+    parser.add_argument(
+        "--batch-sizes",
+        type=positive_list(int),
+        metavar="B1,B2",
+        help="batch sizes to benchmark, e.g. 1,32; the largest picks the winner",
+    )
     parser.add_argument(
         "--task",
         choices=("auto", "classify", "regress"),
@@ -46,8 +52,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--student", metavar="PKG.MODULE:FACTORY", help="the distillation student's architecture")
     parser.add_argument("--input-names", help="comma-separated input order of forward() (default: the .npz order)")
     parser.add_argument("--output-names", help="comma-separated output names (default: output, output_1, ...)")
-    parser.add_argument("--bench-seconds", type=float, help="seconds per timing (default 1)")
-    parser.add_argument("--threads", type=int, help="intra-op threads for every variant while timing (default 1)")
+    parser.add_argument("--bench-seconds", type=positive(float), help="seconds per timing (default 1)")
+    parser.add_argument(
+        "--threads", type=positive(int), help="intra-op threads for every variant while timing (default 1)"
+    )
     parser.add_argument("--keep-rejected", action="store_true", default=None, help="write over-budget variants too")
     parser.add_argument(
         "--dynamic-batch",
@@ -88,12 +96,11 @@ def _run(args: argparse.Namespace, progress: Progress) -> int:
     except ImportError as exc:
         print(f"{_ERROR}prepare needs {exc.name}: pip install 'rapidserve[cpu,torch]'", file=sys.stderr)
         return 2
-    batch_sizes = _split(args.batch_sizes)
     overrides = {
         "variants": _split(args.variants),
         "budget_top1": args.budget_top1,
         "budget_cosine": args.budget_cosine,
-        "batch_sizes": tuple(int(b) for b in batch_sizes) if batch_sizes else None,
+        "batch_sizes": tuple(args.batch_sizes) if args.batch_sizes else None,
         "student": args.student,
         "bench_seconds": args.bench_seconds,
         "threads": args.threads,

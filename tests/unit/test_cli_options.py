@@ -174,3 +174,46 @@ def test_a_bad_batching_mode_variable_is_one_line_and_status_2(
         "rapidserve serve: error: environment variable RAPIDSERVE_BATCHING_MODE='sometimes': "
         "expected one of adaptive, fixed, got 'sometimes'\n"
     )
+
+
+INTEGERS, NUMBERS = "comma-separated positive integers", "comma-separated positive numbers"
+
+
+@pytest.mark.parametrize(
+    ("command", "option", "value", "expected"),
+    [
+        ("prepare", "--batch-sizes", "a,b", INTEGERS),
+        ("prepare", "--batch-sizes", "1,0", INTEGERS),
+        ("prepare", "--threads", "0", "a positive integer"),
+        ("prepare", "--bench-seconds", "-1", "a positive number"),
+        ("bench", "--concurrency", "1,x", INTEGERS),
+        ("bench", "--concurrency", "1.5", INTEGERS),
+        ("bench", "--request-rate", "10,", NUMBERS),
+        ("bench", "--request-rate", "nan", NUMBERS),
+        ("bench", "-b/--batch-size", "0", "a positive integer"),
+        ("bench", "--connections", "0", "a positive integer"),
+        ("bench", "--workers", "two", "a positive integer"),
+        ("bench", "--measurement-interval", "0", "a positive integer"),
+        ("bench", "--max-trials", "-3", "a positive integer"),
+        ("bench", "--timeout-s", "0", "a positive number"),
+        ("bench", "--max-p99-ms", "inf", "a positive number"),
+    ],
+)
+def test_a_bad_number_or_list_of_prepare_and_bench_is_a_usage_error_naming_the_option(
+    command: str, option: str, value: str, expected: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    required = ["--demo", "--out", "o"] if command == "prepare" else ["m"]
+    with pytest.raises(SystemExit) as info:
+        cli.main([command, *required, option.split("/")[-1], value])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.startswith("usage: ")
+    assert err.splitlines()[-1] == f"rapidserve {command}: error: argument {option}: expected {expected}, got {value!r}"
+
+
+def test_lists_of_prepare_and_bench_parse_to_numbers() -> None:
+    prepare = cli._parser().parse_args(["prepare", "--demo", "--out", "o", "--batch-sizes", "1, 8,32"])
+    assert (prepare.batch_sizes, prepare.threads) == ([1, 8, 32], None)
+    bench = cli._parser().parse_args(["bench", "m", "--request-rate", "0.5,200"])
+    assert (bench.request_rate, bench.concurrency) == ([0.5, 200.0], None)
+    assert cli._parser().parse_args(["bench", "m", "--concurrency", "4,16"]).concurrency == [4, 16]
