@@ -200,9 +200,10 @@ INTEGERS, NUMBERS = "comma-separated positive integers", "comma-separated positi
     ],
 )
 def test_a_bad_number_or_list_of_prepare_and_bench_is_a_usage_error_naming_the_option(
-    command: str, option: str, value: str, expected: str, capsys: pytest.CaptureFixture[str]
+    command: str, option: str, value: str, expected: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    required = ["--demo", "--out", "o"] if command == "prepare" else ["m"]
+    # (were a bad value to pass, prepare would write to --out and bench would call an address nothing serves)
+    required = ["--demo", "--out", str(tmp_path / "repo")] if command == "prepare" else ["m", "--url", "127.0.0.1:1"]
     with pytest.raises(SystemExit) as info:
         cli.main([command, *required, option.split("/")[-1], value])
     assert info.value.code == 2
