@@ -103,6 +103,8 @@ def add_arguments(serve: argparse.ArgumentParser) -> None:
         "--grpc-root-cert", type=Path, default=env("grpc-root-cert"), metavar="PEM", help="CA for client certificates"
     )
 
+    _http_arguments(serve)
+
     access = serve.add_argument_group("access control")
     access.add_argument(
         "--grpc-restricted-protocol",
@@ -130,12 +132,14 @@ def add_arguments(serve: argparse.ArgumentParser) -> None:
 
     limits = serve.add_argument_group("limits")
     number = functools.partial(_number, limits)
-    number("grpc-max-message-bytes", size, "64MiB", "the largest request or response message (raise it for big "
-           "tensors); a larger request is refused RESOURCE_EXHAUSTED before its body is read")  # fmt: skip
-    number("max-inflight-bytes", size, "1GiB", "request bytes admitted at once across all calls, at least twice "
-           "--grpc-max-message-bytes; over it RESOURCE_EXHAUSTED. 0: no budget (requests are read as they come: "
-           "cheaper per call, no bound on memory)")  # fmt: skip
-    number("grpc-request-read-timeout-secs", float, 30, "a call's request message must arrive within this many seconds")
+    number("grpc-max-message-bytes", size, "64MiB", "the largest request or response message, on gRPC and HTTP "
+           "alike (raise it for big tensors); a larger request is refused before its body is read "
+           "(RESOURCE_EXHAUSTED; HTTP 413)")  # fmt: skip
+    number("max-inflight-bytes", size, "1GiB", "request bytes admitted at once across all gRPC and HTTP calls, at "
+           "least twice --grpc-max-message-bytes; over it RESOURCE_EXHAUSTED (HTTP 503). 0: no budget (requests are "
+           "read as they come: cheaper per call, no bound on memory)")  # fmt: skip
+    number("grpc-request-read-timeout-secs", float, 30, "a call's request message (gRPC) or body (HTTP, else 408) must "
+           "arrive within this many seconds")  # fmt: skip
     number("grpc-handshake-timeout-secs", float, 10, "close connections that have not finished the TLS and HTTP/2 "
            "handshake by then")  # fmt: skip
     number("grpc-max-concurrent-streams", int, 1024, "calls in flight on one connection")
@@ -147,6 +151,70 @@ def add_arguments(serve: argparse.ArgumentParser) -> None:
     number("grpc-http2-min-recv-ping-interval-without-data", int, 300_000,
            "a client ping sooner than this many ms after the last is a strike")  # fmt: skip
     number("grpc-http2-max-ping-strikes", int, 2, "strikes before the connection is closed with GOAWAY (0: no limit)")
+
+
+def _http_arguments(serve: argparse.ArgumentParser) -> None:
+    """The KServe v2 HTTP/REST port: Triton's names where Triton has the flag (it has no HTTP TLS; those
+    flags mirror the gRPC ones, and may name the same files)."""
+    http = serve.add_argument_group("HTTP/REST (KServe v2, Triton's extensions)")
+    _number(http, "http-port", int, 8000, "the HTTP port (0: any free port)")
+    http.add_argument(
+        "--no-http",
+        action="store_true",
+        default=env_default("no-http", flag, False),
+        help="serve no HTTP/REST endpoint (gRPC only)",
+    )
+    http.add_argument("--http-address", default=env("http-address"), help="address of the HTTP port (default: --host)")
+    _bool_option(http, "http-use-ssl", "serve HTTPS (needs --http-server-cert and --http-server-key)")
+    _bool_option(
+        http, "http-use-ssl-mutual", "HTTPS that also requires a client certificate signed by --http-root-cert"
+    )
+    http.add_argument("--http-server-cert", type=Path, default=env("http-server-cert"), metavar="PEM",
+                      help="the HTTPS server's certificate chain (may be the gRPC one)")  # fmt: skip
+    http.add_argument("--http-server-key", type=Path, default=env("http-server-key"), metavar="PEM",
+                      help="the HTTPS server's private key")  # fmt: skip
+    http.add_argument("--http-root-cert", type=Path, default=env("http-root-cert"), metavar="PEM",
+                      help="CA for HTTPS client certificates")  # fmt: skip
+    http.add_argument(
+        "--http-restricted-api",
+        action="append",
+        default=None,
+        metavar="APIS:KEY=VALUE",
+        help="require the header KEY: VALUE for the comma-separated APIs (the --grpc-restricted-protocol names); "
+        "others get 403 before their body is read. VALUE @FILE reads it from FILE (repeatable, one group per API; "
+        "in the environment variable, groups are separated by ';')",
+    )
+    _number(http, "http-keepalive-timeout-secs", float, 75, "close a keep-alive connection idle for this long")
+    _number(http, "http-max-connections", int, 4096, "HTTP connections open at once; more are closed as they come")
+
+
+def _tls_of(args: argparse.Namespace, prefix: str) -> Any:
+    """TlsSettings from the ``--{prefix}-use-ssl*`` flags, or None; ValueError names the missing flag."""
+    from rapidserve.server.settings import TlsSettings
+
+    value = functools.partial(getattr, args)
+    attr = prefix.replace("-", "_")
+    use, mutual = value(f"{attr}_use_ssl"), value(f"{attr}_use_ssl_mutual")
+    cert, key, root = value(f"{attr}_server_cert"), value(f"{attr}_server_key"), value(f"{attr}_root_cert")
+    if not (use or mutual):
+        return None
+    if cert is None or key is None:
+        raise ValueError(f"--{prefix}-use-ssl needs --{prefix}-server-cert and --{prefix}-server-key")
+    if mutual and root is None:
+        raise ValueError(f"--{prefix}-use-ssl-mutual needs --{prefix}-root-cert (the CA client certificates chain to)")
+    return TlsSettings(cert, key, root, mutual)
+
+
+def _restrictions(args: argparse.Namespace, name: str) -> tuple[Any, ...]:
+    """The groups of ``--{name}`` (or its variable, groups separated by ';'), checked."""
+    from rapidserve.server.access import check_groups, parse_restriction
+
+    try:
+        groups = tuple(parse_restriction(text) for text in _env_list(getattr(args, name.replace("-", "_")), name, ";"))
+        check_groups(groups, f"--{name}")
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--{name}: {exc}") from None
+    return groups
 
 
 def _number(group: Any, name: str, kind: Callable[[Any], Any], default: Any, help: str) -> None:
@@ -178,8 +246,7 @@ def _env_list(value: list[str] | None, name: str, separator: str = ",") -> list[
 def settings_of(args: argparse.Namespace) -> tuple[Any, bool]:
     """The server's settings from the parsed flags, and whether they serve the demo; ValueError says
     which flag is wrong."""
-    from rapidserve.server.access import check_groups, parse_restriction
-    from rapidserve.server.settings import INT32_MAX, ServerSettings, TlsSettings, UploadPolicy
+    from rapidserve.server.settings import INT32_MAX, ServerSettings, UploadPolicy
 
     repositories_given = _env_list(args.model_repository, "model-repository")
     demo = not repositories_given
@@ -192,32 +259,23 @@ def settings_of(args: argparse.Namespace) -> tuple[Any, bool]:
         missing = [str(p) for p in repositories if not p.is_dir()]
         if missing:
             raise ValueError(f"model repository not found (not a directory): {', '.join(missing)}")
-    for flag_name in ("grpc-port", "metrics-port"):
+    for flag_name in ("grpc-port", "metrics-port", "http-port"):
         port = getattr(args, flag_name.replace("-", "_"))
         if not 0 <= port <= 65535:
             raise ValueError(f"--{flag_name} must be a port number from 0 to 65535, got {port}")
-    tls = None
-    if args.grpc_use_ssl or args.grpc_use_ssl_mutual:
-        if args.grpc_server_cert is None or args.grpc_server_key is None:
-            raise ValueError("--grpc-use-ssl needs --grpc-server-cert and --grpc-server-key")
-        if args.grpc_use_ssl_mutual and args.grpc_root_cert is None:
-            raise ValueError("--grpc-use-ssl-mutual needs --grpc-root-cert (the CA client certificates chain to)")
-        tls = TlsSettings(args.grpc_server_cert, args.grpc_server_key, args.grpc_root_cert, args.grpc_use_ssl_mutual)
-    try:
-        restrictions = tuple(
-            parse_restriction(text)
-            for text in _env_list(args.grpc_restricted_protocol, "grpc-restricted-protocol", separator=";")
-        )
-        check_groups(restrictions)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"--grpc-restricted-protocol: {exc}") from None
+    tls, http_tls = _tls_of(args, "grpc"), _tls_of(args, "http")
+    restrictions = _restrictions(args, "grpc-restricted-protocol")
+    http_restrictions = _restrictions(args, "http-restricted-api")
     for flag_name, value in (("grpc-max-message-bytes", args.grpc_max_message_bytes),
                              ("grpc-max-concurrent-streams", args.grpc_max_concurrent_streams)):  # fmt: skip
         if not 0 < value <= INT32_MAX:
             raise ValueError(f"--{flag_name} must be between 1 and {INT32_MAX} (gRPC's limit), got {value}")
-    for flag_name in ("grpc-request-read-timeout-secs", "grpc-handshake-timeout-secs", "grpc-max-connection-idle-secs"):
+    for flag_name in ("grpc-request-read-timeout-secs", "grpc-handshake-timeout-secs", "grpc-max-connection-idle-secs",
+                      "http-keepalive-timeout-secs"):  # fmt: skip
         if not getattr(args, flag_name.replace("-", "_")) > 0:
             raise ValueError(f"--{flag_name} must be more than 0")
+    if args.http_max_connections < 1:
+        raise ValueError(f"--http-max-connections must be at least 1, got {args.http_max_connections}")
     if args.model_load_thread_count < 1:
         raise ValueError(f"--model-load-thread-count must be at least 1, got {args.model_load_thread_count}")
     if args.max_inflight_bytes and args.max_inflight_bytes < 2 * args.grpc_max_message_bytes:
@@ -256,6 +314,13 @@ def settings_of(args: argparse.Namespace) -> tuple[Any, bool]:
         grpc_max_concurrent_streams=args.grpc_max_concurrent_streams,
         grpc_max_connection_idle_s=args.grpc_max_connection_idle_secs,
         grpc_request_read_timeout_s=args.grpc_request_read_timeout_secs,
+        http_enabled=not args.no_http,
+        http_port=args.http_port,
+        http_host=args.http_address,
+        http_tls=http_tls,
+        http_restricted_api=http_restrictions,
+        http_keepalive_timeout_s=args.http_keepalive_timeout_secs,
+        http_max_connections=args.http_max_connections,
     )
     return settings, demo
 

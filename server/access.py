@@ -1,4 +1,5 @@
-"""Access control by protocol group: Triton's ``--grpc-restricted-protocol=<protocols>:<key>=<value>``.
+"""Access control by protocol group: Triton's ``--grpc-restricted-protocol=<protocols>:<key>=<value>``
+(and ``--http-restricted-api``, whose groups are parsed and compared here too; there the header is ``<key>``).
 
 A call to a restricted protocol must carry the header ``triton-grpc-protocol-<key>`` with exactly
 ``<value>`` (compared in constant time), or it ends PERMISSION_DENIED before its request is read.
@@ -15,7 +16,16 @@ from typing import Any
 
 import grpc
 
-__all__ = ["HEADER_PREFIX", "PROTOCOLS", "Restriction", "RestrictionInterceptor", "parse_restriction", "protocol_of"]
+__all__ = [
+    "HEADER_PREFIX",
+    "PROTOCOLS",
+    "Restriction",
+    "RestrictionInterceptor",
+    "check_groups",
+    "matches",
+    "parse_restriction",
+    "protocol_of",
+]
 
 HEADER_PREFIX = "triton-grpc-protocol-"
 PROTOCOLS = (
@@ -90,13 +100,13 @@ def parse_restriction(text: str) -> Restriction:
     return names, key, value
 
 
-def check_groups(groups: Iterable[Restriction]) -> None:
+def check_groups(groups: Iterable[Restriction], flag: str = "--grpc-restricted-protocol") -> None:
     """Each protocol may belong to one group only (as in Triton)."""
     seen: set[str] = set()
     for protocols, _, _ in groups:
         for protocol in protocols:
             if protocol in seen:
-                raise ValueError(f"protocol '{protocol}' is in more than one --grpc-restricted-protocol group")
+                raise ValueError(f"protocol '{protocol}' is in more than one {flag} group")
             seen.add(protocol)
 
 
@@ -123,11 +133,16 @@ class RestrictionInterceptor(grpc.aio.ServerInterceptor):
 
 
 def _has(metadata: Any, header: str, value: bytes) -> bool:
+    given = (v if isinstance(v, bytes) else str(v).encode() for k, v in metadata or () if k == header)
+    return matches(given, value)
+
+
+def matches(given: Iterable[bytes], value: bytes) -> bool:
+    """Whether one of the header values ``given`` is ``value``, compared in constant time (every value
+    is compared: no early exit)."""
     found = False
-    for key, given in metadata or ():
-        if key == header:
-            data = given if isinstance(given, bytes) else str(given).encode()
-            found |= hmac.compare_digest(data, value)  # every entry is compared: no early exit
+    for data in given:
+        found |= hmac.compare_digest(data, value)
     return found
 
 

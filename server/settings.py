@@ -13,8 +13,8 @@ MiB, GiB = 2**20, 2**30
 
 @dataclass(frozen=True, slots=True)
 class TlsSettings:
-    """TLS on the gRPC port (Triton's ``--grpc-use-ssl*`` flags). The files are read at start and
-    again on ``InferenceServer.reload_certificates()`` (SIGHUP)."""
+    """TLS on the gRPC port (Triton's ``--grpc-use-ssl*`` flags) or the HTTP port (``--http-use-ssl*``).
+    The files are read at start and again on ``InferenceServer.reload_certificates()`` (SIGHUP)."""
 
     server_cert: Path
     server_key: Path
@@ -69,6 +69,16 @@ class ServerSettings:
     grpc_max_connection_idle_s: float = 300.0
     # a request's message must arrive within this long of its call starting (bounds slow senders)
     grpc_request_read_timeout_s: float = 30.0
+    # The KServe v2 HTTP/REST port (Triton's 8000; 0 picks a free port). It shares the message limit,
+    # the in-flight budget and the read timeout above with gRPC.
+    http_enabled: bool = True
+    http_port: int = 8000
+    http_host: str | None = None  # None: the same address as the gRPC port (``host``)
+    http_tls: TlsSettings | None = None
+    # (apis, header, value) groups of --http-restricted-api; the header is KEY itself (Triton's)
+    http_restricted_api: tuple[tuple[tuple[str, ...], str, str], ...] = ()
+    http_keepalive_timeout_s: float = 75.0  # an idle keep-alive connection is closed after this long
+    http_max_connections: int = 4096  # connections open at once; more are closed as they arrive
 
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
