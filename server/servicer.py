@@ -17,20 +17,18 @@ from typing import Any, TypeVar
 
 import grpc
 
-from rapidserve import __version__, protos
+from rapidserve import protos
 from rapidserve.server.admission import Admission
-from rapidserve.server.errors import InvalidRequest, RapidServeError, TooLarge, Unavailable
+from rapidserve.server.errors import InvalidRequest, RapidServeError, Unavailable
 from rapidserve.server.inference import InferencePath
-from rapidserve.server.manager import MAX_UPLOAD_FILES, ModelManager
-from rapidserve.server.model import ModelVersion
-from rapidserve.server.stats import Duration, ServerStats
+from rapidserve.server.manager import ModelManager
+from rapidserve.server.replies import load_arguments, model_metadata, model_statistics, server_metadata
+from rapidserve.server.stats import ServerStats
 from rapidserve.server.status import message_of, status_of, unexpected
 from rapidserve.server.streams import SHUTTING_DOWN, StreamAnswers
 from rapidserve.server.wire import Undecodable, parser
 
 __all__ = ["InferenceServicer", "deadline_of"]
-
-EXTENSIONS = ("model_repository", "model_configuration", "statistics", "parameters")
 
 Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
 
@@ -113,18 +111,11 @@ class InferenceServicer:
 
     @_rpc
     async def ServerMetadata(self, request: Any, context: Any) -> Any:
-        return protos.ServerMetadataResponse(name=self._server_name, version=__version__, extensions=EXTENSIONS)
+        return server_metadata(self._server_name)
 
     @_rpc
     async def ModelMetadata(self, request: Any, context: Any) -> Any:
-        model = self._manager.get(request.name, request.version)
-        spec = model.spec
-        versions = [str(v.version) for v in self._manager.loaded() if v.name == request.name]
-        response = protos.ModelMetadataResponse(name=spec.name, versions=versions, platform=spec.platform)
-        for tensors, specs in ((response.inputs, spec.inputs), (response.outputs, spec.outputs)):
-            for tensor in specs:
-                tensors.add(name=tensor.name, datatype=tensor.datatype, shape=spec.full_shape(tensor))
-        return response
+        return model_metadata(self._manager, request.name, request.version)
 
     @_rpc
     async def ModelConfig(self, request: Any, context: Any) -> Any:
@@ -167,17 +158,7 @@ class InferenceServicer:
 
     @_rpc
     async def ModelStatistics(self, request: Any, context: Any) -> Any:
-        if request.name:
-            versions = (
-                [self._manager.get(request.name, request.version)]
-                if request.version
-                else [v for v in self._manager.loaded() if v.name == request.name]
-            )
-            if not versions:
-                raise self._manager.unknown(request.name)
-        else:
-            versions = self._manager.loaded()
-        return protos.ModelStatisticsResponse(model_stats=[_statistics(v) for v in versions])
+        return model_statistics(self._manager, request.name, request.version)
 
     @_rpc
     async def RepositoryIndex(self, request: Any, context: Any) -> Any:
@@ -189,19 +170,12 @@ class InferenceServicer:
     @_rpc
     async def RepositoryModelLoad(self, request: Any, context: Any) -> Any:
         self._manager.check_load_allowed()  # before walking a caller's parameters
-        if len(request.parameters) > 1 + MAX_UPLOAD_FILES:
-            raise TooLarge(f"the load has {len(request.parameters)} parameters; it takes a config and at most "
-                           f"{MAX_UPLOAD_FILES} files")  # fmt: skip
-        config_json = ""
-        files: dict[str, bytes] = {}
-        for key, param in request.parameters.items():
-            if key == "config":
-                config_json = param.string_param
-            elif key.startswith("file:"):
-                files[key.removeprefix("file:")] = param.bytes_param
-            else:
-                raise InvalidRequest(f"unknown load parameter '{key}'; expected 'config' or 'file:<version>/<name>'")
-        await self._manager.load(request.model_name, config_json=config_json, files=files)
+        parameters = request.parameters
+        config, files = load_arguments(parameters.items(), len(parameters))
+        await self._manager.load(
+            request.model_name, config_json=config.string_param if config else "",
+            files={path: param.bytes_param for path, param in files},
+        )  # fmt: skip
         return protos.RepositoryModelLoadResponse()
 
     @_rpc
@@ -215,34 +189,3 @@ def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
     remaining = context.time_remaining()
     return None if remaining is None else time.monotonic() + remaining
 
-
-def _duration(target: Any, source: Duration) -> None:
-    target.count, target.ns = source.count, source.ns
-
-
-def _statistics(version: ModelVersion) -> Any:
-    stats = version.stats
-    message = protos.ModelStatistics(
-        name=version.name,
-        version=str(version.version),
-        last_inference=stats.last_inference_ms,
-        inference_count=stats.inference_count,
-        execution_count=stats.execution_count,
-    )
-    inference = message.inference_stats
-    for name in (
-        "success",
-        "fail",
-        "queue",
-        "compute_input",
-        "compute_infer",
-        "compute_output",
-        "cache_hit",
-        "cache_miss",
-    ):
-        _duration(getattr(inference, name), getattr(stats, name))
-    for size, batch in sorted(stats.batches.items()):
-        entry = message.batch_stats.add(batch_size=size)
-        for name in ("compute_input", "compute_infer", "compute_output"):
-            _duration(getattr(entry, name), getattr(batch, name))
-    return message

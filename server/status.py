@@ -1,5 +1,5 @@
-"""The one table from rapidserve's transport-neutral errors to gRPC status codes, and the one-line
-messages callers see (bounded in length; tracebacks stay in the log)."""
+"""The tables from rapidserve's transport-neutral errors to gRPC status codes and to HTTP statuses, and
+the one-line messages callers see (bounded in length; tracebacks stay in the log)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,15 @@ from rapidserve.server.errors import (
     Unavailable,
 )
 
-__all__ = ["MAX_MESSAGE_CHARS", "STATUS_OF", "message_of", "status_of", "unexpected"]
+__all__ = [
+    "HTTP_STATUS_OF",
+    "MAX_MESSAGE_CHARS",
+    "STATUS_OF",
+    "http_status_of",
+    "message_of",
+    "status_of",
+    "unexpected",
+]
 
 log = logging.getLogger("rapidserve.server")
 
@@ -37,6 +45,31 @@ STATUS_OF: dict[type[RapidServeError], grpc.StatusCode] = {
     NotAllowed: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
+# HTTP statuses follow Triton's HTTP server (src/http_server.cc ``HttpCodeFromError``: INTERNAL 500,
+# NOT_FOUND 404, UNAVAILABLE 503, UNSUPPORTED 501, everything else 400) for the errors Triton's core
+# raises as we do:
+#   InvalidRequest, ModelLoadError  400  Triton: INVALID_ARG
+#   ModelNotFound                   404  Triton: NOT_FOUND ("'m' is not found", "'m' version 3 is not found")
+#   Overloaded                      503  Triton: UNAVAILABLE ("Exceeds maximum queue size")
+#   DeadlineExceeded                503  Triton: UNAVAILABLE ("Request timeout expired")
+#   Unavailable                     503  Triton: UNAVAILABLE (model not ready, server stopping)
+#   EngineError                     500  Triton: INTERNAL
+# and where Triton has no equivalent, by HTTP's meaning:
+#   TooLarge                        413  Content Too Large (Triton answers an over-size body 400)
+#   NotAllowed                      400  a load/unload the server's mode refuses, or an upload it does not
+#                                        take: not transient (Triton answers polling-mode loads 503)
+HTTP_STATUS_OF: dict[type[RapidServeError], int] = {
+    InvalidRequest: 400,
+    ModelLoadError: 400,
+    ModelNotFound: 404,
+    Overloaded: 503,
+    TooLarge: 413,
+    DeadlineExceeded: 503,
+    Unavailable: 503,
+    EngineError: 500,
+    NotAllowed: 400,
+}
+
 # a message quoting what a caller sent (names, values) must not grow with the request
 MAX_MESSAGE_CHARS = 1024
 
@@ -48,6 +81,14 @@ def status_of(exc: RapidServeError) -> grpc.StatusCode:
         if cls in STATUS_OF:
             return STATUS_OF[cls]
     return grpc.StatusCode.INTERNAL
+
+
+def http_status_of(exc: RapidServeError) -> int:
+    """The HTTP status of an error (``HTTP_STATUS_OF``); anything not in it is 500."""
+    for cls in type(exc).__mro__:
+        if cls in HTTP_STATUS_OF:
+            return HTTP_STATUS_OF[cls]
+    return 500
 
 
 def message_of(exc: object) -> str:
