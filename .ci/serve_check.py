@@ -81,7 +81,8 @@ def main() -> int:
         return 1
     grpc_port = free_port()
     rapidserve = Path(sys.executable).with_name("rapidserve")
-    command = [str(rapidserve), "serve", "--host", "127.0.0.1", "--grpc-port", str(grpc_port), "--metrics-port", "0"]
+    command = [str(rapidserve), "serve", "--host", "127.0.0.1", "--grpc-port", str(grpc_port), "--metrics-port", "0",
+               "--http-port", "0"]  # fmt: skip
     server = subprocess.Popen(command)
     url = f"127.0.0.1:{grpc_port}"
     deadline = time.monotonic() + START_S

@@ -28,7 +28,7 @@ from rapidserve.server.reflection import Reflection
 from rapidserve.server.servicer import InferenceServicer
 from rapidserve.server.settings import ServerSettings, TlsSettings
 from rapidserve.server.stats import ServerStats
-from rapidserve.server.transport import health_handler, inference_handler
+from rapidserve.server.transport import CONTROL_REQUEST_BYTES, health_handler, inference_handler
 
 __all__ = ["InferenceServer"]
 
@@ -57,7 +57,8 @@ class InferenceServer:
             max_message_bytes=settings.grpc_max_message_bytes,
             # the names are what RepositoryIndex and metadata tell: not to callers those are closed to
             name_loaded_models=not any(
-                {"metadata", "model-repository"} & set(protocols) for protocols, _, _ in settings.restricted_protocols
+                {"metadata", "model-repository"} & set(protocols)
+                for protocols, _, _ in (*settings.restricted_protocols, *settings.http_restricted_api)
             ),
         )
         self._server: grpc.aio.Server | None = None
@@ -69,8 +70,10 @@ class InferenceServer:
         self._servicer: InferenceServicer | None = None
         self.admissions: tuple[Admission | None, Admission | None] = (None, None)
         self.abandoned_loads: list[str] = []  # model loads still running when stop() gave up on them
+        self._http: Any = None  # rapidserve.server.http.HttpServer once started
         self.port = 0
         self.metrics_port = 0
+        self.http_port = 0
 
     async def start(self) -> None:
         settings = self.settings
@@ -102,6 +105,8 @@ class InferenceServer:
         self._server = server
         await server.start()
         log.info("gRPC server listening on %s%s", host_port(settings.host, self.port), " (TLS)" if settings.tls else "")
+        if settings.http_enabled:
+            self.http_port = await self._start_http(admission, health)
         if settings.metrics_enabled:
             from rapidserve.server.metrics import MetricsServer  # prometheus_client loads only when used
 
@@ -119,21 +124,28 @@ class InferenceServer:
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Drain: readiness and health go NOT_SERVING first; new calls and new requests on open streams
-        get UNAVAILABLE; requests already accepted finish (within the grace period), then the models
-        are unloaded. Returns as soon as the last accepted request is answered."""
+        get UNAVAILABLE (HTTP: the port closes, requests on open connections get 503); requests already
+        accepted finish (within the grace period), then the models are unloaded. Returns as soon as the
+        last accepted request is answered."""
         grace = self.settings.grace_period_s if grace_s is None else grace_s
         deadline = time.monotonic() + grace
         self._follow_readiness = False  # the unloads below must not turn health back on
         if self._servicer is not None:
             self._servicer.drain()
         self._set_health(False)  # (health Watch streams hear it)
+        if self._http is not None:
+            self._http.drain()
         if self._server is not None:
             refusing = asyncio.create_task(self._server.stop(grace))  # no new calls from now on
-            if self._servicer is not None:
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._servicer.idle(), grace)
+            accepted = [self._servicer.idle()] if self._servicer is not None else []
+            if self._http is not None:
+                accepted.append(self._http.idle())
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*accepted), grace)
             await self._server.stop(0)  # what is left (health Watch, reflection) need not finish
             await refusing
+        if self._http is not None:
+            await self._http.stop()
         self.abandoned_loads = await self.manager.stop(max(deadline - time.monotonic(), 1.0))
         if self._metrics is not None:
             await asyncio.to_thread(self._metrics.stop)
@@ -141,15 +153,47 @@ class InferenceServer:
     def reload_certificates(self) -> None:
         """Re-read the TLS certificate and key files (SIGHUP); connections made from now on use them.
         Files that do not load are logged and the server keeps the certificates it has."""
-        if self._certificates is None:
+        reloads = [("gRPC", self._certificates.reload)] if self._certificates is not None else []
+        if self._http is not None and self.settings.http_tls is not None:
+            reloads.append(("HTTP", self._http.reload_certificates))
+        if not reloads:
             log.info("SIGHUP: no TLS configured, nothing to reload")
-            return
-        try:
-            self._certificates.reload()
-        except (OSError, ValueError) as exc:
-            log.error("TLS certificates not reloaded, the previous ones stay in use: %s", exc)
-        else:
-            log.info("TLS certificates reloaded; new connections use them")
+        for port, reload in reloads:
+            try:
+                reload()
+            except (OSError, ValueError) as exc:
+                log.error("%s TLS certificates not reloaded, the previous ones stay in use: %s", port, exc)
+            else:
+                log.info("%s TLS certificates reloaded; new connections use them", port)
+
+    async def _start_http(self, admission: Admission | None, health: Admission | None) -> int:
+        """Serve KServe v2 REST on the HTTP port, over the same manager, statistics and budgets as gRPC."""
+        from rapidserve.server.http import HttpServer  # aiohttp loads only when HTTP is served
+        from rapidserve.server.rest import RestApi
+
+        settings = self.settings
+        servicer = self._servicer
+        api = RestApi(
+            self.manager,
+            self.stats,
+            ready=lambda: self.manager.ready and not (servicer is not None and servicer.draining),
+            max_message_bytes=settings.grpc_max_message_bytes,
+        )
+        load_limit = _http_load_request_bytes(settings)
+
+        def limit_of(name: str | None, path: str) -> int:
+            if name == "inference":
+                return settings.grpc_max_message_bytes
+            return load_limit if name == "model-repository" and path.endswith("/load") else CONTROL_REQUEST_BYTES
+
+        self._http = HttpServer(
+            api,
+            settings,
+            limit_of=limit_of,
+            admission_of=lambda name: health if name == "health" else admission,
+            refused=self.stats.failed,
+        )
+        return int(await self._http.start())
 
     def _readiness_changed(self) -> None:
         """Models were loaded or unloaded: the health service follows ServerReady."""
@@ -186,6 +230,12 @@ def _load_request_bytes(settings: ServerSettings) -> int:
     the server takes uploads."""
     uploads = settings.uploads.max_bytes if settings.uploads.allow_files else 0
     return min(2 * 2**20 + uploads, settings.grpc_max_message_bytes)
+
+
+def _http_load_request_bytes(settings: ServerSettings) -> int:
+    """A load's body over HTTP: its JSON config, and its files base64-encoded where uploads are allowed."""
+    uploads = settings.uploads.max_bytes if settings.uploads.allow_files else 0
+    return min(2 * 2**20 + uploads * 4 // 3 + 4, settings.grpc_max_message_bytes)
 
 
 def grpc_server_options(settings: ServerSettings) -> list[tuple[str, int]]:

@@ -42,6 +42,11 @@ class ServerThread:
         return f"127.0.0.1:{self.server.port}"
 
     @property
+    def http_url(self) -> str:
+        """``127.0.0.1:PORT`` of the HTTP/REST port, as tritonclient.http takes it (no scheme)."""
+        return f"127.0.0.1:{self.server.http_port}"
+
+    @property
     def metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.server.metrics_port}/metrics"
 
@@ -69,6 +74,7 @@ def serve() -> Iterator[Callable[..., ServerThread]]:
         settings.setdefault("host", "127.0.0.1")
         settings.setdefault("grpc_port", 0)
         settings.setdefault("metrics_port", 0)
+        settings.setdefault("http_port", 0)
         thread = ServerThread(ServerSettings(model_repositories=tuple(repos), **settings)).start()
         started.append(thread)
         return thread
@@ -84,7 +90,7 @@ def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerTh
     """One server over the standard repository, shared by a test module."""
     repo = build_repository(tmp_path_factory.mktemp("shared-repo"))
     thread = ServerThread(
-        ServerSettings(model_repositories=(repo,), host="127.0.0.1", grpc_port=0, metrics_port=0)
+        ServerSettings(model_repositories=(repo,), host="127.0.0.1", grpc_port=0, metrics_port=0, http_port=0)
     ).start()
     yield thread
     thread.stop()

@@ -18,7 +18,7 @@ class RemoteServer:
     def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
         self.log = ""
         command = [sys.executable, "-m", "rapidserve", "serve", "--host", "127.0.0.1", "--grpc-port", "0",
-                   "--metrics-port", "0", *args]  # fmt: skip
+                   "--metrics-port", "0", "--http-port", "0", *args]  # fmt: skip
         self.proc = subprocess.Popen(
             command,
             stdout=subprocess.PIPE,

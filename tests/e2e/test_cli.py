@@ -218,7 +218,7 @@ def test_startup_errors_exit_nonzero_with_a_message(tmp_path: Path) -> None:
         first.wait_for_line(rf"no models in {re.escape(str(tmp_path))}: a model is a folder .*model\.onnx")
         busy = subprocess.run(
             [sys.executable, "-m", "rapidserve", "serve", "--model-repository", str(tmp_path),
-             "--host", "127.0.0.1", "--grpc-port", str(first.port), "--metrics-port", "0"],
+             "--host", "127.0.0.1", "--grpc-port", str(first.port), "--metrics-port", "0", "--http-port", "0"],
             capture_output=True,
             text=True,
             timeout=60,
@@ -254,7 +254,7 @@ def test_a_model_that_fails_to_load_at_start_exits_unless_exit_on_error_is_false
     write_model(tmp_path, "typo", add_sub_graph(), TYPO)
     failed = subprocess.run(
         [sys.executable, "-m", "rapidserve", "serve", "--model-repository", str(tmp_path), "--host", "127.0.0.1",
-         "--grpc-port", "0", "--metrics-port", "0"],
+         "--grpc-port", "0", "--metrics-port", "0", "--http-port", "0"],
         capture_output=True,
         text=True,
         timeout=60,

@@ -29,7 +29,9 @@ def server(tmp_path_factory: pytest.TempPathFactory):
     write_model(
         repo, "cached", scale_graph("cached", ONNX_TYPES["FP32"], 2.0), config + "response_cache { enable: true }\n"
     )
-    thread = ServerThread(ServerSettings(model_repositories=(repo,), host="127.0.0.1", grpc_port=0, metrics_port=0))
+    thread = ServerThread(
+        ServerSettings(model_repositories=(repo,), host="127.0.0.1", grpc_port=0, metrics_port=0, http_port=0)
+    )
     thread.start()
     yield thread
     thread.stop()

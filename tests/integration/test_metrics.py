@@ -46,7 +46,7 @@ def loaded(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequ
     from rapidserve.server.settings import ServerSettings
 
     repo = build_workload_repository(tmp_path_factory.mktemp("metrics"))
-    settings = ServerSettings(model_repositories=(repo,), host="127.0.0.1", grpc_port=0, metrics_port=0)
+    settings = ServerSettings(model_repositories=(repo,), host="127.0.0.1", grpc_port=0, metrics_port=0, http_port=0)
     server = ServerThread(settings).start()
     request.addfinalizer(server.stop)
     expected = run_workload(server.url)

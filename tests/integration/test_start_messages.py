@@ -32,11 +32,11 @@ def busy_port() -> Iterator[int]:
 
 def _settings(tmp_path: Path, **ports: int) -> ServerSettings:
     return ServerSettings(
-        model_repositories=(tmp_path,), host="127.0.0.1", **{"grpc_port": 0, "metrics_port": 0, **ports}
+        model_repositories=(tmp_path,), host="127.0.0.1", **{"grpc_port": 0, "metrics_port": 0, "http_port": 0, **ports}
     )
 
 
-@pytest.mark.parametrize("which", ["grpc_port", "metrics_port"])
+@pytest.mark.parametrize("which", ["grpc_port", "metrics_port", "http_port"])
 async def test_a_busy_port_names_itself_and_the_flag_that_moves_it(tmp_path: Path, busy_port: int, which: str) -> None:
     server = InferenceServer(_settings(tmp_path, **{which: busy_port}))
     try:

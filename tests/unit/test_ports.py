@@ -59,7 +59,9 @@ async def test_the_server_listens_on_an_ipv6_host_written_either_way(host: str, 
     from rapidserve.server.app import InferenceServer
     from rapidserve.server.settings import ServerSettings
 
-    server = InferenceServer(ServerSettings(model_repositories=(tmp_path,), host=host, grpc_port=0, metrics_port=0))
+    server = InferenceServer(
+        ServerSettings(model_repositories=(tmp_path,), host=host, grpc_port=0, metrics_port=0, http_port=0)
+    )
     try:
         await server.start()
         assert server.port and server.metrics_port
