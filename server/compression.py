@@ -22,7 +22,7 @@ def decompress(body: bytes | memoryview, encoding: str, limit: int) -> bytes | m
     """``body`` inflated per its ``Content-Encoding``: never more than ``limit`` bytes are produced
     (a small body that inflates beyond it is refused as too large before it is all inflated)."""
     encoding = encoding.strip().lower()
-    if encoding in ("", "identity"):
+    if encoding in ("", "identity") or not body:
         return body
     wbits = _WBITS.get(encoding)
     if wbits is None:

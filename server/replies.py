@@ -69,9 +69,7 @@ def load_arguments(parameters: Iterable[tuple[str, Any]], count: int) -> tuple[s
     gave them), refusing unknown keys and more parameters than a load takes. Call it after
     ``ModelManager.check_load_allowed``: a caller's parameters are walked only where loads are taken."""
     if count > 1 + MAX_UPLOAD_FILES:
-        raise TooLarge(
-            f"the load has {count} parameters; it takes a config and at most {MAX_UPLOAD_FILES} files"
-        )
+        raise TooLarge(f"the load has {count} parameters; it takes a config and at most {MAX_UPLOAD_FILES} files")
     config: Any = ""
     files: list[tuple[str, Any]] = []
     for key, value in parameters:
@@ -93,9 +91,7 @@ def as_json(message: Any) -> dict[str, Any]:
             message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
         )
     except TypeError:  # protobuf before 5.26 names the option differently
-        data = json_format.MessageToDict(
-            message, preserving_proto_field_name=True, including_default_value_fields=True
-        )
+        data = json_format.MessageToDict(message, preserving_proto_field_name=True, including_default_value_fields=True)
     _numbers(message.DESCRIPTOR, data)
     return data
 

@@ -81,9 +81,7 @@ def split_body(body: bytes | memoryview, header_length: str | None) -> tuple[mem
         raise InvalidRequest(f"Inference-Header-Content-Length must be a whole number of bytes, got '{shown(text)}'")
     length = int(text)
     if length > len(view):
-        raise InvalidRequest(
-            f"Inference-Header-Content-Length is {length} but the body has only {len(view)} bytes"
-        )
+        raise InvalidRequest(f"Inference-Header-Content-Length is {length} but the body has only {len(view)} bytes")
     if length == 0:
         raise InvalidRequest(
             "Inference-Header-Content-Length 0 (a body that is one raw input, with no JSON header) is not "
@@ -248,8 +246,12 @@ def _from_json(name: str, datatype: str, count: int, shape: list[int], data: Any
         if values.size and (values.min() < info.min or values.max() > info.max):
             raise InvalidRequest(f"{what}: a value is out of range for {datatype}")
         return values.astype(dtype).reshape(shape)
-    with np.errstate(over="ignore"):
-        return np.array(flat, dtype=np.float64).astype(dtype).reshape(shape)
+    try:
+        values = np.array(flat, dtype=np.float64)
+    except OverflowError:  # an integer beyond any float
+        raise InvalidRequest(f"{what}: a value is out of range for {datatype}") from None
+    with np.errstate(over="ignore"):  # as a C cast would: beyond the type's range is infinity
+        return values.astype(dtype).reshape(shape)
 
 
 def _flatten(name: str, count: int, shape: list[int], data: Any) -> list[Any]:
@@ -276,9 +278,7 @@ def _flatten(name: str, count: int, shape: list[int], data: Any) -> list[Any]:
     return level
 
 
-def _field(
-    obj: dict[str, Any], key: str, kind: type, described: str, *, required: bool = False, what: str = ""
-) -> Any:
+def _field(obj: dict[str, Any], key: str, kind: type, described: str, *, required: bool = False, what: str = "") -> Any:
     value = obj.get(key)
     if value is None:
         if required:

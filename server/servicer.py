@@ -188,4 +188,3 @@ def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
     """The call's gRPC deadline as a ``time.monotonic()`` time."""
     remaining = context.time_remaining()
     return None if remaining is None else time.monotonic() + remaining
-
