@@ -1,10 +1,14 @@
-"""Python clients for any KServe v2 gRPC server (rapidserve, Triton): numpy in, numpy out.
+"""Python clients for any KServe v2 server (rapidserve, Triton): numpy in, numpy out, over gRPC or HTTP.
 
 ``Client`` is synchronous; ``AsyncClient`` is for asyncio and by default multiplexes concurrent
 ``infer`` calls over one persistent ``ModelStreamInfer`` stream, which costs the server about a third
 of a unary call's CPU. Every failure raises ``InferenceServerError`` carrying the gRPC status code.
 Both speak plaintext or TLS (mutual TLS too), with tritonclient's option names, and can send headers
 with every call (e.g. the ``triton-grpc-protocol-<key>`` a server's restricted protocols ask for).
+
+A URL that starts with ``http://`` or ``https://`` speaks the KServe v2 REST protocol instead (tensors
+as Triton's binary tensor data, both ways), with the same methods, results and errors
+(``rapidserve.clients._http_api``); ``https://`` is TLS with the same options.
 """
 
 from __future__ import annotations
@@ -13,7 +17,6 @@ import asyncio
 import contextlib
 import itertools
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,32 +24,15 @@ import grpc
 import numpy as np
 
 from rapidserve import protos
+from rapidserve.clients._http_api import AsyncHttpApi, HttpApi, is_http_url
 from rapidserve.clients.connection import Tls, channel, check_headers, hint, tls
+from rapidserve.clients.types import Arrays, InferenceServerError, ModelMetadata
 from rapidserve.common import codec
 from rapidserve.common.types import ParamValue, TensorSpec
 
 __all__ = ["AsyncClient", "Client", "InferenceServerError", "ModelMetadata"]
 
 INT32_MAX = 2**31 - 1
-Arrays = dict[str, np.ndarray[Any, Any]]
-
-
-class InferenceServerError(Exception):
-    """A call failed; ``code`` is the gRPC status code, ``message`` the server's explanation."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(f"[{code.name}] {message}")
-        self.code = code
-        self.message = message
-
-
-@dataclass(frozen=True, slots=True)
-class ModelMetadata:
-    name: str
-    versions: tuple[str, ...]
-    platform: str
-    inputs: tuple[TensorSpec, ...]  # full shapes, -1 for a variable dimension (the batch one included)
-    outputs: tuple[TensorSpec, ...]
 
 
 def _channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
@@ -100,6 +86,10 @@ class Client:
     ``private_key`` (PEM files, read once here); ``ssl_target_name`` is the name the server's
     certificate must carry when it is not the URL's host. ``headers`` go with every call as gRPC
     metadata (text values; names are lower-cased). A bad option raises ``ValueError`` here.
+
+    ``url`` ``http://host:8000`` (or ``https://``) calls the server's HTTP/REST endpoint instead: the
+    same methods, results and errors; ``timeout_s`` is then the socket timeout and the request's
+    ``timeout`` parameter, and keep-alive connections are reused between calls.
     """
 
     def __init__(
@@ -117,9 +107,13 @@ class Client:
     ) -> None:
         self._tls = tls(ssl, root_certificates, private_key, certificate_chain, ssl_target_name)
         self._metadata = check_headers(headers) or None
-        self._channel = channel(url, self._tls, _channel_options(max_message_bytes))
-        self._stubs = _stubs(self._channel)
         self._timeout_s = timeout_s
+        self._http = (
+            HttpApi(url, self._tls, self._metadata or (), timeout_s, max_message_bytes) if is_http_url(url) else None
+        )
+        if self._http is None:
+            self._channel = channel(url, self._tls, _channel_options(max_message_bytes))
+            self._stubs = _stubs(self._channel)
 
     def __enter__(self) -> Client:
         return self
@@ -128,7 +122,10 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        self._channel.close()
+        if self._http is not None:
+            self._http.close()
+        else:
+            self._channel.close()
 
     def _call(self, rpc: str, request: Any, timeout_s: float | None = None) -> Any:
         try:
@@ -150,34 +147,52 @@ class Client:
         parameters: dict[str, ParamValue] | None = None,
     ) -> Arrays:
         """Run one request; returns the outputs by name (all of them unless ``outputs`` names some)."""
+        if self._http is not None:
+            return self._http.infer(model, inputs, outputs, version, timeout_s, request_id, parameters)
         request = codec.encode_request(
             model, dict(inputs), outputs, model_version=version, request_id=request_id, parameters=parameters
         )
         return codec.decode_response(self._call("ModelInfer", request, timeout_s))
 
     def is_server_live(self) -> bool:
+        if self._http is not None:
+            return self._http.is_server_live()
         return bool(self._call("ServerLive", protos.ServerLiveRequest()).live)
 
     def is_server_ready(self) -> bool:
+        if self._http is not None:
+            return self._http.is_server_ready()
         return bool(self._call("ServerReady", protos.ServerReadyRequest()).ready)
 
     def is_model_ready(self, model: str, version: str = "") -> bool:
+        if self._http is not None:
+            return self._http.is_model_ready(model, version)
         return bool(self._call("ModelReady", protos.ModelReadyRequest(name=model, version=version)).ready)
 
     def server_metadata(self) -> Any:
+        if self._http is not None:
+            return self._http.server_metadata()
         return self._call("ServerMetadata", protos.ServerMetadataRequest())
 
     def model_metadata(self, model: str, version: str = "") -> ModelMetadata:
+        if self._http is not None:
+            return self._http.model_metadata(model, version)
         return _metadata(self._call("ModelMetadata", protos.ModelMetadataRequest(name=model, version=version)))
 
     def model_config(self, model: str, version: str = "") -> Any:
         """The model's ``ModelConfig`` protobuf, as the server completed it."""
+        if self._http is not None:
+            return self._http.model_config(model, version)
         return self._call("ModelConfig", protos.ModelConfigRequest(name=model, version=version)).config
 
     def model_statistics(self, model: str = "", version: str = "") -> Any:
+        if self._http is not None:
+            return self._http.model_statistics(model, version)
         return self._call("ModelStatistics", protos.ModelStatisticsRequest(name=model, version=version))
 
     def repository_index(self, ready_only: bool = False) -> Any:
+        if self._http is not None:
+            return self._http.repository_index(ready_only)
         return self._call("RepositoryIndex", protos.RepositoryIndexRequest(ready=ready_only)).models
 
     def load_model(
@@ -189,9 +204,13 @@ class Client:
     ) -> None:
         """Load or reload a model; ``files`` maps ``<version>/<file name>`` to model file bytes
         (``config_json`` is then required), like tritonclient's ``load_model``."""
+        if self._http is not None:
+            return self._http.load_model(model, config_json, files, timeout_s)
         self._call("RepositoryModelLoad", _load_request(model, config_json, files), timeout_s)
 
     def unload_model(self, model: str, timeout_s: float | None = None) -> None:
+        if self._http is not None:
+            return self._http.unload_model(model, timeout_s)
         self._call("RepositoryModelUnload", protos.RepositoryModelUnloadRequest(model_name=model), timeout_s)
 
 
@@ -202,6 +221,8 @@ class AsyncClient:
 
     ``ssl``, ``root_certificates``, ``private_key``, ``certificate_chain``, ``ssl_target_name`` and
     ``headers`` as for ``Client``; the headers go with every unary call and with the stream.
+    An ``http://`` or ``https://`` URL calls the HTTP/REST endpoint as for ``Client`` (``streaming`` then
+    does not apply: concurrent calls each use a keep-alive connection of aiohttp's pool).
     """
 
     def __init__(
@@ -220,9 +241,15 @@ class AsyncClient:
     ) -> None:
         self._tls = tls(ssl, root_certificates, private_key, certificate_chain, ssl_target_name)
         self._metadata = check_headers(headers) or None
-        self._channel = channel(url, self._tls, _channel_options(max_message_bytes), aio=True)
-        self._stubs = _stubs(self._channel)
         self._timeout_s = timeout_s
+        self._http = (
+            AsyncHttpApi(url, self._tls, self._metadata or (), timeout_s, max_message_bytes)
+            if is_http_url(url)
+            else None
+        )
+        if self._http is None:
+            self._channel = channel(url, self._tls, _channel_options(max_message_bytes), aio=True)
+            self._stubs = _stubs(self._channel)
         self._streaming = streaming
         self._stream: _Multiplexer | None = None
 
@@ -233,6 +260,9 @@ class AsyncClient:
         await self.close()
 
     async def close(self) -> None:
+        if self._http is not None:
+            await self._http.close()
+            return
         if self._stream is not None:
             await self._stream.close()
         await self._channel.close()
@@ -256,6 +286,8 @@ class AsyncClient:
         request_id: str = "",
         parameters: dict[str, ParamValue] | None = None,
     ) -> Arrays:
+        if self._http is not None:
+            return await self._http.infer(model, inputs, outputs, version, timeout_s, request_id, parameters)
         request = codec.encode_request(
             model, dict(inputs), outputs, model_version=version, request_id=request_id, parameters=parameters
         )
@@ -278,26 +310,40 @@ class AsyncClient:
         return codec.decode_response(await self._call("ModelInfer", request, timeout))
 
     async def is_server_live(self) -> bool:
+        if self._http is not None:
+            return await self._http.is_server_live()
         return bool((await self._call("ServerLive", protos.ServerLiveRequest())).live)
 
     async def is_server_ready(self) -> bool:
+        if self._http is not None:
+            return await self._http.is_server_ready()
         return bool((await self._call("ServerReady", protos.ServerReadyRequest())).ready)
 
     async def is_model_ready(self, model: str, version: str = "") -> bool:
+        if self._http is not None:
+            return await self._http.is_model_ready(model, version)
         return bool((await self._call("ModelReady", protos.ModelReadyRequest(name=model, version=version))).ready)
 
     async def model_metadata(self, model: str, version: str = "") -> ModelMetadata:
+        if self._http is not None:
+            return await self._http.model_metadata(model, version)
         return _metadata(await self._call("ModelMetadata", protos.ModelMetadataRequest(name=model, version=version)))
 
     async def model_config(self, model: str, version: str = "") -> Any:
+        if self._http is not None:
+            return await self._http.model_config(model, version)
         return (await self._call("ModelConfig", protos.ModelConfigRequest(name=model, version=version))).config
 
     async def load_model(
         self, model: str, config_json: str | None = None, files: Mapping[str, bytes] | None = None
     ) -> None:
+        if self._http is not None:
+            return await self._http.load_model(model, config_json, files)
         await self._call("RepositoryModelLoad", _load_request(model, config_json, files))
 
     async def unload_model(self, model: str) -> None:
+        if self._http is not None:
+            return await self._http.unload_model(model)
         await self._call("RepositoryModelUnload", protos.RepositoryModelUnloadRequest(model_name=model))
 
 

@@ -23,6 +23,7 @@ __all__ = [
     "check_headers",
     "client_options",
     "hint",
+    "http_ssl_context",
     "parse_header",
     "ssl_context",
     "tls",
@@ -62,10 +63,16 @@ class Tls:
         return ssl_context(self.root_certificates, self.private_key, self.certificate_chain)
 
 
+def http_ssl_context(tls: Tls) -> _ssl.SSLContext:
+    """The same verification and client certificate for the HTTP/1.1 clients of ``https://`` URLs."""
+    return ssl_context(tls.root_certificates, tls.private_key, tls.certificate_chain, alpn=("http/1.1",))
+
+
 def ssl_context(
     root_certificates: str | Path | None = None,
     private_key: str | Path | None = None,
     certificate_chain: str | Path | None = None,
+    alpn: tuple[str, ...] = ("h2",),
 ) -> _ssl.SSLContext:
     """A client TLS context for the bench's HTTP/2 connections (``rapidserve.clients._h2grpc``): verifies the
     server against ``root_certificates`` (a PEM file; None: the system's CAs), presents ``certificate_chain``
@@ -82,7 +89,7 @@ def ssl_context(
         except _ssl.SSLError as exc:
             raise ValueError(f"certificate_chain {certificate_chain} and private_key {private_key} are not a PEM "
                              f"certificate and its key ({exc})") from None  # fmt: skip
-    context.set_alpn_protocols(["h2"])
+    context.set_alpn_protocols(list(alpn))
     return context
 
 

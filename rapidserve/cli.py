@@ -30,6 +30,8 @@ _DESCRIPTION = (
     "e.g. RAPIDSERVE_GRPC_PORT for --grpc-port."
 )
 
+_URL_HELP = "the server's gRPC address HOST:PORT, or its HTTP/REST endpoint as http://HOST:PORT (https:// for TLS)"
+
 _settings = _serve.settings_of  # the server's settings from parsed flags (tests build them this way)
 
 
@@ -45,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
 
     infer = command("infer", "send one request and print the outputs")
     infer.add_argument("model", help="the model's name")
-    infer.add_argument("--url", default=env("url", "localhost:8001"), help="the server's gRPC address")
+    infer.add_argument("--url", default=env("url", "localhost:8001"), help=_URL_HELP)
     infer.add_argument("--model-version", default="", help="the version to call (default: the server's choice)")
     infer.add_argument(
         "--input", action="append", default=[], metavar="NAME=FILE.npy", help="an input from a .npy file (repeatable)"
@@ -72,8 +74,12 @@ def _parser() -> argparse.ArgumentParser:
 
     add_arguments(prepare)
 
-    health = command("health", "exit 0 if the server's gRPC health service says SERVING (container health checks)")
-    health.add_argument("--url", default=env("url", "localhost:8001"), help="the server's gRPC address")
+    health = command(
+        "health",
+        "exit 0 if the server's gRPC health service says SERVING, or with an http:// URL if /v2/health/ready "
+        "answers 200 (container health checks)",
+    )
+    health.add_argument("--url", default=env("url", "localhost:8001"), help=_URL_HELP)
     health.add_argument("--timeout-s", type=float, default=3.0, help="deadline of the check in seconds")
     _log_level(health)
     client_arguments(health, env, env_default("ssl", flag, False))
@@ -164,7 +170,9 @@ def _message(exc: BaseException) -> str:
 
 
 def _health(args: argparse.Namespace) -> int:
-    """The standard gRPC health check (service ""), which follows ServerReady."""
+    """The standard gRPC health check (service ""), which follows ServerReady; over HTTP, ServerReady."""
+    if args.url.startswith(("http://", "https://")):
+        return _http_health(args)
     import grpc
 
     from rapidserve import protos
@@ -192,6 +200,26 @@ def _health(args: argparse.Namespace) -> int:
             return 1
     print(protos.HealthCheckResponse.ServingStatus.Name(reply.status))
     return 0 if reply.status == protos.HealthCheckResponse.SERVING else 1
+
+
+def _http_health(args: argparse.Namespace) -> int:
+    """``GET /v2/health/ready``: 200 is SERVING, Triton's 400 NOT_SERVING; no answer is unhealthy."""
+    from rapidserve.clients.client import Client, InferenceServerError
+    from rapidserve.clients.connection import client_options
+
+    try:
+        client = Client(args.url, timeout_s=args.timeout_s, **client_options(args))
+    except (OSError, ValueError) as exc:
+        print(f"rapidserve health: error: {exc}", file=sys.stderr)
+        return 1  # (a container health check reserves 2)
+    with client:
+        try:
+            ready = client.is_server_ready()
+        except InferenceServerError as exc:
+            print(f"unhealthy: {exc.code.name}: {exc.message}", file=sys.stderr)
+            return 1
+    print("SERVING" if ready else "NOT_SERVING")
+    return 0 if ready else 1
 
 
 def _infer(args: argparse.Namespace) -> int:
