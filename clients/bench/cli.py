@@ -1,6 +1,7 @@
 """``rapidserve bench``'s command line: its options, the inputs it sends, the sweep over load points,
 and what it reports. Checks that can fail (TLS, the model's metadata, the libraries ``--plot`` and the
-HTTP/2 client need) run before the first load point.
+HTTP/2 client need) run before the first load point. ``--protocol http`` (or an ``http://`` URL) loads
+the server's HTTP/REST endpoint instead, with Triton's binary tensor data extension.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import numpy as np
 
 from rapidserve._options import positive, positive_list
 from rapidserve.clients._h2grpc import check_hpack
+from rapidserve.clients._rest import parse_url, timeout_us
 from rapidserve.clients.bench.jobs import Job, measure
+from rapidserve.clients.bench.payloads import HttpTarget
 from rapidserve.clients.bench.report import plot, print_table, require_matplotlib, write_rows
 from rapidserve.clients.bench.server_stats import ServerStats
 from rapidserve.clients.client import Client, InferenceServerError
@@ -33,7 +36,7 @@ def _inputs(client: Client, args: argparse.Namespace) -> tuple[list[dict[str, np
     try:
         batching = client.model_config(args.model, args.model_version).max_batch_size > 0
     except InferenceServerError as exc:  # a server without the configuration extension (MLServer)
-        if exc.code != grpc.StatusCode.UNIMPLEMENTED:
+        if exc.code != grpc.StatusCode.UNIMPLEMENTED and exc.http_status != 404:
             raise
         batching = all(t.shape and t.shape[0] == -1 for t in metadata.inputs)
     shapes = dict(_shape(s) for s in args.shape)
@@ -81,7 +84,14 @@ def _shape(text: str) -> tuple[str, list[int]]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model")
-    parser.add_argument("--url", default="localhost:8001")
+    parser.add_argument(
+        "--url", help="the server: HOST:PORT (default localhost:8001, or localhost:8000 with --protocol http) or "
+        "an http:// or https:// URL"
+    )  # fmt: skip
+    parser.add_argument(
+        "--protocol", choices=("grpc", "http"), help="gRPC (HTTP/2) or the HTTP/REST endpoint over HTTP/1.1 "
+        "keep-alive connections, one per request in flight (default: http for an http(s):// URL, else grpc)"
+    )  # fmt: skip
     parser.add_argument("--model-version", default="")
     parser.add_argument(
         "--streaming", action="store_true", help="send over ModelStreamInfer streams (one per 2 requests in flight)"
@@ -115,7 +125,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--connections",
         type=positive(int),
         help="HTTP/2 connections per worker (default: one per 6 requests in flight in a closed loop, as "
-        "perf_analyzer's clients share them; 1 in an open loop)",
+        "perf_analyzer's clients share them; 1 in an open loop); over HTTP/1.1, the connections an open loop "
+        "starts with (more open when all are busy)",
     )
     parser.add_argument("--timeout-s", type=positive(float), help="per-request deadline (unary)")
     parser.add_argument("--seed", type=int, default=0)
@@ -126,19 +137,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     client_arguments(parser)
 
 
+def _resolve_url(args: argparse.Namespace) -> str:
+    """The URL to load, with its protocol settled: ``--protocol http`` makes a bare HOST:PORT an http://
+    URL (https:// with TLS options); an http(s):// URL with ``--protocol grpc`` is a usage error."""
+    url = args.url or ("localhost:8000" if args.protocol == "http" else "localhost:8001")
+    is_http = url.startswith(("http://", "https://"))
+    if args.protocol == "grpc" and is_http:
+        raise ValueError(f"--protocol grpc with the URL {url}: give HOST:PORT")
+    if args.protocol == "http" and not is_http:
+        url = f"{'https' if args.ssl or args.root_certificates or args.ssl_target_name else 'http'}://{url}"
+    if url.startswith(("http://", "https://")) and args.streaming:
+        raise ValueError("--streaming is a gRPC feature (ModelStreamInfer): not with --protocol http")
+    return url
+
+
 def run(args: argparse.Namespace) -> int:
     if args.duplicate_ratio is not None and not 0 <= args.duplicate_ratio <= 1:
         print("error: --duplicate-ratio must be between 0 and 1", file=sys.stderr)
         return 2
     try:
-        check_hpack()
+        url = args.url = _resolve_url(args)
+        http = url.startswith(("http://", "https://"))
+        if not http:
+            check_hpack()
         if args.plot:
             require_matplotlib()
         options = client_options(args)
         security = tls(**{k: v for k, v in options.items() if k != "headers"})
-        if security is not None:
+        if security is not None and not http:
             security.ssl_context()  # the HTTP/2 connections' (made in each worker): refused here if it cannot be
-        with Client(args.url, timeout_s=30, **options) as client:
+        target = None
+        if http:
+            endpoint = parse_url(url)
+            headers = tuple(options["headers"].items())
+            target = HttpTarget(endpoint.authority, endpoint.prefix, headers, timeout_us(args.timeout_s))
+        with Client(url, timeout_s=30, **options) as client:
             batches, batch_size = _inputs(client, args)
     except Exception as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -151,19 +184,23 @@ def run(args: argparse.Namespace) -> int:
         stability=args.stability_percentage / 100,
         max_windows=max(args.max_trials, 3),
     )
-    stats = ServerStats(args.url, args.model, args.model_version, options)
+    stats = ServerStats(url, args.model, args.model_version, options)
     rows: list[dict[str, Any]] = []
     for level in levels:
-        job = Job(args.url, args.model, args.model_version, batches, args.streaming, mode, level, measurement,
+        job = Job(url, args.model, args.model_version, batches, args.streaming, mode, level, measurement,
                   args.duplicate_ratio, args.poisson, args.timeout_s, args.seed, args.quiet, batch_size,
-                  connections=args.connections, tls=security, headers=tuple(options["headers"].items()))  # fmt: skip
+                  connections=args.connections, tls=security, headers=tuple(options["headers"].items()),
+                  http=target)  # fmt: skip
         stats.start()
         try:
             summary = measure(job, args.workers)
         except OSError as exc:  # (ConnectionError, ssl.SSLError, TimeoutError)
-            print(f"error: cannot open an HTTP/2 connection to {args.url}: {exc}", file=sys.stderr)
+            print(
+                f"error: cannot open an {'HTTP/1.1' if http else 'HTTP/2'} connection to {url}: {exc}", file=sys.stderr
+            )
             return 1
-        row = {"mode": mode, "concurrency": int(level) if mode == "concurrency" else "",
+        row = {"mode": mode, "protocol": "http" if http else "grpc",
+               "concurrency": int(level) if mode == "concurrency" else "",
                "request_rate": level if mode == "request_rate" else "", **summary, **stats.delta()}  # fmt: skip
         rows.append(row)
         _warn(row, args)

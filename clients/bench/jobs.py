@@ -1,5 +1,6 @@
 """One load point of ``rapidserve bench``: its connections, transport and payloads in one process, or
-split across worker processes that start together and whose windows are added up."""
+split across worker processes that start together and whose windows are added up. Over gRPC (HTTP/2,
+``transports``) or over HTTP/1.1 (``http_transport``), with the same load loops and statistics."""
 
 from __future__ import annotations
 
@@ -11,14 +12,17 @@ import time
 from collections import Counter
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from rapidserve.clients._h2grpc import Connection
-from rapidserve.clients.bench.payloads import Payloads
+from rapidserve.clients._http1 import Http1Connection
+from rapidserve.clients._rest import parse_url
+from rapidserve.clients.bench.http_transport import HttpUnary
+from rapidserve.clients.bench.payloads import HttpTarget, Payloads
 from rapidserve.clients.bench.transports import Streams, Unary, close_all
-from rapidserve.clients.connection import Headers, Tls
+from rapidserve.clients.connection import Headers, Tls, http_ssl_context
 from rapidserve.clients.loadgen import LoadPoint, Measurement, Window, closed_loop, open_loop, summarize
 
 __all__ = ["CONTEXTS_PER_CONNECTION", "Job", "connection_count", "measure"]
@@ -44,19 +48,40 @@ class Job:
     connections: int | None = None  # None: one per 6 requests in flight (closed loop), as perf_analyzer
     tls: Tls | None = None
     headers: Headers = ()
+    http: HttpTarget | None = None  # set: the URL is http(s):// and requests go over HTTP/1.1
+
+
+class _Transport(Protocol):
+    async def send(self, payload: bytes, index: int) -> str: ...
+
+    async def close(self) -> None: ...
 
 
 CONTEXTS_PER_CONNECTION = 6  # perf_analyzer's clients share one gRPC connection per 6 (seen with `ss`)
 
 
 def connection_count(job: Job) -> int:
+    if job.http is not None:  # HTTP/1.1 carries one request at a time: one per request in flight
+        return int(job.level) if job.mode == "concurrency" else job.connections or 1
     if job.connections:
         return job.connections
     return max(1, math.ceil(job.level / CONTEXTS_PER_CONNECTION)) if job.mode == "concurrency" else 1
 
 
 async def _run_job(job: Job) -> LoadPoint:
-    payloads = Payloads(job.model, job.version, job.batches, job.duplicate_ratio, job.seed)
+    payloads = Payloads(job.model, job.version, job.batches, job.duplicate_ratio, job.seed, job.http)
+    if job.http is not None:
+        endpoint = parse_url(job.url)
+        tls = job.tls if job.tls is not None or not endpoint.tls else Tls()
+        context = http_ssl_context(tls) if tls is not None else None
+
+        def connect_http() -> Awaitable[Http1Connection]:
+            hostname = tls.target_name if tls is not None else None
+            return Http1Connection.open(endpoint.host, endpoint.port, context, hostname)
+
+        transport = await HttpUnary.open(connect_http, connection_count(job), job.timeout_s)
+        await asyncio.sleep(max(job.start_at - time.time(), 0))
+        return await _drive(job, payloads, transport)
     context = job.tls.ssl_context() if job.tls is not None else None
     hostname = job.tls.target_name if job.tls is not None else None
 
@@ -67,30 +92,35 @@ async def _run_job(job: Job) -> LoadPoint:
     try:
         await asyncio.sleep(max(job.start_at - time.time(), 0))
         streams = max(1, math.ceil(job.level / 2)) if job.mode == "concurrency" else 16  # 2 in flight each
-        transport = (
+        transport: _Transport = (
             await Streams.open(connections, streams) if job.streaming else Unary(connections, connect, job.timeout_s)
         )
-        get = payloads.get
-        transport_send = transport.send
-
-        async def send(index: int) -> str:
-            return await transport_send(get(index), index)
-
-        def progress(window: Window) -> None:
-            if not job.quiet:
-                lat = np.array(window.latencies) * 1000 if window.latencies else np.array([math.nan])
-                print(f"  {job.mode} {job.level:g}: {window.rate() * job.batch_size:,.0f} infer/s, "
-                      f"p50 {np.percentile(lat, 50):.2f} ms, p99 {np.percentile(lat, 99):.2f} ms",
-                      file=sys.stderr, flush=True)  # fmt: skip
-
-        try:
-            if job.mode == "concurrency":
-                return await closed_loop(send, int(job.level), job.measurement, progress, job.batch_size)
-            return await open_loop(send, job.level, job.measurement, progress, job.poisson, job.seed, job.batch_size)
-        finally:
-            await transport.close()
+        return await _drive(job, payloads, transport)
     finally:
         await close_all(connections)
+
+
+async def _drive(job: Job, payloads: Payloads, transport: _Transport) -> LoadPoint:
+    """The load loop of ``job`` over ``transport``, which is closed at the end."""
+    get = payloads.get
+    transport_send = transport.send
+
+    async def send(index: int) -> str:
+        return await transport_send(get(index), index)
+
+    def progress(window: Window) -> None:
+        if not job.quiet:
+            lat = np.array(window.latencies) * 1000 if window.latencies else np.array([math.nan])
+            print(f"  {job.mode} {job.level:g}: {window.rate() * job.batch_size:,.0f} infer/s, "
+                  f"p50 {np.percentile(lat, 50):.2f} ms, p99 {np.percentile(lat, 99):.2f} ms",
+                  file=sys.stderr, flush=True)  # fmt: skip
+
+    try:
+        if job.mode == "concurrency":
+            return await closed_loop(send, int(job.level), job.measurement, progress, job.batch_size)
+        return await open_loop(send, job.level, job.measurement, progress, job.poisson, job.seed, job.batch_size)
+    finally:
+        await transport.close()
 
 
 def _worker(job: Job) -> LoadPoint:

@@ -17,7 +17,7 @@ COLUMNS = [
     "mode", "concurrency", "request_rate", "infer_per_s", "requests_per_s", "p50_ms", "p90_ms", "p95_ms",
     "p99_ms", "p999_ms", "mean_ms", "errors", "stable", "met_p99_bound", "client_cpu", "server_queue_us",
     "server_compute_input_us", "server_compute_infer_us", "server_compute_output_us", "server_avg_batch",
-    "server_cache_hit_ratio",
+    "server_cache_hit_ratio", "protocol",
 ]  # fmt: skip
 
 
@@ -69,6 +69,8 @@ def print_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
         ])  # fmt: skip
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     via = "ModelStreamInfer streams" if args.streaming else "unary ModelInfer"
+    if str(args.url).startswith(("http://", "https://")):
+        via = "HTTP/1.1 keep-alive, binary tensor data"
     print(f"\n{args.model} at {args.url}, {via}, batch {args.batch_size} "
           "(server columns: its statistics over the whole load point, warm-up included)")  # fmt: skip
     for i, row in enumerate(table):
