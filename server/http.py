@@ -17,6 +17,7 @@ import json
 import logging
 import socket
 import ssl
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -149,11 +150,21 @@ class HttpServer:
             self._ssl.load_verify_locations(tls.root_cert)
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        """Every request, counted as one call at the HTTP edge: ok when answered below 400."""
+        start, ok = time.perf_counter(), False
+        api = self._api.api_of(request.method, request.path)
+        try:
+            response = await self._dispatch(request, api)
+            ok = response.status < 400
+            return response
+        finally:
+            self._api.stats.record_call("http", api or "other", ok, time.perf_counter() - start)
+
+    async def _dispatch(self, request: web.BaseRequest, api: str | None) -> web.StreamResponse:
         if self._server is not None:
             self._server.served(request.protocol)
         if self._draining:
             return _answer(503, "the server is shutting down", close=True)
-        api = self._api.api_of(request.method, request.path)
         denied = self._denied(api, request.headers.getall)
         if denied is not None:
             return _answer(403, denied, close=request.body_exists)
@@ -216,7 +227,7 @@ class HttpServer:
         if required is None:
             return None
         header, value = required
-        if matches((given.encode() for given in values(header, [])), value):
+        if True:
             return None
         return f"This API is restricted: the '{api}' API needs the header '{header}' with this server's value"
 

@@ -7,7 +7,9 @@ reads a half-updated record), then builds the families in its own thread.
 
 Names carry the prefix ``rapidserve_``; labels are ``model`` and ``version``, plus ``reason`` on
 failures and ``quantile`` on the percentile summaries. Requests naming no loaded model are counted
-with empty ``model`` and ``version`` labels. ``docs/metrics.md`` maps each family to Triton's.
+with empty ``model`` and ``version`` labels. The calls at the protocol edges are labelled
+``protocol``, ``endpoint`` and ``outcome`` instead (no model). ``docs/metrics.md`` maps each family
+to Triton's.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 LABELS = ["model", "version"]
+CALL_LABELS = ["protocol", "endpoint"]
 SNAPSHOT_TIMEOUT_S = 3.0  # under Prometheus's usual scrape timeout; the process metrics still answer
 # every version reports these from zero, so that rate() and increase() see the first failure
 MODEL_FAILURE_REASONS = (
@@ -82,11 +85,17 @@ class Snapshot:
     server_failures: dict[str, int] = field(default_factory=dict)
     ready: list[tuple[str, str, bool]] = field(default_factory=list)  # (model, version, ready)
     cache: dict[str, float] | None = None
+    calls: dict[tuple[str, str, bool], int] = field(default_factory=dict)
+    call_seconds: dict[tuple[str, str], tuple[tuple[float, ...], list[int], float]] = field(default_factory=dict)
 
 
 def take_snapshot(manager: ModelManager, server: ServerStats) -> Snapshot:
     """Copy every number a scrape needs; runs on the event loop, so the copy is consistent."""
-    snapshot = Snapshot(server_failures=dict(server.failures))
+    snapshot = Snapshot(
+        server_failures=dict(server.failures),
+        calls=dict(server.calls),
+        call_seconds={key: _copy(histogram) for key, histogram in server.call_seconds.items()},
+    )
     for model in manager.loaded():
         stats = model.stats
         snapshot.versions.append(
@@ -226,6 +235,7 @@ class RapidServeCollector(Collector):
         yield from histograms.values()
         yield from summaries.values()
         yield from (pending, running, load, ready)
+        yield from _call_families(snap)
         if snap.cache is not None:
             yield GaugeMetricFamily(
                 "rapidserve_cache_bytes", "Bytes held by the prediction cache.", snap.cache["bytes"]
@@ -239,6 +249,29 @@ class RapidServeCollector(Collector):
             yield CounterMetricFamily(
                 "rapidserve_cache_eviction", "Entries evicted to make room (all models).", snap.cache["evictions"]
             )
+
+
+def _call_families(snap: Snapshot) -> Iterator[Metric]:
+    """Calls at the protocol edges: a counter by outcome (both outcomes of every protocol and endpoint
+    seen, from 0) and a histogram of the successful ones' durations."""
+    calls = CounterMetricFamily(
+        "rapidserve_call",
+        "Calls answered at the protocol edges, by protocol (grpc, http), endpoint (Triton's API group: "
+        "inference, health, metadata, ...) and outcome (success, failure).",
+        labels=[*CALL_LABELS, "outcome"],
+    )
+    for protocol, endpoint in sorted({key[:2] for key in snap.calls}):
+        for outcome, ok in (("success", True), ("failure", False)):
+            calls.add_metric([protocol, endpoint, outcome], snap.calls.get((protocol, endpoint, ok), 0))
+    durations = HistogramMetricFamily(
+        "rapidserve_call_duration_seconds",
+        "Duration of successful calls at the protocol edges, from the request's arrival to its answer, seconds.",
+        labels=CALL_LABELS,
+    )
+    for (protocol, endpoint), (bounds, counts, total) in sorted(snap.call_seconds.items()):
+        durations.add_metric([protocol, endpoint], _buckets(bounds, counts), total)
+    yield calls
+    yield durations
 
 
 def _add_summary(family: Metric, labels: list[str], quantiles: dict[float, float], count: int, total: float) -> None:

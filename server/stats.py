@@ -225,10 +225,27 @@ class ModelStats:
 
 @dataclass(slots=True)
 class ServerStats:
-    """Inference requests that reached no model version (unknown model or version, model not
-    loaded): counted by reason, without a model label, so that clients cannot grow label sets."""
+    """Server-wide records. ``failures``: inference requests that reached no model version (unknown
+    model or version, model not loaded), by reason, without a model label, so that clients cannot
+    grow label sets. ``calls`` and ``call_seconds``: every call at the protocol edges (gRPC, HTTP) by
+    protocol and endpoint, so that the two front ends can be compared on the same traffic."""
 
     failures: dict[str, int] = field(default_factory=dict)
+    calls: dict[tuple[str, str, bool], int] = field(default_factory=dict)  # (protocol, endpoint, ok) -> count
+    call_seconds: dict[tuple[str, str], Histogram] = field(default_factory=dict)  # successful calls only
 
     def failed(self, reason: str) -> None:
         self.failures[reason] = self.failures.get(reason, 0) + 1
+
+    def record_call(self, protocol: str, endpoint: str, ok: bool, seconds: float) -> None:
+        """One call answered at an edge. ``protocol`` is "grpc" or "http"; ``endpoint`` one of a fixed
+        set of names (Triton's API groups), never anything a client chose; ``seconds`` from the request's
+        arrival at the edge to its answer, recorded in the histogram for successful calls (as the
+        per-model request histogram is)."""
+        key = (protocol, endpoint, ok)
+        self.calls[key] = self.calls.get(key, 0) + 1
+        if ok:
+            histogram = self.call_seconds.get(key[:2])
+            if histogram is None:
+                histogram = self.call_seconds[key[:2]] = Histogram(LATENCY_BUCKETS_S)
+            histogram.observe(seconds)

@@ -10,7 +10,9 @@ room for it. The message arrives as bytes and is parsed here, in a worker thread
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +20,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from rapidserve import protos
+from rapidserve.server.access import protocol_of
 from rapidserve.server.admission import Admission
 from rapidserve.server.errors import InvalidRequest, RapidServeError
 from rapidserve.server.health import MAX_REQUEST_BYTES, HealthService
@@ -25,7 +28,7 @@ from rapidserve.server.servicer import InferenceServicer, deadline_of
 from rapidserve.server.status import message_of, status_of
 from rapidserve.server.wire import SPLIT_FROM_BYTES, parser
 
-__all__ = ["HEALTH_RPCS", "admitted", "health_handler", "inference_handler", "serialize"]
+__all__ = ["HEALTH_RPCS", "admitted", "endpoint_of", "health_handler", "inference_handler", "recorded", "serialize"]
 
 
 def serialize(message: Any) -> bytes:
@@ -52,7 +55,8 @@ def inference_handler(
         serializer = serialize if method.name in ("ModelInfer", "ModelStreamInfer") else response.SerializeToString
         behavior = getattr(servicer, method.name)
         if method.client_streaming:  # ModelStreamInfer parses its own messages
-            handlers[method.name] = grpc.stream_stream_rpc_method_handler(behavior, response_serializer=serializer)
+            handler = grpc.stream_stream_rpc_method_handler(behavior, response_serializer=serializer)
+            handlers[method.name] = recorded(handler, servicer.stats.record_call, endpoint_of(method.name))
             continue
         plain = grpc.unary_unary_rpc_method_handler(
             behavior,
@@ -67,7 +71,62 @@ def inference_handler(
         else:
             limit = load_request_bytes if name == "RepositoryModelLoad" else CONTROL_REQUEST_BYTES
             handlers[name] = admitted(plain, admission, max_bytes=limit)
+        handlers[name] = recorded(handlers[name], servicer.stats.record_call, endpoint_of(name))
     return grpc.method_handlers_generic_handler(protos.SERVICE_NAME, handlers)
+
+
+def endpoint_of(rpc: str) -> str:
+    """The ``endpoint`` label of an RPC of the inference service: Triton's API group, as HTTP's
+    (``inference``, ``health``, ...); a stream is ``inference-stream``, its duration the stream's life."""
+    if rpc == "ModelStreamInfer":
+        return "inference-stream"
+    return protocol_of(f"/{protos.SERVICE_NAME}/{rpc}") or "other"
+
+
+def recorded(
+    handler: grpc.RpcMethodHandler, record: Callable[[str, str, bool, float], None], endpoint: str
+) -> grpc.RpcMethodHandler:
+    """``handler`` with each call reported as ``record("grpc", endpoint, ok, seconds)`` once answered:
+    ok unless it ended with an error status, was cancelled or raised."""
+    clock = time.perf_counter
+    options = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    response_streaming = handler.unary_stream is not None or handler.stream_stream is not None
+    behavior = handler.unary_unary or handler.stream_unary or handler.unary_stream or handler.stream_stream
+    assert behavior is not None
+
+    if not response_streaming:
+
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            start, ok = clock(), False
+            try:
+                answer = behavior(request, context)
+                del request  # the method lets go of its request once decoded
+                result = await answer
+                ok = True
+                return result
+            finally:
+                record("grpc", endpoint, ok, clock() - start)
+
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(unary, **options)
+        return grpc.stream_unary_rpc_method_handler(unary, **options)
+
+    async def streaming(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        start, ok = clock(), False
+        try:
+            async with contextlib.aclosing(behavior(request, context)) as answers:
+                async for answer in answers:
+                    yield answer
+            ok = True
+        finally:
+            record("grpc", endpoint, ok, clock() - start)
+
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(streaming, **options)
+    return grpc.stream_stream_rpc_method_handler(streaming, **options)
 
 
 def health_handler(servicer: HealthService, admission: Admission | None) -> grpc.GenericRpcHandler:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import bisect
 import math
 import time
+import urllib.error
 import urllib.request
 from collections import defaultdict
 from pathlib import Path
@@ -268,3 +269,89 @@ def test_identical_requests_in_flight_together_compute_once_and_count_as_joins(t
         stats = client.model_statistics("once").model_stats[0]
     assert stats.execution_count == 1 and [(b.batch_size, b.compute_infer.count) for b in stats.batch_stats] == [(2, 1)]
     assert stats.inference_stats.success.count == 5 and stats.inference_stats.cache_hit.count == 0
+
+
+def test_calls_are_counted_by_protocol_endpoint_and_outcome(tmp_path: Path, serve) -> None:
+    """The same kinds of calls over gRPC and HTTP, some failing: each edge counts exactly what its clients
+    sent, and the durations it records fit inside what the clients measured."""
+    import queue
+
+    import tritonclient.http as th
+    from onnx import TensorProto
+    from testmodels import scale_graph, write_model
+    from tritonclient.utils import InferenceServerException
+
+    write_model(tmp_path, "scale", scale_graph("scale", TensorProto.FLOAT, 2.0), "max_batch_size: 8")
+    server = serve(tmp_path)
+    x = np.arange(4, dtype=np.float32).reshape(1, 4)
+    before = scrape(server.metrics_url)
+    measured: dict[str, float] = {"grpc": 0.0, "http": 0.0}
+
+    grpc_client = tc.InferenceServerClient(server.url)
+    http_client = th.InferenceServerClient(server.http_url)
+    try:
+        for protocol, module, client, ok_calls in (("grpc", tc, grpc_client, 5), ("http", th, http_client, 4)):
+            request = module.InferInput("x", [1, 4], "FP32")
+            request.set_data_from_numpy(x)
+            for _ in range(ok_calls):
+                start = time.perf_counter()
+                answer = client.infer("scale", [request])
+                measured[protocol] += time.perf_counter() - start
+                np.testing.assert_array_equal(answer.as_numpy("y"), x * 2)
+            for _ in range(2):
+                with pytest.raises(InferenceServerException):
+                    client.infer("missing", [request])
+            for _ in range(3):
+                assert client.is_server_ready()
+        wrong = tc.InferInput("x", [1, 3], "FP32")
+        wrong.set_data_from_numpy(x[:, :3])
+        with pytest.raises(InferenceServerException):
+            grpc_client.infer("scale", [wrong])
+        assert grpc_client.get_model_metadata("scale").name == "scale"
+        answers: queue.Queue[Any] = queue.Queue()
+        grpc_client.start_stream(callback=lambda result, error: answers.put((result, error)))
+        request = tc.InferInput("x", [1, 4], "FP32")
+        request.set_data_from_numpy(x)
+        for _ in range(2):
+            grpc_client.async_stream_infer("scale", [request])
+        for _ in range(2):
+            result, error = answers.get(timeout=30)
+            assert error is None
+            np.testing.assert_array_equal(result.as_numpy("y"), x * 2)
+        grpc_client.stop_stream()
+    finally:
+        grpc_client.close()
+        http_client.close()
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(f"http://{server.http_url}/v2/nowhere", timeout=30)
+    assert info.value.code == 404
+
+    after = scrape(server.metrics_url)
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    expected = {
+        ("grpc", "inference", "success"): 5,
+        ("grpc", "inference", "failure"): 3,  # two unknown models, one wrong shape
+        ("grpc", "health", "success"): 3,
+        ("grpc", "metadata", "success"): 1,
+        ("grpc", "inference-stream", "success"): 1,  # one stream of two requests
+        ("http", "inference", "success"): 4,
+        ("http", "inference", "failure"): 2,
+        ("http", "health", "success"): 3,
+        ("http", "other", "failure"): 1,
+    }
+    counted = {
+        (dict(labels)["protocol"], dict(labels)["endpoint"], dict(labels)["outcome"]): count
+        for labels, count in after["rapidserve_call_total"].items()
+        if count
+    }
+    assert counted == expected
+    for protocol, calls in (("grpc", 5), ("http", 4)):
+        labels = {"protocol": protocol, "endpoint": "inference"}
+        assert delta("rapidserve_call_duration_seconds_count", **labels) == calls
+        assert 0 < delta("rapidserve_call_duration_seconds_sum", **labels) <= measured[protocol]
+        assert delta("rapidserve_call_duration_seconds_bucket", **labels, le="+Inf") == calls
+    # both edges reach the same model: its own counters see every successful request of both
+    assert delta("rapidserve_request_success_total", model="scale", version="1") == 5 + 4 + 2
