@@ -36,6 +36,7 @@ from rapidserve.common.errors import shown
 from rapidserve.server import rest_codec
 from rapidserve.server.compression import Unsupported, compress, decompress, response_encoding
 from rapidserve.server.errors import InvalidRequest, RapidServeError, Unavailable
+from rapidserve.server.inference import ENCODE_ON_LOOP_ELEMENTS
 from rapidserve.server.manager import ModelManager
 from rapidserve.server.model import ModelVersion
 from rapidserve.server.replies import as_json, load_arguments, model_metadata, model_statistics, server_metadata
@@ -203,7 +204,7 @@ class RestApi:
             raise Unavailable(SHUTTING_DOWN)
         model = self._model_for(name, version)
         try:
-            if len(request.body) > OFF_LOOP_BYTES:  # parse and convert with the event loop free meanwhile
+            if _heavy(request):  # inflate, parse and convert with the event loop free meanwhile
                 with model.held():
                     decoded, choice = await asyncio.to_thread(self._decode, model, request)
             else:
@@ -213,9 +214,10 @@ class RestApi:
             raise
         response = await model.infer(decoded)
         encoding = response_encoding(request.headers.get("accept-encoding", ""))
-        if sum(array.nbytes for array in response.outputs.values()) > OFF_LOOP_BYTES or any(
-            array.dtype.kind == "O" for array in response.outputs.values()
-        ):
+        outputs = response.outputs.values()
+        if sum(a.nbytes for a in outputs) > OFF_LOOP_BYTES or any(
+            a.dtype.kind == "O" and a.size > ENCODE_ON_LOOP_ELEMENTS for a in outputs
+        ):  # JSON and BYTES are written an element at a time
             return await asyncio.to_thread(_encoded, response, choice, encoding)
         return _encoded(response, choice, encoding)
 
@@ -242,7 +244,7 @@ class RestApi:
 
     async def _document(self, request: RestRequest, what: str) -> dict[str, Any]:
         """A control request's JSON body ({} when empty), parsed off the loop when large."""
-        if len(request.body) > OFF_LOOP_BYTES:
+        if _heavy(request):
             document = await asyncio.to_thread(self._parse, request, what)
         else:
             document = self._parse(request, what)
@@ -301,6 +303,13 @@ class RestApi:
             raise InvalidRequest("Unable to parse 'unload_dependents': expected a boolean")
         await self._manager.unload(name)
         return RestResponse(200, b"", {})
+
+
+def _heavy(request: RestRequest) -> bool:
+    """Whether a body is to be inflated and parsed off the event loop: a large one, or a compressed
+    one (which may inflate to the message limit)."""
+    encoding = request.headers.get("content-encoding", "")
+    return len(request.body) > OFF_LOOP_BYTES or (encoding not in ("", "identity") and bool(request.body))
 
 
 def _encoded(response: Any, choice: rest_codec.OutputChoice, encoding: str) -> RestResponse:
