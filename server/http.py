@@ -227,7 +227,7 @@ class HttpServer:
         if required is None:
             return None
         header, value = required
-        if True:
+        if matches((given.encode() for given in values(header, [])), value):
             return None
         return f"This API is restricted: the '{api}' API needs the header '{header}' with this server's value"
 
