@@ -65,3 +65,30 @@ def test_without_the_checks_failing_the_error_is_the_connection(capsys: pytest.C
     assert main(["bench", "m", "--url", UNREACHABLE, "--plot", "unused.png"]) == 2
     err = capsys.readouterr().err
     assert "matplotlib" not in err and "hpack" not in err and err.startswith("error:")
+
+
+def test_http_needs_no_hpack_and_reaches_the_server(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Over HTTP/1.1 the bench uses no HTTP/2 client: an hpack it could not use does not stop it."""
+    monkeypatch.setattr(hpack, "Decoder", _DecoderWithoutTable)
+    assert main(["bench", "m", "--protocol", "http", "--url", UNREACHABLE]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "hpack" not in err and "cannot reach 127.0.0.1:1" in err and err.count("\n") == 0
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--protocol", "grpc", "--url", "http://127.0.0.1:1"], "--protocol grpc with the URL http://127.0.0.1:1"),
+        (["--protocol", "http", "--url", UNREACHABLE, "--streaming"], "--streaming is a gRPC feature"),
+        (["--url", "http://127.0.0.1:1", "--streaming"], "--streaming is a gRPC feature"),
+        (["--url", "http://127.0.0.1:1", "--ssl"], "use an https:// URL"),
+    ],
+)
+def test_protocol_options_that_do_not_go_together(
+    options: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["bench", "m", *options]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and err.count("\n") == 0
