@@ -14,8 +14,8 @@ ENCODINGS = ("gzip", "deflate")
 _WBITS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
 
-class Unsupported(Exception):
-    """A request body in an encoding the server does not take (Triton answers 501)."""
+class Unsupported(InvalidRequest):
+    """A request body in an encoding the server does not take (Triton answers 501, not 400)."""
 
 
 def decompress(body: bytes | memoryview, encoding: str, limit: int) -> bytes | memoryview:

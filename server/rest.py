@@ -134,10 +134,10 @@ class RestApi:
             return error_response(405, "Method Not Allowed", {"Allow": route.method})
         try:
             return await route.handler(request, *route.args)
-        except RapidServeError as exc:
-            return error_response(http_status_of(exc), message_of(exc))
         except Unsupported as exc:
             return error_response(501, message_of(exc), {"Accept-Encoding": "gzip, deflate"})
+        except RapidServeError as exc:
+            return error_response(http_status_of(exc), message_of(exc))
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -209,7 +209,7 @@ class RestApi:
                     decoded, choice = await asyncio.to_thread(self._decode, model, request)
             else:
                 decoded, choice = self._decode(model, request)
-        except (RapidServeError, Unsupported) as exc:
+        except RapidServeError as exc:
             model.rejected(exc)
             raise
         response = await model.infer(decoded)

@@ -45,19 +45,6 @@ STATUS_OF: dict[type[RapidServeError], grpc.StatusCode] = {
     NotAllowed: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
-# HTTP statuses follow Triton's HTTP server (src/http_server.cc ``HttpCodeFromError``: INTERNAL 500,
-# NOT_FOUND 404, UNAVAILABLE 503, UNSUPPORTED 501, everything else 400) for the errors Triton's core
-# raises as we do:
-#   InvalidRequest, ModelLoadError  400  Triton: INVALID_ARG
-#   ModelNotFound                   404  Triton: NOT_FOUND ("'m' is not found", "'m' version 3 is not found")
-#   Overloaded                      503  Triton: UNAVAILABLE ("Exceeds maximum queue size")
-#   DeadlineExceeded                503  Triton: UNAVAILABLE ("Request timeout expired")
-#   Unavailable                     503  Triton: UNAVAILABLE (model not ready, server stopping)
-#   EngineError                     500  Triton: INTERNAL
-# and where Triton has no equivalent, by HTTP's meaning:
-#   TooLarge                        413  Content Too Large (Triton answers an over-size body 400)
-#   NotAllowed                      400  a load/unload the server's mode refuses, or an upload it does not
-#                                        take: not transient (Triton answers polling-mode loads 503)
 HTTP_STATUS_OF: dict[type[RapidServeError], int] = {
     InvalidRequest: 400,
     ModelLoadError: 400,
@@ -84,7 +71,26 @@ def status_of(exc: RapidServeError) -> grpc.StatusCode:
 
 
 def http_status_of(exc: RapidServeError) -> int:
-    """The HTTP status of an error (``HTTP_STATUS_OF``); anything not in it is 500."""
+    """The HTTP status of an error (``HTTP_STATUS_OF``); anything not in it is 500.
+
+    Triton's HTTP server (src/http_server.cc ``HttpCodeFromError``) answers INTERNAL 500, NOT_FOUND
+    404, UNAVAILABLE 503, UNSUPPORTED 501 and everything else 400; ours follow it where Triton's core
+    raises what we raise:
+
+    ==============================  ======  ==================================================
+    error                           status  Triton's core for the same case
+    ==============================  ======  ==================================================
+    InvalidRequest, ModelLoadError  400     INVALID_ARG
+    ModelNotFound                   404     NOT_FOUND ("'m' is not found", "... version 3 ...")
+    Overloaded                      503     UNAVAILABLE ("Exceeds maximum queue size")
+    DeadlineExceeded                503     UNAVAILABLE ("Request timeout expired")
+    Unavailable                     503     UNAVAILABLE (model not ready, server stopping)
+    EngineError                     500     INTERNAL
+    TooLarge                        413     none: HTTP's Content Too Large (Triton says 400)
+    NotAllowed                      400     loads outside explicit mode: UNAVAILABLE, 503; ours
+                                            is not transient, so not a status clients retry
+    ==============================  ======  ==================================================
+    """
     for cls in type(exc).__mro__:
         if cls in HTTP_STATUS_OF:
             return HTTP_STATUS_OF[cls]
