@@ -349,7 +349,7 @@ async def serve(args: argparse.Namespace, settings: Any, demo: bool) -> int:
         _exit_if_loads_abandoned(server, _failures(failed))
         raise CommandError(_failures(failed))
     if demo:
-        _demo_hint(args.host, server.port)
+        _demo_hint(args.host, server.port, server.http_port)
     await stop.wait()
     log.info("shutting down: finishing in-flight requests (up to %.0f s)", settings.grace_period_s)
     await server.stop()
@@ -377,17 +377,21 @@ def _exit_if_loads_abandoned(server: Any, error: str = "") -> None:
         os._exit(1 if error else 0)
 
 
-def _demo_hint(host: str, port: int) -> None:
-    host = "localhost" if host in ("0.0.0.0", "::") else host
+def _demo_hint(host: str, port: int, http_port: int = 0) -> None:
+    from rapidserve.server.ports import host_port
+
+    host = "localhost" if host in ("0.0.0.0", "::", "[::]") else host
+    rest = f"\n  curl http://{host_port(host, http_port)}/v2/models/digits" if http_port else ""
     log.info(
         "serving the demo model 'digits' (8x8 digit images, 64 FP32 pixels 0..16 -> label). Try:\n"
         "  rapidserve infer --url %s:%d digits --batch-size 4\n"
         '  python -c "from rapidserve import Client; import numpy as np; '
-        "print(Client('%s:%d').infer('digits', {'pixels': np.zeros((1, 64), np.float32)}))\"",
+        "print(Client('%s:%d').infer('digits', {'pixels': np.zeros((1, 64), np.float32)}))\"%s",
         host,
         port,
         host,
         port,
+        rest,
     )
 
 

@@ -43,8 +43,12 @@ def tensor(name: str, array: np.ndarray, datatype: str, binary: bool) -> tc.Infe
 
 
 def request(server, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
-    """One raw request (curl-like); returns (status, headers, parsed JSON or raw bytes)."""
-    connection = http.client.HTTPConnection("127.0.0.1", server.server.http_port, timeout=30)
+    """One raw request (curl-like); returns (status, response, parsed JSON or raw bytes)."""
+    return request_port(server.server.http_port, method, path, body, headers)
+
+
+def request_port(port: int, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     try:
         connection.request(method, path, body=body, headers=headers or {})
         response = connection.getresponse()
@@ -316,3 +320,24 @@ def test_both_ports_serve_the_same_models_at_once(shared_server, triton, triton_
         np.testing.assert_array_equal(triton_grpc.infer("int64_triple", [grpc_input]).as_numpy("y"), (x + i) * 3)
     for i in range(20):
         np.testing.assert_array_equal(answers.get().get_result(timeout=30).as_numpy("y"), (x + i) * 3)
+
+
+def test_no_http_serves_grpc_alone(repository: Path, serve) -> None:
+    server = serve(repository, http_enabled=False)
+    assert server.server.http_port == 0
+    client = tc_grpc.InferenceServerClient(server.url)
+    assert client.is_server_ready()
+    client.close()
+
+
+def test_the_demo_names_its_http_address(tmp_path: Path) -> None:
+    from remote import RemoteServer
+
+    remote = RemoteServer("--no-metrics")  # no repository: the built-in demo
+    try:
+        port = int(remote.wait_for_line(r"HTTP server listening on 127\.0\.0\.1:(\d+)$").group(1))
+        remote.wait_for_line(rf"curl http://127\.0\.0\.1:{port}/v2/models/digits")
+        status, _, metadata = request_port(port, "GET", "/v2/models/digits")
+        assert status == 200 and metadata["name"] == "digits"
+    finally:
+        assert remote.stop() == 0, remote.log

@@ -8,6 +8,8 @@ import asyncio
 import gzip
 import http.client
 import json
+import shutil
+import signal
 import socket
 import ssl
 import threading
@@ -15,7 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from certs import Pki
+from certs import Pki, make_pki
+from remote import RemoteServer
 from testmodels import ADD_SUB_CONFIG, ONNX_TYPES, add_sub_graph, scale_graph, write_model
 
 from rapidserve.server.settings import TlsSettings
@@ -312,3 +315,93 @@ def test_drain_answers_accepted_requests_and_refuses_new_ones(held_repo: Path, s
     assert sorted(a[1]["outputs"][0]["data"][0] for a in answers) == [2.0, 4.0, 6.0]
     assert all(a[0] == 200 for a in answers)
     stopping.result(30)
+
+
+def _https_live(port: int, ca: Path) -> int:
+    context = ssl.create_default_context(cafile=str(ca))
+    connection = http.client.HTTPSConnection("localhost", port, timeout=30, context=context)
+    try:
+        connection.request("GET", "/v2/health/live")
+        return connection.getresponse().status
+    finally:
+        connection.close()
+
+
+def test_a_reload_serves_new_https_connections_with_the_new_certificate(repo: Path, tmp_path: Path, serve) -> None:
+    old, new = make_pki(tmp_path / "old", "old"), make_pki(tmp_path / "new", "new")
+    cert, key = tmp_path / "server.pem", tmp_path / "server.key"
+    shutil.copy(old.server_cert, cert)
+    shutil.copy(old.server_key, key)
+    server = serve(repo, http_tls=TlsSettings(cert, key))  # HTTPS only: gRPC stays plaintext
+    port = server.server.http_port
+    assert _https_live(port, old.ca) == 200
+    shutil.copy(new.server_cert, cert)  # a rotation half done: the new certificate with the old key
+    server.run(asyncio.to_thread(server.server.reload_certificates))
+    assert _https_live(port, old.ca) == 200  # the pair in use stays
+    shutil.copy(new.server_key, key)
+    server.run(asyncio.to_thread(server.server.reload_certificates))
+    assert _https_live(port, new.ca) == 200
+    with pytest.raises(ssl.SSLError):
+        _https_live(port, old.ca)
+
+
+def test_the_cli_serves_https_and_reloads_it_on_sighup(repo: Path, tmp_path: Path) -> None:
+    old, new = make_pki(tmp_path / "old", "old"), make_pki(tmp_path / "new", "new")
+    cert, key = tmp_path / "server.pem", tmp_path / "server.key"
+    shutil.copy(old.server_cert, cert)
+    shutil.copy(old.server_key, key)
+    remote = RemoteServer(
+        "--model-repository", str(repo), "--no-metrics", "--http-use-ssl",
+        "--http-server-cert", str(cert), "--http-server-key", str(key),
+    )  # fmt: skip
+    try:
+        port = int(remote.wait_for_line(r"HTTP server listening on 127\.0\.0\.1:(\d+) \(TLS\)").group(1))
+        assert _https_live(port, old.ca) == 200
+        shutil.copy(new.server_cert, cert)
+        shutil.copy(new.server_key, key)
+        remote.proc.send_signal(signal.SIGHUP)
+        remote.wait_for_line("HTTP TLS certificates reloaded")
+        assert _https_live(port, new.ca) == 200
+    finally:
+        assert remote.stop() == 0, remote.log
+
+
+def test_http_flags_and_their_variables_reach_the_settings(tmp_path: Path, monkeypatch) -> None:
+    from rapidserve import cli
+
+    secret = tmp_path / "key"
+    secret.write_text("from-a-file\n")
+    monkeypatch.setenv("RAPIDSERVE_HTTP_RESTRICTED_API", f"inference,health:k1=v1;model-repository:k2=@{secret}")
+    monkeypatch.setenv("RAPIDSERVE_HTTP_PORT", "9000")
+    settings, _ = cli._settings(cli._parser().parse_args(["serve", "--model-repository", str(tmp_path)]))
+    assert settings.http_port == 9000 and settings.http_enabled and settings.http_tls is None
+    assert settings.http_restricted_api == (
+        (("inference", "health"), "k1", "v1"),
+        (("model-repository",), "k2", "from-a-file"),
+    )
+    assert settings.restricted_protocols == ()  # the HTTP groups do not restrict gRPC
+    args = ["serve", "--model-repository", str(tmp_path), "--no-http", "--http-port", "0", "--http-address", "::1",
+            "--http-restricted-api", "statistics:k=v"]  # fmt: skip
+    settings, _ = cli._settings(cli._parser().parse_args(args))
+    assert not settings.http_enabled and settings.http_port == 0 and settings.http_host == "::1"
+    assert settings.http_restricted_api == ((("statistics",), "k", "v"),)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--http-restricted-api", "inference,health:k1=v1", "--http-restricted-api", "health:k2=v2"],
+         "more than one --http-restricted-api group"),
+        (["--http-restricted-api", "infer:k=v"], "--http-restricted-api: unknown protocol(s) infer"),
+        (["--http-use-ssl"], "--http-use-ssl needs --http-server-cert and --http-server-key"),
+        (["--http-use-ssl-mutual", "--http-server-cert", "c", "--http-server-key", "k"], "needs --http-root-cert"),
+        (["--http-port", "70000"], "--http-port must be a port number from 0 to 65535"),
+        (["--http-max-connections", "0"], "--http-max-connections must be at least 1"),
+    ],
+)  # fmt: skip
+def test_bad_http_flags_are_one_line_naming_the_flag(tmp_path: Path, flags: list[str], message: str) -> None:
+    from rapidserve import cli
+
+    with pytest.raises(ValueError) as info:
+        cli._settings(cli._parser().parse_args(["serve", "--model-repository", str(tmp_path), *flags]))
+    assert message in str(info.value) and "\n" not in str(info.value)
