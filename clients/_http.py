@@ -60,9 +60,9 @@ def _unreachable(endpoint: Endpoint, exc: BaseException, tls: Tls | None) -> Inf
     return InferenceServerError(grpc.StatusCode.UNAVAILABLE, f"cannot reach {endpoint.authority}: {reason}")
 
 
-def _too_large(size: int, limit: int) -> InferenceServerError:
+def _too_large(size: int, limit: int, what: str = "answer") -> InferenceServerError:
     return InferenceServerError(
-        grpc.StatusCode.RESOURCE_EXHAUSTED, f"the answer has {size} bytes, more than max_message_bytes ({limit})"
+        grpc.StatusCode.RESOURCE_EXHAUSTED, f"the {what} has {size} bytes, more than max_message_bytes ({limit})"
     )
 
 
@@ -114,6 +114,8 @@ class SyncTransport:
     ) -> Answer:
         if self._closed:
             raise InferenceServerError(grpc.StatusCode.CANCELLED, "the client is closed")
+        if len(body) > self._limit:
+            raise _too_large(len(body), self._limit, "request")
         all_headers = {**self._headers, **(headers or {})}
         while True:
             connection, reused = self._connection()
@@ -198,6 +200,8 @@ class AsyncTransport:
     ) -> Answer:
         import aiohttp
 
+        if len(body) > self._limit:
+            raise _too_large(len(body), self._limit, "request")
         if self._session is None:
             self._session = self._open()
         server_hostname = self._tls.target_name if self._tls is not None else None

@@ -5,9 +5,11 @@ bench's transport, not an API.
 Why: on a 2-core x86_64 VM with uvloop, a small binary-extension request (a 1x64 FP32 input, a 40-byte
 output) against a local aiohttp server cost this client 18-21 us of CPU per call and aiohttp's
 ``ClientSession`` 94-126 us (4,000 calls at 1 and at 8 in flight, alternated); a load tester's own cost
-hides the server's at low concurrency. Scope: keep-alive, one request at a time per connection (no pipelining, as perf_analyzer's
-HTTP clients do), answers with Content-Length or chunked bodies, plaintext or TLS; a ``Connection:
-close`` answer or a server hang-up closes it (later sends fail at once with ``closed``).
+hides the server's at low concurrency.
+
+Scope: keep-alive, one request at a time per connection (no pipelining, as perf_analyzer's HTTP clients
+do), answers with Content-Length or chunked bodies, plaintext or TLS; a ``Connection: close`` answer or
+a server hang-up closes it (later sends fail at once with ``closed``).
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ JSON answers), ``InferenceServerError`` with a gRPC code."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -59,8 +60,9 @@ def _ok(answer: Answer) -> Answer:
 
 
 def _flag(answer: Answer) -> bool:
-    """A ready/live answer: 200 yes; 400 (Triton's "not ready") or 404 (no such model) no; else an error."""
-    if answer.status in (400, 404):
+    """A ready/live answer: 200 yes; 400 (Triton's "not ready"), 404 (no such model) or 503 (shutting down)
+    no, as the gRPC answers say; anything else is an error."""
+    if answer.status in (400, 404, 503):
         return False
     return _ok(answer).status == 200
 
@@ -148,6 +150,14 @@ def _done(answer: Answer) -> None:
 _JSON = {"Content-Type": "application/json"}
 
 
+def _past_deadline(exc: InferenceServerError, start: float, timeout_s: float | None) -> InferenceServerError:
+    """A call that failed once its deadline had passed is DEADLINE_EXCEEDED, as over gRPC: the server's
+    HTTP status cannot say it (it answers an expired request 503, as it does when unavailable)."""
+    if timeout_s is None or exc.code == grpc.StatusCode.DEADLINE_EXCEEDED or time.monotonic() - start < timeout_s:
+        return exc
+    return InferenceServerError(grpc.StatusCode.DEADLINE_EXCEEDED, exc.message, exc.http_status)
+
+
 class HttpApi:
     """The sync client's calls over HTTP/1.1 keep-alive connections."""
 
@@ -162,7 +172,11 @@ class HttpApi:
 
     def _send(self, call: _Call[T], timeout_s: float | None = None) -> T:
         timeout = timeout_s if timeout_s is not None else self._timeout_s
-        return call.read(self._transport.request(call.method, call.path, call.body, call.headers, timeout))
+        start = time.monotonic()
+        try:
+            return call.read(self._transport.request(call.method, call.path, call.body, call.headers, timeout))
+        except InferenceServerError as exc:
+            raise _past_deadline(exc, start, timeout) from None
 
     def close(self) -> None:
         self._transport.close()
@@ -227,7 +241,11 @@ class AsyncHttpApi:
 
     async def _send(self, call: _Call[T], timeout_s: float | None = None) -> T:
         timeout = timeout_s if timeout_s is not None else self._timeout_s
-        return call.read(await self._transport.request(call.method, call.path, call.body, call.headers, timeout))
+        start = time.monotonic()
+        try:
+            return call.read(await self._transport.request(call.method, call.path, call.body, call.headers, timeout))
+        except InferenceServerError as exc:
+            raise _past_deadline(exc, start, timeout) from None
 
     async def close(self) -> None:
         await self._transport.close()

@@ -14,7 +14,7 @@ import grpc
 import ml_dtypes
 import numpy as np
 import pytest
-from testmodels import ALL_DATATYPES, ONNX_TYPES, build_repository, scale_graph, write_model
+from testmodels import ALL_DATATYPES, ONNX_TYPES, build_repository, scale_graph, slow_graph, write_model
 
 from rapidserve import AsyncClient, Client, InferenceServerError
 from rapidserve.cli import main
@@ -147,6 +147,39 @@ def test_one_client_serves_many_threads_and_outlives_the_servers_idle_timeout(se
             np.testing.assert_array_equal(output, np.full((1, 4), 2 * i, np.float32))
         time.sleep(1)  # ten idle timeouts: the server has closed the connections kept for reuse
         assert client.is_server_live()  # sent again on a fresh connection, not an error
+
+
+def test_max_message_bytes_bounds_requests_and_answers_as_over_grpc(server: Any) -> None:
+    small = {"x": np.ones((1, 4), np.float32)}
+    large = {"x": np.ones((64, 4), np.float32)}  # 1 KiB of data, a 1 KiB answer
+    for url in (http_url(server), server.url):
+        with Client(url, max_message_bytes=600) as client:
+            np.testing.assert_array_equal(client.infer("scale", small)["y"], 2 * small["x"])
+            with pytest.raises(InferenceServerError) as error:
+                client.infer("scale", large)
+            assert error.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    async def answer_too_large() -> None:
+        async with AsyncClient(http_url(server), max_message_bytes=200) as client:
+            await client.model_config("add_sub")  # a GET with no body; the config's JSON is longer
+
+    with pytest.raises(InferenceServerError) as error:
+        asyncio.run(answer_too_large())
+    assert error.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "answer" in error.value.message
+
+
+def test_a_call_past_its_deadline_is_deadline_exceeded_as_over_grpc(serve: Any, tmp_path: Path) -> None:
+    write_model(
+        tmp_path, "slow", slow_graph(), 'parameters { key: "intra_op_thread_count" value: { string_value: "1" } }'
+    )
+    server = serve(tmp_path)
+    x = {"x": np.ones((1, 256, 256), np.float32)}  # tens of ms a call
+    for url in (http_url(server), server.url):
+        with Client(url, timeout_s=0.002) as client:
+            with pytest.raises(InferenceServerError) as error:
+                client.infer("slow", x)
+            assert error.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert client.infer("slow", x, timeout_s=60)["y"].shape == (1, 256, 256)
 
 
 def test_nothing_listening_is_unavailable() -> None:
