@@ -66,6 +66,7 @@ class HttpServer:
         self._limit_of = limit_of
         self._admission_of = admission_of
         self._refused = refused  # hears of inference requests refused before RestApi saw them
+        api.stats.expect_calls("http", "inference")
         check_groups(settings.http_restricted_api, "--http-restricted-api")
         self._required: dict[str, tuple[str, bytes]] = {}
         for apis, key, value in settings.http_restricted_api:

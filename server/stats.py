@@ -237,6 +237,13 @@ class ServerStats:
     def failed(self, reason: str) -> None:
         self.failures[reason] = self.failures.get(reason, 0) + 1
 
+    def expect_calls(self, protocol: str, endpoint: str) -> None:
+        """Report ``endpoint``'s calls from zero before the first one comes, so that rate() and
+        histogram_quantile() over a window see that first call (a series born with it would not)."""
+        for ok in (True, False):
+            self.calls.setdefault((protocol, endpoint, ok), 0)
+        self.call_seconds.setdefault((protocol, endpoint), Histogram(LATENCY_BUCKETS_S))
+
     def record_call(self, protocol: str, endpoint: str, ok: bool, seconds: float) -> None:
         """One call answered at an edge. ``protocol`` is "grpc" or "http"; ``endpoint`` one of a fixed
         set of names (Triton's API groups), never anything a client chose; ``seconds`` from the request's

@@ -50,6 +50,7 @@ def inference_handler(
     """``load_request_bytes``: the most a RepositoryModelLoad request may hold (its config, and its
     files where uploads are allowed)."""
     handlers: dict[str, grpc.RpcMethodHandler] = {}
+    servicer.stats.expect_calls("grpc", "inference")
     for method in protos.SERVICE.methods:
         response = protos.message_class(method.output_type)
         serializer = serialize if method.name in ("ModelInfer", "ModelStreamInfer") else response.SerializeToString

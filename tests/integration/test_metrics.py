@@ -285,6 +285,11 @@ def test_calls_are_counted_by_protocol_endpoint_and_outcome(tmp_path: Path, serv
     server = serve(tmp_path)
     x = np.arange(4, dtype=np.float32).reshape(1, 4)
     before = scrape(server.metrics_url)
+    for protocol in ("grpc", "http"):  # inference calls are reported from zero, before the first one
+        for outcome in ("success", "failure"):
+            labels = {"protocol": protocol, "endpoint": "inference", "outcome": outcome}
+            assert before["rapidserve_call_total"][frozenset(labels.items())] == 0
+        assert value(before, "rapidserve_call_duration_seconds_count", protocol=protocol, endpoint="inference") == 0
     measured: dict[str, float] = {"grpc": 0.0, "http": 0.0}
 
     grpc_client = tc.InferenceServerClient(server.url)
