@@ -48,8 +48,8 @@ RUN pip install --no-cache-dir "./[${VARIANT}]" \
 USER 1000:1000
 WORKDIR /home/rapidserve
 
-# 8001: gRPC (KServe v2 / Triton protocol), 8002: Prometheus /metrics
-EXPOSE 8001 8002
+# 8000: HTTP/REST and 8001: gRPC (both the KServe v2 / Triton protocol), 8002: Prometheus /metrics
+EXPOSE 8000 8001 8002
 
 # The first start builds the demo model, so give it a minute before failed checks count.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \

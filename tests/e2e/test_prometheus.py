@@ -123,7 +123,7 @@ def dashboard_queries() -> list[str]:
                 walk(child)
 
     walk(json.loads(DASHBOARD.read_text())["panels"])
-    return [re.sub(r"\$\{?model\}?", ".*", e.replace("$__rate_interval", "1m")) for e in exprs]
+    return [re.sub(r"\$\{?(?:model|protocol)\}?", ".*", e.replace("$__rate_interval", "1m")) for e in exprs]
 
 
 def test_every_dashboard_query_answers_and_counts_are_exact(stack: tuple[RemoteServer, Prometheus]) -> None:

@@ -80,6 +80,7 @@ REQUIRED_COVERAGE = {
     "queue depth": {"rapidserve_queue_pending_requests", "rapidserve_executions_in_flight"},
     "model ready": {"rapidserve_model_ready"},
     "process": {"rapidserve_process_cpu_seconds_total", "rapidserve_process_resident_memory_bytes"},
+    "calls by protocol": {"rapidserve_call_total", "rapidserve_call_duration_seconds_bucket"},
 }
 
 
@@ -142,7 +143,7 @@ def test_dockerfile_serves_as_a_non_root_user_with_a_health_check() -> None:
         by_name.setdefault(name.upper(), []).append(rest[0] if rest else "")
     assert by_name["FROM"] == ["python:3.11-slim"]
     assert by_name["USER"] and by_name["USER"][-1].split(":")[0] not in ("root", "0")
-    assert by_name["EXPOSE"] == ["8001 8002"]
+    assert by_name["EXPOSE"] == ["8000 8001 8002"]
     assert "rapidserve" in text.split("HEALTHCHECK", 1)[1].split("\n\n", 1)[0]
     assert by_name["ENTRYPOINT"] == ['["rapidserve"]'] and by_name["CMD"] == ['["serve"]']
     for folder in ("rapidserve", "server", "engines", "clients", "protos"):
@@ -168,7 +169,8 @@ def test_compose_runs_the_three_services_from_the_repository_dockerfile() -> Non
     context = (DEPLOY / build["context"]).resolve()
     assert context == REPO
     assert (context / build.get("dockerfile", "Dockerfile")).resolve() == REPO / "Dockerfile"
-    assert {"8001:8001", "127.0.0.1:8002:8002"} <= set(services["rapidserve"]["ports"])  # /metrics: loopback
+    # HTTP, gRPC, and /metrics on the loopback only
+    assert {"8000:8000", "8001:8001", "127.0.0.1:8002:8002"} <= set(services["rapidserve"]["ports"])
 
     for name in ("prometheus", "grafana"):
         image, _, tag = services[name]["image"].partition(":")
@@ -225,13 +227,25 @@ def test_grafana_provisions_the_datasource_and_the_dashboard_folder() -> None:
 # --- dashboard ----------------------------------------------------------------------------------------------
 
 
-def test_dashboard_identity_and_model_variable(dashboard: dict[str, Any]) -> None:
+def test_dashboard_identity_and_variables(dashboard: dict[str, Any]) -> None:
     assert dashboard["uid"] == "rapidserve" and dashboard["title"] == "rapidserve"
     assert isinstance(dashboard["schemaVersion"], int)
-    (variable,) = dashboard["templating"]["list"]
-    assert variable["name"] == "model" and variable["multi"] and variable["includeAll"]
-    assert variable["datasource"]["uid"] == DATASOURCE_UID
-    assert "label_values(rapidserve_request_success_total, model)" in json.dumps(variable["query"])
+    model, protocol = dashboard["templating"]["list"]
+    for variable, source in ((model, "rapidserve_request_success_total"), (protocol, "rapidserve_call_total")):
+        name = variable["name"]
+        assert variable["multi"] and variable["includeAll"], name
+        assert variable["datasource"]["uid"] == DATASOURCE_UID
+        assert f"label_values({source}, {name})" in json.dumps(variable["query"])
+    assert (model["name"], protocol["name"]) == ("model", "protocol")
+
+
+def test_dashboard_splits_calls_and_latency_by_protocol(exprs: list[str]) -> None:
+    by_protocol = [expr for expr in exprs if 'protocol=~"$protocol"' in expr]
+    assert any("rapidserve_call_total" in expr and "by (protocol" in expr for expr in by_protocol)
+    assert any(
+        "histogram_quantile(" in expr and "rapidserve_call_duration_seconds_bucket" in expr and "protocol)" in expr
+        for expr in by_protocol
+    )
 
 
 def test_every_panel_has_a_title_a_place_a_datasource_and_queries(dashboard: dict[str, Any]) -> None:
