@@ -1,4 +1,4 @@
-"""Clients for KServe v2 gRPC servers."""
+"""Clients for KServe v2 servers, over gRPC or (``http://`` / ``https://`` URLs) HTTP/REST."""
 
 from rapidserve.clients.client import AsyncClient, Client, InferenceServerError, ModelMetadata
 

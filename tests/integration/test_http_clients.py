@@ -290,3 +290,11 @@ def test_bench_counts_http_errors_by_grpc_code(server: Any, tmp_path: Path) -> N
     assert main(["bench", "scale", "--url", http_url(server), "--shape", "x:9,5", *FAST, "--out", str(out)]) == 0
     (row,) = rows(out)
     assert row["errors"].get("INVALID_ARGUMENT", 0) > 0 and row["requests_per_s"] == 0
+
+
+def test_bench_worker_processes_over_http_add_up(server: Any, tmp_path: Path) -> None:
+    out = tmp_path / "workers.json"
+    assert main(["bench", "scale", "--url", http_url(server), "--request-rate", "200", "--workers", "2", *FAST,
+                 "--out", str(out)]) == 0  # fmt: skip
+    (row,) = rows(out)
+    assert row["errors"] == {} and 100 < row["requests_per_s"] < 275
