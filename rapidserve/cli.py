@@ -62,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
 
     client_arguments(infer, env, env_default("ssl", flag, False))
 
-    bench = command("bench", "load-test a model over gRPC: closed or open loop, perf_analyzer-style")
+    bench = command("bench", "load-test a model over gRPC or HTTP: closed or open loop, perf_analyzer-style")
     from rapidserve.clients.bench import add_arguments as bench_arguments
 
     bench_arguments(bench)

@@ -1,4 +1,6 @@
-"""``rapidserve bench``: load-test a KServe v2 gRPC server (rapidserve, Triton, anything that speaks it).
+"""``rapidserve bench``: load-test a KServe v2 server (rapidserve, Triton, anything that speaks it) over gRPC,
+or with ``--protocol http`` over its HTTP/REST endpoint (``http_transport``: HTTP/1.1 keep-alive, binary
+tensor data, a lean client of the package's own).
 
 Requests are serialized once (``payloads``) and sent as raw bytes (``transports``) over the package's
 own lean HTTP/2 gRPC client, which costs a fraction of grpcio's CPU per call; answers are not decoded,
