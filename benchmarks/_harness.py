@@ -169,7 +169,8 @@ def in_process(
 
 
 class Server:
-    """A server subprocess pinned to one core; ``cpu_seconds()`` reads its user+system time."""
+    """A server subprocess pinned to one core; ``cpu_seconds()`` reads its user+system time. ``port`` is
+    the one it says it listens on (gRPC); ``http_port`` rapidserve's HTTP port, when it serves one."""
 
     def __init__(self, command: list[str], core: int = 0, ready_line: str = "", env: dict[str, str] | None = None):
         self.proc = subprocess.Popen(
@@ -180,10 +181,13 @@ class Server:
             env={**os.environ, **(env or {})},
         )
         assert self.proc.stdout is not None
-        self.port = 0
+        self.port = self.http_port = 0
         for line in self.proc.stdout:
-            if match := re.search(r"listening on [\w.:]*?:(\d+)", line):
-                self.port = int(match.group(1))
+            if match := re.search(r"(HTTP server )?listening on [\w.:]*?:(\d+)", line):
+                if match.group(1):
+                    self.http_port = int(match.group(2))
+                else:
+                    self.port = int(match.group(2))
             if self.port and ready_line in line:
                 break
         else:
@@ -204,6 +208,8 @@ class Server:
             "127.0.0.1",
             "--grpc-port",
             "0",
+            "--http-port",
+            "0",
             "--metrics-port",
             "0",
             "--log-level",
@@ -215,6 +221,10 @@ class Server:
     @property
     def url(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
 
     def cpu_seconds(self) -> float:
         """User + system CPU of the server and every process under it (a peer may run in children)."""
