@@ -6,6 +6,7 @@ what a raw socket server sends in pieces."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import struct
 from typing import Any
@@ -213,6 +214,7 @@ async def _serve_raw(pieces: list[bytes]) -> tuple[asyncio.AbstractServer, int, 
                 writer.write(piece[i : i + 3])
                 await writer.drain()
         writer.close()
+        await writer.wait_closed()
 
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
     return server, server.sockets[0].getsockname()[1], received
@@ -236,5 +238,43 @@ def test_the_bench_connection_reads_sized_and_chunked_answers_sent_in_pieces() -
                 await connection.send(request)
             await connection.wait_closed()
         assert received[0] == request and len(received) == 3
+
+    asyncio.run(main())
+
+
+def test_the_bench_pool_opens_connections_up_to_its_limit_and_then_queues() -> None:
+    from rapidserve.clients.bench.http_transport import HttpUnary
+
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+
+    async def main() -> None:
+        release = asyncio.Event()
+        connections = 0
+        finished: list[asyncio.StreamWriter] = []
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            nonlocal connections
+            connections += 1
+            with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+                while await reader.readuntil(b"\r\n\r\n"):
+                    await release.wait()
+                    writer.write(answer)
+            writer.close()
+            finished.append(writer)
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            pool = await HttpUnary.open(lambda: Http1Connection.open("127.0.0.1", port), 1, None, max_connections=3)
+            request = request_head("GET", "/", f"127.0.0.1:{port}", [], 0)
+            calls = [asyncio.create_task(pool.send(request, i)) for i in range(7)]
+            while connections < 3:
+                await asyncio.sleep(0.01)
+            release.set()
+            assert await asyncio.gather(*calls) == ["OK"] * 7
+            assert connections == 3  # seven requests, never more than three connections
+            await pool.close()
+            while len(finished) < connections:  # each handler saw its connection end
+                await asyncio.sleep(0.01)
 
     asyncio.run(main())
