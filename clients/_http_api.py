@@ -85,12 +85,13 @@ def _infer(
     timeout_s: float | None,
     request_id: str,
     parameters: dict[str, ParamValue] | None,
+    binary: bool,
 ) -> _Call[Arrays]:
     params = dict(parameters or {})
     timeout = timeout_us(timeout_s)
     if timeout is not None and "timeout" not in params:
         params["timeout"] = timeout  # HTTP carries no deadline: the server reads this one as the request's
-    body = encode_infer(inputs, outputs, request_id=request_id, parameters=params)
+    body = encode_infer(inputs, outputs, request_id=request_id, parameters=params, binary=binary)
     read = _decoded(lambda a: decode_infer(a.body, a.header_length()))
     return _Call("POST", model_path(model, version, "infer"), read, body.body, body.headers())
 
@@ -162,13 +163,20 @@ class HttpApi:
     """The sync client's calls over HTTP/1.1 keep-alive connections."""
 
     def __init__(
-        self, url: str, tls: Tls | None, headers: Headers, timeout_s: float | None, max_message_bytes: int
+        self,
+        url: str,
+        tls: Tls | None,
+        headers: Headers,
+        timeout_s: float | None,
+        max_message_bytes: int,
+        binary: bool = True,
     ) -> None:
         endpoint = parse_url(url)
         if tls is not None and not endpoint.tls:
             raise ValueError(f"TLS options with {url!r}: use an https:// URL")
         self._transport = SyncTransport(endpoint, tls, headers, max_message_bytes)
         self._timeout_s = timeout_s
+        self._binary = binary
 
     def _send(self, call: _Call[T], timeout_s: float | None = None) -> T:
         timeout = timeout_s if timeout_s is not None else self._timeout_s
@@ -192,7 +200,9 @@ class HttpApi:
         parameters: dict[str, ParamValue] | None,
     ) -> Arrays:
         timeout = timeout_s if timeout_s is not None else self._timeout_s
-        return self._send(_infer(model, inputs, outputs, version, timeout, request_id, parameters), timeout)
+        return self._send(
+            _infer(model, inputs, outputs, version, timeout, request_id, parameters, self._binary), timeout
+        )
 
     def is_server_live(self) -> bool:
         return self._send(_live())
@@ -231,13 +241,20 @@ class AsyncHttpApi:
     """The asyncio client's calls over aiohttp's keep-alive connections (concurrent calls each take one)."""
 
     def __init__(
-        self, url: str, tls: Tls | None, headers: Headers, timeout_s: float | None, max_message_bytes: int
+        self,
+        url: str,
+        tls: Tls | None,
+        headers: Headers,
+        timeout_s: float | None,
+        max_message_bytes: int,
+        binary: bool = True,
     ) -> None:
         endpoint = parse_url(url)
         if tls is not None and not endpoint.tls:
             raise ValueError(f"TLS options with {url!r}: use an https:// URL")
         self._transport = AsyncTransport(endpoint, tls, headers, max_message_bytes)
         self._timeout_s = timeout_s
+        self._binary = binary
 
     async def _send(self, call: _Call[T], timeout_s: float | None = None) -> T:
         timeout = timeout_s if timeout_s is not None else self._timeout_s
@@ -261,7 +278,9 @@ class AsyncHttpApi:
         parameters: dict[str, ParamValue] | None,
     ) -> Arrays:
         timeout = timeout_s if timeout_s is not None else self._timeout_s
-        return await self._send(_infer(model, inputs, outputs, version, timeout, request_id, parameters), timeout)
+        return await self._send(
+            _infer(model, inputs, outputs, version, timeout, request_id, parameters, self._binary), timeout
+        )
 
     async def is_server_live(self) -> bool:
         return await self._send(_live())

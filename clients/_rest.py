@@ -103,26 +103,47 @@ def encode_infer(
     *,
     request_id: str = "",
     parameters: Mapping[str, ParamValue] | None = None,
+    binary: bool = True,
 ) -> InferBody:
-    """Every input as binary data, every output asked for as binary data (``binary_data_output``)."""
+    """Every input as binary data and every output asked for as binary data (``binary_data_output``), or
+    with ``binary=False`` all as JSON (``data`` lists; BYTES as UTF-8 strings, FP16/BF16 as numbers)."""
     tensors: list[dict[str, Any]] = []
     blobs: list[bytes] = []
     for name, value in inputs.items():
         array = np.asarray(value)
         datatype = datatype_of(array.dtype)
-        raw = tensor_to_raw(array, datatype)
-        tensors.append({"name": name, "shape": list(array.shape), "datatype": datatype,
-                        "parameters": {"binary_data_size": len(raw)}})  # fmt: skip
-        blobs.append(raw)
+        tensor: dict[str, Any] = {"name": name, "shape": list(array.shape), "datatype": datatype}
+        if binary:
+            raw = tensor_to_raw(array, datatype)
+            tensor["parameters"] = {"binary_data_size": len(raw)}
+            blobs.append(raw)
+        else:
+            tensor["data"] = _json_data(name, array, datatype)
+        tensors.append(tensor)
     header: dict[str, Any] = {}
     if request_id:
         header["id"] = request_id
-    header["parameters"] = {**(parameters or {}), "binary_data_output": True}
+    header["parameters"] = {**(parameters or {}), "binary_data_output": binary}
     header["inputs"] = tensors
     if outputs:
-        header["outputs"] = [{"name": name, "parameters": {"binary_data": True}} for name in outputs]
-    text = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
+        header["outputs"] = [{"name": name, "parameters": {"binary_data": binary}} for name in outputs]
+    try:
+        text = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
+    except ValueError:
+        raise ValueError("NaN and infinity have no JSON form: send them as binary data") from None
     return InferBody(b"".join([text, *blobs]), len(text))
+
+
+def _json_data(name: str, array: np.ndarray[Any, Any], datatype: str) -> list[Any]:
+    flat = array.reshape(-1)
+    if datatype == BYTES:
+        try:
+            return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in flat]
+        except UnicodeDecodeError:
+            raise ValueError(f"input '{name}' holds bytes that are not UTF-8: send it as binary data") from None
+    if datatype in ("FP16", "BF16"):
+        flat = flat.astype(np.float32)
+    return flat.tolist()  # type: ignore[no-any-return]
 
 
 def _json(body: bytes, what: str) -> Any:
@@ -191,8 +212,8 @@ def _from_json(name: str, datatype: str, shape: list[int], count: int, data: Any
         array = np.empty(count, dtype=object)
         array[:] = [v.encode("utf-8") for v in flat]
         return array.reshape(shape)
-    kind = DATATYPES[datatype].kind
-    if kind != "f" and not all(isinstance(v, (int, bool)) for v in flat):
+    floating = datatype in ("FP16", "BF16", "FP32", "FP64")  # (numpy calls bfloat16's kind "V")
+    if not floating and not all(isinstance(v, (int, bool)) for v in flat):
         raise InvalidTensor(f"output '{shown(name)}': {datatype} data must be integers or booleans")
     try:
         return np.array(flat, dtype=DATATYPES[datatype]).reshape(shape)

@@ -69,6 +69,12 @@ def _error(exc: grpc.RpcError, security: Tls | None = None) -> InferenceServerEr
     return InferenceServerError(exc.code(), details)
 
 
+def _grpc_only(binary_data: bool) -> None:
+    """Options that only HTTP has are refused for a gRPC address rather than ignored."""
+    if not binary_data:
+        raise ValueError("binary_data=False (JSON tensors) applies to http:// and https:// URLs only")
+
+
 def _load_request(model: str, config_json: str | None, files: Mapping[str, bytes] | None) -> Any:
     request = protos.RepositoryModelLoadRequest(model_name=model)
     if config_json:
@@ -89,7 +95,8 @@ class Client:
 
     ``url`` ``http://host:8000`` (or ``https://``) calls the server's HTTP/REST endpoint instead: the
     same methods, results and errors; ``timeout_s`` is then the socket timeout and the request's
-    ``timeout`` parameter, and keep-alive connections are reused between calls.
+    ``timeout`` parameter, and keep-alive connections are reused between calls. Tensors travel as
+    Triton's binary tensor data both ways; ``binary_data=False`` sends and asks for JSON ``data`` instead.
     """
 
     def __init__(
@@ -104,12 +111,15 @@ class Client:
         certificate_chain: str | Path | None = None,
         ssl_target_name: str | None = None,
         headers: Mapping[str, str] | None = None,
+        binary_data: bool = True,
     ) -> None:
         self._tls = tls(ssl, root_certificates, private_key, certificate_chain, ssl_target_name)
         self._metadata = check_headers(headers) or None
         self._timeout_s = timeout_s
         self._http = (
-            HttpApi(url, self._tls, self._metadata or (), timeout_s, max_message_bytes) if is_http_url(url) else None
+            HttpApi(url, self._tls, self._metadata or (), timeout_s, max_message_bytes, binary_data)
+            if is_http_url(url)
+            else _grpc_only(binary_data)
         )
         if self._http is None:
             self._channel = channel(url, self._tls, _channel_options(max_message_bytes))
@@ -238,14 +248,15 @@ class AsyncClient:
         certificate_chain: str | Path | None = None,
         ssl_target_name: str | None = None,
         headers: Mapping[str, str] | None = None,
+        binary_data: bool = True,
     ) -> None:
         self._tls = tls(ssl, root_certificates, private_key, certificate_chain, ssl_target_name)
         self._metadata = check_headers(headers) or None
         self._timeout_s = timeout_s
         self._http = (
-            AsyncHttpApi(url, self._tls, self._metadata or (), timeout_s, max_message_bytes)
+            AsyncHttpApi(url, self._tls, self._metadata or (), timeout_s, max_message_bytes, binary_data)
             if is_http_url(url)
-            else None
+            else _grpc_only(binary_data)
         )
         if self._http is None:
             self._channel = channel(url, self._tls, _channel_options(max_message_bytes), aio=True)

@@ -80,6 +80,22 @@ def test_every_datatype_round_trips_through_identity_as_over_grpc(server: Any) -
         assert http.infer("identity_bf16", bf16, ["out_BF16"])["out_BF16"].tolist() == [[1.5, -2.0, 0.25]]
 
 
+def test_json_tensors_round_trip_every_datatype_like_binary_ones(server: Any) -> None:
+    inputs = every_datatype()
+    with Client(http_url(server), binary_data=False) as json_client, Client(http_url(server)) as binary:
+        out = json_client.infer("identity", inputs)
+        assert {k: v.tolist() for k, v in out.items()} == {
+            k: v.tolist() for k, v in binary.infer("identity", inputs).items()
+        }
+        assert all(out[f"out_{name[3:]}"].dtype == array.dtype for name, array in inputs.items())
+        bf16 = {"in_BF16": np.array([[1.5, -2.0, 0.25]], ml_dtypes.bfloat16), "in_FP32": np.ones((1, 3), np.float32)}
+        assert json_client.infer("identity_bf16", bf16, ["out_BF16"])["out_BF16"].tolist() == [[1.5, -2.0, 0.25]]
+        with pytest.raises(ValueError, match="not UTF-8"):
+            json_client.infer("strings", {"text": np.array([b"\xff"], dtype=object)})
+    with pytest.raises(ValueError, match="http://"):
+        Client(server.url, binary_data=False)
+
+
 def test_add_sub_and_the_outputs_asked_for(server: Any) -> None:
     x = np.arange(32, dtype=np.float32).reshape(2, 16)
     y = np.full((2, 16), 0.5, np.float32)

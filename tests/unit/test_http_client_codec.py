@@ -71,6 +71,24 @@ def test_every_datatype_goes_as_binary_data_in_input_order() -> None:
     assert encoded.headers()["Inference-Header-Content-Length"] == str(encoded.header_length)
 
 
+def test_json_tensors_carry_every_value_in_row_major_order() -> None:
+    inputs = arrays()
+    encoded = encode_infer(inputs, ["o"], binary=False)
+    assert encoded.header_length == len(encoded.body)
+    header = json.loads(encoded.body)
+    assert header["parameters"] == {"binary_data_output": False}
+    assert header["outputs"] == [{"name": "o", "parameters": {"binary_data": False}}]
+    for tensor in header["inputs"]:
+        array = inputs[tensor["name"]]
+        assert "parameters" not in tensor and tensor["shape"] == list(array.shape)
+        if tensor["datatype"] == "BYTES":
+            assert tensor["data"] == [v.decode() for v in array.reshape(-1)]
+        else:
+            assert tensor["data"] == [float(v) if array.dtype.kind in "fV" else v for v in array.reshape(-1).tolist()]
+    with pytest.raises(ValueError, match="no JSON form"):
+        encode_infer({"x": np.array([np.nan], np.float32)}, binary=False)
+
+
 def test_the_binary_data_is_what_tritonclient_http_sends() -> None:
     http = pytest.importorskip("tritonclient.http", reason="tritonclient[http] is the reference encoder")
     inputs = {k: v for k, v in arrays().items() if k != "in_BF16"}  # (tritonclient has no BF16 numpy type)
@@ -105,9 +123,10 @@ def test_binary_and_json_outputs_decode_in_response_order() -> None:
         ({"name": "flags", "datatype": "BOOL", "shape": [3], "data": [True, False, True]}, None),
         ({"name": "text", "datatype": "BYTES", "shape": [1, 2], "data": ["x", "\u00e9"]}, None),
         ({"name": "half", "datatype": "FP16", "shape": [2], "data": [0.5, -1.25]}, None),
+        ({"name": "brain", "datatype": "BF16", "shape": [2], "data": [0.5, 3]}, None),
     ])  # fmt: skip
     out = decode_infer(body, length)
-    assert list(out) == ["f", "nested", "s", "flags", "text", "half"]
+    assert list(out) == ["f", "nested", "s", "flags", "text", "half", "brain"]
     np.testing.assert_array_equal(out["f"], floats)
     np.testing.assert_array_equal(out["nested"], np.array([[1, -2], [3, 4]], np.int16))
     assert out["nested"].dtype == np.int16
@@ -115,6 +134,7 @@ def test_binary_and_json_outputs_decode_in_response_order() -> None:
     assert out["flags"].tolist() == [True, False, True] and out["flags"].dtype == np.bool_
     assert out["text"].tolist() == [[b"x", "\u00e9".encode()]]
     assert out["half"].dtype == np.float16 and out["half"].tolist() == [0.5, -1.25]
+    assert out["brain"].dtype == ml_dtypes.bfloat16 and out["brain"].astype(np.float32).tolist() == [0.5, 3.0]
     # an all-JSON answer carries no Inference-Header-Content-Length
     body, _ = answer([({"name": "y", "datatype": "INT64", "shape": [2], "data": [2**40, -1]}, None)])
     assert decode_infer(body, None)["y"].tolist() == [2**40, -1]
