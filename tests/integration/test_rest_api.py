@@ -463,3 +463,17 @@ def test_tritonclient_http_bodies(api: Api, binary: bool) -> None:
         if datatype == "BYTES" and not binary:
             got = np.array([x.encode() if isinstance(x, str) else x for x in got.ravel()], object).reshape(got.shape)
         np.testing.assert_array_equal(got, array, err_msg=datatype)
+
+
+def test_a_request_past_its_deadline_is_503_and_counted_as_a_failure(api: Api) -> None:
+    import time
+
+    a, b = pair(1, 14)
+    before = statistics(api, "add_sub")
+    body = json.dumps(add_sub_request(a, b)).encode()
+    late = RestRequest("POST", "/v2/models/add_sub/infer", "", {}, body, time.monotonic() - 1)
+    response = api.thread.run(api.api.handle(late))
+    assert response.status == 503 and json.loads(response.body)["error"]
+    after = statistics(api, "add_sub")
+    assert after["inference_stats"]["fail"]["count"] == before["inference_stats"]["fail"]["count"] + 1
+    assert after["execution_count"] == before["execution_count"]
