@@ -272,10 +272,12 @@ def perf_analyzer(
     interval_ms: int = 3000,
     stability: int = 15,
     async_mode: bool = False,
+    protocol: str = "grpc",
     out: Path,
 ) -> dict[str, float]:
     """One perf_analyzer load point (``async_mode``: its ``--async``, one thread with N requests in
-    flight, instead of its default of one blocking thread per request); adds ``cpu_util`` (server CPU
+    flight, instead of its default of one blocking thread per request; ``protocol``: "grpc", or "http"
+    to the server's HTTP port); adds ``cpu_util`` (server CPU
     seconds per wall second) and ``cpu_us_per_infer`` (server CPU microseconds per inference) measured
     around the run.
 
@@ -284,7 +286,8 @@ def perf_analyzer(
     """
     for attempt, (interval, band) in enumerate(((interval_ms, stability), (2 * interval_ms, 30))):
         command = [
-            "taskset", "-c", str(core), binary, "-m", model, "-u", server.url, "-i", "grpc", "-b", "1",
+            "taskset", "-c", str(core), binary, "-m", model, "-i", protocol, "-b", "1",
+            "-u", server.http_url if protocol == "http" else server.url,
             "--concurrency-range", f"{concurrency}:{concurrency}", "--measurement-interval", str(interval),
             "--stability-percentage", str(band), "--max-trials", "10", "-f", str(out),
         ]  # fmt: skip
