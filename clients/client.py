@@ -13,9 +13,6 @@ as Triton's binary tensor data, both ways), with the same methods, results and e
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import itertools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,7 +22,8 @@ import numpy as np
 
 from rapidserve import protos
 from rapidserve.clients._http_api import AsyncHttpApi, HttpApi, is_http_url
-from rapidserve.clients.connection import Tls, channel, check_headers, hint, tls
+from rapidserve.clients._multiplexer import Multiplexer, grpc_error
+from rapidserve.clients.connection import channel, check_headers, tls
 from rapidserve.clients.types import Arrays, InferenceServerError, ModelMetadata
 from rapidserve.common import codec
 from rapidserve.common.types import ParamValue, TensorSpec
@@ -60,13 +58,6 @@ def _metadata(response: Any) -> ModelMetadata:
     return ModelMetadata(
         response.name, tuple(response.versions), response.platform, specs(response.inputs), specs(response.outputs)
     )
-
-
-def _error(exc: grpc.RpcError, security: Tls | None = None) -> InferenceServerError:
-    details = exc.details() or ""
-    if exc.code() == grpc.StatusCode.UNAVAILABLE:
-        details += hint(details, security)
-    return InferenceServerError(exc.code(), details)
 
 
 def _grpc_only(binary_data: bool) -> None:
@@ -143,7 +134,7 @@ class Client:
                 request, timeout=timeout_s if timeout_s is not None else self._timeout_s, metadata=self._metadata
             )
         except grpc.RpcError as exc:
-            raise _error(exc, self._tls) from None
+            raise grpc_error(exc, self._tls) from None
 
     def infer(
         self,
@@ -262,7 +253,7 @@ class AsyncClient:
             self._channel = channel(url, self._tls, _channel_options(max_message_bytes), aio=True)
             self._stubs = _stubs(self._channel)
         self._streaming = streaming
-        self._stream: _Multiplexer | None = None
+        self._stream: Multiplexer | None = None
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -284,7 +275,7 @@ class AsyncClient:
                 request, timeout=timeout_s if timeout_s is not None else self._timeout_s, metadata=self._metadata
             )
         except grpc.RpcError as exc:
-            raise _error(exc, self._tls) from None
+            raise grpc_error(exc, self._tls) from None
 
     async def infer(
         self,
@@ -309,7 +300,7 @@ class AsyncClient:
             # a stream has no per-message deadline: the server reads this one as the request's
             request.parameters["timeout"].int64_param = max(int(timeout * 1e6), 1)
         if self._stream is None or self._stream.broken:
-            self._stream = _Multiplexer(self._stubs["ModelStreamInfer"], self._metadata, self._tls)
+            self._stream = Multiplexer(self._stubs["ModelStreamInfer"], self._metadata, self._tls)
         try:
             return codec.decode_response(await self._stream.send(request, timeout))
         except InferenceServerError as exc:
@@ -356,75 +347,3 @@ class AsyncClient:
         if self._http is not None:
             return await self._http.unload_model(model)
         await self._call("RepositoryModelUnload", protos.RepositoryModelUnloadRequest(model_name=model))
-
-
-class _Multiplexer:
-    """Many concurrent requests over one bidirectional stream, each answer routed by request id.
-
-    The client's own ids replace the caller's on the wire and are put back on the answer. If the
-    stream breaks, every waiting call fails with the stream's status and the next call opens a new one.
-    """
-
-    def __init__(
-        self, stub: Any, metadata: tuple[tuple[str, str], ...] | None = None, security: Tls | None = None
-    ) -> None:
-        # gRPC allows one outstanding write per stream: requests queue up and gRPC pulls them
-        self._outbox: asyncio.Queue[Any] = asyncio.Queue()
-        self._call = stub(self._requests(), metadata=metadata)
-        self._waiting: dict[str, asyncio.Future[Any]] = {}
-        self._ids = itertools.count()
-        self._tls = security
-        self._reader = asyncio.create_task(self._read())
-        self._broken: InferenceServerError | None = None
-
-    @property
-    def broken(self) -> bool:
-        return self._broken is not None
-
-    async def send(self, request: Any, timeout_s: float | None) -> Any:
-        if self._broken is not None:
-            raise self._broken
-        caller_id = request.id
-        wire_id = f"rs{next(self._ids)}"
-        request.id = wire_id
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._waiting[wire_id] = future
-        self._outbox.put_nowait(request)
-        try:
-            response = await asyncio.wait_for(future, timeout_s)
-        except asyncio.TimeoutError:
-            raise InferenceServerError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded") from None
-        finally:
-            self._waiting.pop(wire_id, None)
-        if response.error_message:
-            params = response.infer_response.parameters
-            code = params["grpc_code"].int64_param if "grpc_code" in params else None  # Triton sends none
-            status = next((s for s in grpc.StatusCode if s.value[0] == code), grpc.StatusCode.UNKNOWN)
-            raise InferenceServerError(status, response.error_message)
-        response.infer_response.id = caller_id
-        return response.infer_response
-
-    async def _requests(self) -> Any:
-        while (request := await self._outbox.get()) is not None:
-            yield request
-
-    async def _read(self) -> None:
-        try:
-            async for response in self._call:
-                future = self._waiting.get(response.infer_response.id)
-                if future is not None and not future.done():
-                    future.set_result(response)
-        except grpc.RpcError as exc:
-            self._broken = _error(exc, self._tls)
-        else:
-            self._broken = InferenceServerError(grpc.StatusCode.UNAVAILABLE, "the server closed the stream")
-        for future in self._waiting.values():
-            if not future.done():
-                future.set_exception(self._broken)
-
-    async def close(self) -> None:
-        self._outbox.put_nowait(None)  # ends the request stream
-        self._call.cancel()
-        self._reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._reader
