@@ -3,7 +3,6 @@ what clients measured."""
 
 from __future__ import annotations
 
-import bisect
 import math
 import time
 import urllib.error
@@ -168,14 +167,16 @@ def test_latency_percentiles_agree_with_what_a_client_measured(tmp_path: Path, s
     bounds = [b for b, _ in buckets]
     for q in (0.5, 0.9):
         client_q = float(np.quantile(measured, q))
-        # the client's figure includes the RPC, so the server's is at most it, and within its bucket
+        # Each request's server time is at most what its client measured (which adds the RPC), so each
+        # server quantile is at most the client's: the histogram's within the client's bucket, the
+        # window's (1% accurate) within 2%. The RPC is a small part of these tens of milliseconds, so
+        # the server's figures are more than half the client's even on a loaded machine: a unit or
+        # bucket error would be far off either bound.
         upper = next(b for b in bounds if b >= client_q)
-        lower = max([b for b in bounds if b < client_q], default=0.0)
-        assert abs(_histogram_quantile(q, buckets) - client_q) <= upper - lower, q
-        # the window's percentile (1% accurate) is at most the client's, and at most one bucket apart
+        histogram = _histogram_quantile(q, buckets)
+        assert 0.5 * client_q <= histogram <= upper, (q, histogram, client_q)
         window = value(samples, "rapidserve_request_latency_seconds", **labels, quantile=str(q))
-        assert window <= 1.02 * client_q, (q, window, client_q)
-        assert bisect.bisect_left(bounds, client_q) - bisect.bisect_left(bounds, window) <= 1, (q, window, client_q)
+        assert 0.5 * client_q <= window <= 1.02 * client_q, (q, window, client_q)
 
 
 def _wait_for(url: str, name: str, want: float, **labels: str) -> None:
