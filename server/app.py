@@ -136,14 +136,14 @@ class InferenceServer:
         if self._http is not None:
             self._http.drain()
         if self._server is not None:
-            refusing = asyncio.create_task(self._server.stop(grace))  # no new calls from now on
+            # the servicer refuses new inference requests from now on; gRPC is stopped once, after the
+            # accepted ones are answered (two overlapping stops can crash gRPC's core)
             accepted = [self._servicer.idle()] if self._servicer is not None else []
             if self._http is not None:
                 accepted.append(self._http.idle())
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.gather(*accepted), grace)
             await self._server.stop(0)  # what is left (health Watch, reflection) need not finish
-            await refusing
         if self._http is not None:
             await self._http.stop()
         self.abandoned_loads = await self.manager.stop(max(deadline - time.monotonic(), 1.0))

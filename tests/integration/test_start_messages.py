@@ -92,3 +92,21 @@ def test_scrapes_on_a_machine_without_gpus_log_nothing(
     assert records == at_start and len(records) <= 1  # nothing at scrape time
     assert all(r.levelno <= logging.DEBUG for r in records)
     assert not any("rapidserve[gpu]" in r.getMessage() or "pip install" in r.getMessage() for r in records)
+
+
+async def test_stop_stops_grpc_once(tmp_path: Path) -> None:
+    """Two overlapping stops of a grpc.aio server can crash gRPC's core (a segfault on about one exit in
+    ten): the drain refuses new requests itself and stops gRPC once, after the accepted ones."""
+    server = InferenceServer(_settings(tmp_path))
+    await server.start()
+    grpc_server = server._server
+    calls: list[float | None] = []
+    stop = grpc_server.stop
+
+    async def counted(grace: float | None) -> None:
+        calls.append(grace)
+        await stop(grace)
+
+    grpc_server.stop = counted
+    await server.stop(0)
+    assert calls == [0]
