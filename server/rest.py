@@ -59,6 +59,7 @@ class RestRequest:
     headers: Mapping[str, str]  # lower-case names
     body: bytes  # as received: still compressed when Content-Encoding says so
     deadline: float | None = None  # time.monotonic() after which the client no longer waits
+    max_body_bytes: int | None = None  # the most the body may hold once decompressed; None: max_message_bytes
 
 
 @dataclass(slots=True)

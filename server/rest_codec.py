@@ -34,6 +34,8 @@ __all__ = [
 ]
 
 HEADER_LENGTH = "inference-header-content-length"  # Triton's binary tensor data extension
+MAX_JSON_BYTES = 8 * 2**20  # the JSON part of an inference body, decompressed; larger tensors travel as binary data
+JSON_EXPANSION = 16  # parsed JSON holds up to this many times its bytes in Python objects (budget reservation)
 _MAX_PARAMETERS = 4096  # like the gRPC codec's cap
 _SHARED_MEMORY_PARAMS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
 _INTEGERS = frozenset({"UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64"})
