@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import select
 import ssl as _ssl
 import threading
 from dataclasses import dataclass
@@ -66,6 +67,22 @@ def _too_large(size: int, limit: int, what: str = "answer") -> InferenceServerEr
     )
 
 
+_IDEMPOTENT = frozenset({"GET", "HEAD"})
+
+
+def _stale(connection: http.client.HTTPConnection) -> bool:
+    """Whether an idle connection has something to read: the server's close (or data nobody asked for),
+    so a request written to it would be lost. Checked before writing, when sending elsewhere is safe."""
+    sock = connection.sock
+    if sock is None:
+        return True
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
+
+
 class _HTTPSConnection(http.client.HTTPSConnection):
     """Verifies the server's certificate against ``target_name`` rather than the host it connects to."""
 
@@ -80,8 +97,8 @@ class _HTTPSConnection(http.client.HTTPSConnection):
 
 class SyncTransport:
     """Requests over keep-alive connections: an idle one is reused, a new one opened when all are busy
-    (calls from several threads); a request that finds its reused connection closed by the server
-    (idle timeout) is sent once more on a fresh one, since the server never read it."""
+    (calls from several threads). A request is sent once more, on a fresh connection, only when that
+    cannot run it twice: its reused connection was closed before it was written, or it is a GET/HEAD."""
 
     def __init__(self, endpoint: Endpoint, tls: Tls | None, headers: Headers, max_message_bytes: int) -> None:
         if endpoint.tls and tls is None:
@@ -95,9 +112,14 @@ class SyncTransport:
         self._closed = False
 
     def _connection(self) -> tuple[http.client.HTTPConnection, bool]:
-        with self._lock:
-            if self._idle:
-                return self._idle.pop(), True
+        while True:
+            with self._lock:
+                if not self._idle:
+                    break
+                connection = self._idle.pop()
+            if not _stale(connection):
+                return connection, True
+            connection.close()
         host, port = self._endpoint.host, self._endpoint.port
         if self._context is None:
             return http.client.HTTPConnection(host, port), False
@@ -122,14 +144,22 @@ class SyncTransport:
             connection.timeout = timeout_s
             if connection.sock is not None:
                 connection.sock.settimeout(timeout_s)
+            sent = False
             try:
                 connection.request(method, self._endpoint.prefix + path, body, all_headers)
+                sent = True
                 response = connection.getresponse()
                 answer = self._read(response)
             except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as exc:
                 connection.close()
-                if reused:
-                    continue  # the server closed it while idle
+                if reused and (not sent or method in _IDEMPOTENT):
+                    continue  # the server closed it while idle, or running it twice does no harm
+                if sent:
+                    raise InferenceServerError(
+                        grpc.StatusCode.UNAVAILABLE,
+                        f"{self._endpoint.authority} closed the connection before answering; "
+                        "the request may have run, so it was not sent again",
+                    ) from None
                 raise _unreachable(self._endpoint, exc, self._tls) from None
             except TimeoutError:
                 connection.close()
