@@ -19,8 +19,8 @@ class Unsupported(InvalidRequest):
 
 
 def decompress(body: bytes | memoryview, encoding: str, limit: int) -> bytes | memoryview:
-    """``body`` inflated per its ``Content-Encoding``: never more than ``limit`` bytes are produced
-    (a small body that inflates beyond it is refused as too large before it is all inflated)."""
+    """``body`` inflated per its ``Content-Encoding``: never more than ``limit`` bytes (the endpoint's body
+    limit) are produced (a small body that inflates beyond it is refused as too large before it is all inflated)."""
     encoding = encoding.strip().lower()
     if encoding in ("", "identity") or not body:
         return body
@@ -34,8 +34,8 @@ def decompress(body: bytes | memoryview, encoding: str, limit: int) -> bytes | m
         raise InvalidRequest(f"the {encoding} body does not decompress: {exc}") from None
     if len(data) > limit or inflater.unconsumed_tail:
         raise TooLarge(
-            f"the {encoding} body inflates to more than {limit} bytes, the server's message limit "
-            "(--grpc-max-message-bytes)"
+            f"the {encoding} body inflates to more than {limit} bytes; this endpoint takes at most {limit} "
+            "(--grpc-max-message-bytes is the server's message limit)"
         )
     if not inflater.eof:
         raise InvalidRequest(f"the {encoding} body ends before its compressed stream does")

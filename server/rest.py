@@ -27,16 +27,16 @@ import base64
 import binascii
 import json
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import unquote
+
+import numpy as np
 
 from rapidserve.common.errors import shown
 from rapidserve.server import rest_codec
 from rapidserve.server.compression import Unsupported, compress, decompress, response_encoding
-from rapidserve.server.errors import InvalidRequest, RapidServeError, Unavailable
-from rapidserve.server.inference import ENCODE_ON_LOOP_ELEMENTS
+from rapidserve.server.errors import EngineError, InvalidRequest, RapidServeError, TooLarge, Unavailable
 from rapidserve.server.manager import ModelManager
 from rapidserve.server.model import ModelVersion
 from rapidserve.server.replies import as_json, load_arguments, model_metadata, model_statistics, server_metadata
@@ -48,6 +48,7 @@ __all__ = ["RestApi", "RestRequest", "RestResponse"]
 # bodies (and answers) larger than this are parsed, decoded, encoded and compressed in a worker thread
 OFF_LOOP_BYTES = 64 * 1024
 SHUTTING_DOWN = "the server is shutting down"
+_SUMMED_ELEMENTS = 1024  # a BYTES output of more elements is encoded off the loop without measuring it
 _JSON = {"Content-Type": "application/json"}
 
 
@@ -164,14 +165,14 @@ class RestApi:
                 "config": self._model_config,
                 "stats": self._statistics,
             }[kind]
-            return _Route(api, method, handler, (unquote(name), version or ""))
+            return _Route(api, method, handler, (name, version or ""))  # the path is already percent-decoded
         match = _REPOSITORY.fullmatch(path)
         if match is not None:
             repository, name, action = match.groups()
             if action is None:
                 return _Route("model-repository", "POST", self._index, (repository,))
             handler = self._load if action == "load" else self._unload
-            return _Route("model-repository", "POST", handler, (repository, unquote(name)))
+            return _Route("model-repository", "POST", handler, (repository, name))
         return None
 
     # -- health and metadata -------------------------------------------------------------------
@@ -214,13 +215,27 @@ class RestApi:
             model.rejected(exc)
             raise
         response = await model.infer(decoded)
+        if _output_bytes(response.outputs.values()) > OFF_LOOP_BYTES:
+            answer = await asyncio.to_thread(_encoded, response, choice)
+        else:
+            answer = _encoded(response, choice)
+        if len(answer.body) > self.max_message_bytes:
+            raise self._too_large(model, len(answer.body))
         encoding = response_encoding(request.headers.get("accept-encoding", ""))
-        outputs = response.outputs.values()
-        if sum(a.nbytes for a in outputs) > OFF_LOOP_BYTES or any(
-            a.dtype.kind == "O" and a.size > ENCODE_ON_LOOP_ELEMENTS for a in outputs
-        ):  # JSON and BYTES are written an element at a time
-            return await asyncio.to_thread(_encoded, response, choice, encoding)
-        return _encoded(response, choice, encoding)
+        if encoding == "identity":
+            return answer
+        if len(answer.body) > OFF_LOOP_BYTES:
+            return await asyncio.to_thread(_compressed, answer, encoding)
+        return _compressed(answer, encoding)
+
+    def _too_large(self, model: ModelVersion, size: int) -> EngineError:
+        """An answer larger than the server sends, counted against the model (gRPC's InferencePath.too_large)."""
+        error = EngineError(
+            f"model '{model.name}' produced a response of {size} bytes, more than the server sends "
+            f"({self.max_message_bytes}, --grpc-max-message-bytes); ask for fewer outputs or a smaller batch"
+        )
+        model.rejected(error)
+        return error
 
     def _model_for(self, name: str, version: str) -> ModelVersion:
         """The version a request names; failures count without a model label (as on gRPC)."""
@@ -233,13 +248,19 @@ class RestApi:
     def _decode(self, model: ModelVersion, request: RestRequest) -> tuple[Any, rest_codec.OutputChoice]:
         body = self._body(request)
         header, binary = rest_codec.split_body(body, request.headers.get(rest_codec.HEADER_LENGTH))
+        if len(header) > rest_codec.MAX_JSON_BYTES:  # parsed JSON holds many times its bytes in Python objects
+            raise TooLarge(
+                f"the JSON part of the request has {len(header)} bytes, more than {rest_codec.MAX_JSON_BYTES}; "
+                "send large tensors as binary data (binary_data_size)"
+            )
         document = rest_codec.parse_json(header, "inference request")
         return rest_codec.decode_infer_request(
             document, binary, model.spec, model.name, str(model.version), request.deadline
         )
 
     def _body(self, request: RestRequest) -> bytes | memoryview:
-        return decompress(request.body, request.headers.get("content-encoding", ""), self.max_message_bytes)
+        limit = self.max_message_bytes if request.max_body_bytes is None else request.max_body_bytes
+        return decompress(request.body, request.headers.get("content-encoding", ""), limit)
 
     # -- model repository ----------------------------------------------------------------------
 
@@ -313,16 +334,32 @@ def _heavy(request: RestRequest) -> bool:
     return len(request.body) > OFF_LOOP_BYTES or (encoding not in ("", "identity") and bool(request.body))
 
 
-def _encoded(response: Any, choice: rest_codec.OutputChoice, encoding: str) -> RestResponse:
+def _output_bytes(outputs: Iterable[np.ndarray[Any, Any]]) -> int:
+    """About how many bytes the outputs hold: BYTES ones by their strings' lengths (nbytes counts pointers);
+    a BYTES output of many elements counts as large without summing them (it is written an element at a time)."""
+    total = 0
+    for array in outputs:
+        if array.dtype.kind != "O":
+            total += array.nbytes
+        elif array.size > _SUMMED_ELEMENTS:
+            return OFF_LOOP_BYTES + 1
+        else:
+            total += sum(len(item) for item in array.flat if isinstance(item, (bytes, str)))
+    return total
+
+
+def _encoded(response: Any, choice: rest_codec.OutputChoice) -> RestResponse:
     encoded = rest_codec.encode_infer_response(response, choice)
     headers = {"Content-Type": encoded.content_type}
     if encoded.header_length is not None:
         headers["Inference-Header-Content-Length"] = str(encoded.header_length)
-    body = encoded.body
-    if encoding != "identity":
-        body = compress(body, encoding)
-        headers["Content-Encoding"] = encoding
-    return RestResponse(200, body, headers)
+    return RestResponse(200, encoded.body, headers)
+
+
+def _compressed(answer: RestResponse, encoding: str) -> RestResponse:
+    answer.body = compress(answer.body, encoding)
+    answer.headers["Content-Encoding"] = encoding
+    return answer
 
 
 def _parameters_of(document: dict[str, Any]) -> dict[str, Any]:

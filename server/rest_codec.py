@@ -95,7 +95,7 @@ def split_body(body: bytes | memoryview, header_length: str | None) -> tuple[mem
 def parse_json(data: bytes | memoryview, what: str = "request") -> Any:
     """A body parsed as JSON (UTF-8); a malformed or too deeply nested one is ``InvalidRequest``."""
     try:
-        return json.loads(bytes(data) if isinstance(data, memoryview) else data)
+        return json.loads(str(data, "utf-8-sig"))  # decoded straight from the view: no copy of the bytes
     except RecursionError:
         raise InvalidRequest(f"the {what} JSON is nested too deeply") from None
     except (UnicodeDecodeError, ValueError) as exc:

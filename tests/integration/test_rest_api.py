@@ -477,3 +477,86 @@ def test_a_request_past_its_deadline_is_503_and_counted_as_a_failure(api: Api) -
     after = statistics(api, "add_sub")
     assert after["inference_stats"]["fail"]["count"] == before["inference_stats"]["fail"]["count"] + 1
     assert after["execution_count"] == before["execution_count"]
+
+
+def test_a_compressed_body_inflates_to_at_most_the_endpoints_limit(api: Api) -> None:
+    body = gzip.compress(b" " * 300_000)  # under the 4 MiB message limit, over this endpoint's 200 KB
+    request = RestRequest(
+        "POST", "/v2/models/add_sub/infer", "", {"content-encoding": "gzip"}, body, None, max_body_bytes=200_000
+    )
+    response = api.thread.run(api.api.handle(request))
+    assert response.status == 413, response.body
+    assert "200000" in json.loads(response.body)["error"]
+
+
+def test_an_answer_over_the_message_limit_is_500_and_counted_against_the_model(api: Api) -> None:
+    small = RestApi(api.api._manager, api.api.stats, ready=lambda: True, max_message_bytes=4096)
+    a, b = pair(8, 15)  # two FP32 [8, 16] outputs: 1 KB raw, over 4 KB as JSON
+    before = statistics(api, "add_sub")
+    body = json.dumps(add_sub_request(a, b)).encode()  # about 5 KB of JSON: the answer's JSON is larger
+    response = api.thread.run(small.handle(RestRequest("POST", "/v2/models/add_sub/infer", "", {}, body)))
+    assert response.status == 500, response.body
+    message = json.loads(response.body)["error"]
+    assert "more than the server sends (4096" in message and "add_sub" in message
+    after = statistics(api, "add_sub")
+    assert after["inference_stats"]["fail"]["count"] == before["inference_stats"]["fail"]["count"] + 1
+
+
+def test_large_bytes_outputs_and_large_compressed_answers_are_encoded_off_the_event_loop(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from rapidserve.server import rest
+
+    threads: list[tuple[str, str]] = []
+    for name, module in (("encode", rest.rest_codec), ("compress", rest)):
+        original = getattr(module, "encode_infer_response" if name == "encode" else "compress")
+
+        def spy(*args: Any, _original: Any = original, _name: str = name) -> Any:
+            threads.append((_name, threading.current_thread().name))
+            return _original(*args)
+
+        monkeypatch.setattr(module, "encode_infer_response" if name == "encode" else "compress", spy)
+    loop_thread = api.thread.run(_thread_name())
+    # ten 10 KB strings: 100 KB of text in ten pointers (nbytes 80)
+    texts = ["x" * 10_000 + str(i) for i in range(10)]
+    document = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [10], "data": texts}]}
+    response = api("POST", "/v2/models/strings/infer", document)
+    assert response.status == 200 and json.loads(response.body)["outputs"][0]["data"] == texts
+    assert threads == [("encode", threads[0][1])] and threads[0][1] != loop_thread
+    # 12 KB of control characters (under the bound), 72 KB as JSON escapes, gzipped
+    threads.clear()
+    texts = ["\x01" * 12] * 1000
+    document = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1000], "data": texts}]}
+    response = api("POST", "/v2/models/strings/infer", document, accept_encoding="gzip")
+    assert response.status == 200 and response.headers["Content-Encoding"] == "gzip"
+    assert json.loads(gzip.decompress(response.body))["outputs"][0]["data"] == texts
+    assert len(gzip.decompress(response.body)) > rest.OFF_LOOP_BYTES
+    assert [name for name, _ in threads] == ["encode", "compress"]
+    assert dict(threads)["compress"] != loop_thread
+
+
+async def _thread_name() -> str:
+    import threading
+
+    return threading.current_thread().name
+
+
+def test_a_json_part_over_max_json_bytes_is_413_asking_for_binary_data(api: Api) -> None:
+    from rapidserve.server import rest_codec
+
+    large = RestApi(api.api._manager, api.api.stats, ready=lambda: True, max_message_bytes=2**25)
+    body = b"{" + b" " * rest_codec.MAX_JSON_BYTES + b"}"
+    for headers, payload in (({}, body), ({"content-encoding": "gzip"}, gzip.compress(body))):
+        request = RestRequest("POST", "/v2/models/add_sub/infer", "", headers, payload)
+        response = api.thread.run(large.handle(request))
+        assert response.status == 413, response.body
+        assert "send large tensors as binary data (binary_data_size)" in json.loads(response.body)["error"]
+
+
+def test_model_names_in_paths_are_decoded_once(api: Api) -> None:
+    # the edge has already percent-decoded the path: this names a model called "add%5Fsub", not add_sub
+    response = api("GET", "/v2/models/add%5Fsub")
+    assert response.status in (400, 404), response.body
+    assert "add%5Fsub" in json.loads(response.body)["error"]
