@@ -46,19 +46,20 @@ class Admission:
         self.reserve = 2 * max_message_bytes  # per read in progress: gRPC's buffers, and its copy into Python
         self.read_timeout_s = read_timeout_s
         self.held = 0  # bytes of admitted requests not yet answered
-        self.reading = 0  # reads in progress, each reserving ``reserve``
-        self._waiting: deque[asyncio.Future[bool]] = deque()
+        self.reading = 0  # reads in progress
+        self.reserved = 0  # bytes the reads in progress reserve (``reserve`` each, unless told less)
+        self._waiting: deque[tuple[asyncio.Future[bool], int]] = deque()
         self._reads: dict[asyncio.Task[Any], float] = {}  # reads in progress: when each gives up
         self._late: set[asyncio.Task[Any]] = set()  # reads the sweep cancelled
         self._sweeper: asyncio.TimerHandle | None = None
         self._sweep_s = min(max(read_timeout_s / 4, 0.01), 1.0)
 
-    def _room_to_read(self) -> bool:
-        return self.held + (self.reading + 1) * self.reserve <= self.budget
+    def _room_to_read(self, reserve: int) -> bool:
+        return self.held + self.reserved + reserve <= self.budget
 
-    def _could_ever_fit(self) -> bool:
+    def _could_ever_fit(self, reserve: int) -> bool:
         """Whether a read could start once the reads in progress end (else: refuse at once)."""
-        return self.held + self.reserve <= self.budget
+        return self.held + reserve <= self.budget
 
     def refusal(self) -> Overloaded:
         return Overloaded(
@@ -67,17 +68,24 @@ class Admission:
         )
 
     async def read(
-        self, receive: Callable[[], Awaitable[T]], size_of: Callable[[T], int], deadline: float | None
+        self,
+        receive: Callable[[], Awaitable[T]],
+        size_of: Callable[[T], int],
+        deadline: float | None,
+        reserve: int | None = None,
     ) -> tuple[T, int]:
         """Receive one unary message within the budget; returns it and the bytes it holds, which the
         caller gives back with ``release`` once the request is answered. (gRPC itself ends the call
-        when the client's deadline passes.)"""
-        if not self._could_ever_fit():
+        when the client's deadline passes.) ``reserve``: the most the read can hold, where the caller
+        knows it (HTTP's declared length); by default ``self.reserve``."""
+        reserve = self.reserve if reserve is None else min(reserve, self.budget)
+        if not self._could_ever_fit(reserve):
             raise self.refusal()
-        if self._waiting or not self._room_to_read():
-            await self._wait_turn(deadline)  # then a slot is ours
+        if self._waiting or not self._room_to_read(reserve):
+            await self._wait_turn(deadline, reserve)  # then a slot is ours
         else:
             self.reading += 1
+            self.reserved += reserve
         task = asyncio.current_task()
         assert task is not None
         # a sweep cancels reads past their time: cheaper than a timer each
@@ -99,6 +107,7 @@ class Admission:
             del self._reads[task]
             self._late.discard(task)
             self.reading -= 1  # the reservation goes only once the real size is held
+            self.reserved -= reserve
             if self._waiting:
                 self._wake()
         return message, size
@@ -126,10 +135,10 @@ class Admission:
         if self._waiting:
             self._wake()
 
-    async def _wait_turn(self, deadline: float | None) -> None:
+    async def _wait_turn(self, deadline: float | None, reserve: int) -> None:
         """Wait for a read slot, at most the read timeout and until ``deadline``."""
         waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._waiting.append(waiter)
+        self._waiting.append((waiter, reserve))
         give_up = time.monotonic() + self.read_timeout_s
         if deadline is not None:
             give_up = min(give_up, deadline)
@@ -138,9 +147,10 @@ class Admission:
         except BaseException as exc:
             if waiter.done() and not waiter.cancelled() and waiter.result():
                 self.reading -= 1  # the slot was handed over just as this call gave up
+                self.reserved -= reserve
             waiter.cancel()
             with contextlib.suppress(ValueError):
-                self._waiting.remove(waiter)
+                self._waiting.remove((waiter, reserve))
             self._wake()
             if isinstance(exc, asyncio.TimeoutError):
                 if deadline is not None and time.monotonic() >= deadline:
@@ -156,15 +166,16 @@ class Admission:
     def _wake(self) -> None:
         """Hand read slots to waiters in arrival order; refuse those that cannot fit at all."""
         while self._waiting:
-            first = self._waiting[0]
+            first, reserve = self._waiting[0]
             if first.done():
                 self._waiting.popleft()
-            elif not self._could_ever_fit():
+            elif not self._could_ever_fit(reserve):
                 self._waiting.popleft()
                 first.set_result(False)
-            elif self._room_to_read():
+            elif self._room_to_read(reserve):
                 self._waiting.popleft()
                 self.reading += 1
+                self.reserved += reserve
                 first.set_result(True)
             else:
                 return  # room comes back when a read ends or a request is answered

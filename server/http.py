@@ -29,6 +29,7 @@ from rapidserve.server.admission import Admission
 from rapidserve.server.errors import DeadlineExceeded, RapidServeError, TooLarge
 from rapidserve.server.ports import bare_host, bind_error, check_bindable, host_port
 from rapidserve.server.rest import RestApi, RestRequest, RestResponse
+from rapidserve.server.rest_codec import JSON_EXPANSION, MAX_JSON_BYTES
 from rapidserve.server.settings import ServerSettings, TlsSettings
 from rapidserve.server.status import http_status_of, message_of, unexpected
 
@@ -46,6 +47,9 @@ MAX_LINE_BYTES = 8190
 MAX_FIELD_BYTES = 8190
 MAX_HEADERS = 128
 READ_CHUNK_BYTES = 2**16  # what the server buffers per connection before it stops reading the socket
+ANSWERED_WHILE_DRAINING = ("health", "metadata")  # Triton keeps liveness (and metadata) answered in a drain
+BODILESS_APIS = ("health",)  # answered without a body: they never read through a budget
+JSON_LENGTH_HEADER = "Inference-Header-Content-Length"
 
 
 class HttpServer:
@@ -71,7 +75,7 @@ class HttpServer:
         self._required: dict[str, tuple[str, bytes]] = {}
         for apis, key, value in settings.http_restricted_api:
             for name in apis:
-                self._required[name] = (key, value.encode())
+                self._required[name] = (key, value.encode("utf-8", "surrogateescape"))
         self._ssl: ssl.SSLContext | None = None
         self._listener: asyncio.Server | None = None
         self._server: _Server | None = None
@@ -102,6 +106,7 @@ class HttpServer:
             lingering_time=0,  # a body not read (413, 403) is not drained: the connection closes
             access_log=None,
             logger=_wire_log,
+            handler_cancellation=True,  # a client that goes away takes its request out of the queue
         )
         loop = asyncio.get_running_loop()
         try:
@@ -164,31 +169,37 @@ class HttpServer:
     async def _dispatch(self, request: web.BaseRequest, api: str | None) -> web.StreamResponse:
         if self._server is not None:
             self._server.served(request.protocol)
-        if self._draining:
+        if self._draining and api not in ANSWERED_WHILE_DRAINING:
             return _answer(503, "the server is shutting down", close=True)
         denied = self._denied(api, request.headers.getall)
         if denied is not None:
             return _answer(403, denied, close=request.body_exists)
+        if request.body_exists and (request.method in ("GET", "HEAD") or api in BODILESS_APIS):
+            return _answer(400, f"a {request.method} {request.path} request takes no body", close=True)
         limit = self._limit_of(api, request.path)
         declared = request.content_length
         if declared is not None and declared > limit:
             self._refuse(api, TooLarge.reason)
             return _answer(413, _too_large(declared, limit), close=True)
+        json_part = _json_part(request, api, declared)
+        if json_part is not None and api == "inference" and json_part > MAX_JSON_BYTES:
+            self._refuse(api, TooLarge.reason)
+            return _answer(413, _json_too_large(json_part), close=True)
         self._inflight += 1
         self._idle.clear()
         try:
-            return await self._serve(request, api, limit)
+            return await self._serve(request, api, limit, _reservation(api, limit, declared, json_part))
         finally:
             self._inflight -= 1
             if self._inflight == 0:
                 self._idle.set()
 
-    async def _serve(self, request: web.BaseRequest, api: str | None, limit: int) -> web.StreamResponse:
+    async def _serve(self, request: web.BaseRequest, api: str | None, limit: int, reserve: int) -> web.StreamResponse:
         admission = self._admission_of(api) if request.body_exists else None
         held = 0
         try:
             if admission is not None:
-                body, held = await admission.read(lambda: _read_body(request, limit), len, None)
+                body, held = await admission.read(lambda: _read_body(request, limit), len, None, reserve)
             elif request.body_exists:
                 body = await asyncio.wait_for(_read_body(request, limit), self._settings.grpc_request_read_timeout_s)
             else:
@@ -208,6 +219,7 @@ class HttpServer:
                 headers={name.lower(): value for name, value in request.headers.items()},
                 body=body,
                 deadline=None,
+                max_body_bytes=limit,
             )
             del body
             try:
@@ -218,9 +230,31 @@ class HttpServer:
             if admission is not None:
                 admission.release(held)
         response = web.Response(status=answer.status, body=answer.body, headers=answer.headers)
+        del answer
         if self._draining:
             response.force_close()
+        await self._write(request, response)
         return response
+
+    async def _write(self, request: web.BaseRequest, response: web.Response) -> None:
+        """Send the answer here, bounded by the read timeout: a client that does not read it loses
+        its connection, and the server the answer's memory."""
+
+        async def send() -> None:
+            await response.prepare(request)
+            await response.write_eof()
+
+        try:
+            await asyncio.wait_for(send(), self._settings.grpc_request_read_timeout_s)
+        except asyncio.TimeoutError:
+            if request.transport is not None:
+                request.transport.abort()
+            log.info(
+                "HTTP %s %s: the client did not read its answer in time; connection closed",
+                request.method,
+                request.path,
+            )
+            raise asyncio.CancelledError from None
 
     def _denied(self, api: str | None, values: Callable[..., list[str]]) -> str | None:
         """Why a request to ``api`` is refused by ``--http-restricted-api``, or None."""
@@ -228,7 +262,7 @@ class HttpServer:
         if required is None:
             return None
         header, value = required
-        if matches((given.encode() for given in values(header, [])), value):
+        if matches((given.encode("utf-8", "surrogateescape") for given in values(header, [])), value):
             return None
         return f"This API is restricted: the '{api}' API needs the header '{header}' with this server's value"
 
@@ -251,6 +285,33 @@ async def _read_body(request: web.BaseRequest, limit: int) -> bytes:
             raise TooLarge(_too_large(size, limit, sent=True))
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _json_part(request: web.BaseRequest, api: str | None, declared: int | None) -> int | None:
+    """The bytes of a plain body's JSON part (all of it, unless the binary extension's header says
+    less); None for a chunked or compressed body, known only once inflated."""
+    if declared is None or request.headers.get("Content-Encoding", "identity").lower() != "identity":
+        return None
+    given = request.headers.get(JSON_LENGTH_HEADER) if api == "inference" else None
+    if given is not None and given.strip().isdigit():
+        return min(int(given), declared)
+    return declared
+
+
+def _reservation(api: str | None, limit: int, declared: int | None, json_part: int | None) -> int:
+    """What a request's body can hold once read and parsed: its bytes, and its JSON part as Python
+    objects (up to ``JSON_EXPANSION`` times its bytes)."""
+    if declared is not None and json_part is not None:
+        return declared + (JSON_EXPANSION - 1) * json_part
+    json_bound = MAX_JSON_BYTES if api == "inference" else limit
+    return limit + (JSON_EXPANSION - 1) * min(json_bound, limit)
+
+
+def _json_too_large(size: int) -> str:
+    return (
+        f"the JSON part of the request has {size} bytes; the server parses at most {MAX_JSON_BYTES}: "
+        "send large tensors as binary data (binary_data_size)"
+    )
 
 
 def _too_large(size: int, limit: int, sent: bool = False) -> str:

@@ -155,19 +155,21 @@ def test_a_body_that_does_not_arrive_in_time_is_408(repo: Path, serve, budget: i
 
 
 def test_bodies_beyond_the_in_flight_budget_are_refused_with_the_budget_named(held_repo: Path, serve) -> None:
-    """A request admitted and waiting for its batch holds its bytes: with room for one read, the next
-    request cannot fit and is refused at once (503) rather than read; the first is still answered."""
+    """A request admitted and waiting for its batch holds its bytes: the next one, whose declared body
+    parses to more than the room left, cannot fit and is refused at once (503) rather than read; the
+    first is still answered."""
     server = serve(held_repo, grpc_max_message_bytes=MiB, max_inflight_bytes=2 * MiB)
+    padding = b" " * (MiB - 4096)  # JSON whitespace: a body of about 1 MiB, reserving 16 x that to parse
     model = server.server.manager.get("add_sub")
     port = server.server.http_port
     first: list = []
     thread = threading.Thread(
-        target=lambda: first.append(call(port, "POST", "/v2/models/add_sub/infer", add_sub_body(1)))
+        target=lambda: first.append(call(port, "POST", "/v2/models/add_sub/infer", add_sub_body(1) + padding))
     )
     thread.start()
     while model.pending_requests < 1 and thread.is_alive():
         threading.Event().wait(0.01)
-    status, body = call(port, "POST", "/v2/models/add_sub/infer", add_sub_body(2))
+    status, body = call(port, "POST", "/v2/models/add_sub/infer", add_sub_body(2) + padding)
     assert status == 503 and "--max-inflight-bytes" in body["error"], body
     thread.join(30)
     assert first and first[0][0] == 200 and first[0][1]["outputs"][0]["data"] == [2.0] * 16
@@ -285,11 +287,13 @@ def test_drain_answers_accepted_requests_and_refuses_new_ones(held_repo: Path, s
     server = serve(held_repo, grace_period_s=30)
     model = server.server.manager.get("add_sub")
     port = server.server.http_port
-    idle = http.client.HTTPConnection("127.0.0.1", port, timeout=30)  # a keep-alive connection, open before
-    idle.request("GET", "/v2/health/ready")
-    first = idle.getresponse()
-    first.read()
-    assert first.status == 200
+    # keep-alive connections, open before the drain (the server closes each after its answer in a drain)
+    idle = [http.client.HTTPConnection("127.0.0.1", port, timeout=30) for _ in range(5)]
+    for connection in idle:
+        connection.request("GET", "/v2/health/ready")
+        first = connection.getresponse()
+        first.read()
+        assert first.status == 200
     answers: list = []
     threads = [
         threading.Thread(
@@ -304,10 +308,20 @@ def test_drain_answers_accepted_requests_and_refuses_new_ones(held_repo: Path, s
     stopping = asyncio.run_coroutine_threadsafe(server.server.stop(), server.loop)
     while not server.server._servicer.draining:
         threading.Event().wait(0.01)
-    idle.request("GET", "/v2/models/add_sub")
-    refused = idle.getresponse()
-    assert refused.status == 503 and "shutting down" in json.loads(refused.read())["error"]
-    idle.close()
+    # health and metadata keep their answers (live 200, ready 400, as Triton's); new work gets 503
+    asked = [("GET", "/v2/health/live"), ("GET", "/v2/health/ready"), ("GET", "/v2/models/add_sub")]
+    asked += [("POST", "/v2/models/add_sub/infer"), ("POST", "/v2/repository/index")]
+    statuses = []
+    for connection, (method, path) in zip(idle, asked):
+        body = add_sub_body(4.0) if path.endswith("infer") else (b"{}" if method == "POST" else None)
+        connection.request(method, path, body=body)
+        response = connection.getresponse()
+        data = json.loads(response.read() or b"{}")
+        statuses.append(response.status)
+        if response.status == 503:
+            assert "shutting down" in data["error"], data
+        connection.close()
+    assert statuses == [200, 400, 200, 503, 503]
     with pytest.raises(ConnectionError):
         call(port, "GET", "/v2/health/live")  # the port no longer takes connections
     for thread in threads:
