@@ -294,6 +294,12 @@ def test_bad_header_lengths(length: str, message: str) -> None:
         split_body(b"0123456789", length)
 
 
+def test_json_is_parsed_from_a_view_of_the_body_and_may_start_with_a_bom() -> None:
+    head, binary = split_body(b'{"id": "\xc3\xa9"}\x00\x01', "12")
+    assert parse_json(head) == {"id": "\u00e9"} and bytes(binary) == b"\x00\x01"
+    assert parse_json(b'\xef\xbb\xbf{"id": "x"}') == {"id": "x"}
+
+
 def test_bad_json_and_deep_nesting_are_invalid_requests() -> None:
     with pytest.raises(InvalidRequest, match="not valid JSON"):
         parse_json(b'{"inputs": [')
