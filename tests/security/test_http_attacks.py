@@ -5,6 +5,7 @@ surplus connections, TLS, and requests during a drain."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import http.client
 import json
@@ -16,11 +17,15 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
+import numpy as np
 import pytest
 from certs import Pki, make_pki
 from remote import RemoteServer
-from testmodels import ADD_SUB_CONFIG, ONNX_TYPES, add_sub_graph, scale_graph, write_model
+from standard_services import health_check
+from testmodels import ADD_SUB_CONFIG, ONNX_TYPES, add_sub_graph, scale_graph, slow_graph, tile_graph, write_model
 
+from rapidserve import protos
 from rapidserve.server.settings import TlsSettings
 
 pytestmark = pytest.mark.timeout(120)
@@ -35,6 +40,14 @@ dynamic_batching { max_queue_delay_microseconds: 1500000 preferred_batch_size: [
 parameters { key: "batching_mode" value: { string_value: "fixed" } }
 """
 )
+
+TILE_CONFIG = """
+max_batch_size: 0
+input [ { name: "x", data_type: TYPE_FP32, dims: [ -1 ] } ]
+output [ { name: "y", data_type: TYPE_FP32, dims: [ -1 ] } ]
+"""
+# one request at a time, on one thread: a request holds the model busy for a while
+SLOW_CONFIG = 'max_batch_size: 1\nparameters { key: "intra_op_thread_count" value: { string_value: "1" } }'
 
 
 @pytest.fixture(scope="module")
@@ -312,7 +325,7 @@ def test_drain_answers_accepted_requests_and_refuses_new_ones(held_repo: Path, s
     asked = [("GET", "/v2/health/live"), ("GET", "/v2/health/ready"), ("GET", "/v2/models/add_sub")]
     asked += [("POST", "/v2/models/add_sub/infer"), ("POST", "/v2/repository/index")]
     statuses = []
-    for connection, (method, path) in zip(idle, asked):
+    for connection, (method, path) in zip(idle, asked, strict=True):
         body = add_sub_body(4.0) if path.endswith("infer") else (b"{}" if method == "POST" else None)
         connection.request(method, path, body=body)
         response = connection.getresponse()
@@ -424,3 +437,148 @@ def test_bad_http_flags_are_one_line_naming_the_flag(tmp_path: Path, flags: list
     with pytest.raises(ValueError) as info:
         cli._settings(cli._parser().parse_args(["serve", "--model-repository", str(tmp_path), *flags]))
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_bodies_on_health_checks_are_refused_before_any_budget(repo: Path, serve) -> None:
+    """Silent health GETs that declare a body are 400 at once: they never hold the health budget, so a
+    gRPC Health/Check right after them answers SERVING."""
+    server = serve(repo, grpc_request_read_timeout_s=20)
+    sockets = [connect(server.server.http_port, timeout=10) for _ in range(4)]
+    try:
+        for sock in sockets:
+            sock.sendall(head("/v2/health/live", 1, method="GET"))  # and never the byte
+        for sock in sockets:
+            status, body = answer_of(sock)
+            assert status == 400 and "takes no body" in body["error"], body
+        with grpc.insecure_channel(server.url) as channel:
+            answer = health_check(channel)(protos.HealthCheckRequest(service=""), timeout=5)
+        assert answer.status == protos.HealthCheckResponse.SERVING
+        assert server.server.admissions[1].reading == 0 and server.server.admissions[1].held == 0
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def test_silent_small_bodies_reserve_their_size_not_the_message_limit(repo: Path, serve) -> None:
+    """Eight silent 100-byte POSTs reserve what 100 bytes of JSON can become, not twice the message
+    limit each: a normal request beside them is answered well before the read timeout (20 s)."""
+    server = serve(repo, grpc_request_read_timeout_s=20, model_control_mode="explicit", load_models=("int64_triple",))
+    admission = server.server.admissions[0]
+    sockets = [connect(server.server.http_port) for _ in range(8)]
+    try:
+        for sock in sockets:
+            sock.sendall(head("/v2/repository/index", 100) + b"{")  # then nothing
+        while admission.reading < 8:
+            threading.Event().wait(0.01)
+        assert admission.reserved == 8 * 100 * 16
+        connection = http.client.HTTPConnection("127.0.0.1", server.server.http_port, timeout=10)
+        connection.request("POST", INFER, body=infer_body())
+        response = connection.getresponse()
+        assert response.status == 200 and json.loads(response.read())["outputs"][0]["data"] == [0, 3, 6, 9]
+        connection.close()
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def test_a_non_utf8_restricted_header_value_is_403(repo: Path, serve) -> None:
+    server = serve(repo, http_restricted_api=((("inference",), "admin-key", SECRET),))
+    with connect(server.server.http_port) as sock:
+        sock.sendall(head(INFER, 0, extra="admin-key: \xff\r\n").replace(b"\xc3\xbf", b"\xff"))
+        status, body = answer_of(sock)
+    assert status == 403 and "admin-key" in body["error"], body
+
+
+def test_an_answer_the_client_does_not_read_closes_its_connection(tmp_path: Path, serve) -> None:
+    """A 16 MiB answer to a client that never reads (a 4 KiB receive buffer): once the read timeout
+    passes the server aborts the connection and lets the answer go."""
+    write_model(tmp_path, "tile", tile_graph(64), TILE_CONFIG)
+    server = serve(tmp_path, grpc_request_read_timeout_s=1)
+    x = np.arange(2**16, dtype=np.float32)
+    header = json.dumps(
+        {
+            "inputs": [
+                {"name": "x", "shape": [2**16], "datatype": "FP32", "parameters": {"binary_data_size": x.nbytes}}
+            ],
+            "outputs": [{"name": "y", "parameters": {"binary_data": True}}],
+        }
+    ).encode()
+    body = header + x.tobytes()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(30)
+    sock.connect(("127.0.0.1", server.server.http_port))
+    http_server = server.server._http._server
+    try:
+        sock.sendall(
+            head("/v2/models/tile/infer", len(body), extra=f"Inference-Header-Content-Length: {len(header)}\r\n")
+        )
+        sock.sendall(body)
+        while not http_server.open_connections:  # accepted (it may not be yet when connect returns)
+            threading.Event().wait(0.01)
+        while http_server.open_connections:  # until the server gives the connection up
+            threading.Event().wait(0.05)
+        received = 0
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(2**20):
+                received += len(chunk)
+        assert received < 64 * x.nbytes  # cut off before the whole answer
+    finally:
+        sock.close()
+    assert call(server.server.http_port, "GET", "/v2/health/ready")[0] == 200
+
+
+def test_a_queued_request_whose_client_left_does_not_run(tmp_path: Path, serve) -> None:
+    """With the model busy on one request, three more queue; their clients go away: they leave the
+    queue without running (one execution in all), and the first is still answered."""
+    write_model(tmp_path, "slow", slow_graph(rows=1024), SLOW_CONFIG)
+    server = serve(tmp_path)
+    port = server.server.http_port
+    version = server.server.manager.get("slow")
+    x = np.ones((1, 1024, 256), np.float32)
+    header = json.dumps(
+        {
+            "inputs": [
+                {"name": "x", "shape": list(x.shape), "datatype": "FP32", "parameters": {"binary_data_size": x.nbytes}}
+            ],
+            "outputs": [{"name": "y", "parameters": {"binary_data": True}}],
+        }
+    ).encode()
+    request = head(
+        "/v2/models/slow/infer", len(header) + x.nbytes, extra=f"Inference-Header-Content-Length: {len(header)}\r\n"
+    )
+    first = connect(port)
+    first.sendall(request + header + x.tobytes())
+    while version.executions_in_flight < 1:
+        threading.Event().wait(0.005)
+    gone = [connect(port) for _ in range(3)]
+    for sock in gone:
+        sock.sendall(request + header + x.tobytes())
+    while version.pending_requests < 3:
+        threading.Event().wait(0.005)
+    for sock in gone:
+        sock.close()
+    http_server = server.server._http
+    while http_server._inflight > 1:  # the three handlers are cancelled
+        threading.Event().wait(0.005)
+    assert version.executions_in_flight == 1  # the first still runs
+    status, _ = answer_of(first)
+    first.close()
+    assert status == 200
+    while version.pending_requests or version.executions_in_flight:
+        threading.Event().wait(0.01)
+    stats = call(port, "GET", "/v2/models/slow/stats")[1]["model_stats"][0]
+    assert stats["execution_count"] == 1 and stats["inference_stats"]["success"]["count"] == 1, stats
+
+
+def test_a_json_part_over_the_parse_limit_is_413_before_the_body_is_sent(repo: Path, serve) -> None:
+    server = serve(repo)  # a 64 MiB message limit: 9 MiB fits, but not as JSON
+    with connect(server.server.http_port) as sock:
+        sock.sendall(head(INFER, 9 * MiB))
+        status, body = answer_of(sock)
+        assert status == 413 and "binary_data_size" in body["error"], body
+    binary = f"Inference-Header-Content-Length: {9 * MiB - 1}\r\n"  # the JSON part, declared
+    with connect(server.server.http_port) as sock:
+        sock.sendall(head(INFER, 9 * MiB, extra=binary))
+        status, body = answer_of(sock)
+        assert status == 413 and "binary_data_size" in body["error"], body
