@@ -12,6 +12,9 @@ size from then until it is answered:
 - a message must arrive within the read timeout of its read starting, so a slow sender cannot hold a
   reservation for long.
 
+HTTP knows a body's length before reading it: its reads reserve what the body can hold instead
+(``read(..., reserve=...)``).
+
 Stream messages cannot be refused unread (the answer needs their ``id``): each stream reads one
 message at a time and admits it by its real size, answering RESOURCE_EXHAUSTED when it does not fit.
 """

@@ -4,9 +4,12 @@ This module is the edge only: it binds the port, enforces the limits a request m
 it is decoded (access restriction, Content-Length, the in-flight byte budget shared with gRPC, the
 read timeout), and hands the raw request to ``RestApi``, which gives the protocol its meaning.
 
-Order of the checks, cheapest first and none reading the body: draining (503), restricted API (403),
-declared length over the limit (413); then the body is read through the budget: a chunked body is
-counted as it comes and cut off at the limit (413); a body that does not arrive in time is 408.
+Order of the checks, cheapest first and none reading the body: draining (503, except health and
+metadata, which stay answered), restricted API (403), a body on GET/HEAD or health (400), declared
+length over the limit or a JSON part over ``MAX_JSON_BYTES`` (413); then the body is read through the
+budget, reserving what it can hold once parsed: a chunked body is counted as it comes and cut off at the
+limit (413); a body that does not arrive in time is 408. An answer the client does not read within the
+read timeout loses its connection; a client that disconnects cancels its request.
 """
 
 from __future__ import annotations
@@ -126,7 +129,8 @@ class HttpServer:
         return port
 
     def drain(self) -> None:
-        """Stop taking connections; requests that come on open ones from now on get 503."""
+        """Stop taking connections; requests that come on open ones from now on get 503, but for
+        health and metadata, which ``RestApi`` answers as draining (live 200, ready 400)."""
         self._draining = True
         self._api.drain()
         if self._listener is not None:
