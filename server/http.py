@@ -9,7 +9,7 @@ metadata, which stay answered), restricted API (403), a body on GET/HEAD or heal
 length over the limit or a JSON part over ``MAX_JSON_BYTES`` (413); then the body is read through the
 budget, reserving what it can hold once parsed: a chunked body is counted as it comes and cut off at the
 limit (413); a body that does not arrive in time is 408. An answer the client does not read within the
-read timeout loses its connection; a client that disconnects cancels its request.
+read timeout loses its connection.
 """
 
 from __future__ import annotations
@@ -109,7 +109,6 @@ class HttpServer:
             lingering_time=0,  # a body not read (413, 403) is not drained: the connection closes
             access_log=None,
             logger=_wire_log,
-            handler_cancellation=True,  # a client that goes away takes its request out of the queue
         )
         loop = asyncio.get_running_loop()
         try:

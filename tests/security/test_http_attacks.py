@@ -23,7 +23,7 @@ import pytest
 from certs import Pki, make_pki
 from remote import RemoteServer
 from standard_services import health_check
-from testmodels import ADD_SUB_CONFIG, ONNX_TYPES, add_sub_graph, scale_graph, slow_graph, tile_graph, write_model
+from testmodels import ADD_SUB_CONFIG, ONNX_TYPES, add_sub_graph, scale_graph, tile_graph, write_model
 
 from rapidserve import protos
 from rapidserve.server.settings import TlsSettings
@@ -46,8 +46,6 @@ max_batch_size: 0
 input [ { name: "x", data_type: TYPE_FP32, dims: [ -1 ] } ]
 output [ { name: "y", data_type: TYPE_FP32, dims: [ -1 ] } ]
 """
-# one request at a time, on one thread: a request holds the model busy for a while
-SLOW_CONFIG = 'max_batch_size: 1\nparameters { key: "intra_op_thread_count" value: { string_value: "1" } }'
 
 
 @pytest.fixture(scope="module")
@@ -526,49 +524,6 @@ def test_an_answer_the_client_does_not_read_closes_its_connection(tmp_path: Path
     finally:
         sock.close()
     assert call(server.server.http_port, "GET", "/v2/health/ready")[0] == 200
-
-
-def test_a_queued_request_whose_client_left_does_not_run(tmp_path: Path, serve) -> None:
-    """With the model busy on one request, three more queue; their clients go away: they leave the
-    queue without running (one execution in all), and the first is still answered."""
-    write_model(tmp_path, "slow", slow_graph(rows=1024), SLOW_CONFIG)
-    server = serve(tmp_path)
-    port = server.server.http_port
-    version = server.server.manager.get("slow")
-    x = np.ones((1, 1024, 256), np.float32)
-    header = json.dumps(
-        {
-            "inputs": [
-                {"name": "x", "shape": list(x.shape), "datatype": "FP32", "parameters": {"binary_data_size": x.nbytes}}
-            ],
-            "outputs": [{"name": "y", "parameters": {"binary_data": True}}],
-        }
-    ).encode()
-    request = head(
-        "/v2/models/slow/infer", len(header) + x.nbytes, extra=f"Inference-Header-Content-Length: {len(header)}\r\n"
-    )
-    first = connect(port)
-    first.sendall(request + header + x.tobytes())
-    while version.executions_in_flight < 1:
-        threading.Event().wait(0.005)
-    gone = [connect(port) for _ in range(3)]
-    for sock in gone:
-        sock.sendall(request + header + x.tobytes())
-    while version.pending_requests < 3:
-        threading.Event().wait(0.005)
-    for sock in gone:
-        sock.close()
-    http_server = server.server._http
-    while http_server._inflight > 1:  # the three handlers are cancelled
-        threading.Event().wait(0.005)
-    assert version.executions_in_flight == 1  # the first still runs
-    status, _ = answer_of(first)
-    first.close()
-    assert status == 200
-    while version.pending_requests or version.executions_in_flight:
-        threading.Event().wait(0.01)
-    stats = call(port, "GET", "/v2/models/slow/stats")[1]["model_stats"][0]
-    assert stats["execution_count"] == 1 and stats["inference_stats"]["success"]["count"] == 1, stats
 
 
 def test_a_json_part_over_the_parse_limit_is_413_before_the_body_is_sent(repo: Path, serve) -> None:
