@@ -194,13 +194,15 @@ def test_a_call_past_its_deadline_is_deadline_exceeded_and_a_timeout_on_the_serv
     )
     write_model(tmp_path, "slow", slow_graph(), config)
     server = serve(tmp_path)
-    for url in (http_url(server), server.url):
-        deadline_passes_in_the_queue(server, url)
+    deadline_passes_in_the_queue(server, http_url(server), server_counts=False)
+    deadline_passes_in_the_queue(server, server.url, server_counts=True)
 
 
-def deadline_passes_in_the_queue(server: Any, url: str) -> None:
+def deadline_passes_in_the_queue(server: Any, url: str, server_counts: bool) -> None:
     """A long call holds the model's only instance, so a short one waits in the queue past its deadline,
-    which HTTP carries as the 'timeout' parameter and gRPC as the call's deadline."""
+    which HTTP carries as the 'timeout' parameter and gRPC as the call's deadline. Over HTTP a 2 ms call
+    may give up before its body has reached the server (a loaded machine), so only the gRPC run checks
+    the server's count."""
     model = server.server.manager.get("slow")
     x = {"x": np.ones((1, 256, 256), np.float32)}  # tens of ms a call
     long = {"x": np.ones((8, 256, 256), np.float32)}
@@ -213,9 +215,11 @@ def deadline_passes_in_the_queue(server: Any, url: str) -> None:
                 client.infer("slow", x)
             assert error.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
             blocker.result()
-            wait_for(lambda: model_failures(server) > before)  # the server gave up on it as well
+            if server_counts:
+                wait_for(lambda: model_failures(server) > before)  # the server gave up on it as well
             assert client.infer("slow", x, timeout_s=60)["y"].shape == (1, 256, 256)
-    assert model_failures(server) == before + 1
+    if server_counts:
+        assert model_failures(server) == before + 1
 
 
 def model_failures(server: Any) -> int:
