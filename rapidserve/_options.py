@@ -88,6 +88,27 @@ def size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+MAX_AUTO_FRONTENDS = 8
+
+
+def frontends(text: str) -> int:
+    """A count of front-end processes, or ``auto``: one per core this process may use, at most 8."""
+    value = str(text).strip().lower()
+    if value == "auto":
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:  # not on Linux
+            cores = os.cpu_count() or 1
+        return max(1, min(cores, MAX_AUTO_FRONTENDS))
+    try:
+        count = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of processes or auto, got {text!r}") from None
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1, got {count}")
+    return count
+
+
 def flag(text: str) -> bool:
     """Triton's boolean flag values: ``--grpc-use-ssl`` alone, or ``=true|false|1|0``."""
     value = str(text).strip().lower()

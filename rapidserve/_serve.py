@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rapidserve._options import choice, env, env_default, flag, size
+from rapidserve._options import choice, env, env_default, flag, frontends, size
 
 __all__ = ["CommandError", "add_arguments", "serve", "settings_of"]
 
@@ -82,6 +82,11 @@ def add_arguments(serve: argparse.ArgumentParser) -> None:
         help="adaptive (the default): wait for a fuller batch only while more requests are expected in time; "
         "fixed: Triton's behaviour, always wait out max_queue_delay_microseconds",
     )
+    _number(serve, "frontends", frontends, "1", "front-end processes sharing the gRPC and HTTP ports, each decoding, "
+            "validating and encoding on its own core, in front of this process's models (auto: one per core, at most "
+            "8; 1: everything in one process)")  # fmt: skip
+    _number(serve, "frontend-shm-bytes", size, "256MiB", "with --frontends above 1, the shared memory that tensors "
+            "travel through, per front end and direction (taken only as used)")  # fmt: skip
     _number(serve, "cache-size", size, "256MiB", "bytes for the prediction cache of models with response_cache "
             "{ enable: true } (suffixes like 512KiB, 256MiB, 1GB; 0 disables it)")  # fmt: skip
     serve.add_argument(
@@ -321,6 +326,8 @@ def settings_of(args: argparse.Namespace) -> tuple[Any, bool]:
         http_restricted_api=http_restrictions,
         http_keepalive_timeout_s=args.http_keepalive_timeout_secs,
         http_max_connections=args.http_max_connections,
+        frontends=args.frontends,
+        frontend_shm_bytes=args.frontend_shm_bytes,
     )
     return settings, demo
 
@@ -328,11 +335,11 @@ def settings_of(args: argparse.Namespace) -> tuple[Any, bool]:
 async def serve(args: argparse.Namespace, settings: Any, demo: bool) -> int:
     """Start the server, wait for SIGTERM or SIGINT, drain and stop. A start that fails, or (with
     --exit-on-error) a model that fails to load at start, raises CommandError after a stop."""
-    from rapidserve.server.app import InferenceServer
     from rapidserve.server.errors import RapidServeError
+    from rapidserve.server.frontend.engine import make_server
 
     _raise_open_file_limit()
-    server = InferenceServer(settings)
+    server = make_server(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

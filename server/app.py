@@ -13,6 +13,7 @@ import logging
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -41,26 +42,37 @@ HEALTH_READ_S = 2.0
 log = logging.getLogger(__name__)
 
 
+def build_manager(settings: ServerSettings, on_change: Callable[[], None] | None = None) -> ModelManager:
+    """The model manager the settings describe (in the one process, or in the engine process)."""
+    return ModelManager(
+        list(settings.model_repositories),
+        control_mode=settings.model_control_mode,
+        load_models=settings.load_models,
+        poll_secs=settings.repository_poll_secs,
+        load_threads=settings.model_load_threads,
+        batching_mode=settings.batching_mode,
+        cache=PredictionCache(settings.cache_size_bytes) if settings.cache_size_bytes > 0 else None,
+        on_change=on_change,
+        uploads=settings.uploads,
+        max_message_bytes=settings.grpc_max_message_bytes,
+        # the names are what RepositoryIndex and metadata tell: not to callers those are closed to
+        name_loaded_models=not any(
+            {"metadata", "model-repository"} & set(protocols)
+            for protocols, _, _ in (*settings.restricted_protocols, *settings.http_restricted_api)
+        ),
+    )
+
+
 class InferenceServer:
-    def __init__(self, settings: ServerSettings) -> None:
+    """The whole server in one process; or, given the ``manager`` of a front-end process
+    (``frontend.remote.RemoteManager``), one of the front ends that share the ports."""
+
+    def __init__(self, settings: ServerSettings, manager: Any = None) -> None:
         self.settings = settings
-        self.manager = ModelManager(
-            list(settings.model_repositories),
-            control_mode=settings.model_control_mode,
-            load_models=settings.load_models,
-            poll_secs=settings.repository_poll_secs,
-            load_threads=settings.model_load_threads,
-            batching_mode=settings.batching_mode,
-            cache=PredictionCache(settings.cache_size_bytes) if settings.cache_size_bytes > 0 else None,
-            on_change=self._readiness_changed,
-            uploads=settings.uploads,
-            max_message_bytes=settings.grpc_max_message_bytes,
-            # the names are what RepositoryIndex and metadata tell: not to callers those are closed to
-            name_loaded_models=not any(
-                {"metadata", "model-repository"} & set(protocols)
-                for protocols, _, _ in (*settings.restricted_protocols, *settings.http_restricted_api)
-            ),
-        )
+        self.frontend = manager is not None  # ports shared with the other front ends; /metrics is the engine's
+        self.manager = manager if manager is not None else build_manager(settings, self._readiness_changed)
+        if manager is not None:
+            manager.on_change = self._readiness_changed
         self._server: grpc.aio.Server | None = None
         self._follow_readiness = False  # health tracks ServerReady once the startup models are in
         self._health = HealthService()
@@ -78,7 +90,7 @@ class InferenceServer:
     async def start(self) -> None:
         settings = self.settings
         interceptors = [RestrictionInterceptor(settings.restricted_protocols)] if settings.restricted_protocols else []
-        server = grpc.aio.server(options=grpc_server_options(settings), interceptors=interceptors)
+        server = grpc.aio.server(options=grpc_server_options(settings, self.frontend), interceptors=interceptors)
         admission = health = None  # no budget: requests are read as they come
         if settings.max_inflight_bytes:
             limits = (settings.grpc_max_message_bytes, settings.grpc_request_read_timeout_s)
@@ -104,10 +116,15 @@ class InferenceServer:
         self._set_health(False)
         self._server = server
         await server.start()
-        log.info("gRPC server listening on %s%s", host_port(settings.host, self.port), " (TLS)" if settings.tls else "")
+        log.log(
+            logging.DEBUG if self.frontend else logging.INFO,
+            "gRPC server listening on %s%s",
+            host_port(settings.host, self.port),
+            " (TLS)" if settings.tls else "",
+        )
         if settings.http_enabled:
             self.http_port = await self._start_http(admission, health)
-        if settings.metrics_enabled:
+        if settings.metrics_enabled and not self.frontend:
             from rapidserve.server.metrics import MetricsServer  # prometheus_client loads only when used
 
             self._metrics = MetricsServer(self.manager, self.stats)
@@ -117,6 +134,8 @@ class InferenceServer:
         await self.manager.start()
         self._follow_readiness = True
         self._set_health(self.manager.ready)
+        if self.frontend:
+            return  # (readiness is the engine process's to report)
         if self.manager.ready:
             log.info("server ready")
         else:
@@ -192,6 +211,7 @@ class InferenceServer:
             limit_of=limit_of,
             admission_of=lambda name: health if name == "health" else admission,
             refused=self.stats.failed,
+            shared_port=self.frontend,
         )
         return int(await self._http.start())
 
@@ -210,7 +230,8 @@ class InferenceServer:
         """Bind the gRPC port; a port that cannot be bound is one line naming it and the flag that moves it."""
         settings = self.settings
         names = (settings.host, settings.grpc_port, "gRPC", "--grpc-port", "--host")
-        check_bindable(*names)
+        if not self.frontend:  # (a front end's port is already held by the engine process, for it to share)
+            check_bindable(*names)
         address = host_port(settings.host, settings.grpc_port)
         try:
             if settings.tls is not None:
@@ -238,13 +259,14 @@ def _http_load_request_bytes(settings: ServerSettings) -> int:
     return min(2 * 2**20 + uploads * 4 // 3 + 4, settings.grpc_max_message_bytes)
 
 
-def grpc_server_options(settings: ServerSettings) -> list[tuple[str, int]]:
-    """gRPC core's channel arguments for the server's limits and keepalive policy."""
+def grpc_server_options(settings: ServerSettings, shared_port: bool = False) -> list[tuple[str, int]]:
+    """gRPC core's channel arguments for the server's limits and keepalive policy. ``shared_port``: one of
+    several front-end processes on the port (SO_REUSEPORT, the engine process checked it was free)."""
     limit = settings.grpc_max_message_bytes
     return [
         ("grpc.max_receive_message_length", limit),  # checked from the message's length prefix, unread
         ("grpc.max_send_message_length", limit),
-        ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not share it
+        ("grpc.so_reuseport", int(shared_port)),  # otherwise a second server on a busy port must fail, not share it
         ("grpc.server_handshake_timeout_ms", max(int(settings.grpc_handshake_timeout_s * 1000), 1)),
         ("grpc.max_concurrent_streams", settings.grpc_max_concurrent_streams),
         ("grpc.max_connection_idle_ms", max(int(settings.grpc_max_connection_idle_s * 1000), 1)),

@@ -67,8 +67,12 @@ class HttpServer:
         limit_of: Callable[[str | None, str], int],
         admission_of: Callable[[str | None], Admission | None],
         refused: Callable[[str], None] | None = None,
+        shared_port: bool = False,
     ) -> None:
+        """``shared_port``: one of several front-end processes on the port (SO_REUSEPORT; the engine
+        process checked it was free and holds it)."""
         self._api = api
+        self._shared_port = shared_port
         self._settings = settings
         self._limit_of = limit_of
         self._admission_of = admission_of
@@ -93,7 +97,8 @@ class HttpServer:
         settings = self._settings
         host = bare_host(settings.http_host or settings.host)
         names = (host, settings.http_port, "HTTP", "--http-port", "--http-address")
-        check_bindable(*names)
+        if not self._shared_port:
+            check_bindable(*names)
         if settings.http_tls is not None:
             self._ssl = server_ssl_context(settings.http_tls)
         self._server = _Server(
@@ -119,12 +124,14 @@ class HttpServer:
                 ssl=self._ssl,
                 ssl_handshake_timeout=settings.grpc_handshake_timeout_s if self._ssl else None,
                 reuse_address=True,
+                reuse_port=self._shared_port or None,
                 family=socket.AF_UNSPEC,
             )
         except OSError:
             raise bind_error(*names) from None  # taken since the check
         port: int = self._listener.sockets[0].getsockname()[1]
-        log.info("HTTP server listening on %s%s", host_port(host, port), " (TLS)" if self._ssl else "")
+        level = logging.DEBUG if self._shared_port else logging.INFO  # (the engine process says it once)
+        log.log(level, "HTTP server listening on %s%s", host_port(host, port), " (TLS)" if self._ssl else "")
         return port
 
     def drain(self) -> None:

@@ -32,8 +32,9 @@ from rapidserve.server.paths import MAX_NAME_BYTES, check_upload_path
 from rapidserve.server.repository import choose_files, fingerprint, read_source, upload_listing, upload_model_files
 from rapidserve.server.repository import list_models as _list_models
 from rapidserve.server.settings import UploadPolicy
+from rapidserve.server.statistics import model_statistics
 
-__all__ = ["ControlMode", "IndexEntry", "ModelManager"]
+__all__ = ["ControlMode", "IndexEntry", "ModelManager", "load_refusal"]
 
 log = logging.getLogger(__name__)
 
@@ -256,17 +257,40 @@ class ModelManager:
                 entries.append(IndexEntry(name, "", state, reason))
         return [e for e in entries if e.state == READY] if ready_only else entries
 
+    def mirror(self) -> dict[str, Any]:
+        """The table a front-end process mirrors (``frontend.remote.RemoteManager``): each model's state
+        and its versions (number, identity, serialized config, spec, whether it caches)."""
+        models = {
+            name: (
+                model.state,
+                model.reason,
+                [(n, id(v), v.config.SerializeToString(), v.spec, v.caches) for n, v in sorted(model.versions.items())],
+            )
+            for name, model in self._models.items()
+        }
+        return {
+            "models": models,
+            "ready": self.ready,
+            "control_mode": self.control_mode,
+            "stopping": self._stopping,
+            "name_loaded_models": self._name_loaded_models,
+        }
+
     # -- control -------------------------------------------------------------------------------
 
     def check_load_allowed(self) -> None:
         """Raise unless a load call would be taken now (explicit mode, not stopping)."""
-        if self.control_mode != "explicit":
-            raise NotAllowed(
-                f"loading models is not allowed in model control mode '{self.control_mode}'; "
-                "start the server with --model-control-mode explicit"
-            )
-        if self._stopping:
-            raise Unavailable("the server is stopping: no model loads are taken")
+        refusal = load_refusal(self.control_mode, self._stopping)
+        if refusal is not None:
+            raise refusal
+
+    async def listing(self, ready_only: bool = False) -> list[IndexEntry]:
+        """RepositoryIndex's entries (``index``; a coroutine, as where the table lives in another process)."""
+        return self.index(ready_only)
+
+    async def statistics(self, name: str, version: str) -> Any:
+        """The ModelStatistics answer for one version, one model or (``name`` empty) every model."""
+        return model_statistics(self, name, version)
 
     async def load(self, name: str, *, config_json: str = "", files: Mapping[str, bytes] | None = None) -> None:
         """Load or reload a model (RepositoryModelLoad); ``files`` maps ``<version>/<file>`` to bytes."""
@@ -484,6 +508,18 @@ class ModelManager:
 
 MAX_LISTED = 20  # names an unknown-model message lists; the message stays under the status-message bound
 _LISTED_CHARS = 600
+
+
+def load_refusal(control_mode: str, stopping: bool) -> RapidServeError | None:
+    """Why a load call would be refused now, or None where it is taken (explicit mode, not stopping)."""
+    if control_mode != "explicit":
+        return NotAllowed(
+            f"loading models is not allowed in model control mode '{control_mode}'; "
+            "start the server with --model-control-mode explicit"
+        )
+    if stopping:
+        return Unavailable("the server is stopping: no model loads are taken")
+    return None
 
 
 def loaded_names(names: Iterable[str]) -> str:

@@ -18,7 +18,7 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -310,8 +310,17 @@ def _on_loop(loop: asyncio.AbstractEventLoop, fn: Callable[[], T], timeout_s: fl
 class MetricsServer:
     """Serves ``/metrics`` over HTTP from prometheus_client's server thread."""
 
-    def __init__(self, manager: ModelManager, server_stats: ServerStats, registry: CollectorRegistry | None = None):
+    def __init__(
+        self,
+        manager: ModelManager,
+        server_stats: ServerStats,
+        registry: CollectorRegistry | None = None,
+        refresh: Callable[[], Awaitable[None]] | None = None,
+    ):
+        """``refresh``, where given, is awaited on the event loop before each scrape's copy (the engine
+        process gathers its front ends' records into ``server_stats`` there)."""
         self.registry = registry if registry is not None else CollectorRegistry()
+        self._refresh = refresh
         self._manager = manager
         self._server_stats = server_stats
         self._http: Any = None
@@ -321,10 +330,14 @@ class MetricsServer:
     async def start(self, host: str, port: int) -> int:
         """Register the collectors and bind ``host:port`` (0: any free port); returns the port."""
         loop = asyncio.get_running_loop()
-        manager, stats = self._manager, self._server_stats
-        self.registry.register(
-            RapidServeCollector(lambda: _on_loop(loop, lambda: take_snapshot(manager, stats), SNAPSHOT_TIMEOUT_S))
-        )
+        manager, stats, refresh = self._manager, self._server_stats, self._refresh
+
+        def snapshot() -> Snapshot:
+            if refresh is not None:
+                asyncio.run_coroutine_threadsafe(refresh(), loop).result(SNAPSHOT_TIMEOUT_S)
+            return _on_loop(loop, lambda: take_snapshot(manager, stats), SNAPSHOT_TIMEOUT_S)
+
+        self.registry.register(RapidServeCollector(snapshot))
         ProcessCollector(namespace="rapidserve", registry=self.registry)
         gpus = GpuCollector()
         gpus.probe()  # at start, so that a scrape never logs why there are no GPU metrics

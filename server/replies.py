@@ -12,15 +12,12 @@ from google.protobuf.descriptor import FieldDescriptor
 from rapidserve import __version__, protos
 from rapidserve.server.errors import InvalidRequest, TooLarge
 from rapidserve.server.manager import MAX_UPLOAD_FILES, ModelManager
-from rapidserve.server.model import ModelVersion
-from rapidserve.server.stats import Duration
 
 __all__ = [
     "EXTENSIONS",
     "as_json",
     "load_arguments",
     "model_metadata",
-    "model_statistics",
     "server_metadata",
 ]
 
@@ -51,17 +48,6 @@ def model_metadata(manager: ModelManager, name: str, version: str) -> Any:
         for tensor in specs:
             tensors.add(name=tensor.name, datatype=tensor.datatype, shape=spec.full_shape(tensor))
     return response
-
-
-def model_statistics(manager: ModelManager, name: str, version: str) -> Any:
-    """ModelStatistics of one version, every version of a model, or (``name`` empty) every model."""
-    if name:
-        versions = [manager.get(name, version)] if version else [v for v in manager.loaded() if v.name == name]
-        if not versions:
-            raise manager.unknown(name)
-    else:
-        versions = manager.loaded()
-    return protos.ModelStatisticsResponse(model_stats=[_statistics(v) for v in versions])
 
 
 def load_arguments(parameters: Iterable[tuple[str, Any]], count: int) -> tuple[str, list[tuple[str, Any]]]:
@@ -116,35 +102,3 @@ def _numbers(descriptor: Any, data: dict[str, Any]) -> None:
                 _numbers(message, item)
         elif field.type in _INT64_TYPES:
             data[field.name] = [int(v) for v in value] if isinstance(value, list) else int(value)
-
-
-def _duration(target: Any, source: Duration) -> None:
-    target.count, target.ns = source.count, source.ns
-
-
-def _statistics(version: ModelVersion) -> Any:
-    stats = version.stats
-    message = protos.ModelStatistics(
-        name=version.name,
-        version=str(version.version),
-        last_inference=stats.last_inference_ms,
-        inference_count=stats.inference_count,
-        execution_count=stats.execution_count,
-    )
-    inference = message.inference_stats
-    for name in (
-        "success",
-        "fail",
-        "queue",
-        "compute_input",
-        "compute_infer",
-        "compute_output",
-        "cache_hit",
-        "cache_miss",
-    ):
-        _duration(getattr(inference, name), getattr(stats, name))
-    for size, batch in sorted(stats.batches.items()):
-        entry = message.batch_stats.add(batch_size=size)
-        for name in ("compute_input", "compute_infer", "compute_output"):
-            _duration(getattr(entry, name), getattr(batch, name))
-    return message

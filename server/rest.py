@@ -39,7 +39,7 @@ from rapidserve.server.compression import Unsupported, compress, decompress, res
 from rapidserve.server.errors import EngineError, InvalidRequest, RapidServeError, TooLarge, Unavailable
 from rapidserve.server.manager import ModelManager
 from rapidserve.server.model import ModelVersion
-from rapidserve.server.replies import as_json, load_arguments, model_metadata, model_statistics, server_metadata
+from rapidserve.server.replies import as_json, load_arguments, model_metadata, server_metadata
 from rapidserve.server.stats import ServerStats
 from rapidserve.server.status import http_status_of, message_of, unexpected
 
@@ -196,7 +196,7 @@ class RestApi:
         return json_response(as_json(self._manager.get(name, version).config))
 
     async def _statistics(self, request: RestRequest, name: str, version: str) -> RestResponse:
-        return json_response(as_json(model_statistics(self._manager, name, version)))
+        return json_response(as_json(await self._manager.statistics(name, version)))
 
     # -- inference -----------------------------------------------------------------------------
 
@@ -289,7 +289,7 @@ class RestApi:
         if not isinstance(ready, bool):
             raise InvalidRequest("Invalid value for 'ready': expected a boolean")
         entries = []
-        for entry in self._manager.index(ready_only=ready):
+        for entry in await self._manager.listing(ready_only=ready):
             item = {"name": entry.name}
             if entry.version:
                 item["version"] = entry.version

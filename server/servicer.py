@@ -22,7 +22,7 @@ from rapidserve.server.admission import Admission
 from rapidserve.server.errors import InvalidRequest, RapidServeError, Unavailable
 from rapidserve.server.inference import InferencePath
 from rapidserve.server.manager import ModelManager
-from rapidserve.server.replies import load_arguments, model_metadata, model_statistics, server_metadata
+from rapidserve.server.replies import load_arguments, model_metadata, server_metadata
 from rapidserve.server.stats import ServerStats
 from rapidserve.server.status import message_of, status_of, unexpected
 from rapidserve.server.streams import SHUTTING_DOWN, StreamAnswers
@@ -158,12 +158,12 @@ class InferenceServicer:
 
     @_rpc
     async def ModelStatistics(self, request: Any, context: Any) -> Any:
-        return model_statistics(self._manager, request.name, request.version)
+        return await self._manager.statistics(request.name, request.version)
 
     @_rpc
     async def RepositoryIndex(self, request: Any, context: Any) -> Any:
         response = protos.RepositoryIndexResponse()
-        for entry in self._manager.index(ready_only=request.ready):
+        for entry in await self._manager.listing(ready_only=request.ready):
             response.models.add(name=entry.name, version=entry.version, state=entry.state, reason=entry.reason)
         return response
 

@@ -79,6 +79,10 @@ class ServerSettings:
     http_restricted_api: tuple[tuple[tuple[str, ...], str, str], ...] = ()
     http_keepalive_timeout_s: float = 75.0  # an idle keep-alive connection is closed after this long
     http_max_connections: int = 4096  # connections open at once; more are closed as they arrive
+    # front-end processes (gRPC and HTTP edge) in front of this one, the engine process; 1: none, all in one
+    frontends: int = 1
+    # per front end and direction, the shared memory that tensors travel through (taken only as used)
+    frontend_shm_bytes: int = 256 * MiB
 
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,

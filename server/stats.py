@@ -16,6 +16,7 @@ from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 __all__ = [
     "BATCH_SIZE_BUCKETS",
@@ -243,6 +244,25 @@ class ServerStats:
         for ok in (True, False):
             self.calls.setdefault((protocol, endpoint, ok), 0)
         self.call_seconds.setdefault((protocol, endpoint), Histogram(LATENCY_BUCKETS_S))
+
+    def snapshot(self) -> tuple[Any, ...]:
+        """Plain copies of the records (for another process to add up with ``add``)."""
+        histograms = {key: (h.bounds, list(h.counts), h.sum) for key, h in self.call_seconds.items()}
+        return dict(self.failures), dict(self.calls), histograms
+
+    def add(self, snapshot: tuple[Any, ...]) -> None:
+        """Add another process's records (a ``snapshot()``) to these."""
+        failures, calls, histograms = snapshot
+        for reason, count in failures.items():
+            self.failures[reason] = self.failures.get(reason, 0) + count
+        for key, count in calls.items():
+            self.calls[key] = self.calls.get(key, 0) + count
+        for key, (bounds, counts, total) in histograms.items():
+            histogram = self.call_seconds.get(key)
+            if histogram is None:
+                histogram = self.call_seconds[key] = Histogram(bounds)
+            histogram.counts = [a + b for a, b in zip(histogram.counts, counts, strict=True)]
+            histogram.sum += total
 
     def record_call(self, protocol: str, endpoint: str, ok: bool, seconds: float) -> None:
         """One call answered at an edge. ``protocol`` is "grpc" or "http"; ``endpoint`` one of a fixed
