@@ -10,7 +10,10 @@ import numpy as np
 
 from rapidserve.common.types import TensorSpec
 
-__all__ = ["Engine", "EngineInputError", "EngineOptions", "may_run_inline", "missing_extra"]
+__all__ = ["USER_CODE_BACKENDS", "Engine", "EngineInputError", "EngineOptions", "may_run_inline", "missing_extra"]
+
+# backends whose instances run the model author's own Python code, which may take any time
+USER_CODE_BACKENDS = frozenset({"python"})
 
 
 class EngineInputError(ValueError):
@@ -29,6 +32,8 @@ class EngineOptions:
     max_batch_size: int = 0  # the config's; 0: the model does not batch
     input_names: tuple[str, ...] = ()  # names from the config, for backends whose files carry none
     output_names: tuple[str, ...] = ()
+    model_config: Any = None  # the model's ModelConfig message, for backends that need all of it (python)
+    instance_name: str = ""  # e.g. "mymodel_0", for backends that tell their instances apart (python)
 
 
 @runtime_checkable
@@ -44,6 +49,12 @@ class Engine(Protocol):
     error), any other exception for a failure of its own. A batch of several requests that raises is
     run again in parts on the same instance (as far as a budget of reruns pays), so an exception
     must leave the instance usable.
+
+    Optional capability: an engine MAY also offer ``infer_requests(list_of_inputs, outputs) ->
+    list[outputs dict | Exception]``, taking a batch's requests unmerged (one inputs dict each, as Triton's
+    Python backend hands them to ``execute``) and answering each one, with the exception a request gets
+    in place of its outputs. The model layer then runs batches through it instead of ``infer``; a call
+    that raises is treated as a failed batch (run again in parts, as above).
     """
 
     @property
@@ -59,11 +70,13 @@ class Engine(Protocol):
     def close(self) -> None: ...
 
 
-def may_run_inline(devices: Sequence[str]) -> bool:
-    """Whether a model whose instances run on ``devices`` ("cpu", "cuda:N") may run its fast batches
-    on the event loop thread: only with exactly one instance, on the CPU. The one statement of the
-    rule: the model layer turns it into the batcher's setting, and the batcher checks nothing else."""
-    return len(devices) == 1 and devices[0] == "cpu"
+def may_run_inline(devices: Sequence[str], backend: str = "") -> bool:
+    """Whether a model whose instances run on ``devices`` ("cpu", "cuda:N") with ``backend`` may run its
+    fast batches on the event loop thread: only with exactly one instance, on the CPU, and never for a
+    backend that runs the author's code (``USER_CODE_BACKENDS``: a fast call may sleep or block the next
+    time). The one statement of the rule: the model layer turns it into the batcher's setting, and the
+    batcher checks nothing else."""
+    return backend not in USER_CODE_BACKENDS and len(devices) == 1 and devices[0] == "cpu"
 
 
 def missing_extra(library: str, extra: str) -> ImportError:

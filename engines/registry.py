@@ -15,6 +15,7 @@ BACKENDS: dict[str, str] = {
     "onnxruntime": "rapidserve.engines.onnx_runtime",
     "pytorch": "rapidserve.engines.pytorch",
     "tensorrt": "rapidserve.engines.tensorrt",
+    "python": "rapidserve.engines.python_backend",
 }
 
 # backend -> model file names it understands, in order of preference
@@ -22,9 +23,10 @@ DEFAULT_FILENAMES: dict[str, tuple[str, ...]] = {
     "onnxruntime": ("model.onnx",),
     "pytorch": ("model.pt2", "model.pt"),
     "tensorrt": ("model.plan",),
+    "python": ("model.py",),  # its I/O comes only from config.pbtxt, which it therefore needs
 }
 
-# Triton platform strings <-> backends
+# Triton platform strings <-> backends (a Python model has no platform: ``backend: "python"`` picks it)
 PLATFORMS: dict[str, str] = {
     "onnxruntime_onnx": "onnxruntime",
     "pytorch_libtorch": "pytorch",

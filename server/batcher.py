@@ -1,7 +1,8 @@
 """The dynamic batcher: Triton's batching semantics on asyncio, plus an adaptive mode.
 
 Independent of gRPC and of engines: it takes one blocking callable per instance that runs a batch
-(``inputs -> outputs``) and calls them from a thread per instance. All decisions are made on the
+(``inputs -> outputs``), or a ``PerRequest`` that takes the batch's requests unmerged and answers
+each, and calls them from a thread per instance. All decisions are made on the
 event loop by one function, ``_dispatch``, called when a request arrives, when an instance frees up
 and when a timer (batching delay, queue timeout) fires, so there is no scheduler task to wake.
 
@@ -29,11 +30,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rapidserve.server.errors import DeadlineExceeded, EngineError, InvalidRequest, Overloaded, Unavailable
-from rapidserve.server.isolation import Arrays, BatchRunner, FaultIsolation, Isolated
+from rapidserve.server.isolation import Answers, Arrays, BatchRunner, FaultIsolation, Instance, Isolated, PerRequest
 from rapidserve.server.stats import ModelStats
 from rapidserve.server.types import InferRequest
 
-__all__ = ["INLINE_BELOW_S", "BatchRunner", "BatcherConfig", "DynamicBatcher"]
+__all__ = ["INLINE_BELOW_S", "BatchRunner", "BatcherConfig", "DynamicBatcher", "Instance", "PerRequest"]
 
 # Engine time per batch under which a model allowed to run inline (``engines.base.may_run_inline``)
 # does: handing a 10 us model call to a worker thread and back costs far more than the call.
@@ -134,7 +135,7 @@ class DynamicBatcher:
     def __init__(
         self,
         name: str,
-        instances: Sequence[BatchRunner],
+        instances: Sequence[Instance],
         config: BatcherConfig,
         stats: ModelStats,
         isolation: FaultIsolation | None = None,
@@ -409,7 +410,7 @@ class DynamicBatcher:
 
     # -- execution -------------------------------------------------------------------------------
 
-    def _start(self, instance: BatchRunner, batch: list[_Pending], now: float) -> None:
+    def _start(self, instance: Instance, batch: list[_Pending], now: float) -> None:
         assert self._loop is not None
         self._running += 1
         outputs = tuple(dict.fromkeys(name for item in batch for name in item.outputs))
@@ -430,9 +431,7 @@ class DynamicBatcher:
             lambda done: loop.call_soon_threadsafe(self._finish_thread, instance, batch, now, nbytes, done)
         )
 
-    def _finish_thread(
-        self, instance: BatchRunner, batch: list[_Pending], started: float, nbytes: int, done: Any
-    ) -> None:
+    def _finish_thread(self, instance: Instance, batch: list[_Pending], started: float, nbytes: int, done: Any) -> None:
         try:
             result = done.result()
         except Exception as exc:
@@ -440,7 +439,7 @@ class DynamicBatcher:
         self._finish(instance, batch, started, result, nbytes, redispatch=True)
 
     def _finish(
-        self, instance: BatchRunner, batch: list[_Pending], started: float, result: Any, nbytes: int, redispatch: bool
+        self, instance: Instance, batch: list[_Pending], started: float, result: Any, nbytes: int, redispatch: bool
     ) -> None:
         """Hand each request its rows, or the error it caused."""
         self._running -= 1
@@ -456,9 +455,12 @@ class DynamicBatcher:
         if redispatch:
             self._dispatch()
 
-    def _complete(self, batch: list[_Pending], started: float, outputs: Arrays, input_ns: int, infer_ns: int) -> None:
+    def _complete(
+        self, batch: list[_Pending], started: float, outputs: Arrays | Answers, input_ns: int, infer_ns: int
+    ) -> None:
         """Deliver one successful run. Statistics, as Triton keeps them, count the queue and compute
-        times of the requests that succeed, and the runs that succeed as executions."""
+        times of the requests that succeed, and the runs that succeed as executions (a ``PerRequest``
+        run: the rows of the requests it answered, if any)."""
         try:
             split_start = time.monotonic_ns()
             delivered = self._deliver(batch, outputs)
@@ -469,8 +471,9 @@ class DynamicBatcher:
         if delivered is not None:
             for item in delivered:
                 self._stats.queued(int((started - item.enqueued) * 1e9))
-            size = sum(item.size for item in batch)
-            self._stats.record_execution(len(delivered), size, input_ns, infer_ns, output_ns)
+            size = sum(item.size for item in (delivered if isinstance(outputs, list) else batch))
+            if delivered or not isinstance(outputs, list):
+                self._stats.record_execution(len(delivered), size, input_ns, infer_ns, output_ns)
 
     def _isolated(self, batch: list[_Pending], started: float, isolated: Isolated) -> None:
         """Deliver a failed batch's parts: rows to the requests that ran, errors to those that failed."""
@@ -490,9 +493,11 @@ class DynamicBatcher:
         if seconds < limit and nbytes > self._fast_bytes:
             self._fast_bytes = nbytes
 
-    def _deliver(self, batch: list[_Pending], outputs: Arrays) -> list[_Pending] | None:
+    def _deliver(self, batch: list[_Pending], outputs: Arrays | Answers) -> list[_Pending] | None:
         """Resolve each waiting request with its rows; returns those it answered (None: the outputs
         do not split, and every request failed)."""
+        if isinstance(outputs, list):
+            return self._deliver_answers(batch, outputs)
         total = sum(item.size for item in batch)
         if len(batch) > 1:
             for name, array in outputs.items():
@@ -513,6 +518,25 @@ class DynamicBatcher:
                 item.future.set_result(rows)
                 delivered.append(item)
             offset += item.size
+        return delivered
+
+    def _deliver_answers(self, batch: list[_Pending], answers: Answers) -> list[_Pending]:
+        """Resolve each waiting request with its own answer from a ``PerRequest`` run, or fail it alone."""
+        if len(answers) != len(batch):
+            raise EngineError(f"model '{self._name}' answered {len(answers)} of a batch of {len(batch)} requests")
+        delivered = []
+        errors: dict[int, Exception] = {}  # one caller error (and log line) per exception object
+        for item, answer in zip(batch, answers, strict=True):
+            if item.future.done():
+                continue
+            if isinstance(answer, Exception):
+                error = errors.get(id(answer))
+                if error is None:
+                    error = errors[id(answer)] = self._isolation.caller_error(answer)
+                item.future.set_exception(error)
+            else:
+                item.future.set_result({name: answer[name] for name in item.outputs})
+                delivered.append(item)
         return delivered
 
     @staticmethod

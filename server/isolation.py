@@ -3,7 +3,8 @@
 When an instance raises on a batch of several requests, the batch is run again in halves on the same
 instance (a failing half in halves again), so only the requests that fail on their own get the error.
 A caller sees one line naming the model, the exception and a reference; the log keeps the rest under
-that reference.
+that reference. An instance that takes requests unmerged (``PerRequest``, a Python model) answers
+each request on its own, errors included; only a run that raises (``execute`` itself failed) is split.
 
 Two limits keep one caller from costing everyone else much:
 
@@ -44,11 +45,14 @@ __all__ = [
     "RERUNS_PER_BATCH",
     "RERUN_RESERVE",
     "TRACEBACKS_PER_WINDOW",
+    "Answers",
     "Arrays",
     "BatchRunner",
     "FaultIsolation",
+    "Instance",
     "Isolated",
     "Part",
+    "PerRequest",
     "Ran",
 ]
 
@@ -56,7 +60,20 @@ log = logging.getLogger(__name__)
 
 Arrays = dict[str, np.ndarray[Any, Any]]
 BatchRunner = Callable[[Arrays, Sequence[str]], Arrays]
-Ran = tuple[Arrays, int, int]  # a run's outputs, ns spent merging its inputs, ns in the instance
+Answers = list[Arrays | Exception]  # a ``PerRequest`` run's outputs or exception, one per request
+
+
+@dataclass(frozen=True, slots=True)
+class PerRequest:
+    """An instance that takes a batch's requests unmerged (a list of inputs dicts) and answers each on
+    its own: its outputs, or the exception that request alone gets (``Engine.infer_requests``)."""
+
+    run: Callable[[list[Arrays], Sequence[str]], Answers]
+
+
+Instance = BatchRunner | PerRequest
+# a run's outputs (one batch's, or a PerRequest's answers), ns spent merging its inputs, ns in the instance
+Ran = tuple[Arrays | Answers, int, int]
 
 RERUN_RESERVE = 32  # reruns a model may spend at once (and on one batch)
 RERUNS_PER_BATCH = 0.5  # reruns each batch run adds to the budget
@@ -75,7 +92,7 @@ class Part:
 
     start: int
     stop: int
-    result: Arrays | Exception
+    result: Arrays | Answers | Exception
     input_ns: int = 0
     infer_ns: int = 0
 
@@ -120,7 +137,7 @@ class FaultIsolation:
 
     # -- where the batch runs --------------------------------------------------------------------
 
-    def run(self, instance: BatchRunner, inputs: list[Arrays], outputs: Sequence[str]) -> Ran | Isolated:
+    def run(self, instance: Instance, inputs: list[Arrays], outputs: Sequence[str]) -> Ran | Isolated:
         """Run the requests' inputs as one batch. When a batch of several fails, it is run again in
         parts as far as the budget pays; a single request's exception is raised."""
         number = next(self._batches)
@@ -139,7 +156,7 @@ class FaultIsolation:
 
     def _split(
         self,
-        instance: BatchRunner,
+        instance: Instance,
         inputs: list[Arrays],
         outputs: Sequence[str],
         start: int,
@@ -241,9 +258,13 @@ class FaultIsolation:
             self._hidden = 0
 
 
-def _run(instance: BatchRunner, inputs: list[Arrays], outputs: Sequence[str]) -> Ran:
-    """Concatenate the requests along dim 0 (no copy for a single request) and run the instance."""
+def _run(instance: Instance, inputs: list[Arrays], outputs: Sequence[str]) -> Ran:
+    """Concatenate the requests along dim 0 (no copy for a single request) and run the instance; a
+    ``PerRequest`` instance gets them as they are."""
     start = time.monotonic_ns()
+    if isinstance(instance, PerRequest):
+        answers = instance.run(inputs, outputs)
+        return answers, 0, time.monotonic_ns() - start
     if len(inputs) == 1:
         merged = inputs[0]
     else:

@@ -15,7 +15,7 @@ import numpy as np
 
 from rapidserve.common.datatypes import BYTES, config_type_to_datatype, numpy_dtype
 from rapidserve.common.errors import shown
-from rapidserve.engines.base import Engine, EngineOptions, may_run_inline
+from rapidserve.engines.base import USER_CODE_BACKENDS, Engine, EngineOptions, may_run_inline
 from rapidserve.engines.registry import load_engine
 from rapidserve.server.batcher import INLINE_BELOW_S, BatcherConfig
 from rapidserve.server.config import ModelSpec, complete_config
@@ -53,8 +53,10 @@ def build_version(source: ModelSource, version: int) -> LoadedVersion:
         if config.model_transaction_policy.decoupled:
             raise ModelLoadError(f"model '{config.name}': decoupled models are not supported")
         limits = source.limits  # a caller's config is bounded; the operator's (None) is not
-        for device in _instance_devices(config, limits.max_instances if limits is not None else None):
-            engines.append(load_engine(source.backend, path, _engine_options(config, device)))
+        devices = _instance_devices(config, limits.max_instances if limits is not None else None)
+        for index, device in enumerate(devices):
+            options = _engine_options(config, device, f"{config.name}_{index}")
+            engines.append(load_engine(source.backend, path, options))
         spec = complete_config(config, tuple(engines[0].inputs), tuple(engines[0].outputs))
         if spec.max_batch_size > 0 and not config.HasField("dynamic_batching"):
             config.dynamic_batching.SetInParent()  # Triton's default for a batching model: no delay
@@ -62,7 +64,9 @@ def build_version(source: ModelSource, version: int) -> LoadedVersion:
         outputs = [o.name for o in spec.outputs]
         # one warm-up request at a time, run on every instance: only one is ever held in memory
         max_bytes = limits.max_request_bytes if limits is not None else None
-        for inputs, count in _warmup_requests(config, spec, source.directory, max_bytes):
+        # a model of the author's own code may not take zeros: it warms up only as its config says
+        default_warmup = source.backend not in USER_CODE_BACKENDS
+        for inputs, count in _warmup_requests(config, spec, source.directory, max_bytes, default_warmup):
             for engine in engines:
                 for _ in range(count):
                     engine.infer(inputs, outputs)
@@ -83,7 +87,7 @@ BATCHING_MODES = ("adaptive", "fixed")
 def batcher_config(config: Any, batching_mode: str = "adaptive", spec: ModelSpec | None = None) -> BatcherConfig:
     """The batcher's settings from a completed model config; the model parameter ``batching_mode``
     overrides the server's ``--batching-mode``. Fast batches run on the event loop only where the
-    engine contract allows it (``may_run_inline``: one instance, on the CPU)."""
+    engine contract allows it (``may_run_inline``: one instance, on the CPU, not the author's code)."""
     mode = config.parameters["batching_mode"].string_value if "batching_mode" in config.parameters else batching_mode
     if mode not in BATCHING_MODES:
         raise ModelLoadError(f"model '{config.name}': batching_mode must be adaptive or fixed, not '{mode}'")
@@ -109,7 +113,7 @@ def batcher_config(config: Any, batching_mode: str = "adaptive", spec: ModelSpec
         default_priority=int(dynamic.default_priority_level),
         adaptive=mode == "adaptive",
         uniform_shapes=spec is not None and all(-1 not in (s.shape or ()) for s in spec.inputs),
-        inline_below_s=INLINE_BELOW_S if may_run_inline(_configured_devices(config)) else 0.0,
+        inline_below_s=INLINE_BELOW_S if may_run_inline(_configured_devices(config), config.backend) else 0.0,
     )
 
 
@@ -160,7 +164,7 @@ def _visible_gpus() -> int:
     return int(torch.cuda.device_count())
 
 
-def _engine_options(config: Any, device: str) -> EngineOptions:
+def _engine_options(config: Any, device: str, instance_name: str = "") -> EngineOptions:
     optimization = config.optimization
     return EngineOptions(
         device=device,
@@ -171,18 +175,22 @@ def _engine_options(config: Any, device: str) -> EngineOptions:
         max_batch_size=config.max_batch_size,
         input_names=tuple(entry.name for entry in config.input),
         output_names=tuple(entry.name for entry in config.output),
+        model_config=config,
+        instance_name=instance_name,
     )
 
 
 def _warmup_requests(
-    config: Any, spec: ModelSpec, directory: Path, max_bytes: int | None = None
+    config: Any, spec: ModelSpec, directory: Path, max_bytes: int | None = None, default: bool = True
 ) -> Iterator[tuple[dict[str, Any], int]]:
     """An iterator of (inputs, repeat count), one per warm-up entry, each built only when its turn
-    comes; without entries, one zero-filled batch-1 request. ``max_bytes`` bounds a caller's default
-    request (its entries were checked before the load, ``overrides.parse_override``)."""
+    comes; without entries, one zero-filled batch-1 request if ``default``. ``max_bytes`` bounds a
+    caller's default request (its entries were checked before the load, ``overrides.parse_override``)."""
 
     batching = spec.max_batch_size > 0
     if not config.model_warmup:
+        if not default:
+            return
         full = {t.name: tuple(1 if d < 0 else d for d in spec.full_shape(t)) for t in spec.inputs}
         shapes = {t.name: (t.datatype or "FP32", full[t.name]) for t in spec.inputs}
         if max_bytes is not None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,10 +17,11 @@ import numpy as np
 
 from rapidserve.common.datatypes import DATATYPES, datatype_of, numpy_dtype
 from rapidserve.engines.base import Engine
-from rapidserve.server.batcher import BatchRunner, DynamicBatcher
+from rapidserve.server.batcher import BatchRunner, DynamicBatcher, Instance, PerRequest
 from rapidserve.server.cache import CacheEntry, PredictionCache
 from rapidserve.server.config import ModelSpec
 from rapidserve.server.errors import EngineError, RapidServeError
+from rapidserve.server.isolation import Answers, Arrays
 from rapidserve.server.loading import LoadedVersion, batcher_config
 from rapidserve.server.stats import ModelStats
 from rapidserve.server.types import InferRequest, InferResponse
@@ -62,7 +63,7 @@ class ModelVersion:
         self._unheld.set()
         self._batcher = DynamicBatcher(
             f"{name}/{loaded.version}",
-            [_conforming(engine.infer, loaded.spec) for engine in loaded.engines],
+            [_instance(engine, loaded.spec) for engine in loaded.engines],
             batcher_config(loaded.config, batching_mode, loaded.spec),
             self.stats,
         )
@@ -221,6 +222,15 @@ def _close_all(engines: list[Engine]) -> None:
         engine.close()
 
 
+def _instance(engine: Engine, spec: ModelSpec) -> Instance:
+    """What the batcher runs for an engine: its optional ``infer_requests`` (a batch's requests
+    unmerged, ``engines.base.Engine``) where it has one, else ``infer``; either held to the config."""
+    infer_requests = getattr(engine, "infer_requests", None)
+    if callable(infer_requests):
+        return PerRequest(_conforming_requests(infer_requests, spec))
+    return _conforming(engine.infer, spec)
+
+
 def _conforming(infer: BatchRunner, spec: ModelSpec) -> BatchRunner:
     """``infer`` with its outputs held to the config: each requested output present, of the config's
     datatype or cast to it where no value changes (``_cast``); a dtype compare per output otherwise."""
@@ -237,6 +247,52 @@ def _conforming(infer: BatchRunner, spec: ModelSpec) -> BatchRunner:
                 result = dict(result)
                 result[name] = _cast(name, array, want)
         return result
+
+    return run
+
+
+def _conforming_requests(
+    infer_requests: Callable[[list[Arrays], Sequence[str]], Answers], spec: ModelSpec
+) -> Callable[[list[Arrays], Sequence[str]], Answers]:
+    """``infer_requests`` with one answer per request, each held to the config as ``_conforming`` holds
+    a batch's outputs, and to the config's dims as well (such an engine's outputs are built by hand, per
+    request): an answer that does not conform becomes that request's own error, saying what was expected."""
+    wanted = {s.name: numpy_dtype(s.datatype) for s in spec.outputs if s.datatype}
+    dims = {s.name: tuple(s.shape or ()) for s in spec.outputs}
+    batching = spec.max_batch_size > 0
+
+    def conform(answer: Arrays, inputs: Arrays, outputs: Sequence[str]) -> Arrays | Exception:
+        rows = next(iter(inputs.values())).shape[0] if batching and inputs else None
+        result = {}
+        for name in outputs:
+            array = answer.get(name)
+            if array is None:
+                given = ", ".join(answer) or "none"
+                return EngineError(f"its response to a request has no output '{name}' (it has: {given})")
+            want = wanted.get(name)
+            try:
+                if want is not None and array.dtype is not want and array.dtype != want:
+                    array = _cast(name, array, want)
+            except EngineError as exc:
+                return exc
+            expected = (rows, *dims[name]) if rows is not None else dims[name]
+            fits = len(array.shape) == len(expected)
+            if not fits or any(e not in (-1, g) for g, e in zip(array.shape, expected, strict=True)):
+                return EngineError(
+                    f"output '{name}' has shape {list(array.shape)} but the config expects {list(expected)}"
+                    + (f" (the request's batch of {rows} first)" if rows is not None else "")
+                )
+            result[name] = array
+        return result
+
+    def run(requests: list[Arrays], outputs: Sequence[str]) -> Answers:
+        answers = infer_requests(requests, outputs)
+        if len(answers) != len(requests):
+            raise EngineError(f"the engine gave {len(answers)} answers to {len(requests)} requests; expected one each")
+        return [
+            answer if isinstance(answer, Exception) else conform(answer, inputs, outputs)
+            for answer, inputs in zip(answers, requests, strict=True)
+        ]
 
     return run
 
