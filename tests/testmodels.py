@@ -42,6 +42,18 @@ def write_model(repo: Path, name: str, graph: Any, config: str | None = None, ve
     return repo / name
 
 
+def write_python_model(repo: Path, name: str, source: str, config: str, version: int = 1) -> Path:
+    """Write a Python-backend model: ``repo/name/version/model.py`` (``source``, dedented) and its
+    config.pbtxt (``backend: "python"`` added in front of ``config``)."""
+    import textwrap
+
+    directory = repo / name / str(version)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "model.py").write_text(textwrap.dedent(source))
+    (repo / name / "config.pbtxt").write_text(f'backend: "python"\n{config}')
+    return repo / name
+
+
 def add_sub_graph(width: int = 16) -> Any:
     """INPUT0, INPUT1 (FP32 [batch, width]) -> OUTPUT0 = sum, OUTPUT1 = difference."""
     from onnx import TensorProto, helper
