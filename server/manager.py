@@ -381,8 +381,8 @@ class ModelManager:
         if backend not in DATA_ONLY_BACKENDS:
             raise NotAllowed(
                 f"model '{name}': the uploaded model would load with the '{backend}' backend, whose formats "
-                "(TorchScript, torch.export programs, TensorRT plans) run code when loaded; this server takes "
-                "only ONNX models through the API unless started with --allow-code-models-upload"
+                "(TorchScript, torch.export programs, TensorRT plans, Python model.py files) run code when loaded; "
+                "this server takes only ONNX models through the API unless started with --allow-code-models-upload"
             )
         _refuse_compiled_engines(name, probe, [(path, files[path]) for path in upload_model_files(name, files, chosen)])
 

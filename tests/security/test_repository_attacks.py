@@ -108,6 +108,12 @@ CODE_UPLOADS = {
     "plan named by backend": ({"backend": "tensorrt"}, {"1/model.plan": b"x"}),
     # the version policy serves version 2, a TorchScript file, though version 1 looks harmless
     "latest version is code": ({}, {"1/model.onnx": onnx_bytes(2), "2/model.pt": b"PK-not-really"}),
+    "python model.py by name": ({}, {"1/model.py": b"import os\n"}),
+    "python model.py, backend": ({"backend": "python"}, {"1/model.py": b"import os\n"}),
+    "python code renamed onnx": (
+        {"backend": "python", "default_model_filename": "model.onnx"},
+        {"1/model.onnx": b"import os\n"},
+    ),
 }
 
 
@@ -120,6 +126,41 @@ def test_formats_that_run_code_are_refused_even_when_uploads_are_allowed(case: s
         assert error.code == grpc.StatusCode.FAILED_PRECONDITION, error.message
         assert "--allow-code-models-upload" in error.message
         no_trace(client, "code", uploads)
+
+
+PYTHON_PAYLOAD = """
+import pathlib
+pathlib.Path({marker!r}).write_text("the uploaded code ran")
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        return []
+"""
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_a_python_model_upload_is_refused_and_its_code_never_runs(
+    protocol: str, repo: Path, tmp_path: Path, serve, uploads
+) -> None:
+    """model.py is code: through either protocol, with uploads allowed, it is refused before it is
+    written, let alone imported, unless the server allows code models."""
+    marker = tmp_path / "ran"
+    config = {
+        "backend": "python",
+        "input": [{"name": "x", "data_type": "TYPE_FP32", "dims": [1]}],
+        "output": [{"name": "y", "data_type": "TYPE_FP32", "dims": [1]}],
+    }
+    files = {"1/model.py": PYTHON_PAYLOAD.format(marker=str(marker)).encode()}
+    server = serve(repo, model_control_mode="explicit", uploads=ALLOW_FILES)
+    url = server.url if protocol == "grpc" else f"http://{server.http_url}"
+    with Client(url) as client:
+        error = refused(lambda: client.load_model("py", json.dumps(config), files=files))
+        assert "--allow-code-models-upload" in error.message, error.message
+        assert "'python' backend" in error.message
+        assert protocol == "http" or error.code == grpc.StatusCode.FAILED_PRECONDITION
+        no_trace(client, "py", uploads)
+    assert not marker.exists()
 
 
 def test_code_formats_load_once_the_server_allows_them(repo: Path, serve, uploads) -> None:
