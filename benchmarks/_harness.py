@@ -83,6 +83,44 @@ def build_mlp(repo: Path, name: str = "mlp", config: str | None = None) -> Path:
     return _save(repo, name, graph, config or batching_config())
 
 
+_FIXED_SERVICE_SOURCE = """\
+# A Python model whose every batch takes the same time, whatever its size: a GPU that is never busy.
+import time
+
+import triton_python_backend_utils as pb_utils
+
+SERVICE_S = {service_s!r}
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        time.sleep(SERVICE_S)
+        responses = []
+        for request in requests:
+            x = pb_utils.get_input_tensor_by_name(request, "INPUT0").as_numpy()
+            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("OUTPUT0", x * 2)]))
+        return responses
+"""
+
+
+def build_fixed_service_model(repo: Path, name: str = "fixed", service_ms: float = 1.0, max_batch: int = 128) -> Path:
+    """A Python-backend model whose ``execute`` sleeps ``service_ms`` once per batch of up to ``max_batch``
+    requests, then answers OUTPUT0 = 2 x INPUT0 (FP32 [batch, 16]): what a server feeds a device at most
+    is then set by its front end, not the model. One instance; batches grow while it is busy."""
+    (repo / name / "1").mkdir(parents=True, exist_ok=True)
+    path = repo / name / "1" / "model.py"
+    path.write_text(_FIXED_SERVICE_SOURCE.format(service_s=service_ms / 1000))
+    (repo / name / "config.pbtxt").write_text(
+        'backend: "python"\n'
+        f"max_batch_size: {max_batch}\n"
+        'input [{ name: "INPUT0" data_type: TYPE_FP32 dims: [16] }]\n'
+        'output [{ name: "OUTPUT0" data_type: TYPE_FP32 dims: [16] }]\n'
+        "instance_group [{ count: 1 kind: KIND_CPU }]\n"
+        "dynamic_batching {}\n"
+    )
+    return path
+
+
 def build_cnn(repo: Path, name: str = "cnn", config: str | None = None) -> Path:
     """A ResNet-18-shaped CNN (random weights, BN folded away): "x" FP32 [batch, 3, 112, 112] -> "y" [batch, 1000]."""
     from onnx import TensorProto, helper, numpy_helper
