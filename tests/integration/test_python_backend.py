@@ -416,3 +416,24 @@ def test_a_malformed_answer_is_an_internal_error_saying_what_was_expected(
         # a float64 answer whose values fit is cast to the config's FP32, as for every backend
         got = client.infer("sloppy", {"x": np.full((1, 4), 5, np.float32)})["y"]
         assert got.dtype == np.float32 and got.tolist() == [[10.0] * 4]
+
+
+def test_the_readme_example_runs_as_written(tmp_path: Path, serve) -> None:
+    import contextlib
+    import io
+    import re
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    start = readme.index("### Python backend")
+    section = readme[start : readme.index("\n### ", start + 1)]
+    config, model, client = re.findall(r"```(?:python)?\n(.*?)```", section, re.S)
+    assert config.startswith("# shout/config.pbtxt") and model.startswith("# shout/1/model.py")
+    (tmp_path / "shout" / "1").mkdir(parents=True)
+    (tmp_path / "shout" / "config.pbtxt").write_text(config)
+    (tmp_path / "shout" / "1" / "model.py").write_text(model)
+    server = serve(tmp_path)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(client.replace("localhost:8001", server.url), {})  # the README's own snippet
+    expected = re.search(r"# (\[\[b'HELLO'.*)", client)
+    assert expected is not None and printed.getvalue().strip() == expected.group(1).strip()
