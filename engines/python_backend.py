@@ -79,7 +79,7 @@ class PythonEngine:
             initialize = getattr(self._model, "initialize", None)
             if callable(initialize):
                 initialize(_args(config, path, options))
-        except Exception as exc:
+        except BaseException as exc:  # a model's sys.exit() is its failure, never the loader thread's end
             self._forget()
             raise ValueError(f"{self._file}: {_where(exc, path)}") from exc
 
@@ -102,9 +102,14 @@ class PythonEngine:
         request's outputs, or the exception it gets for an error response or a malformed one."""
         names = list(outputs)
         batch = [pb.InferenceRequest([pb.Tensor(n, a) for n, a in inputs.items()], names) for inputs in requests]
-        responses = self._model.execute(batch)
-        if inspect.iscoroutine(responses):  # Triton runs an ``async def execute`` to completion too
-            responses = asyncio.run(responses)
+        try:
+            responses = self._model.execute(batch)
+            if inspect.iscoroutine(responses):  # Triton runs an ``async def execute`` to completion too
+                responses = asyncio.run(responses)
+        except Exception:
+            raise
+        except BaseException as exc:  # sys.exit() and the like: a failure of this call, not of the worker thread
+            raise RuntimeError(f"execute raised {type(exc).__name__}: {exc}") from exc
         if not isinstance(responses, list | tuple) or len(responses) != len(batch):
             got = f"{len(responses)} responses" if isinstance(responses, list | tuple) else type(responses).__name__
             raise ValueError(
@@ -134,7 +139,7 @@ class PythonEngine:
         try:
             if callable(finalize):
                 finalize()
-        except Exception:
+        except BaseException:
             log.exception("model '%s': finalize() of %s raised", self.name, self._file)
         finally:
             self._forget()
@@ -151,8 +156,6 @@ class PythonEngine:
             spec.loader.exec_module(module)
         except BaseException as exc:
             self._forget()
-            if not isinstance(exc, Exception):
-                raise
             raise ValueError(f"{self._file} failed to import: {_where(exc, path)}") from exc
         return module
 

@@ -341,6 +341,7 @@ def load_error(server: Any, name: str) -> InferenceServerError:
         ("import numpy\nFACTOR = 1 / 0\n", "ZeroDivisionError: division by zero (line 2)"),
         ("class TritonPythonModel(:\n    pass\n", "SyntaxError"),
         ("import numpy\n", "defines no class TritonPythonModel"),
+        ("import sys\nsys.exit(2)\n", "SystemExit: 2 (line 2)"),
         (
             "class TritonPythonModel:\n    def initialize(self, args):\n        raise KeyError('weights')\n"
             "    def execute(self, requests):\n        return []\n",
@@ -376,6 +377,8 @@ SLOPPY = """
                 mode = int(x[0, 0])
                 if mode == 1:
                     return []
+                if mode == 6:
+                    raise SystemExit(3)
                 tensors = {
                     0: [pb_utils.Tensor("y", x * 2)],
                     2: [pb_utils.Tensor("z", x)],
@@ -399,6 +402,7 @@ output [{ name: "y" data_type: TYPE_FP32 dims: [4] }]
         (2, "no output 'y' (it has: z)"),
         (3, "output 'y' has shape [1, 5] but the config expects [1, 4]"),
         (4, "output 'y' is"),
+        (6, "execute raised SystemExit: 3"),
     ],
 )
 def test_a_malformed_answer_is_an_internal_error_saying_what_was_expected(
