@@ -8,7 +8,9 @@ worker thread (never on the event loop: ``engines.base.may_run_inline``); ``fina
 The model imports ``triton_python_backend_utils``, which is rapidserve's ``engines/python_utils.py``.
 
 A Python model describes no I/O, so its config.pbtxt must list its inputs and outputs
-(``auto_complete_config`` is not called). Not supported: calling other models (BLS), decoupled models.
+(``auto_complete_config`` is not called). Files beside model.py import relatively (``from .helper
+import f``): each copy of the module lives in a package of its own over the version folder, which is
+never put on ``sys.path``. Not supported: calling other models (BLS), decoupled models.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import itertools
 import json
 import logging
 import sys
+import threading
 import traceback
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -39,6 +42,7 @@ log = logging.getLogger(__name__)
 
 Arrays = dict[str, np.ndarray[Any, Any]]
 _MODULE_NUMBERS = itertools.count()
+_NO_BYTECODE = threading.Lock()  # imports of model files (sys.dont_write_bytecode is process-wide)
 
 
 class ErrorResponse(RuntimeError):
@@ -145,22 +149,35 @@ class PythonEngine:
             self._forget()
 
     def _import(self, path: Path) -> ModuleType:
-        """A fresh copy of the model's module, registered under its unique name while it is loaded
-        (dataclasses and pickling look a class's module up there)."""
-        spec = importlib.util.spec_from_file_location(self._module_name, path)
+        """A fresh copy of the model's module, ``<package>.model`` in a package of its own over the
+        version folder (so ``from . import helper`` finds the folder's files, as in Triton, where the
+        folder is a package too), registered while it is loaded: dataclasses and pickling look there."""
+        package = ModuleType(self._module_name)
+        package.__path__ = [str(path.parent)]
+        sys.modules[self._module_name] = package
+        spec = importlib.util.spec_from_file_location(f"{self._module_name}.{path.stem}", path)
         if spec is None or spec.loader is None:
+            self._forget()
             raise ValueError(f"{self._file} cannot be imported")
         module = importlib.util.module_from_spec(spec)
-        sys.modules[self._module_name] = module
+        sys.modules[spec.name] = module
         try:
-            spec.loader.exec_module(module)
+            with _NO_BYTECODE:  # the repository is the operator's: no __pycache__ written into it
+                written, sys.dont_write_bytecode = sys.dont_write_bytecode, True
+                try:
+                    spec.loader.exec_module(module)
+                finally:
+                    sys.dont_write_bytecode = written
         except BaseException as exc:
             self._forget()
             raise ValueError(f"{self._file} failed to import: {_where(exc, path)}") from exc
         return module
 
     def _forget(self) -> None:
-        sys.modules.pop(self._module_name, None)
+        """Drop the model's package and every module imported into it."""
+        prefix = self._module_name + "."
+        for name in [name for name in sys.modules if name == self._module_name or name.startswith(prefix)]:
+            sys.modules.pop(name, None)
 
 
 def _spec(entry: Any, batch: tuple[int, ...]) -> TensorSpec:

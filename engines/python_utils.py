@@ -5,6 +5,7 @@ files use, so they run unchanged. The Python backend registers this module under
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -15,6 +16,7 @@ __all__ = [
     "TRITON_STRING_TO_NUMPY",
     "InferenceRequest",
     "InferenceResponse",
+    "Logger",
     "Tensor",
     "TritonError",
     "TritonModelException",
@@ -70,6 +72,33 @@ class TritonError:
 
     def __repr__(self) -> str:
         return f"TritonError({self._message!r}, code={self._code})"
+
+
+class Logger:
+    """Triton's ``pb_utils.Logger``: a model's lines go to the server's log (logger ``rapidserve.models``)."""
+
+    INFO, WARNING, ERROR, VERBOSE = logging.INFO, logging.WARNING, logging.ERROR, logging.DEBUG
+    _log = logging.getLogger("rapidserve.models")
+
+    @staticmethod
+    def log(message: str, level: int = logging.INFO) -> None:
+        Logger._log.log(level, "%s", message)
+
+    @staticmethod
+    def log_info(message: str) -> None:
+        Logger._log.info("%s", message)
+
+    @staticmethod
+    def log_warn(message: str) -> None:
+        Logger._log.warning("%s", message)
+
+    @staticmethod
+    def log_error(message: str) -> None:
+        Logger._log.error("%s", message)
+
+    @staticmethod
+    def log_verbose(message: str) -> None:
+        Logger._log.debug("%s", message)
 
 
 class TritonModelException(Exception):

@@ -329,6 +329,42 @@ def test_two_models_with_model_py_do_not_clash(tmp_path: Path, serve) -> None:
         assert client.infer("triple", {"x": x})["y"].tolist() == [[3, 6]]
 
 
+HELPED = """
+    import triton_python_backend_utils as pb_utils
+
+    from .helper import FACTOR
+
+
+    class TritonPythonModel:
+        def initialize(self, args):
+            pb_utils.Logger.log_info(f"{args['model_name']} multiplies by {FACTOR}")
+
+        def execute(self, requests):
+            return [
+                pb_utils.InferenceResponse([pb_utils.Tensor("y", pb_utils.get_input_tensor_by_name(r, "x").as_numpy() * FACTOR)])
+                for r in requests
+            ]
+"""
+
+
+def test_files_beside_model_py_import_relatively_per_model_and_nothing_is_written(
+    tmp_path: Path, serve, caplog: pytest.LogCaptureFixture
+) -> None:
+    for name, factor in (("seven", 7), ("eleven", 11)):
+        folder = write_python_model(tmp_path, name, HELPED, SCALER_CONFIG)
+        (folder / "1" / "helper.py").write_text(f"FACTOR = {factor}\n")
+    before = sorted(tmp_path.rglob("*"))
+    with caplog.at_level("INFO", logger="rapidserve.models"):
+        server = serve(tmp_path)
+    x = np.array([[1, 2]], np.int64)
+    with Client(server.url) as client:
+        assert client.infer("seven", {"x": x})["y"].tolist() == [[7, 14]]
+        assert client.infer("eleven", {"x": x})["y"].tolist() == [[11, 22]]
+    assert sorted(tmp_path.rglob("*")) == before  # no __pycache__ in the operator's repository
+    logged = [r.getMessage() for r in caplog.records if r.name == "rapidserve.models"]
+    assert logged.count("seven multiplies by 7") == 2 and logged.count("eleven multiplies by 11") == 2  # 2 instances
+
+
 def load_error(server: Any, name: str) -> InferenceServerError:
     with Client(server.url) as client, pytest.raises(InferenceServerError) as info:
         client.load_model(name)
