@@ -141,8 +141,9 @@ def add_arguments(serve: argparse.ArgumentParser) -> None:
            "alike (raise it for big tensors); a larger request is refused before its body is read "
            "(RESOURCE_EXHAUSTED; HTTP 413)")  # fmt: skip
     number("max-inflight-bytes", size, "1GiB", "request bytes admitted at once across all gRPC and HTTP calls, at "
-           "least twice --grpc-max-message-bytes; over it RESOURCE_EXHAUSTED (HTTP 503). 0: no budget (requests are "
-           "read as they come: cheaper per call, no bound on memory)")  # fmt: skip
+           "least twice --grpc-max-message-bytes; over it RESOURCE_EXHAUSTED (HTTP 503); with --frontends N "
+           "each front end takes 1/N of it. 0: no budget (requests are read as they come: cheaper per call, no "
+           "bound on memory)")  # fmt: skip
     number("grpc-request-read-timeout-secs", float, 30, "a call's request message (gRPC) or body (HTTP, else 408) must "
            "arrive within this many seconds")  # fmt: skip
     number("grpc-handshake-timeout-secs", float, 10, "close connections that have not finished the TLS and HTTP/2 "

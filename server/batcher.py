@@ -212,6 +212,19 @@ class DynamicBatcher:
             loop.call_soon(self._dispatch)
         return item.future
 
+    def withdraw(self, future: asyncio.Future[Arrays]) -> bool:
+        """Cancel a request still waiting in the queue, so that it never runs; False once it has been
+        dispatched (it then finishes as a running request does, and its inputs stay in use until then)."""
+        for queue in self._queues.levels:
+            for item in queue:
+                if item.future is future:
+                    if item.dispatched:
+                        return False
+                    future.cancel()
+                    self._left_queue(item)
+                    return True
+        return False
+
     def _left_queue(self, item: _Pending) -> None:
         """A queued request finished before it ran (cancelled, or its deadline passed)."""
         if not item.dispatched:

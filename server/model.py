@@ -123,6 +123,10 @@ class ModelVersion:
             self._failed(exc, request.deadline, start)
             raise
 
+    def withdraw(self, started: Started) -> bool:
+        """Cancel a started request if it is still queued (its client left); False if it already runs."""
+        return self._batcher.withdraw(started.future)
+
     def finish(self, started: Started, error: BaseException | None = None) -> InferResponse:
         """The response of a started request whose future is done; ``error``, what waiting for it raised
         instead (the caller was cancelled), is counted and raised, as a failed or cancelled future is."""

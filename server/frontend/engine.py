@@ -10,7 +10,10 @@ are answered by the engine meanwhile), then the models are unloaded.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import dataclasses
+import itertools
 import logging
 import os
 import socket
@@ -58,9 +61,12 @@ class EngineServer:
         self._stopping = False
         self.abandoned_loads: list[str] = []
         self.port = self.http_port = self.metrics_port = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: set[asyncio.Future[None]] = set()
 
     async def start(self) -> None:
         settings = self.settings
+        self._loop = asyncio.get_running_loop()
         self.port = self._reserve(settings.host, settings.grpc_port, "gRPC", "--grpc-port", "--host")
         if settings.http_enabled:
             host = settings.http_host or settings.host
@@ -103,10 +109,17 @@ class EngineServer:
         for reservation in self._reserved:
             reservation.close()
 
-    def reload_certificates(self) -> None:
-        """SIGHUP: every front end re-reads the TLS files (each logs what it did)."""
-        for frontend in self.frontends:
-            frontend.send(("reload_certificates",))
+    def reload_certificates(self) -> concurrent.futures.Future[None]:
+        """SIGHUP: every front end re-reads the TLS files (each logs what it did). Callable from any
+        thread; the future is done once every front end has reloaded."""
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+        async def reload() -> None:
+            await asyncio.gather(*(frontend.ask("reload_certificates") for frontend in self.frontends))
+            done.set_result(None)
+
+        self._loop.call_soon_threadsafe(lambda: self._tasks.add(asyncio.ensure_future(reload())))
+        return done
 
     def _reserve(self, host: str, port: int, what: str, port_flag: str, host_flag: str) -> int:
         """Check the port is free, then hold it (SO_REUSEPORT, not listening) for the front ends."""
@@ -151,7 +164,8 @@ class Frontend:
         self._requests: Arena | None = None  # the front end writes, we read
         self._answers: Arena | None = None  # we write, the front end reads
         self._serving: asyncio.Future[None] | None = None
-        self._records: dict[int, asyncio.Future[Any]] = {}
+        self._asked: dict[int, asyncio.Future[Any]] = {}
+        self._tokens = itertools.count()
         self._last_records: Any = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._watcher: asyncio.Task[None] | None = None
@@ -168,20 +182,26 @@ class Frontend:
         if self._channel is not None:
             self._channel.send(message)
 
-    async def records(self) -> Any:
-        """The front end's own records (calls at its edge, failures naming no model), or None."""
+    async def ask(self, op: str, timeout_s: float = STATS_TIMEOUT_S) -> Any:
+        """The front end's answer to ``op`` ("stats", "reload_certificates"); None if it has none in time."""
         if self._channel is None or self._channel.closed:
             return None
-        token = id(object())
-        future = self._records[token] = asyncio.get_running_loop().create_future()
-        self._channel.send(("stats", token))
+        token = next(self._tokens)
+        future = self._asked[token] = asyncio.get_running_loop().create_future()
+        self._channel.send(("ask", token, op))
         try:
-            self._last_records = await asyncio.wait_for(future, STATS_TIMEOUT_S)
+            return await asyncio.wait_for(future, timeout_s)
         except asyncio.TimeoutError:
-            pass  # a busy front end: its last records stand in
+            return None
         finally:
-            self._records.pop(token, None)
-        return self._last_records
+            self._asked.pop(token, None)
+
+    async def records(self) -> Any:
+        """The front end's own records (calls at its edge, failures naming no model), or None."""
+        records = await self.ask("stats")
+        if records is not None:
+            self._last_records = records
+        return self._last_records  # (a busy front end: its last records stand in)
 
     async def stop(self, timeout_s: float) -> None:
         """Drain the process and wait for it to exit (killed if it does not within ``timeout_s``)."""
@@ -264,10 +284,10 @@ class Frontend:
         if self._serving is not None and not self._serving.done():
             self._serving.set_result(None)
 
-    def records_arrived(self, token: int, records: Any) -> None:
-        future = self._records.get(token)
+    def answered(self, token: int, value: Any) -> None:
+        future = self._asked.get(token)
         if future is not None and not future.done():
-            future.set_result(records)
+            future.set_result(value)
 
 
 class _Handler:
@@ -281,11 +301,14 @@ class _Handler:
         self._requests = requests
         self._answers = answers
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._started: dict[int, tuple[Any, Any]] = {}  # requests in a batcher, by the front end's number
 
     def handle(self, message: tuple[Any, ...]) -> None:
         kind = message[0]
         if kind == "infer":
             self._infer(*message[1:])
+        elif kind == "cancel":
+            self._cancel(message[1])
         elif kind == "free":
             for block in message[1]:
                 self._answers.free(block)
@@ -295,8 +318,8 @@ class _Handler:
                 self._manager.get(name, str(version)).rejected(error_of(error_kind, text))
         elif kind == "call":
             self._spawn(self._call(*message[1:]))
-        elif kind == "stats":
-            self._frontend.records_arrived(message[1], message[2])
+        elif kind == "answer":
+            self._frontend.answered(message[1], message[2])
         elif kind == "serving":
             self._frontend.serving()
 
@@ -329,6 +352,7 @@ class _Handler:
         except RapidServeError as exc:
             self._error(seq, exc)
             return
+        self._started[seq] = (model, started)
         started.future.add_done_callback(lambda _: self._finished(seq, model, started))
 
     async def _cached(self, seq: int, model: Any, request: InferRequest, key: bytes | None) -> None:
@@ -339,7 +363,16 @@ class _Handler:
             return
         self._answer(seq, response.outputs)
 
+    def _cancel(self, seq: int) -> None:
+        """The client left: its request leaves the queue if it is still there (a running one finishes,
+        as its inputs are in use; a cached model's request finishes too, and fills the cache)."""
+        entry = self._started.get(seq)
+        if entry is not None:
+            model, started = entry
+            model.withdraw(started)
+
     def _finished(self, seq: int, model: Any, started: Any) -> None:
+        self._started.pop(seq, None)
         try:
             response = model.finish(started)
         except (Exception, asyncio.CancelledError) as exc:
@@ -393,7 +426,12 @@ class _Handler:
 
 
 def _with_ports(settings: ServerSettings, grpc_port: int, http_port: int) -> ServerSettings:
-    """The front ends' settings: the ports the engine holds (a port given as 0 has been picked now)."""
-    from dataclasses import replace
-
-    return replace(settings, grpc_port=grpc_port, http_port=http_port or settings.http_port)
+    """The front ends' settings: the ports the engine holds (a port given as 0 has been picked now), and
+    each its share of the in-flight budget (at least two messages), so that together they hold about
+    what the budget says."""
+    budget = settings.max_inflight_bytes
+    if budget:
+        budget = max(budget // settings.frontends, 2 * settings.grpc_max_message_bytes)
+    return dataclasses.replace(
+        settings, grpc_port=grpc_port, http_port=http_port or settings.http_port, max_inflight_bytes=budget
+    )

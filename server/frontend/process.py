@@ -38,7 +38,8 @@ async def _run(sock_fd: int, requests_fd: int, answers_fd: int, index: int) -> i
     server = InferenceServer(settings, manager)
     link.stats = server.stats
     drain = asyncio.Event()
-    link.handlers.update(drain=drain.set, reload_certificates=server.reload_certificates)
+    link.handlers["drain"] = drain.set
+    link.answers["reload_certificates"] = server.reload_certificates
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, drain.set)  # (SIGINT goes to the engine, which drains us)
     reader = asyncio.create_task(link.run(early))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import threading
 import time
@@ -53,7 +54,8 @@ class EngineLink:
         self._frees: list[int] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread = 0
-        self.handlers: dict[str, Callable[..., None]] = {}
+        self.handlers: dict[str, Callable[..., None]] = {}  # the engine's notices, by kind
+        self.answers: dict[str, Callable[[], Any]] = {"stats": lambda: self.stats.snapshot()}  # its questions
         self._calls: dict[int, asyncio.Future[Any]] = {}
         answers.on_lent_free = self._answer_done
 
@@ -83,11 +85,18 @@ class EngineLink:
         seq = next(self._seq)
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending[seq] = (future, block)
+        future.add_done_callback(functools.partial(self._settled, seq))
         self.channel.send(
             ("infer", seq, request.model_name, version, request.model_version, request.id, request.parameters,
              request.deadline, headers, outputs, key)
         )  # fmt: skip
         return future
+
+    def _settled(self, seq: int, future: asyncio.Future[Any]) -> None:
+        """A request cancelled here (its client left) is withdrawn from the engine's queue. Its block
+        stays taken until the engine's answer for it says the inputs are no longer read."""
+        if future.cancelled() and seq in self._pending:
+            self.channel.send(("cancel", seq))
 
     def notify(self, message: tuple[Any, ...]) -> None:
         self.channel.send(message)
@@ -121,8 +130,9 @@ class EngineLink:
             call = self._calls.pop(seq, None)
             if call is not None and not call.done():
                 call.set_result(value) if ok else call.set_exception(error_of(*value))
-        elif kind == "stats":
-            self.channel.send(("stats", message[1], self.stats.snapshot()))
+        elif kind == "ask":
+            _, token, op = message
+            self.channel.send(("answer", token, self.answers[op]()))
         else:
             self.handlers[kind](*message[1:])
 
