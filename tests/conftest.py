@@ -13,8 +13,22 @@ import pytest
 from certs import Pki, make_pki
 from testmodels import build_repository
 
-from rapidserve.server.app import InferenceServer
+from rapidserve.server.frontend.engine import make_server
 from rapidserve.server.settings import ServerSettings
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Tests marked ``frontends(1, 2)`` (a module's ``pytestmark``) run once per front-end count: their
+    servers (``serve``, ``shared_server``) are started with ``frontends=N``."""
+    marker = metafunc.definition.get_closest_marker("frontends")
+    if marker is not None and "frontends" in metafunc.fixturenames:
+        metafunc.parametrize("frontends", marker.args, scope="module", ids=[f"frontends={n}" for n in marker.args])
+
+
+@pytest.fixture(scope="module")
+def frontends() -> int:
+    """The front-end processes of the servers a test starts (1: everything in one process)."""
+    return 1
 
 
 @pytest.fixture(scope="session")
@@ -33,7 +47,7 @@ class ServerThread:
     can use blocking clients (ours and tritonclient) against it."""
 
     def __init__(self, settings: ServerSettings) -> None:
-        self.server = InferenceServer(settings)
+        self.server = make_server(settings)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
 
@@ -58,6 +72,12 @@ class ServerThread:
         self.run(self.server.start())
         return self
 
+    def reload_certificates(self) -> None:
+        """As SIGHUP does; returns once new connections get the certificates now in the files."""
+        done = self.server.reload_certificates()
+        if done is not None:  # the front-end processes reload in their own time
+            done.result(30)
+
     def stop(self, grace_s: float = 5) -> None:
         self.run(self.server.stop(grace_s))
         self.loop.call_soon_threadsafe(self.loop.stop)
@@ -66,11 +86,12 @@ class ServerThread:
 
 
 @pytest.fixture
-def serve() -> Iterator[Callable[..., ServerThread]]:
+def serve(frontends: int) -> Iterator[Callable[..., ServerThread]]:
     """Start servers with ``serve(repo, **settings)``; all are stopped at the end of the test."""
     started: list[ServerThread] = []
 
     def start(*repos: Path, **settings: Any) -> ServerThread:
+        settings.setdefault("frontends", frontends)
         settings.setdefault("host", "127.0.0.1")
         settings.setdefault("grpc_port", 0)
         settings.setdefault("metrics_port", 0)
@@ -86,11 +107,12 @@ def serve() -> Iterator[Callable[..., ServerThread]]:
 
 
 @pytest.fixture(scope="module")
-def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+def shared_server(tmp_path_factory: pytest.TempPathFactory, frontends: int) -> Iterator[ServerThread]:
     """One server over the standard repository, shared by a test module."""
     repo = build_repository(tmp_path_factory.mktemp("shared-repo"))
-    thread = ServerThread(
-        ServerSettings(model_repositories=(repo,), host="127.0.0.1", grpc_port=0, metrics_port=0, http_port=0)
-    ).start()
+    settings = ServerSettings(
+        model_repositories=(repo,), host="127.0.0.1", grpc_port=0, metrics_port=0, http_port=0, frontends=frontends
+    )
+    thread = ServerThread(settings).start()
     yield thread
     thread.stop()

@@ -13,7 +13,7 @@ from testmodels import scale_graph, write_model
 from rapidserve import Client
 from rapidserve.server.settings import UploadPolicy
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.frontends(1, 2)]
 INT64 = 7
 
 BATCHING = """max_batch_size: 16

@@ -16,7 +16,7 @@ from workload import write_reshape_model
 
 from rapidserve import Client, InferenceServerError
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.frontends(1, 2)]
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from rapidserve.server.admission import Admission
 from rapidserve.server.health import HealthService
 from rapidserve.server.transport import health_handler
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.frontends(1, 2)]
 
 SERVICES = {
     "inference.GRPCInferenceService",

@@ -19,7 +19,7 @@ from tritonclient.utils import InferenceServerException
 
 from rapidserve.common.datatypes import DATATYPES
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.frontends(1, 2)]
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from workload import Expected, build_workload_repository, run_workload
 
 from rapidserve import Client
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.frontends(1, 2)]
 
 Samples = dict[str, dict[frozenset[tuple[str, str]], float]]
 

@@ -17,7 +17,7 @@ from testmodels import add_sub_graph, scale_graph, slow_graph, write_model
 from rapidserve import Client, InferenceServerError
 from rapidserve.server.settings import UploadPolicy
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.frontends(1, 2)]
 
 INT64 = 7
 

@@ -18,7 +18,7 @@ from testmodels import write_model
 from rapidserve import Client
 from rapidserve.server.settings import UploadPolicy
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.frontends(1, 2)]
 
 CONFIG = {
     "max_batch_size": 8,

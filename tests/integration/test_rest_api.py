@@ -28,7 +28,7 @@ from rapidserve.common.datatypes import DATATYPES
 from rapidserve.server.rest import RestApi, RestRequest, RestResponse
 from rapidserve.server.settings import UploadPolicy
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.frontends(1, 2)]
 
 TWIN_CONFIG = """
 max_batch_size: 8

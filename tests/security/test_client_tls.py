@@ -27,7 +27,7 @@ from rapidserve.clients.connection import parse_header, tls
 from rapidserve.common import codec
 from rapidserve.server.settings import TlsSettings
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.timeout(60), pytest.mark.frontends(1, 2)]
 A = np.arange(16, dtype=np.float32).reshape(1, 16)
 B = np.full((1, 16), 0.5, dtype=np.float32)
 SUM = A + B

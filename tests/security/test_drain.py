@@ -18,7 +18,7 @@ from testmodels import ADD_SUB_CONFIG, add_sub_graph, write_model
 
 from rapidserve import AsyncClient, InferenceServerError, protos
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.frontends(1, 2)]
 
 # requests wait in the queue until 8 have come or 1.5 s have passed: they are accepted, not yet run
 HELD_CONFIG = (

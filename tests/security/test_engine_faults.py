@@ -23,7 +23,7 @@ from rapidserve.server.stats import ModelStats
 from rapidserve.server.status import status_of
 from rapidserve.server.types import InferRequest
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.frontends(1, 2)]
 
 ONE_BATCH_OF_32 = """
 dynamic_batching { max_queue_delay_microseconds: 10000000, preferred_batch_size: [ 32 ] }

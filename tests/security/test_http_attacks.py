@@ -28,7 +28,7 @@ from testmodels import ADD_SUB_CONFIG, ONNX_TYPES, add_sub_graph, scale_graph, t
 from rapidserve import protos
 from rapidserve.server.settings import TlsSettings
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.frontends(1, 2)]
 
 MiB = 2**20
 INFER = "/v2/models/int64_triple/infer"

@@ -21,7 +21,7 @@ from rapidserve import protos
 from rapidserve.server.access import parse_restriction, protocol_of
 from rapidserve.server.settings import TlsSettings
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.frontends(1, 2)]
 
 
 @pytest.fixture(scope="module")
@@ -88,17 +88,17 @@ def test_a_reload_serves_new_connections_with_the_new_certificate(repo: Path, tm
     with grpc.secure_channel(server.url, grpc.ssl_channel_credentials(old.ca.read_bytes())) as channel:
         assert _live(channel)
     key.write_bytes(b"not a key")  # a broken reload keeps the certificates in use
-    server.server.reload_certificates()
+    server.reload_certificates()
     with grpc.secure_channel(server.url, grpc.ssl_channel_credentials(old.ca.read_bytes())) as channel:
         assert _live(channel)
     shutil.copy(new.server_cert, cert)  # a rotation half done: the new certificate with the old key
     shutil.copy(old.server_key, key)
-    server.server.reload_certificates()
+    server.reload_certificates()
     with grpc.secure_channel(server.url, grpc.ssl_channel_credentials(old.ca.read_bytes())) as channel:
         assert _live(channel)
     shutil.copy(new.server_cert, cert)
     shutil.copy(new.server_key, key)
-    server.server.reload_certificates()
+    server.reload_certificates()
     with grpc.secure_channel(server.url, grpc.ssl_channel_credentials(new.ca.read_bytes())) as channel:
         assert _live(channel)
     with grpc.secure_channel(server.url, grpc.ssl_channel_credentials(old.ca.read_bytes())) as channel:

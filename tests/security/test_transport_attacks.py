@@ -25,7 +25,7 @@ from rapidserve.server.streams import StreamAnswers
 MiB = 2**20
 INFER = protos.method_path("ModelInfer")
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.frontends(1, 2)]
 
 
 @pytest.fixture(scope="module")
