@@ -117,6 +117,8 @@ def test_reflection_errors_stay_on_the_stream(channel) -> None:
     assert known.base_type_name == "inference.ModelInferRequest" and list(known.extension_number) == []
 
 
+# one process only: reads the in-flight budget of the one process
+@pytest.mark.frontends(1)
 def test_reflection_refuses_oversized_garbage_and_endless_streams(shared_server, channel, monkeypatch) -> None:
     main, _ = shared_server.server.admissions
     big = Request(file_containing_symbol="x" * reflection.MAX_REQUEST_BYTES)
@@ -135,6 +137,8 @@ def test_reflection_refuses_oversized_garbage_and_endless_streams(shared_server,
     assert main.held == 0  # every request's bytes went back to the budget
 
 
+# one process only: reads the in-flight budget of the one process
+@pytest.mark.frontends(1)
 def test_reflection_requests_are_admitted_against_the_budget(shared_server, channel) -> None:
     main, _ = shared_server.server.admissions
 

@@ -129,6 +129,8 @@ def test_a_cached_model_reloaded_under_load_loses_no_request_and_serves_no_stale
     assert not stale, stale[:5]
 
 
+# one process only: holds the decoder of the one process; with front ends the engine picks the version when the request arrives
+@pytest.mark.frontends(1)
 def test_a_request_decoded_off_the_loop_while_its_version_is_replaced_is_still_answered(
     tmp_path: Path, serve, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -42,6 +42,8 @@ def _inputs(value: float) -> dict[str, np.ndarray]:
     return {"INPUT0": a, "INPUT1": np.ones((1, 16), np.float32)}
 
 
+# one process only: watches the one process's servicer; test_frontends.py drains the front ends
+@pytest.mark.frontends(1)
 def test_drain_answers_accepted_stream_requests_refuses_new_ones_and_ends_early(repo: Path, serve) -> None:
     server = serve(repo, grace_period_s=30)
     model = server.server.manager.get("add_sub")

@@ -129,6 +129,8 @@ def small(repo: Path, serve) -> Iterator:
     yield serve(repo, grpc_max_message_bytes=MiB, max_inflight_bytes=2 * MiB, grpc_request_read_timeout_s=30)
 
 
+# one process only: reads the in-flight budget of the one process
+@pytest.mark.frontends(1)
 def test_a_declared_length_over_the_limit_is_413_before_the_body_is_sent(small) -> None:
     with connect(small.server.http_port) as sock:
         sock.sendall(head(INFER, MiB + 1))  # and never the body
@@ -153,6 +155,8 @@ def test_a_chunked_body_is_cut_off_at_the_limit(small) -> None:
 
 
 @pytest.mark.parametrize("budget", [4 * MiB, 0], ids=["budget", "no budget"])
+# one process only: reads the in-flight budget of the one process
+@pytest.mark.frontends(1)
 def test_a_body_that_does_not_arrive_in_time_is_408(repo: Path, serve, budget: int) -> None:
     server = serve(repo, grpc_max_message_bytes=MiB, max_inflight_bytes=budget, grpc_request_read_timeout_s=0.5)
     with connect(server.server.http_port) as sock:
@@ -165,6 +169,8 @@ def test_a_body_that_does_not_arrive_in_time_is_408(repo: Path, serve, budget: i
     assert call(server.server.http_port, "POST", INFER, infer_body())[0] == 200
 
 
+# one process only: fills one process's budget; each front end has its own share, and the kernel picks the process
+@pytest.mark.frontends(1)
 def test_bodies_beyond_the_in_flight_budget_are_refused_with_the_budget_named(held_repo: Path, serve) -> None:
     """A request admitted and waiting for its batch holds its bytes: the next one, whose declared body
     parses to more than the room left, cannot fit and is refused at once (503) rather than read; the
@@ -294,6 +300,8 @@ def test_mutual_tls_needs_a_client_certificate_from_the_root(repo: Path, pki: Pk
         live(_tls_client(pki, False))
 
 
+# one process only: watches the one process's servicer; test_frontends.py drains the front ends
+@pytest.mark.frontends(1)
 def test_drain_answers_accepted_requests_and_refuses_new_ones(held_repo: Path, serve) -> None:
     server = serve(held_repo, grace_period_s=30)
     model = server.server.manager.get("add_sub")
@@ -437,6 +445,8 @@ def test_bad_http_flags_are_one_line_naming_the_flag(tmp_path: Path, flags: list
     assert message in str(info.value) and "\n" not in str(info.value)
 
 
+# one process only: reads the in-flight budget of the one process
+@pytest.mark.frontends(1)
 def test_bodies_on_health_checks_are_refused_before_any_budget(repo: Path, serve) -> None:
     """Silent health GETs that declare a body are 400 at once: they never hold the health budget, so a
     gRPC Health/Check right after them answers SERVING."""
@@ -457,6 +467,8 @@ def test_bodies_on_health_checks_are_refused_before_any_budget(repo: Path, serve
             sock.close()
 
 
+# one process only: reads the in-flight budget of the one process
+@pytest.mark.frontends(1)
 def test_silent_small_bodies_reserve_their_size_not_the_message_limit(repo: Path, serve) -> None:
     """Eight silent 100-byte POSTs reserve what 100 bytes of JSON can become, not twice the message
     limit each: a normal request beside them is answered well before the read timeout (20 s)."""
@@ -487,6 +499,8 @@ def test_a_non_utf8_restricted_header_value_is_403(repo: Path, serve) -> None:
     assert status == 403 and "admin-key" in body["error"], body
 
 
+# one process only: watches the one process's HTTP server
+@pytest.mark.frontends(1)
 def test_an_answer_the_client_does_not_read_closes_its_connection(tmp_path: Path, serve) -> None:
     """A 16 MiB answer to a client that never reads (a 4 KiB receive buffer): once the read timeout
     passes the server aborts the connection and lets the answer go."""

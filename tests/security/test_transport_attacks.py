@@ -134,6 +134,8 @@ def test_concurrent_large_requests_stay_within_the_in_flight_budget(probe) -> No
     assert server.call(_sum_request(4)) == grpc.StatusCode.OK
 
 
+# one process only: fills one process's budget; each front end has its own share, and the kernel picks the process
+@pytest.mark.frontends(1)
 def test_over_the_budget_the_answer_is_resource_exhausted_naming_the_flag(repo: Path, serve) -> None:
     server = serve(repo, max_inflight_bytes=24 * MiB, grpc_max_message_bytes=8 * MiB)
     server.server._servicer.admission.admit(10 * MiB)  # as if a request of 10 MiB were being served
@@ -149,6 +151,8 @@ def test_over_the_budget_the_answer_is_resource_exhausted_naming_the_flag(repo: 
         assert client.infer("sum", {"x": np.ones(4, np.float32)})["total"][0] == 4
 
 
+# one process only: reads the in-flight budget of the one process
+@pytest.mark.frontends(1)
 def test_every_rpc_is_read_through_a_budget_and_probes_through_their_own(repo: Path, serve) -> None:
     """Not only inference: a 60 MiB body sent to ServerMetadata or to a health check is a request too.
     Health checks read from a budget of their own, so that probes answer while inference fills the main one."""
@@ -242,6 +246,8 @@ def test_an_answer_over_the_message_limit_is_internal_and_says_why(repo: Path, s
         np.testing.assert_array_equal(client.infer("tile", {"x": x[:10]})["y"], np.tile(x[:10], 4))
 
 
+# one process only: patches a limit in the test's process, which front ends do not share
+@pytest.mark.frontends(1)
 async def test_a_stream_whose_answers_are_not_read_stops_being_read(repo: Path, serve, monkeypatch) -> None:
     monkeypatch.setattr(streams, "STREAM_MAX_PENDING_BYTES", 2 * MiB)
     server = serve(repo)
@@ -342,6 +348,8 @@ def test_the_server_announces_its_limit_on_streams_per_connection(repo: Path, se
     assert asyncio.run(announced()) == 7
 
 
+# one process only: patches the manager in the test's process
+@pytest.mark.frontends(1)
 def test_unexpected_errors_reach_the_caller_without_internals(repo: Path, serve, caplog) -> None:
     server = serve(repo)
 
@@ -357,6 +365,8 @@ def test_unexpected_errors_reach_the_caller_without_internals(repo: Path, serve,
     assert any(reference in r.getMessage() and r.exc_info for r in caplog.records)  # the log keeps the details
 
 
+# one process only: reads the in-flight budget of the one process
+@pytest.mark.frontends(1)
 async def test_with_the_budget_turned_off_every_rpc_is_still_served(repo: Path, serve) -> None:
     """--max-inflight-bytes 0: gRPC reads requests as they come (unary, stream and health alike)."""
     server = serve(repo, max_inflight_bytes=0)
@@ -392,6 +402,8 @@ def test_health_and_control_requests_are_refused_unparsed_when_large(repo: Path,
     assert Client(server.url).is_server_live()
 
 
+# one process only: watches the one process's servicer
+@pytest.mark.frontends(1)
 async def test_a_stream_request_cancelled_before_it_starts_gives_its_bytes_back(repo: Path, serve) -> None:
     server = serve(repo)
     servicer = server.server._servicer
@@ -411,6 +423,8 @@ async def test_a_stream_request_cancelled_before_it_starts_gives_its_bytes_back(
     assert server.run(begin_then_end_the_stream()) == 0
 
 
+# one process only: patches the encoder in the test's process, which front ends do not share
+@pytest.mark.frontends(1)
 def test_large_bytes_outputs_are_encoded_off_the_event_loop(repo: Path, serve, monkeypatch) -> None:
     from rapidserve.server import codec
 
