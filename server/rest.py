@@ -208,9 +208,9 @@ class RestApi:
         try:
             if _heavy(request):  # inflate, parse and convert with the event loop free meanwhile
                 with model.held():
-                    decoded, choice = await asyncio.to_thread(self._decode, model, request)
+                    decoded, choice = await asyncio.to_thread(self._decode, model, request, version)
             else:
-                decoded, choice = self._decode(model, request)
+                decoded, choice = self._decode(model, request, version)
         except RapidServeError as exc:
             model.rejected(exc)
             raise
@@ -245,7 +245,9 @@ class RestApi:
             self.stats.failed(exc.reason)
             raise
 
-    def _decode(self, model: ModelVersion, request: RestRequest) -> tuple[Any, rest_codec.OutputChoice]:
+    def _decode(self, model: ModelVersion, request: RestRequest, version: str) -> tuple[Any, rest_codec.OutputChoice]:
+        """``version`` as the path gave it ("" for the latest), so that a request sent on to an engine
+        process is served by whichever version is the latest when it arrives there, as on gRPC."""
         body = self._body(request)
         header, binary = rest_codec.split_body(body, request.headers.get(rest_codec.HEADER_LENGTH))
         if len(header) > rest_codec.MAX_JSON_BYTES:  # parsed JSON holds many times its bytes in Python objects
@@ -254,9 +256,7 @@ class RestApi:
                 "send large tensors as binary data (binary_data_size)"
             )
         document = rest_codec.parse_json(header, "inference request")
-        return rest_codec.decode_infer_request(
-            document, binary, model.spec, model.name, str(model.version), request.deadline
-        )
+        return rest_codec.decode_infer_request(document, binary, model.spec, model.name, version, request.deadline)
 
     def _body(self, request: RestRequest) -> bytes | memoryview:
         limit = self.max_message_bytes if request.max_body_bytes is None else request.max_body_bytes

@@ -213,7 +213,6 @@ class RemoteModel:
         return InferResponse(self.name, str(self.version), {n: arrays[n] for n in started.outputs}, started.id)
 
     async def infer(self, request: InferRequest, cache_key: bytes | None = None) -> InferResponse:
-        start = time.monotonic_ns()
         try:
             if not request.checked:
                 self.spec.validate(request)
@@ -223,7 +222,6 @@ class RemoteModel:
             self.rejected(exc)
             raise
         arrays = await future
-        del start
         return InferResponse(self.name, str(self.version), {n: arrays[n] for n in outputs}, request.id)
 
 
