@@ -33,6 +33,8 @@ def _parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
         ("RAPIDSERVE_EXIT_ON_ERROR", "sometimes", "expected true or false"),
         ("RAPIDSERVE_MODEL_CONTROL_MODE", "manual", "expected one of none, explicit, poll"),
         ("RAPIDSERVE_LOG_LEVEL", "loud", "expected one of DEBUG"),
+        ("RAPIDSERVE_FRONTENDS", "many", "expected a number of processes or auto"),
+        ("RAPIDSERVE_FRONTENDS", "0", "expected at least 1"),
     ],
 )
 def test_a_bad_variable_is_one_line_naming_it_and_its_value(
@@ -163,6 +165,26 @@ def test_batching_mode_reaches_the_settings_from_the_flag_and_the_variable(
     monkeypatch.setenv("RAPIDSERVE_BATCHING_MODE", "fixed")
     assert mode() == "fixed"
     assert mode("--batching-mode", "adaptive") == "adaptive"  # a flag wins over the variable
+
+
+def test_frontends_reach_the_settings_and_auto_is_the_usable_cores_at_most_8(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("RAPIDSERVE_FRONTENDS", raising=False)
+    repository = ["--model-repository", str(tmp_path)]
+
+    def frontends(*argv: str) -> int:
+        settings, _ = _serve.settings_of(cli._parser().parse_args(["serve", *repository, *argv]))
+        return int(settings.frontends)
+
+    assert frontends() == 1
+    assert frontends("--frontends", "3") == 3
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(12)))
+    assert frontends("--frontends", "auto") == 8
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 5, 7})
+    assert frontends("--frontends", "AUTO") == 3
+    monkeypatch.setenv("RAPIDSERVE_FRONTENDS", "2")
+    assert frontends() == 2
 
 
 def test_a_bad_batching_mode_variable_is_one_line_and_status_2(
