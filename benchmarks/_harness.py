@@ -207,25 +207,36 @@ def in_process(
 
 
 class Server:
-    """A server subprocess pinned to one core; ``cpu_seconds()`` reads its user+system time. ``port`` is
-    the one it says it listens on (gRPC); ``http_port`` rapidserve's HTTP port, when it serves one."""
+    """A server subprocess pinned to one core (or a taskset list such as "0-3"; its children inherit it);
+    ``cpu_seconds()`` reads its user+system time. ``port`` is the one it says it listens on (gRPC);
+    ``http_port`` rapidserve's HTTP port and ``metrics_port`` its /metrics port, when it serves them."""
 
-    def __init__(self, command: list[str], core: int = 0, ready_line: str = "", env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        command: list[str],
+        core: int | str = 0,
+        ready_line: str = "",
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+    ):
         self.proc = subprocess.Popen(
             ["taskset", "-c", str(core), *command],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
             env={**os.environ, **(env or {})},
+            cwd=cwd,
         )
         assert self.proc.stdout is not None
-        self.port = self.http_port = 0
+        self.port = self.http_port = self.metrics_port = 0
         for line in self.proc.stdout:
             if match := re.search(r"(HTTP server )?listening on [\w.:]*?:(\d+)", line):
                 if match.group(1):
                     self.http_port = int(match.group(2))
                 else:
                     self.port = int(match.group(2))
+            if match := re.search(r"Prometheus metrics at http://[\w.:\[\]]*?:(\d+)/metrics", line):
+                self.metrics_port = int(match.group(1))
             if self.port and ready_line in line:
                 break
         else:
@@ -234,9 +245,13 @@ class Server:
         self._drain = subprocess.Popen(["cat"], stdin=self.proc.stdout, stdout=subprocess.DEVNULL)
 
     @classmethod
-    def rapidserve(cls, repo: Path, *flags: str, core: int = 0) -> Server:
+    def rapidserve(
+        cls, repo: Path, *flags: str, core: int | str = 0, python: str | None = None, cwd: str | None = None
+    ) -> Server:
+        """``python``: another installation's interpreter (run it with a ``cwd`` outside this repository,
+        so that ``-m rapidserve`` does not import this checkout's folder)."""
         command = [
-            sys.executable,
+            python or sys.executable,
             "-m",
             "rapidserve",
             "serve",
@@ -254,7 +269,7 @@ class Server:
             "INFO",
             *flags,
         ]
-        return cls(command, core, ready_line="server ready")
+        return cls(command, core, ready_line="server ready", cwd=cwd)
 
     @property
     def url(self) -> str:
@@ -306,7 +321,7 @@ def perf_analyzer(
     concurrency: int,
     *,
     streaming: bool = False,
-    core: int = 1,
+    core: int | str = 1,
     interval_ms: int = 3000,
     stability: int = 15,
     async_mode: bool = False,
@@ -354,7 +369,7 @@ def bench(
     concurrency: int | None = None,
     request_rate: float | None = None,
     streaming: bool = False,
-    core: int = 1,
+    core: int | str = 1,
     interval_ms: int = 3000,
     stability: int = 15,
     extra: Sequence[str] = (),

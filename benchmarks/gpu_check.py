@@ -11,7 +11,10 @@ ONNX Runtime on CUDA and TensorRT are reported as not checked where onnxruntime-
 absent. Runs from the source tree where rapidserve is not installed (it links the folders into a
 temporary ``rapidserve`` package), with whatever torch the machine has.
 
-    python benchmarks/gpu_check.py [--seconds 2] [--skip-tests]
+    python benchmarks/gpu_check.py [--seconds 2] [--skip-tests] [--frontends N]
+
+``--frontends N`` serves with N front-end processes in front of the engine process (``serve --frontends``);
+run it at 1 and at 4 to compare what each serves against the in-process rate.
 """
 
 from __future__ import annotations
@@ -115,7 +118,7 @@ def bucket_for(batch: int, buckets: tuple[int, ...]) -> int | None:
     return choose(batch, buckets)
 
 
-def served(seconds: float, tmp: Path) -> list[dict[str, Any]]:
+def served(seconds: float, tmp: Path, frontends: int = 1) -> list[dict[str, Any]]:
     import torch
 
     repo = tmp / "repo"
@@ -136,7 +139,7 @@ def served(seconds: float, tmp: Path) -> list[dict[str, Any]]:
     with log_path.open("w") as log_file:
         server = subprocess.Popen(
             [sys.executable, "-m", "rapidserve", "serve", "--model-repository", str(repo), "--grpc-port", "18601",
-             "--metrics-port", "0", "--host", "127.0.0.1"],
+             "--metrics-port", "0", "--host", "127.0.0.1", "--frontends", str(frontends)],
             stdout=log_file, stderr=subprocess.STDOUT, text=True, env=env,
         )  # fmt: skip
     rows = []
@@ -165,6 +168,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--skip-tests", action="store_true")
+    parser.add_argument("--frontends", type=int, default=1, help="the server's front-end processes")
     args = parser.parse_args()
     if importlib.util.find_spec("rapidserve.server") is None:  # not installed: use this source tree
         shim = importable_source_tree(Path(tempfile.mkdtemp(prefix="rapidserve-src-")))
@@ -190,9 +194,9 @@ def main() -> int:
     for mode, by_batch in local.items():
         print(f"{mode:16}" + "".join(f"{rate:>10,.0f} {ms:6.2f}ms" for rate, ms in by_batch.values()))
     with tempfile.TemporaryDirectory() as tmp:
-        rows = served(args.seconds, Path(tmp))
+        rows = served(args.seconds, Path(tmp), args.frontends)
     graphs = local["fp16 + graphs"]
-    print("\nserved (PyTorch engine, FP16, CUDA graphs, dynamic batching), rapidserve bench")
+    print(f"\nserved (PyTorch engine, FP16, CUDA graphs, batching, {args.frontends} front ends), rapidserve bench")
     print(f"{'conc':>5} {'infer/s':>9} {'p99 ms':>8} {'avg batch':>10} {'x in-process':>13}")
     for row in rows:
         avg = row.get("server_avg_batch") or 1
