@@ -126,8 +126,11 @@ def check(one: Server, two: Server, models: list[str], requests: int) -> list[st
     """N = 2 against N = 1: the same answers (requests one at a time, so that batches are the same), the
     fixed model's answers equal to 2 x the input also when many come at once, and N = 2's /metrics counting
     every request sent. Returns what went wrong (nothing: an empty list)."""
-    import tritonclient.grpc as grpc_client
-    import tritonclient.http as http_client
+    try:
+        import tritonclient.grpc as grpc_client
+        import tritonclient.http as http_client
+    except ImportError as exc:
+        raise SystemExit(f"the N = 2 check needs tritonclient[grpc,http] ({exc}); or pass --skip-check") from exc
 
     problems: list[str] = []
     rng = np.random.default_rng(0)
