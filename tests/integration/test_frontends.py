@@ -593,22 +593,23 @@ def test_an_engine_killed_takes_its_front_ends_down(cli_repo: Path) -> None:
 
 
 @pytest.mark.slow
-def test_a_busy_grpc_port_fails_at_once_and_starts_no_front_end(cli_repo: Path) -> None:
+@pytest.mark.parametrize("flag", ["--grpc-port", "--http-port"])
+def test_a_busy_port_fails_at_once_and_starts_no_front_end(cli_repo: Path, flag: str) -> None:
     mark = uuid.uuid4().hex
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
+        ports = {"--grpc-port": "0", "--http-port": "0", "--metrics-port": "0", flag: str(port)}
         command = [sys.executable, "-m", "rapidserve", "serve", "--frontends", "2", "--host", "127.0.0.1",
-                   "--grpc-port", str(port), "--http-port", "0", "--metrics-port", "0",
-                   "--model-repository", str(cli_repo)]  # fmt: skip
+                   *(item for pair in ports.items() for item in pair), "--model-repository", str(cli_repo)]  # fmt: skip
         done = subprocess.run(
             command, capture_output=True, text=True, timeout=60, env={**os.environ, "FRONTENDS_TEST_MARK": mark}
         )
     output = done.stdout + done.stderr
     assert done.returncode != 0, output
-    assert str(port) in output and "--grpc-port" in output, output
-    assert "server ready" not in output
+    assert str(port) in output and flag in output, output
+    assert "listening" not in output and "server ready" not in output, output  # it stopped before serving anything
     assert marked(mark) == []
 
 
