@@ -51,7 +51,6 @@ class EngineLink:
         self.stats = stats  # the edge's own records, which the engine's /metrics adds up
         self._pending: dict[int, tuple[asyncio.Future[dict[str, Any]], int]] = {}
         self._seq = itertools.count()
-        self._frees: list[int] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread = 0
         self.handlers: dict[str, Callable[..., None]] = {}  # the engine's notices, by kind
@@ -137,20 +136,12 @@ class EngineLink:
             self.handlers[kind](*message[1:])
 
     def _answer_done(self, block: int) -> None:
-        """The last view of an answer is gone (after encoding): the engine may reuse its block."""
+        """The last view of an answer is gone (after encoding): the engine may reuse its block. The
+        notice rides with the next request's frame (or goes on its own a moment later)."""
         if threading.get_ident() == self._thread:
-            self._free_answer(block)
+            self.channel.later(("free", (block,)))
         elif self._loop is not None:
-            self._loop.call_soon_threadsafe(self._free_answer, block)
-
-    def _free_answer(self, block: int) -> None:
-        if not self._frees:
-            asyncio.get_running_loop().call_soon(self._send_frees)
-        self._frees.append(block)
-
-    def _send_frees(self) -> None:
-        frees, self._frees = self._frees, []
-        self.channel.send(("free", frees))
+            self._loop.call_soon_threadsafe(self.channel.later, ("free", (block,)))
 
     def _fail_all(self, error: RapidServeError) -> None:
         pending, self._pending = self._pending, {}
