@@ -1,0 +1,170 @@
+"""The engine's side of one front end's channel: its requests served through the model manager (the
+cache, the batchers, the statistics), their answers written back to shared memory, its control calls.
+One per process start, with that start's memory."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from rapidserve.server.errors import RapidServeError, TooLarge
+from rapidserve.server.frontend.channel import Channel
+from rapidserve.server.frontend.remote import error_of
+from rapidserve.server.frontend.shm import Arena, views
+from rapidserve.server.manager import ModelManager
+from rapidserve.server.stats import ServerStats
+from rapidserve.server.types import InferRequest
+
+__all__ = ["FrontendHandler"]
+
+log = logging.getLogger("rapidserve.server.app")
+
+
+class FrontendHandler:
+    """The engine's side of one front end's channel (one per process start, with its own memory)."""
+
+    def __init__(
+        self,
+        manager: ModelManager,
+        channel: Channel,
+        requests: Arena,
+        answers: Arena,
+        index: int,
+        stats: ServerStats,
+        *,
+        frontend: Any,
+    ) -> None:
+        """``stats`` counts failures naming no model found here; ``frontend`` hears of its process's
+        notices (``serving()``, ``answered(token, value)``)."""
+        self._frontend = frontend
+        self._manager = manager
+        self._index = index
+        self._stats = stats
+        self._channel = channel
+        self._requests = requests
+        self._answers = answers
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._started: dict[int, tuple[Any, Any]] = {}  # requests in a batcher, by the front end's number
+
+    def handle(self, message: tuple[Any, ...]) -> None:
+        kind = message[0]
+        if kind == "infer":
+            self._infer(*message[1:])
+        elif kind == "cancel":
+            self._cancel(message[1])
+        elif kind == "free":
+            for block in message[1]:
+                self._answers.free(block)
+        elif kind == "rejected":
+            _, name, version, error_kind, text = message
+            with contextlib.suppress(RapidServeError):
+                self._manager.get(name, str(version)).rejected(error_of(error_kind, text))
+        elif kind == "call":
+            self._spawn(self._call(*message[1:]))
+        elif kind == "answer":
+            self._frontend.answered(message[1], message[2])
+        elif kind == "serving":
+            self._frontend.serving()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _infer(
+        self, seq: int, name: str, version: int, asked: str, request_id: str, parameters: dict[str, Any],
+        deadline: float | None, headers: Any, outputs: tuple[str, ...], key: bytes | None,
+    ) -> None:  # fmt: skip
+        """Serve one request: the version the client asked for (the one the front end checked the request
+        against, unless a reload replaced it meanwhile), through the cache or straight to the batcher."""
+        try:
+            model = self._manager.get(name, asked)
+        except RapidServeError as exc:
+            self._stats.failed(exc.reason)
+            self._error(seq, exc)
+            return
+        same = model.version == version
+        request = InferRequest(
+            name, asked, views(self._requests, headers), outputs, request_id, parameters, deadline, checked=same
+        )
+        if model.caches:
+            self._spawn(self._cached(seq, model, request, key if same else None))
+            return
+        try:
+            started = model.start(request)
+        except RapidServeError as exc:
+            self._error(seq, exc)
+            return
+        self._started[seq] = (model, started)
+        started.future.add_done_callback(lambda _: self._finished(seq, model, started))
+
+    async def _cached(self, seq: int, model: Any, request: InferRequest, key: bytes | None) -> None:
+        try:
+            response = await model.infer(request, key)
+        except (Exception, asyncio.CancelledError) as exc:
+            self._error(seq, exc)
+            return
+        self._answer(seq, response.outputs)
+
+    def _cancel(self, seq: int) -> None:
+        """The client left: its request leaves the queue if it is still there (a running one finishes,
+        as its inputs are in use; a cached model's request finishes too, and fills the cache)."""
+        entry = self._started.get(seq)
+        if entry is not None:
+            model, started = entry
+            model.withdraw(started)
+
+    def _finished(self, seq: int, model: Any, started: Any) -> None:
+        self._started.pop(seq, None)
+        try:
+            response = model.finish(started)
+        except (Exception, asyncio.CancelledError) as exc:
+            self._error(seq, exc)
+            return
+        self._answer(seq, response.outputs)
+
+    def _answer(self, seq: int, outputs: dict[str, Any]) -> None:
+        if self._channel.closed:
+            return  # the front end is gone, and its client with it
+        written = self._answers.write(outputs)
+        if written is None:
+            size = sum(a.nbytes for a in outputs.values())
+            self._error(seq, TooLarge(
+                f"the shared memory for answers to front end {self._index} is full ({self._answers.size} "
+                f"bytes, --frontend-shm-bytes) with an answer of {size} bytes waiting; retry later or raise it"
+            ))  # fmt: skip
+            return
+        self._channel.send(("result", seq, *written))
+
+    def _error(self, seq: int, error: BaseException) -> None:
+        """Send the error for the front end to raise (anything not ours is INTERNAL there, and logged here)."""
+        if isinstance(error, RapidServeError):
+            self._channel.send(("error", seq, type(error).__name__, str(error)))
+            return
+        if not isinstance(error, asyncio.CancelledError):
+            log.error("request of front end %d failed unexpectedly", self._index, exc_info=error)
+        self._channel.send(("error", seq, "RapidServeError", f"the engine failed: {type(error).__name__}"))
+
+    async def _call(self, seq: int, op: str, args: tuple[Any, ...]) -> None:
+        manager = self._manager
+        try:
+            if op == "load":
+                name, config_json, files = args
+                value: Any = await manager.load(name, config_json=config_json, files=files)
+            elif op == "unload":
+                value = await manager.unload(*args)
+            elif op == "index":
+                value = await manager.listing(*args)
+            elif op == "statistics":
+                value = (await manager.statistics(*args)).SerializeToString()
+            else:
+                raise RapidServeError(f"unknown call {op!r}")
+        except RapidServeError as exc:
+            self._channel.send(("reply", seq, False, (type(exc).__name__, str(exc))))
+        except Exception as exc:
+            log.exception("front end call %s failed", op)
+            self._channel.send(("reply", seq, False, ("RapidServeError", f"{op} failed: {type(exc).__name__}")))
+        else:
+            self._channel.send(("reply", seq, True, value))
