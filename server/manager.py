@@ -406,6 +406,8 @@ class ModelManager:
         async with self._hold(name) as model:
             previous_state = model.state
             model.state = LOADING if not model.versions else model.state
+            if model.state != previous_state:
+                self._changed()  # (front-end processes' mirrors say "loading" too)
             directory = upload = None
             try:
                 if files:
