@@ -99,3 +99,40 @@ async def test_receive_after_the_peer_closed_with_nothing_sent_is_channel_closed
         await b.receive()
     with pytest.raises(ChannelClosed):
         await b.receive()
+
+
+async def test_a_message_that_may_wait_rides_with_the_next_frame_in_order(pair: tuple[Channel, Channel]) -> None:
+    a, b = pair
+    a.later(("free", 1))
+    await next_turn()
+    a.later(("free", 2))
+    a.send(("infer", 3))  # the next frame takes the waiting ones along, in the order they were sent
+    assert await b.receive() == [("free", 1), ("free", 2), ("infer", 3)]
+
+
+async def test_a_message_that_may_wait_goes_alone_when_nothing_else_is_sent(pair: tuple[Channel, Channel]) -> None:
+    a, b = pair
+    a.later(("free", 1))
+    assert await asyncio.wait_for(b.receive(), 10) == [("free", 1)]
+
+
+async def test_a_message_whose_handling_fails_does_not_stop_the_others(
+    pair: tuple[Channel, Channel], caplog: pytest.LogCaptureFixture
+) -> None:
+    a, b = pair
+    seen: list[int] = []
+
+    def handle(message: tuple[str, int]) -> None:
+        if message[1] == 2:
+            raise ValueError("a bug in one message's handling")
+        seen.append(message[1])
+
+    serving = asyncio.create_task(b.serve(handle))
+    for i in range(5):
+        a.send(("infer", i))  # one frame: the failure is in the middle of it
+    await next_turn()
+    a.close()
+    with pytest.raises(ChannelClosed):
+        await serving
+    assert seen == [0, 1, 3, 4]
+    assert "control message 'infer' failed" in caplog.text
