@@ -5,10 +5,12 @@ taking every process along, and the new surface (shared memory, the engine chann
 Which front end serves a connection is the kernel's choice (SO_REUSEPORT hashes each new connection), so
 the tests open new connections until one lands where they need it, told by the front ends' own records.
 
-Covered elsewhere, with ``frontends=2`` among its parameters, and not repeated here:
+Covered elsewhere and not repeated here:
 - a reload under load loses nothing, for a new version directory and for the same version uploaded
-  again: tests/integration/test_reload_under_load.py;
-- a Python model.py upload is refused and its code never runs: tests/security/test_repository_attacks.py.
+  again: tests/integration/test_reload_under_load.py (run with ``frontends=2`` too);
+- a Python model.py upload is refused and its code never runs: tests/security/test_repository_attacks.py
+  (in one process; with front ends the refusal is the same, in the engine's model manager, which a
+  front end's load call reaches as tests/integration/test_model_control.py checks with ``frontends=2``).
 """
 
 from __future__ import annotations
