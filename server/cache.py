@@ -126,15 +126,19 @@ class PredictionCache:
 
     def put(self, key: bytes, model: str, arrays: Arrays, generation: int | None = None) -> bool:
         """Insert a copy of ``arrays``; False when it does not fit or the model was reloaded since."""
+        return self._store(key, model, arrays, generation) is not None
+
+    def _store(self, key: bytes, model: str, arrays: Arrays, generation: int | None) -> Arrays | None:
+        """``put``, returning the stored copy (None where nothing was stored)."""
         if generation is not None and generation != self._generation.get(model, 0):
-            return False
+            return None
         if key in self._entries:
-            return False
+            return None
         frozen = {name: _frozen_copy(a) for name, a in arrays.items()}
         nbytes = _ENTRY_BYTES + sys.getsizeof(key) + sys.getsizeof(frozen) + sum(map(_held, frozen.values()))
         new_model = model not in self._by_model
         if nbytes + (_MODEL_BYTES if new_model else 0) > self.capacity_bytes:
-            return False
+            return None
         while self._entries and self.used_bytes + nbytes + (_MODEL_BYTES if new_model else 0) > self.capacity_bytes:
             self._evict()
             new_model = model not in self._by_model
@@ -145,7 +149,7 @@ class PredictionCache:
             self.used_bytes += _MODEL_BYTES
         keys.add(key)
         self.used_bytes += nbytes
-        return True
+        return frozen
 
     def generation(self, model: str) -> int:
         return self._generation.get(model, 0)
@@ -224,8 +228,10 @@ class PredictionCache:
             if self._inflight.get(key) is future:
                 del self._inflight[key]
                 del self._inflight_model[key]
-        self.put(key, model, result, generation)
-        future.set_result(result)
+        # Joiners get a copy of their own: the outputs may be views of the leader's inputs (a model that
+        # returns an input), whose memory the leader's caller may reuse once it has its answer.
+        stored = self._store(key, model, result, generation)
+        future.set_result(stored if stored is not None else {n: _frozen_copy(a) for n, a in result.items()})
         return result, "miss"
 
     def _evict(self) -> None:

@@ -133,6 +133,30 @@ async def test_a_cancelled_leader_hands_over_and_failures_reach_joiners() -> Non
     assert cache.get(b"z" * 16) is None
 
 
+@pytest.mark.parametrize("capacity", [1 << 20, 64], ids=["stored", "too-large-to-store"])
+async def test_joiners_get_answers_of_their_own_not_views_of_the_leaders_inputs(capacity: int) -> None:
+    """A model may return its input (a view): once the leader's caller has its answer it may reuse that
+    memory (a front end's shared-memory block), which must not change what the joiners were given."""
+    cache = PredictionCache(capacity)
+    leader_input = np.arange(32, dtype=np.float32)
+    gate = asyncio.Event()
+
+    async def identity() -> dict[str, np.ndarray]:
+        await gate.wait()
+        return {"y": leader_input[:]}  # a view, as a pass-through model answers
+
+    leader = asyncio.ensure_future(cache.get_or_compute(b"k" * 16, "m", identity))
+    await asyncio.sleep(0)
+    joiners = [asyncio.ensure_future(cache.get_or_compute(b"k" * 16, "m", identity)) for _ in range(3)]
+    await asyncio.sleep(0)
+    gate.set()
+    (_, first), *joined = await asyncio.gather(leader, *joiners)
+    leader_input[:] = -1  # the leader's memory reused for another request
+    assert first == "miss" and [outcome for _, outcome in joined] == ["join"] * 3
+    for answer, _ in joined:
+        np.testing.assert_array_equal(answer["y"], np.arange(32, dtype=np.float32))
+
+
 def test_the_key_from_wire_bytes_equals_the_key_from_decoded_arrays() -> None:
     from rapidserve.common.codec import encode_request
     from rapidserve.server import codec
