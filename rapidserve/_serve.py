@@ -289,6 +289,17 @@ def settings_of(args: argparse.Namespace) -> tuple[Any, bool]:
             "--max-inflight-bytes must be 0 (no budget) or at least twice --grpc-max-message-bytes (a message "
             "being read, and its hand-over copy)"
         )
+    if args.frontends > 1:
+        if args.frontend_shm_bytes < args.grpc_max_message_bytes:
+            raise ValueError(
+                "--frontend-shm-bytes must be at least --grpc-max-message-bytes (a request or answer of the "
+                "largest size must fit)"
+            )
+        if args.max_inflight_bytes and args.max_inflight_bytes < args.frontends * 2 * args.grpc_max_message_bytes:
+            raise ValueError(
+                f"--max-inflight-bytes must be 0 or at least {args.frontends} x twice --grpc-max-message-bytes with "
+                f"--frontends {args.frontends} (each front end takes 1/N of it)"
+            )
     if args.allow_code_models_upload and not args.allow_model_upload:
         raise ValueError("--allow-code-models-upload needs --allow-model-upload")
     settings = ServerSettings(

@@ -133,6 +133,10 @@ class EngineServer:
         self._reserved.append(reservation)
         return int(reservation.getsockname()[1])
 
+    async def synced(self) -> None:
+        """Returns once every front end has handled the model tables pushed so far (each answers in order)."""
+        await asyncio.gather(*(frontend.ask("sync") for frontend in self.frontends))
+
     def _push_table(self) -> None:
         table = self.manager.mirror()
         for frontend in self.frontends:
@@ -267,13 +271,14 @@ class Frontend:
             try:
                 await self._spawn()
                 self.restarts += 1
-            except (OSError, RapidServeError) as exc:
+            except Exception as exc:  # (the watcher must go on: the next exit is tried again)
                 log.error("front end %d could not be started again: %s", self.index, exc)
 
     async def _serve(self, channel: Channel, requests: Arena, answers: Arena) -> None:
         handler = FrontendHandler(
-            self._manager, channel, requests, answers, self.index, self._engine._own, frontend=self
-        )
+            self._manager, channel, requests, answers, self.index, self._engine._own, frontend=self,
+            synced=self._engine.synced,
+        )  # fmt: skip
         try:
             await channel.serve(handler.handle)
         except ChannelClosed:

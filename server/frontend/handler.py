@@ -7,12 +7,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from rapidserve.server.errors import RapidServeError, TooLarge
+from rapidserve.server.errors import RapidServeError
 from rapidserve.server.frontend.channel import Channel
 from rapidserve.server.frontend.remote import error_of
-from rapidserve.server.frontend.shm import Arena, views
+from rapidserve.server.frontend.shm import Arena, no_room, views
 from rapidserve.server.manager import ModelManager
 from rapidserve.server.stats import ServerStats
 from rapidserve.server.types import InferRequest
@@ -35,10 +36,14 @@ class FrontendHandler:
         stats: ServerStats,
         *,
         frontend: Any,
+        synced: Callable[[], Awaitable[None]],
     ) -> None:
         """``stats`` counts failures naming no model found here; ``frontend`` hears of its process's
-        notices (``serving()``, ``answered(token, value)``)."""
+        notices (``serving()``, ``answered(token, value)``); ``synced()`` returns once every front end
+        has the model table as it is now (a load or unload is answered after that, so that a client
+        sees the model on any front end once the call returns)."""
         self._frontend = frontend
+        self._synced = synced
         self._manager = manager
         self._index = index
         self._stats = stats
@@ -74,8 +79,8 @@ class FrontendHandler:
         task.add_done_callback(self._tasks.discard)
 
     def _infer(
-        self, seq: int, name: str, version: int, asked: str, request_id: str, parameters: dict[str, Any],
-        deadline: float | None, headers: Any, outputs: tuple[str, ...], key: bytes | None,
+        self, seq: int, name: str, version: int, identity: int, asked: str, request_id: str,
+        parameters: dict[str, Any], deadline: float | None, headers: Any, outputs: tuple[str, ...], key: bytes | None,
     ) -> None:  # fmt: skip
         """Serve one request: the version the client asked for (the one the front end checked the request
         against, unless a reload replaced it meanwhile), through the cache or straight to the batcher."""
@@ -85,7 +90,7 @@ class FrontendHandler:
             self._stats.failed(exc.reason)
             self._error(seq, exc)
             return
-        same = model.version == version
+        same = id(model) == identity  # the version the front end checked it against (not a reload of it)
         request = InferRequest(
             name, asked, views(self._requests, headers), outputs, request_id, parameters, deadline, checked=same
         )
@@ -103,10 +108,9 @@ class FrontendHandler:
     async def _cached(self, seq: int, model: Any, request: InferRequest, key: bytes | None) -> None:
         try:
             response = await model.infer(request, key)
+            self._answer(seq, response)
         except (Exception, asyncio.CancelledError) as exc:
             self._error(seq, exc)
-            return
-        self._answer(seq, response.outputs)
 
     def _cancel(self, seq: int) -> None:
         """The client left: its request leaves the queue if it is still there (a running one finishes,
@@ -119,24 +123,18 @@ class FrontendHandler:
     def _finished(self, seq: int, model: Any, started: Any) -> None:
         self._started.pop(seq, None)
         try:
-            response = model.finish(started)
+            self._answer(seq, model.finish(started))
         except (Exception, asyncio.CancelledError) as exc:
             self._error(seq, exc)
-            return
-        self._answer(seq, response.outputs)
 
-    def _answer(self, seq: int, outputs: dict[str, Any]) -> None:
+    def _answer(self, seq: int, response: Any) -> None:
+        """Write the answer into shared memory and say where; raises where it does not fit."""
         if self._channel.closed:
             return  # the front end is gone, and its client with it
-        written = self._answers.write(outputs)
+        written = self._answers.write(response.outputs)
         if written is None:
-            size = sum(a.nbytes for a in outputs.values())
-            self._error(seq, TooLarge(
-                f"the shared memory for answers to front end {self._index} is full ({self._answers.size} "
-                f"bytes, --frontend-shm-bytes) with an answer of {size} bytes waiting; retry later or raise it"
-            ))  # fmt: skip
-            return
-        self._channel.send(("result", seq, *written))
+            raise no_room(self._answers, f"an answer to front end {self._index}")
+        self._channel.send(("result", seq, response.model_version, *written))
 
     def _error(self, seq: int, error: BaseException) -> None:
         """Send the error for the front end to raise (anything not ours is INTERNAL there, and logged here)."""
@@ -153,8 +151,10 @@ class FrontendHandler:
             if op == "load":
                 name, config_json, files = args
                 value: Any = await manager.load(name, config_json=config_json, files=files)
+                await self._synced()
             elif op == "unload":
                 value = await manager.unload(*args)
+                await self._synced()
             elif op == "index":
                 value = await manager.listing(*args)
             elif op == "statistics":

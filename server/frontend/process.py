@@ -40,6 +40,7 @@ async def _run(sock_fd: int, requests_fd: int, answers_fd: int, index: int) -> i
     drain = asyncio.Event()
     link.handlers["drain"] = drain.set
     link.answers["reload_certificates"] = server.reload_certificates
+    link.answers["sync"] = lambda: True  # (answered after every table sent before the question)
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, drain.set)  # (SIGINT goes to the engine, which drains us)
     reader = asyncio.create_task(link.run(early))

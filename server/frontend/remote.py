@@ -20,9 +20,9 @@ from typing import Any
 
 from rapidserve import protos
 from rapidserve.server import errors
-from rapidserve.server.errors import RapidServeError, TooLarge, Unavailable
+from rapidserve.server.errors import RapidServeError, Unavailable
 from rapidserve.server.frontend.channel import Channel
-from rapidserve.server.frontend.shm import Arena
+from rapidserve.server.frontend.shm import Arena, no_room
 from rapidserve.server.manager import IndexEntry, ModelManager, _Model, load_refusal
 from rapidserve.server.model import Started
 from rapidserve.server.stats import ServerStats
@@ -70,24 +70,22 @@ class EngineLink:
         finally:
             self._fail_all(Unavailable(ENGINE_GONE))
 
-    def submit(self, request: InferRequest, version: int, outputs: tuple[str, ...], key: bytes | None) -> Any:
-        """Send a validated request; the future resolves to its output arrays (views until encoded)."""
+    def submit(self, request: InferRequest, model: RemoteModel, outputs: tuple[str, ...], key: bytes | None) -> Any:
+        """Send a request validated against ``model``; the future resolves to (the output arrays, views until
+        encoded; the version that ran them)."""
         if self.channel.closed:
             raise Unavailable(ENGINE_GONE)
         written = self._requests.write(request.inputs)
         if written is None:
-            raise TooLarge(
-                f"the shared memory for requests on their way to the engine is full ({self._requests.size} bytes, "
-                "--frontend-shm-bytes); retry later or raise it"
-            )
+            raise no_room(self._requests, "a request on its way to the engine")
         headers, block = written
         seq = next(self._seq)
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending[seq] = (future, block)
         future.add_done_callback(functools.partial(self._settled, seq))
         self.channel.send(
-            ("infer", seq, request.model_name, version, request.model_version, request.id, request.parameters,
-             request.deadline, headers, outputs, key)
+            ("infer", seq, request.model_name, model.version, model.identity, request.model_version, request.id,
+             request.parameters, request.deadline, headers, outputs, key)
         )  # fmt: skip
         return future
 
@@ -112,12 +110,12 @@ class EngineLink:
     def _handle(self, message: tuple[Any, ...]) -> None:
         kind = message[0]
         if kind == "result":
-            _, seq, headers, block = message
+            _, seq, version, headers, block = message
             future, request_block = self._pending.pop(seq)
             self._requests.free(request_block)
             arrays = self._answers.lend(headers, block)
             if not future.done():
-                future.set_result(arrays)
+                future.set_result((arrays, version))
         elif kind == "error":
             _, seq, error_kind, text = message
             future, request_block = self._pending.pop(seq)
@@ -157,8 +155,11 @@ class EngineLink:
 class RemoteModel:
     """A model version served by the engine process, as the edge sees it."""
 
-    def __init__(self, link: EngineLink, name: str, version: int, config: Any, spec: Any, caches: bool) -> None:
+    def __init__(
+        self, link: EngineLink, name: str, version: int, config: Any, spec: Any, caches: bool, identity: int = 0
+    ) -> None:
         self._link = link
+        self.identity = identity  # the engine's version object this mirrors (a reload makes a new one)
         self.name = name
         self.version = version
         self.config = config
@@ -191,7 +192,7 @@ class RemoteModel:
             if not request.checked:
                 self.spec.validate(request)
             outputs = request.outputs or self._output_names
-            future = self._link.submit(request, self.version, outputs, None)
+            future = self._link.submit(request, self, outputs, None)
         except RapidServeError as exc:
             self.rejected(exc)
             raise
@@ -200,20 +201,20 @@ class RemoteModel:
     def finish(self, started: Started, error: BaseException | None = None) -> InferResponse:
         if error is not None:
             raise error
-        arrays = started.future.result()
-        return InferResponse(self.name, str(self.version), {n: arrays[n] for n in started.outputs}, started.id)
+        arrays, version = started.future.result()
+        return InferResponse(self.name, version, {n: arrays[n] for n in started.outputs}, started.id)
 
     async def infer(self, request: InferRequest, cache_key: bytes | None = None) -> InferResponse:
         try:
             if not request.checked:
                 self.spec.validate(request)
             outputs = request.outputs or self._output_names
-            future = self._link.submit(request, self.version, outputs, cache_key)
+            future = self._link.submit(request, self, outputs, cache_key)
         except RapidServeError as exc:
             self.rejected(exc)
             raise
-        arrays = await future
-        return InferResponse(self.name, str(self.version), {n: arrays[n] for n in outputs}, request.id)
+        arrays, version = await future
+        return InferResponse(self.name, version, {n: arrays[n] for n in outputs}, request.id)
 
 
 class RemoteManager:
@@ -249,13 +250,11 @@ class RemoteManager:
             entry = models[name] = _Model(state=state, reason=reason)
             for version, identity, config_bytes, spec, caches in versions:
                 kept = old.versions.get(version) if old is not None else None
-                if kept is not None and getattr(kept, "identity", None) == identity:
+                if kept is not None and kept.identity == identity:
                     entry.versions[version] = kept
                     continue
                 config = protos.ModelConfig.FromString(config_bytes)
-                model = RemoteModel(self._link, name, version, config, spec, caches)
-                model.identity = identity  # type: ignore[attr-defined]
-                entry.versions[version] = model
+                entry.versions[version] = RemoteModel(self._link, name, version, config, spec, caches, identity)
         self._models = models
         self._ready = table["ready"]
         self.control_mode = table["control_mode"]

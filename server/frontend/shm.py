@@ -21,8 +21,9 @@ import numpy as np
 
 from rapidserve.common.codec import deserialize_bytes, serialize_bytes
 from rapidserve.common.datatypes import BYTES, datatype_of, numpy_dtype
+from rapidserve.server.errors import Overloaded, RapidServeError, TooLarge
 
-__all__ = ["ALIGN", "Arena", "TensorHeader", "views"]
+__all__ = ["ALIGN", "Arena", "TensorHeader", "no_room", "views"]
 
 ALIGN = 64  # every tensor starts on a cache line (and suits any dtype's alignment)
 
@@ -50,6 +51,7 @@ class Arena:
         self._free_sizes: dict[int, int] = {0: size}
         self._used: dict[int, int] = {}  # offset -> size of every allocated block
         self.on_lent_free: Callable[[int], None] | None = None
+        self.last_refused = 0  # the bytes of the last ``write`` that found no room
 
     @classmethod
     def create(cls, name: str, size: int) -> Arena:
@@ -104,6 +106,7 @@ class Arena:
             total += _aligned(len(data) if datatype == BYTES else array.nbytes)
         block = self.allocate(total)
         if block is None:
+            self.last_refused = total
             return None
         headers: list[TensorHeader] = []
         at = block
@@ -137,6 +140,17 @@ class Arena:
                 dtype = numpy_dtype(datatype)
                 arrays[name] = np.frombuffer(holder, dtype, count, offset - block).reshape(shape)
         return arrays
+
+
+def no_room(arena: Arena, what: str) -> RapidServeError:
+    """The error for a ``write`` that found no room: over the whole region it never fits (TooLarge);
+    otherwise the region is busy for now (Overloaded)."""
+    if arena.last_refused > arena.size:
+        return TooLarge(
+            f"{what} needs {arena.last_refused} bytes of shared memory, more than a front end has "
+            f"({arena.size} bytes, --frontend-shm-bytes); raise it"
+        )
+    return Overloaded(f"the shared memory for {what}s is full ({arena.size} bytes, --frontend-shm-bytes); retry later")
 
 
 def views(arena: Arena, headers: list[TensorHeader]) -> dict[str, np.ndarray[Any, Any]]:

@@ -187,6 +187,25 @@ def test_frontends_reach_the_settings_and_auto_is_the_usable_cores_at_most_8(
     assert frontends() == 2
 
 
+@pytest.mark.parametrize(
+    ("flags", "complaint"),
+    [
+        (["--frontend-shm-bytes", "1MiB"], "--frontend-shm-bytes must be at least --grpc-max-message-bytes"),
+        (["--max-inflight-bytes", "512MiB"], "--max-inflight-bytes must be 0 or at least 8 x twice"),
+    ],
+)
+def test_front_ends_need_room_for_the_largest_message_each(
+    flags: list[str], complaint: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Each front end must fit a request of the largest size in its shared memory and its budget share."""
+    monkeypatch.delenv("RAPIDSERVE_FRONTENDS", raising=False)
+    argv = ["serve", "--model-repository", str(tmp_path), "--frontends", "8", *flags]
+    with pytest.raises(ValueError, match=complaint):
+        _serve.settings_of(cli._parser().parse_args(argv))
+    settings, _ = _serve.settings_of(cli._parser().parse_args(["serve", "--model-repository", str(tmp_path), *flags]))
+    assert settings.frontends == 1  # (one process: nothing to divide)
+
+
 def test_a_bad_batching_mode_variable_is_one_line_and_status_2(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
