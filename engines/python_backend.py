@@ -105,7 +105,10 @@ class PythonEngine:
         """Run ``execute`` on the requests (each asks for ``outputs``, the batch's union); returns each
         request's outputs, or the exception it gets for an error response or a malformed one."""
         names = list(outputs)
-        batch = [pb.InferenceRequest([pb.Tensor(n, a) for n, a in inputs.items()], names) for inputs in requests]
+        batch = [  # writable inputs, as Triton gives them (ours may be views of a request's read-only bytes)
+            pb.InferenceRequest([pb.Tensor(n, a if a.flags.writeable else a.copy()) for n, a in inputs.items()], names)
+            for inputs in requests
+        ]
         try:
             responses = self._model.execute(batch)
             if inspect.iscoroutine(responses):  # Triton runs an ``async def execute`` to completion too
@@ -213,11 +216,18 @@ def _args(config: Any, path: Path, options: EngineOptions) -> dict[str, str]:
 
 
 def triton_json(config: Any) -> dict[str, Any]:
-    """The config as Triton hands it to a Python model: protobuf JSON with Triton's field names, and
-    ``dims`` (int64, which protobuf writes as strings) as numbers."""
+    """The config as Triton hands it to a Python model: protobuf JSON with Triton's field names, every
+    field present (``max_batch_size`` 0 included), and ``dims`` (int64, which protobuf writes as
+    strings) as numbers."""
     from google.protobuf import json_format
 
-    return _int_dims(json_format.MessageToDict(config, preserving_proto_field_name=True))
+    try:
+        data = json_format.MessageToDict(
+            config, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+        )
+    except TypeError:  # protobuf before 5.26 names the option differently
+        data = json_format.MessageToDict(config, preserving_proto_field_name=True, including_default_value_fields=True)
+    return _int_dims(data)
 
 
 def _int_dims(value: Any) -> Any:

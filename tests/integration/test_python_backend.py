@@ -245,7 +245,13 @@ def test_args_are_what_triton_passes_and_bytes_pass_through(tmp_path: Path, serv
     assert args["model_instance_name"] == "echo_0"
     config = json.loads(args["model_config"])
     assert config["name"] == "echo" and config["backend"] == "python"
-    assert config["input"] == [{"name": "text", "data_type": "TYPE_STRING", "dims": [-1]}]
+    (text_input,) = config["input"]
+    assert {k: text_input[k] for k in ("name", "data_type", "dims")} == {
+        "name": "text",
+        "data_type": "TYPE_STRING",
+        "dims": [-1],
+    }
+    assert config["max_batch_size"] == 0 and text_input["optional"] is False  # every field, as Triton prints
     assert [o["name"] for o in config["output"]] == ["echo", "args", "thread"]
 
 
@@ -477,3 +483,27 @@ def test_the_readme_example_runs_as_written(tmp_path: Path, serve) -> None:
         exec(client.replace("localhost:8001", server.url), {})  # the README's own snippet
     expected = re.search(r"# (\[\[b'HELLO'.*)", client)
     assert expected is not None and printed.getvalue().strip() == expected.group(1).strip()
+
+
+IN_PLACE = """
+    import triton_python_backend_utils as pb_utils
+
+    class TritonPythonModel:
+        def execute(self, requests):
+            responses = []
+            for request in requests:
+                x = pb_utils.get_input_tensor_by_name(request, "x").as_numpy()
+                x *= 3  # models may work on their inputs in place, as Triton's are writable
+                responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("y", x)]))
+            return responses
+"""
+
+
+@pytest.mark.frontends(1, 2)
+def test_inputs_are_writable_as_in_triton(tmp_path: Path, serve, frontends: int) -> None:
+    io = 'input [{ name: "x" data_type: TYPE_FP32 dims: [4] }]\noutput [{ name: "y" data_type: TYPE_FP32 dims: [4] }]\n'
+    write_python_model(tmp_path, "triple", IN_PLACE, f"max_batch_size: 8\n{io}")
+    server = serve(tmp_path)
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    with Client(server.url) as client:
+        np.testing.assert_array_equal(client.infer("triple", {"x": x})["y"], x * 3)
