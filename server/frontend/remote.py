@@ -188,14 +188,7 @@ class RemoteModel:
 
     def start(self, request: InferRequest) -> Started:
         start = time.monotonic_ns()
-        try:
-            if not request.checked:
-                self.spec.validate(request)
-            outputs = request.outputs or self._output_names
-            future = self._link.submit(request, self, outputs, None)
-        except RapidServeError as exc:
-            self.rejected(exc)
-            raise
+        future, outputs = self._send(request, None)
         return Started(future, outputs, start, request.id, request.deadline)
 
     def finish(self, started: Started, error: BaseException | None = None) -> InferResponse:
@@ -205,16 +198,20 @@ class RemoteModel:
         return InferResponse(self.name, version, {n: arrays[n] for n in started.outputs}, started.id)
 
     async def infer(self, request: InferRequest, cache_key: bytes | None = None) -> InferResponse:
+        future, outputs = self._send(request, cache_key)
+        arrays, version = await future
+        return InferResponse(self.name, version, {n: arrays[n] for n in outputs}, request.id)
+
+    def _send(self, request: InferRequest, cache_key: bytes | None) -> tuple[Any, tuple[str, ...]]:
+        """Validate (a refusal counts against the model in the engine) and send; the answer's future."""
         try:
             if not request.checked:
                 self.spec.validate(request)
             outputs = request.outputs or self._output_names
-            future = self._link.submit(request, self, outputs, cache_key)
+            return self._link.submit(request, self, outputs, cache_key), outputs
         except RapidServeError as exc:
             self.rejected(exc)
             raise
-        arrays, version = await future
-        return InferResponse(self.name, version, {n: arrays[n] for n in outputs}, request.id)
 
 
 class RemoteManager:
