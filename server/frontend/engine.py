@@ -242,6 +242,7 @@ class Frontend:
         channel.send(("models", self._manager.mirror()))
         reader = asyncio.create_task(self._serve(channel, self._requests, self._answers))
         self._tasks.add(reader)
+        reader.add_done_callback(self._tasks.discard)
         waiting = asyncio.ensure_future(self._serving)
         done, _ = await asyncio.wait((waiting, reader), timeout=START_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED)
         if waiting not in done:
