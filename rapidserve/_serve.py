@@ -89,6 +89,13 @@ def add_arguments(serve: argparse.ArgumentParser) -> None:
             "travel through, per front end and direction (taken only as used)")  # fmt: skip
     _number(serve, "cache-size", size, "256MiB", "bytes for the prediction cache of models with response_cache "
             "{ enable: true } (suffixes like 512KiB, 256MiB, 1GB; 0 disables it)")  # fmt: skip
+    serve.add_argument("--cache-redis", default=env("cache-redis"), metavar="URL",
+                       help="a Redis that every replica naming it shares as the cache's second level: "
+                       "redis://HOST:PORT/DB, rediss:// for TLS, a password as redis://:PASSWORD@HOST (needs the "
+                       "redis extra)")  # fmt: skip
+    _number(serve, "cache-redis-ttl-secs", int, 300, "seconds an answer stays in the Redis cache level")
+    _number(serve, "cache-redis-timeout-ms", float, 5, "the longest a request waits for Redis; slower, and it is "
+            "computed instead (errors are counted and Redis is skipped for a while)")  # fmt: skip
     serve.add_argument(
         "--log-level",
         type=choice(*LOG_LEVELS, upper=True),
@@ -300,6 +307,12 @@ def settings_of(args: argparse.Namespace) -> tuple[Any, bool]:
                 f"--max-inflight-bytes must be 0 or at least {args.frontends} x twice --grpc-max-message-bytes with "
                 f"--frontends {args.frontends} (each front end takes 1/N of it)"
             )
+    if args.cache_redis:
+        from rapidserve.server.cache_l2 import check_url
+
+        check_url(args.cache_redis)
+        if args.cache_redis_ttl_secs < 1 or not args.cache_redis_timeout_ms > 0:
+            raise ValueError("--cache-redis-ttl-secs must be at least 1 and --cache-redis-timeout-ms more than 0")
     if args.allow_code_models_upload and not args.allow_model_upload:
         raise ValueError("--allow-code-models-upload needs --allow-model-upload")
     settings = ServerSettings(
@@ -315,6 +328,9 @@ def settings_of(args: argparse.Namespace) -> tuple[Any, bool]:
         grace_period_s=args.exit_timeout_secs,
         batching_mode=args.batching_mode,
         cache_size_bytes=args.cache_size,
+        cache_redis_url=args.cache_redis or None,
+        cache_redis_ttl_s=args.cache_redis_ttl_secs,
+        cache_redis_timeout_ms=args.cache_redis_timeout_ms,
         metrics_port=args.metrics_port,
         metrics_enabled=not args.no_metrics,
         metrics_host=args.metrics_host,

@@ -51,7 +51,7 @@ def build_manager(settings: ServerSettings, on_change: Callable[[], None] | None
         poll_secs=settings.repository_poll_secs,
         load_threads=settings.model_load_threads,
         batching_mode=settings.batching_mode,
-        cache=PredictionCache(settings.cache_size_bytes) if settings.cache_size_bytes > 0 else None,
+        cache=_cache(settings),
         on_change=on_change,
         uploads=settings.uploads,
         max_message_bytes=settings.grpc_max_message_bytes,
@@ -61,6 +61,16 @@ def build_manager(settings: ServerSettings, on_change: Callable[[], None] | None
             for protocols, _, _ in (*settings.restricted_protocols, *settings.http_restricted_api)
         ),
     )
+
+
+def _cache(settings: ServerSettings) -> PredictionCache | None:
+    """The prediction cache: the in-process LRU (of size 0 when only Redis is asked for), and Redis behind it."""
+    if settings.cache_redis_url is None:
+        return PredictionCache(settings.cache_size_bytes) if settings.cache_size_bytes > 0 else None
+    from rapidserve.server.cache_l2 import SharedCache
+
+    shared = SharedCache(settings.cache_redis_url, settings.cache_redis_ttl_s, settings.cache_redis_timeout_ms / 1000)
+    return PredictionCache(settings.cache_size_bytes, shared)
 
 
 class InferenceServer:

@@ -20,7 +20,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import xxhash
@@ -28,6 +28,9 @@ import xxhash
 from rapidserve.common.codec import serialize_bytes
 from rapidserve.common.datatypes import datatype_of
 from rapidserve.server.errors import DeadlineExceeded, Overloaded, Unavailable
+
+if TYPE_CHECKING:
+    from rapidserve.server.cache_l2 import SharedCache
 
 __all__ = ["CacheEntry", "CacheStats", "KeyPart", "PredictionCache", "cache_key"]
 
@@ -76,8 +79,10 @@ def cache_key(model: str, version: int, inputs: Iterable[KeyPart], outputs: Sequ
 
 
 class PredictionCache:
-    def __init__(self, capacity_bytes: int) -> None:
+    def __init__(self, capacity_bytes: int, shared: SharedCache | None = None) -> None:
+        """``shared``: a second level (Redis) that the leader of a miss asks before computing."""
         self.capacity_bytes = capacity_bytes
+        self.shared = shared
         self.used_bytes = 0
         self.stats = CacheStats()
         self._entries: OrderedDict[bytes, CacheEntry] = OrderedDict()

@@ -154,6 +154,8 @@ class ModelManager:
             await asyncio.gather(*late, return_exceptions=True)
         self._loader.shutdown(wait=False, cancel_futures=True)
         self._uploads.cleanup()
+        if self.cache is not None and self.cache.shared is not None:
+            await self.cache.shared.close()
         return loading
 
     def startup_failures(self) -> list[tuple[str, str]]:
@@ -438,6 +440,8 @@ class ModelManager:
             model.upload = upload
             if self.cache is not None:
                 self.cache.drop_model(name)  # a reload of the same version must not serve old answers
+                if self.cache.shared is not None and self._started:  # nor, from the shared level, on any
+                    await self.cache.shared.bump(name)  # replica (a replica's start shares what others stored)
             model.versions = {lv.version: ModelVersion(name, lv, self._batching_mode, self.cache) for lv in loaded}
             model.state, model.reason = READY, ""
             versions = ", ".join(str(v) for v in sorted(model.versions))

@@ -130,6 +130,9 @@ def take_snapshot(manager: ModelManager, server: ServerStats) -> Snapshot:
             "entries": len(cache),
             "evictions": cache.stats.evictions,
         }
+        if cache.shared is not None:
+            shared = cache.shared.stats
+            snapshot.cache.update(l2_hits=shared.hits, l2_misses=shared.misses, l2_errors=shared.errors)
     return snapshot
 
 
@@ -249,6 +252,23 @@ class RapidServeCollector(Collector):
             yield CounterMetricFamily(
                 "rapidserve_cache_eviction", "Entries evicted to make room (all models).", snap.cache["evictions"]
             )
+            if "l2_errors" in snap.cache:
+                yield from _shared_families(snap.cache)
+
+
+def _shared_families(cache: dict[str, float]) -> Iterator[Metric]:
+    """The Redis cache level's lookups (all models), and its errors: each a request computed instead."""
+    yield CounterMetricFamily(
+        "rapidserve_cache_l2_hits", "Lookups answered by the shared (Redis) cache level.", cache["l2_hits"]
+    )
+    yield CounterMetricFamily(
+        "rapidserve_cache_l2_misses", "Lookups the shared (Redis) cache level could not answer.", cache["l2_misses"]
+    )
+    yield CounterMetricFamily(
+        "rapidserve_cache_l2_errors",
+        "Errors and timeouts talking to the shared (Redis) cache level, and stored values that did not decode.",
+        cache["l2_errors"],
+    )
 
 
 def _call_families(snap: Snapshot) -> Iterator[Metric]:

@@ -19,6 +19,7 @@ from rapidserve.common.datatypes import DATATYPES, datatype_of, numpy_dtype
 from rapidserve.engines.base import Engine
 from rapidserve.server.batcher import BatchRunner, DynamicBatcher, Instance, PerRequest
 from rapidserve.server.cache import CacheEntry, PredictionCache
+from rapidserve.server.cache_l2 import SharedCache, decode_answer
 from rapidserve.server.config import ModelSpec
 from rapidserve.server.errors import EngineError, RapidServeError
 from rapidserve.server.isolation import Answers, Arrays
@@ -174,10 +175,18 @@ class ModelVersion:
         assert self._cache is not None
         key = key or self._cache.key(self.name, self.version, request.inputs, outputs)
         looked_up = time.monotonic_ns()
+        shared = self._cache.shared
+        found = None if shared is None else [False]  # the shared level answered
         arrays, outcome = await self._cache.get_or_compute(
-            key, self.name, lambda: self._batcher.submit(request, outputs), request.deadline, self._generation
+            key,
+            self.name,
+            (lambda: self._batcher.submit(request, outputs))
+            if shared is None or found is None
+            else (lambda: self._through_shared(shared, key, request, outputs, found)),
+            request.deadline,
+            self._generation,
         )
-        if outcome == "hit":
+        if outcome == "hit" or (found is not None and found[0]):
             self.stats.cache_hit_served(time.monotonic_ns() - start, self._rows(arrays))
         elif outcome == "join":
             self.stats.cache_miss.add(looked_up - start)
@@ -187,6 +196,40 @@ class ModelVersion:
             self.stats.cache_miss.add(looked_up - start)
             self.stats.succeeded(time.monotonic_ns() - start)
         return arrays
+
+    async def _through_shared(
+        self, shared: SharedCache, key: bytes, request: InferRequest, outputs: tuple[str, ...], found: list[bool]
+    ) -> dict[str, Any]:
+        """The shared level's answer (untrusted bytes, held to this model's outputs), else the batcher's,
+        then shared. A version that a reload replaced neither reads nor writes it (``found[0]``: a hit)."""
+        assert self._cache is not None
+        generation = None
+        if self._generation == self._cache.generation(self.name):
+            data, generation = await shared.get(self.name, self.version, key)
+            if data is not None:
+                try:
+                    arrays = decode_answer(data, self._expected(request, outputs))
+                except ValueError as exc:
+                    shared.bad_value(self.name, exc)
+                else:
+                    found[0] = True
+                    return arrays
+        arrays = await self._batcher.submit(request, outputs)
+        if generation is not None and self._generation == self._cache.generation(self.name):
+            shared.put(self.name, self.version, key, generation, {n: arrays[n] for n in outputs})
+        return arrays
+
+    def _expected(self, request: InferRequest, outputs: tuple[str, ...]) -> dict[str, Any]:
+        """Per requested output, its datatype and full shape (-1 where any size goes) as the config says."""
+        specs = {spec.name: spec for spec in self.spec.outputs}
+        rows = self._rows(request.inputs)
+        expected = {}
+        for name in outputs:
+            spec = specs[name]
+            batch = (rows,) if self.spec.max_batch_size > 0 else ()
+            shape = None if spec.shape is None else (*batch, *spec.shape)
+            expected[name] = (spec.datatype, shape)
+        return expected
 
     def _rows(self, arrays: dict[str, Any]) -> int:
         """The batch size of a request's answer (1 for a model that does not batch)."""

@@ -49,6 +49,10 @@ class ServerSettings:
     grace_period_s: float = 30.0
     batching_mode: str = "adaptive"  # adaptive | fixed (Triton's exact behaviour); a model may override
     cache_size_bytes: int = 256 * 2**20  # server-wide prediction cache; 0 disables it
+    # a Redis shared by replicas as the cache's second level (redis:// or rediss:// URL); None: none
+    cache_redis_url: str | None = None
+    cache_redis_ttl_s: int = 300
+    cache_redis_timeout_ms: float = 5.0
     metrics_port: int = 8002  # Prometheus /metrics; 0 picks a free port (tests)
     metrics_enabled: bool = True
     metrics_host: str | None = None  # None: the same address as the gRPC port (``host``)

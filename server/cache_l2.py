@@ -1,0 +1,296 @@
+"""The prediction cache's second level: answers kept in Redis, shared by every replica that names it.
+
+The in-process LRU (``cache.PredictionCache``) stays the first level; this one is asked only by the
+leader of a miss (so single-flight still holds within a replica), and never fails a request: an
+error or a timeout (``timeout_s``) is counted, and Redis is skipped for a while (``BACKOFF_S``,
+doubling up to ``BACKOFF_MAX_S`` while errors continue) instead of paying the timeout on every request.
+
+Keys: ``rapidserve:{model}:gen`` holds the model's generation, a counter a replica INCRs when it
+loads the model once started (a reload; a replica's start shares what the others stored). An answer
+lives at ``rapidserve:{model}:<version>:<generation>:<xxh3-128 key>`` with a TTL. A lookup reads
+the generation and the entry under the generation it last saw, in one pipelined round trip: when the
+generation moved (a reload on any replica), the entry is not used and the new generation is used
+from then on, so no replica reads answers from before a reload out of Redis. (Each replica's own
+LRU keeps what it computed itself. Replicas sharing a Redis must serve the same files for a model's
+name and version: a model with new files needs a new version number, or a Redis of its own.)
+
+Values are a small header and the outputs' raw bytes (never pickle: Redis is a network peer), read
+back as untrusted bytes: checked against the model's outputs, and a bad value is a miss and an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from rapidserve.common.codec import deserialize_bytes, serialize_bytes
+from rapidserve.common.datatypes import DATATYPES, datatype_of
+from rapidserve.server.errors import RapidServeError
+
+__all__ = [
+    "BACKOFF_MAX_S",
+    "BACKOFF_S",
+    "SharedCache",
+    "SharedStats",
+    "check_url",
+    "decode_answer",
+    "encode_answer",
+    "redis_client",
+]
+
+log = logging.getLogger(__name__)
+
+Arrays = dict[str, np.ndarray[Any, Any]]
+Expected = Mapping[str, tuple[str | None, tuple[int, ...] | None]]  # output -> (datatype, full shape; -1: any)
+
+MAGIC = b"RSC1"
+_HEAD = struct.Struct("<4sH")  # magic, output count
+_TENSOR = struct.Struct("<HBBQ")  # name length, datatype length, rank, data length
+_DIM = struct.Struct("<q")
+BACKOFF_S = 0.5  # after an error, Redis is skipped this long; doubling while errors continue
+BACKOFF_MAX_S = 8.0
+GENERATION_TIMEOUT_S = 1.0  # a load's generation bump may wait longer than a request's lookup
+MAX_VALUE_BYTES = 16 * 2**20  # larger answers are not shared (nor read back)
+
+
+@dataclass(slots=True)
+class SharedStats:
+    hits: int = 0
+    misses: int = 0
+    errors: int = 0  # errors and timeouts talking to Redis, and values that did not decode
+
+
+def encode_answer(arrays: Mapping[str, np.ndarray[Any, Any]]) -> bytes:
+    """``arrays`` as a header per output (name, v2 datatype, shape) and its bytes."""
+    parts = [_HEAD.pack(MAGIC, len(arrays))]
+    for name, array in arrays.items():
+        datatype = datatype_of(array.dtype).encode()
+        data = serialize_bytes(array) if array.dtype.kind == "O" else np.ascontiguousarray(array).tobytes()
+        encoded = name.encode()
+        parts.append(_TENSOR.pack(len(encoded), len(datatype), array.ndim, len(data)))
+        parts.extend((encoded, datatype, b"".join(_DIM.pack(d) for d in array.shape), data))
+    return b"".join(parts)
+
+
+def decode_answer(data: bytes, expected: Expected) -> Arrays:
+    """The arrays of an encoded answer, which must hold exactly the ``expected`` outputs, each of its
+    datatype and shape (where known); raises ValueError saying what is wrong otherwise."""
+    try:
+        return _decode(data, expected)
+    except (struct.error, RapidServeError) as exc:
+        raise ValueError(str(exc) or "a truncated value") from exc
+
+
+def _decode(data: bytes, expected: Expected) -> Arrays:
+    if len(data) > MAX_VALUE_BYTES:
+        raise ValueError(f"a value of {len(data)} bytes, more than {MAX_VALUE_BYTES}")
+    view = memoryview(data)
+    magic, count = _HEAD.unpack_from(view, 0)
+    if magic != MAGIC or count != len(expected):
+        raise ValueError(f"not an answer of {len(expected)} outputs")
+    at = _HEAD.size
+    arrays: Arrays = {}
+    for _ in range(count):
+        name_len, type_len, rank, size = _TENSOR.unpack_from(view, at)
+        at += _TENSOR.size
+        name = bytes(view[at : at + name_len]).decode()
+        datatype = bytes(view[at + name_len : at + name_len + type_len]).decode()
+        at += name_len + type_len
+        shape = tuple(_DIM.unpack_from(view, at + i * _DIM.size)[0] for i in range(rank))
+        at += rank * _DIM.size
+        if at + size > len(data):
+            raise ValueError(f"output '{name}' runs past the value's end")
+        arrays[name] = _tensor(name, datatype, shape, view[at : at + size], expected)
+        at += size
+    if at != len(data) or arrays.keys() != expected.keys():
+        raise ValueError("the value's outputs or length are not the expected ones")
+    return arrays
+
+
+def _tensor(name: str, datatype: str, shape: tuple[int, ...], data: memoryview, expected: Expected) -> Any:
+    if name not in expected or datatype not in DATATYPES or any(d < 0 for d in shape):
+        raise ValueError(f"unexpected output '{name}' of {datatype} {list(shape)}")
+    want_type, want_shape = expected[name]
+    if want_type is not None and datatype != want_type:
+        raise ValueError(f"output '{name}' is {datatype}, the model's is {want_type}")
+    if want_shape is not None and (
+        len(want_shape) != len(shape) or any(w not in (-1, d) for w, d in zip(want_shape, shape, strict=True))
+    ):
+        raise ValueError(f"output '{name}' has shape {list(shape)}, the model's is {list(want_shape)}")
+    count = int(np.prod(shape, dtype=np.int64))
+    if datatype == "BYTES":
+        return deserialize_bytes(name, bytes(data), count, "output").reshape(shape)
+    dtype = DATATYPES[datatype]
+    if count * dtype.itemsize != len(data):
+        raise ValueError(f"output '{name}' has {len(data)} bytes, its shape needs {count * dtype.itemsize}")
+    return np.frombuffer(data, dtype).reshape(shape)
+
+
+def redis_client(url: str, timeout_s: float, max_connections: int) -> Any:
+    """A ``redis.asyncio`` client for ``url`` (``redis://``, ``rediss://`` for TLS, a password as
+    ``redis://:password@host``), with a bounded pool. Connects on first use; each call's own bound is
+    the caller's ``asyncio.wait_for``, the socket's timeouts only a backstop."""
+    try:
+        import redis.asyncio as aioredis
+    except ImportError as exc:
+        raise RuntimeError('--cache-redis needs redis-py: pip install "rapidserve[redis]"') from exc
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError(f"--cache-redis must be a redis://, rediss:// or unix:// URL, not {url.split(':')[0]!r}")
+    # A request past the pool's size waits for a connection (within its timeout) rather than failing.
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=max_connections,
+        timeout=max(timeout_s, GENERATION_TIMEOUT_S),
+        socket_timeout=max(timeout_s, GENERATION_TIMEOUT_S),
+        socket_connect_timeout=max(timeout_s, GENERATION_TIMEOUT_S),
+    )
+    return aioredis.Redis.from_pool(pool)
+
+
+def check_url(url: str) -> None:
+    """Raise ValueError for a URL redis-py cannot use, or without redis-py; connects to nothing."""
+    try:
+        redis_client(url, 1.0, 1)
+    except RuntimeError as exc:
+        raise ValueError(str(exc)) from None
+
+
+class SharedCache:
+    """Redis as a second cache level. Methods never raise for Redis' sake; they count and back off."""
+
+    def __init__(
+        self,
+        url: str,
+        ttl_s: int = 300,
+        timeout_s: float = 0.005,
+        max_connections: int = 32,
+        prefix: str = "rapidserve",
+    ) -> None:
+        self.url = url
+        self.ttl_s = ttl_s
+        self.timeout_s = timeout_s
+        self.max_connections = max_connections
+        self.stats = SharedStats()
+        self._prefix = prefix
+        self._client: Any = None
+        self._generations: dict[str, int] = {}  # per model, the generation last read from Redis
+        self._unbumped: set[str] = set()  # models whose reload could not be told: skipped until it is
+        self._skip_until = 0.0
+        self._backoff_s = BACKOFF_S
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def _redis(self) -> Any:
+        if self._client is None:
+            self._client = redis_client(self.url, self.timeout_s, self.max_connections)
+        return self._client
+
+    def _generation_key(self, model: str) -> str:
+        return f"{self._prefix}:{{{model}}}:gen"
+
+    def _entry_key(self, model: str, version: int, generation: int, key: bytes) -> str:
+        return f"{self._prefix}:{{{model}}}:{version}:{generation}:{key.hex()}"
+
+    def _available(self) -> bool:
+        return time.monotonic() >= self._skip_until
+
+    def _failed(self, what: str, error: BaseException | None) -> None:
+        self.stats.errors += 1
+        now = time.monotonic()
+        if error is None:
+            log.warning("shared cache: %s", what)
+        elif now >= self._skip_until:  # (requests that failed together back off once, and log once)
+            log.warning("shared cache: %s failed (%s); Redis skipped for %.1f s", what, str(error) or
+                        type(error).__name__, self._backoff_s)  # fmt: skip
+            self._skip_until = now + self._backoff_s
+            self._backoff_s = min(self._backoff_s * 2, BACKOFF_MAX_S)
+
+    def _succeeded(self) -> None:
+        self._backoff_s = BACKOFF_S
+
+    async def bump(self, model: str) -> None:
+        """A new generation of ``model`` (it was reloaded here): answers stored before are served by no
+        replica. If Redis cannot be told, this replica skips Redis for the model until it can."""
+        self._unbumped.add(model)
+        await self._tell(model, GENERATION_TIMEOUT_S)
+
+    async def _tell(self, model: str, timeout_s: float) -> bool:
+        try:
+            generation = int(await asyncio.wait_for(self._redis().incr(self._generation_key(model)), timeout_s))
+        except Exception as exc:  # any failure of the network peer: degrade, never fail
+            self._failed(f"the new generation of model '{model}'", exc)
+            return False
+        self._succeeded()
+        self._unbumped.discard(model)
+        self._generations[model] = generation
+        return True
+
+    async def get(self, model: str, version: int, key: bytes) -> tuple[bytes | None, int | None]:
+        """(the stored answer or None, the generation to store a computed answer under, or None when
+        Redis could not be asked)."""
+        if not self._available():
+            return None, None
+        if model in self._unbumped and not await self._tell(model, self.timeout_s):
+            return None, None
+        expected = self._generations.get(model, 0)
+        try:
+            pipe = self._redis().pipeline(transaction=False)
+            pipe.get(self._generation_key(model))
+            pipe.get(self._entry_key(model, version, expected, key))
+            seen, value = await asyncio.wait_for(pipe.execute(), self.timeout_s)
+            generation = int(seen or 0)
+        except Exception as exc:
+            self._failed("a lookup", exc)
+            return None, None
+        self._succeeded()
+        if generation != expected:  # a reload somewhere: what was stored under the old one is not used
+            self._generations[model] = generation
+            value = None
+        if value is None:
+            self.stats.misses += 1
+        else:
+            self.stats.hits += 1
+        return value, generation
+
+    def bad_value(self, model: str, error: Exception) -> None:
+        """Count a stored value that did not decode (it is treated as a miss)."""
+        self.stats.hits -= 1
+        self.stats.misses += 1
+        self._failed(f"a stored answer of model '{model}' did not decode: {error}", None)
+
+    def put(self, model: str, version: int, key: bytes, generation: int, arrays: Mapping[str, Any]) -> None:
+        """Store an answer in the background under ``generation`` (the one its lookup saw)."""
+        if not self._available():
+            return
+        data = encode_answer(arrays)
+        if len(data) > MAX_VALUE_BYTES:
+            return
+        task = asyncio.get_running_loop().create_task(self._set(self._entry_key(model, version, generation, key), data))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _set(self, name: str, data: bytes) -> None:
+        try:
+            await asyncio.wait_for(self._redis().set(name, data, ex=self.ttl_s), self.timeout_s)
+        except Exception as exc:
+            self._failed("a store", exc)
+        else:
+            self._succeeded()
+
+    async def drain(self) -> None:
+        """Wait for the stores under way (they run in the background)."""
+        await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None

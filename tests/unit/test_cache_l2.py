@@ -1,0 +1,220 @@
+"""The shared (Redis) cache level: its value encoding read back as untrusted bytes, its URLs, and,
+against a real redis-server, generations shared by replicas and a Redis that is down or slow."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from redisserver import RedisServer, needs_redis
+
+from rapidserve import cli
+from rapidserve.server.cache_l2 import BACKOFF_S, SharedCache, check_url, decode_answer, encode_answer, redis_client
+
+ARRAYS = {
+    "probs": np.arange(12, dtype=np.float32).reshape(3, 4) / 7,
+    "label": np.array([[5], [-2], [9]], dtype=np.int64),
+    "text": np.array([[b"a"], [b""], ["\u00e9t\u00e9".encode()]], dtype=object),
+}
+EXPECTED = {"probs": ("FP32", (-1, 4)), "label": ("INT64", (3, 1)), "text": ("BYTES", (-1, 1))}
+KEY = bytes(range(16))
+
+
+def test_an_answer_reads_back_exactly() -> None:
+    decoded = decode_answer(encode_answer(ARRAYS), EXPECTED)
+    assert decoded.keys() == ARRAYS.keys()
+    for name, array in ARRAYS.items():
+        assert decoded[name].dtype == array.dtype and decoded[name].shape == array.shape
+        np.testing.assert_array_equal(decoded[name], array)
+    unknown = {name: (None, None) for name in ARRAYS}  # a model whose file does not say (TorchScript)
+    np.testing.assert_array_equal(decode_answer(encode_answer(ARRAYS), unknown)["probs"], ARRAYS["probs"])
+
+
+@pytest.mark.parametrize(
+    ("expected", "says"),
+    [
+        ({**EXPECTED, "probs": ("FP64", (-1, 4))}, "FP32, the model's is FP64"),
+        ({**EXPECTED, "label": ("INT64", (2, 1))}, "shape [3, 1], the model's is [2, 1]"),
+        ({k: v for k, v in EXPECTED.items() if k != "text"}, "not an answer of 2 outputs"),
+        ({"probs": EXPECTED["probs"], "label": EXPECTED["label"], "other": ("BYTES", None)}, "unexpected output"),
+    ],
+)
+def test_an_answer_that_is_not_the_models_is_refused(expected: dict, says: str) -> None:
+    with pytest.raises(ValueError, match=says.replace("[", r"\[").replace("]", r"\]")):
+        decode_answer(encode_answer(ARRAYS), expected)
+
+
+def test_damaged_values_raise_value_error_and_nothing_else() -> None:
+    """Every truncation, and seeded random byte changes, of a good value: a ValueError or arrays that
+    still match the expected outputs (a changed data byte is a different, well-formed answer)."""
+    good = encode_answer(ARRAYS)
+    damaged = [good[:cut] for cut in range(len(good))] + [good + b"x", b"", b"RSC1", b"\x80" * 40]
+    rng = np.random.default_rng(16)
+    for _ in range(2000):
+        data = bytearray(good)
+        for at in rng.integers(0, len(good), size=int(rng.integers(1, 4))):
+            data[at] = int(rng.integers(0, 256))
+        damaged.append(bytes(data))
+    refused = 0
+    for data in damaged:
+        try:
+            arrays = decode_answer(data, EXPECTED)
+        except ValueError:
+            refused += 1
+            continue
+        assert arrays["probs"].dtype == np.float32 and arrays["probs"].shape[1] == 4
+        assert arrays["label"].shape == (3, 1) and arrays["text"].shape[1] == 1
+    assert refused >= len(good)  # every truncation at least
+
+
+def test_a_value_claiming_a_huge_shape_is_refused_before_allocating() -> None:
+    data = bytearray(encode_answer({"label": ARRAYS["label"]}))
+    at = data.index(b"INT64") + len(b"INT64")
+    data[at : at + 8] = (2**40).to_bytes(8, "little")  # the first dimension
+    with pytest.raises(ValueError, match="bytes, its shape needs"):
+        decode_answer(bytes(data), {"label": ("INT64", None)})
+
+
+def test_urls_carry_tls_password_and_database() -> None:
+    client = redis_client("rediss://:s3cret@cache.example:6380/2", 0.005, 8)
+    kwargs = client.connection_pool.connection_kwargs
+    assert (kwargs["host"], kwargs["port"], kwargs["db"], kwargs["password"]) == ("cache.example", 6380, 2, "s3cret")
+    assert client.connection_pool.connection_class.__name__ == "SSLConnection"
+    assert client.connection_pool.max_connections == 8
+    plain = redis_client("redis://user:pw@10.0.0.1/0", 0.005, 8).connection_pool
+    assert plain.connection_class.__name__ == "Connection"
+    assert (plain.connection_kwargs["username"], plain.connection_kwargs["password"]) == ("user", "pw")
+    for bad in ("http://cache:6379", "cache:6379", "redis://cache:port/0"):
+        with pytest.raises(ValueError):
+            check_url(bad)
+
+
+def test_serve_refuses_a_url_that_is_not_redis_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["serve", "--model-repository", str(tmp_path), "--cache-redis", "http://cache:6379"]) == 2
+    assert capsys.readouterr().err == (
+        "rapidserve serve: error: --cache-redis must be a redis://, rediss:// or unix:// URL, not 'http'\n"
+    )
+
+
+def test_without_redis_py_the_error_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "redis", None)  # as if it were not installed
+    monkeypatch.setitem(sys.modules, "redis.asyncio", None)
+    with pytest.raises(ValueError, match=r'pip install "rapidserve\[redis\]"'):
+        check_url("redis://cache:6379/0")
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def replicas(redis_server: RedisServer) -> AsyncIterator[list[SharedCache]]:
+    """Three replicas' shared levels on one Redis (a generous timeout: the machine may be busy)."""
+    caches = [SharedCache(redis_server.url, ttl_s=60, timeout_s=2.0) for _ in range(3)]
+    yield caches
+    for cache in caches:
+        await cache.close()
+
+
+@needs_redis
+async def test_an_answer_stored_by_one_replica_is_found_by_the_others(replicas: list[SharedCache]) -> None:
+    a, b, c = replicas
+    value, generation = await a.get("m", 1, KEY)
+    assert value is None and generation == 0
+    a.put("m", 1, KEY, generation, ARRAYS)
+    await a.drain()
+    for other in (b, c):
+        value, _ = await other.get("m", 1, KEY)
+        assert value is not None
+        np.testing.assert_array_equal(decode_answer(value, EXPECTED)["text"], ARRAYS["text"])
+    assert (await b.get("m", 2, KEY))[0] is None  # another version
+    assert (await b.get("n", 1, KEY))[0] is None  # another model
+    assert (b.stats.hits, b.stats.misses, b.stats.errors) == (1, 2, 0)
+
+
+@needs_redis
+async def test_a_reload_on_one_replica_hides_earlier_answers_from_every_replica(replicas: list[SharedCache]) -> None:
+    a, b, c = replicas
+    _, generation = await b.get("m", 1, KEY)
+    assert generation is not None
+    b.put("m", 1, KEY, generation, ARRAYS)
+    await b.drain()
+    assert (await c.get("m", 1, KEY))[0] is not None
+    await a.bump("m")  # replica A reloads the model
+    for replica in (a, b, c):
+        assert (await replica.get("m", 1, KEY))[0] is None
+    # an answer computed before the reload but stored after it is stored where nobody looks
+    c.put("m", 1, KEY, generation, ARRAYS)
+    await c.drain()
+    assert (await b.get("m", 1, KEY))[0] is None
+    _, new = await b.get("m", 1, KEY)
+    assert new is not None and new > generation
+    b.put("m", 1, KEY, new, ARRAYS)
+    await b.drain()
+    assert (await a.get("m", 1, KEY))[0] is not None and (await c.get("m", 1, KEY))[0] is not None
+    assert sum(r.stats.errors for r in replicas) == 0
+
+
+@needs_redis
+async def test_a_redis_that_goes_away_is_counted_and_skipped_for_a_while(redis_server: RedisServer) -> None:
+    cache = SharedCache(redis_server.url, timeout_s=2.0)
+    again = RedisServer(redis_server.directory, redis_server.port)
+    try:
+        _, generation = await cache.get("m", 1, KEY)
+        assert generation is not None
+        redis_server.stop()
+        assert await cache.get("m", 1, KEY) == (None, None)
+        assert cache.stats.errors == 1
+        for _ in range(5):  # backing off: Redis is not asked, so nothing more fails or waits
+            assert await cache.get("m", 1, KEY) == (None, None)
+            cache.put("m", 1, KEY, 0, ARRAYS)
+        await cache.drain()
+        assert cache.stats.errors == 1
+        await cache.bump("m")  # a reload meanwhile: the model skips Redis until it can be told
+        assert cache.stats.errors == 2
+        again.start()
+        cache._skip_until = 0.0  # the backoff has passed (not waited for: it can be seconds)
+        value, generation = await cache.get("m", 1, KEY)
+        assert value is None and generation == 1  # told first (INCR on the new, empty Redis), then asked
+        assert cache.stats.errors == 2
+    finally:
+        await cache.close()
+        again.stop()
+
+
+async def _silent_server() -> tuple[asyncio.Server, int, list[asyncio.StreamWriter]]:
+    """A peer that accepts connections and never answers: a Redis that is stuck."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1], held
+
+
+async def test_a_slow_redis_costs_a_request_the_timeout_once_then_is_skipped() -> None:
+    server, port, held = await _silent_server()
+    cache = SharedCache(f"redis://127.0.0.1:{port}/0", timeout_s=0.05)
+    try:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        assert await cache.get("m", 1, KEY) == (None, None)
+        assert cache.stats.errors == 1
+        assert loop.time() - started < 5  # bounded by the timeout, not by the peer
+        assert await cache.get("m", 1, KEY) == (None, None)
+        assert cache.stats.errors == 1  # skipped: not asked again within the backoff
+        assert cache._skip_until - loop.time() <= BACKOFF_S
+    finally:
+        await cache.close()
+        for writer in held:
+            writer.close()
+        server.close()
+        await server.wait_closed()
