@@ -3,7 +3,9 @@
 The in-process LRU (``cache.PredictionCache``) stays the first level; this one is asked only by the
 leader of a miss (so single-flight still holds within a replica), and never fails a request: an
 error or a timeout (``timeout_s``) is counted, and Redis is skipped for a while (``BACKOFF_S``,
-doubling up to ``BACKOFF_MAX_S`` while errors continue) instead of paying the timeout on every request.
+doubling up to ``BACKOFF_MAX_S`` while errors continue) instead of paying the timeout on every request;
+then a connection attempt in the background (never in a request's way: a TLS handshake may take
+longer than a request may wait) lets requests use it again.
 
 Keys: ``rapidserve:{model}:gen`` holds the model's generation, a counter a replica INCRs when it
 loads the model once started (a reload; a replica's start shares what the others stored). An answer
@@ -56,7 +58,8 @@ _TENSOR = struct.Struct("<HBBQ")  # name length, datatype length, rank, data len
 _DIM = struct.Struct("<q")
 BACKOFF_S = 0.5  # after an error, Redis is skipped this long; doubling while errors continue
 BACKOFF_MAX_S = 8.0
-GENERATION_TIMEOUT_S = 1.0  # a load's generation bump may wait longer than a request's lookup
+GENERATION_TIMEOUT_S = 1.0  # a load's generation bump, and connecting, may take longer than a lookup
+WARM_CONNECTIONS = 4  # connections opened in the background before requests use Redis
 MAX_VALUE_BYTES = 16 * 2**20  # larger answers are not shared (nor read back)
 
 
@@ -185,6 +188,8 @@ class SharedCache:
         self._skip_until = 0.0
         self._backoff_s = BACKOFF_S
         self._tasks: set[asyncio.Task[None]] = set()
+        self._ready = False  # connected: requests use Redis (until an error)
+        self._probe: asyncio.Task[None] | None = None
 
     def _redis(self) -> Any:
         if self._client is None:
@@ -197,15 +202,46 @@ class SharedCache:
     def _entry_key(self, model: str, version: int, generation: int, key: bytes) -> str:
         return f"{self._prefix}:{{{model}}}:{version}:{generation}:{key.hex()}"
 
+    def start(self) -> None:
+        """Connect in the background: a connection's set-up (TLS) may take longer than a request may wait."""
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.get_running_loop().create_task(self._connect())
+
+    async def ready(self) -> bool:
+        """Whether requests use Redis, once a connection attempt under way (or started now) has ended."""
+        if not self._ready:
+            self.start()
+            assert self._probe is not None
+            await asyncio.shield(self._probe)
+        return self._ready
+
+    async def _connect(self) -> None:
+        try:
+            pings = [self._redis().ping() for _ in range(WARM_CONNECTIONS)]
+            await asyncio.wait_for(asyncio.gather(*pings), GENERATION_TIMEOUT_S)
+        except Exception as exc:
+            self._failed("connecting", exc)
+        else:
+            self._ready = True
+            self._succeeded()
+
     def _available(self) -> bool:
-        return time.monotonic() >= self._skip_until
+        """Whether requests may use Redis now. After an error they do not, until a connection attempt
+        (made in the background once the backoff has passed) succeeds."""
+        if self._ready:
+            return True
+        if time.monotonic() >= self._skip_until:
+            self.start()
+        return False
 
     def _failed(self, what: str, error: BaseException | None) -> None:
         self.stats.errors += 1
         now = time.monotonic()
         if error is None:
             log.warning("shared cache: %s", what)
-        elif now >= self._skip_until:  # (requests that failed together back off once, and log once)
+            return
+        self._ready = False
+        if now >= self._skip_until:  # (requests that failed together back off once, and log once)
             log.warning("shared cache: %s failed (%s); Redis skipped for %.1f s", what, str(error) or
                         type(error).__name__, self._backoff_s)  # fmt: skip
             self._skip_until = now + self._backoff_s
@@ -288,6 +324,9 @@ class SharedCache:
         await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
     async def close(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
+            await asyncio.gather(self._probe, return_exceptions=True)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

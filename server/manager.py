@@ -109,6 +109,8 @@ class ModelManager:
 
     async def start(self) -> None:
         """Load the startup models (all of them unless explicit), then start polling if asked."""
+        if self.cache is not None and self.cache.shared is not None:
+            self.cache.shared.start()  # connects in the background
         available = self._list()
         if self.control_mode == "explicit":
             names = list(available) if "*" in self._load_models else list(self._load_models)

@@ -118,6 +118,8 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 async def replicas(redis_server: RedisServer) -> AsyncIterator[list[SharedCache]]:
     """Three replicas' shared levels on one Redis (a generous timeout: the machine may be busy)."""
     caches = [SharedCache(redis_server.url, ttl_s=60, timeout_s=2.0) for _ in range(3)]
+    for cache in caches:
+        assert await cache.ready()
     yield caches
     for cache in caches:
         await cache.close()
@@ -167,6 +169,8 @@ async def test_a_redis_that_goes_away_is_counted_and_skipped_for_a_while(redis_s
     cache = SharedCache(redis_server.url, timeout_s=2.0)
     again = RedisServer(redis_server.directory, redis_server.port)
     try:
+        assert await cache.get("m", 1, KEY) == (None, None)  # not connected yet: not asked (it connects)
+        assert await cache.ready()
         _, generation = await cache.get("m", 1, KEY)
         assert generation is not None
         redis_server.stop()
@@ -181,6 +185,8 @@ async def test_a_redis_that_goes_away_is_counted_and_skipped_for_a_while(redis_s
         assert cache.stats.errors == 2
         again.start()
         cache._skip_until = 0.0  # the backoff has passed (not waited for: it can be seconds)
+        assert await cache.get("m", 1, KEY) == (None, None)  # not asked: it connects in the background
+        assert await cache.ready()
         value, generation = await cache.get("m", 1, KEY)
         assert value is None and generation == 1  # told first (INCR on the new, empty Redis), then asked
         assert cache.stats.errors == 2
@@ -189,29 +195,43 @@ async def test_a_redis_that_goes_away_is_counted_and_skipped_for_a_while(redis_s
         again.stop()
 
 
-async def _silent_server() -> tuple[asyncio.Server, int, list[asyncio.StreamWriter]]:
-    """A peer that accepts connections and never answers: a Redis that is stuck."""
+@needs_redis
+async def test_a_slow_redis_costs_a_request_the_timeout_once_then_is_skipped(redis_server: RedisServer) -> None:
+    import redis
+
+    cache = SharedCache(redis_server.url, timeout_s=0.05)
+    admin = redis.Redis.from_url(redis_server.url)
+    try:
+        assert await cache.ready()
+        admin.execute_command("CLIENT", "PAUSE", "4000", "ALL")  # every client's commands wait 4 s
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        assert await cache.get("m", 1, KEY) == (None, None)
+        assert loop.time() - started < 2  # bounded by the timeout, not by Redis
+        assert cache.stats.errors == 1
+        assert await cache.get("m", 1, KEY) == (None, None)
+        assert cache.stats.errors == 1  # skipped: not asked again within the backoff
+        assert cache._skip_until - loop.time() <= BACKOFF_S
+    finally:
+        admin.close()  # (the pause ends with the server, killed after the test)
+        await cache.close()
+
+
+async def test_a_peer_that_never_answers_is_never_used() -> None:
+    """Connecting happens in the background: no request waits for it, and requests skip Redis until then."""
     held: list[asyncio.StreamWriter] = []
 
     async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         held.append(writer)
 
     server = await asyncio.start_server(accept, "127.0.0.1", 0)
-    return server, server.sockets[0].getsockname()[1], held
-
-
-async def test_a_slow_redis_costs_a_request_the_timeout_once_then_is_skipped() -> None:
-    server, port, held = await _silent_server()
-    cache = SharedCache(f"redis://127.0.0.1:{port}/0", timeout_s=0.05)
+    cache = SharedCache(f"redis://127.0.0.1:{server.sockets[0].getsockname()[1]}/0", timeout_s=0.05)
     try:
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        assert await cache.get("m", 1, KEY) == (None, None)
+        for _ in range(3):
+            assert await cache.get("m", 1, KEY) == (None, None)
+        assert cache.stats.errors == 0
+        assert not await cache.ready()  # the attempt times out
         assert cache.stats.errors == 1
-        assert loop.time() - started < 5  # bounded by the timeout, not by the peer
-        assert await cache.get("m", 1, KEY) == (None, None)
-        assert cache.stats.errors == 1  # skipped: not asked again within the backoff
-        assert cache._skip_until - loop.time() <= BACKOFF_S
     finally:
         await cache.close()
         for writer in held:
