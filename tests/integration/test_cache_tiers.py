@@ -117,6 +117,30 @@ def test_replicas_share_answers_a_reload_hides_them_everywhere_and_redis_may_fai
         store.close()
 
 
+def test_with_no_in_process_cache_redis_alone_answers_repeats(
+    tmp_path: Path, serve: Any, redis_server: RedisServer
+) -> None:
+    """``--cache-size 0`` with ``--cache-redis``: every repeat, on either replica, is a Redis hit."""
+    import redis
+
+    write_model(tmp_path, "scale", scale_graph("scale", INT64, 3), CONFIG)
+    a, b = (serve(tmp_path, cache_size_bytes=0, cache_redis_url=redis_server.url, cache_redis_timeout_ms=2000)
+            for _ in range(2))  # fmt: skip
+    x = np.arange(4, dtype=np.int64).reshape(1, 4)
+    store = redis.Redis.from_url(redis_server.url)
+    try:
+        with Client(a.url) as client:
+            np.testing.assert_array_equal(client.infer("scale", {"x": x})["y"], x * 3)
+        _wait_for_entries(store, 1)
+        for replica in (a, b, a, b):
+            with Client(replica.url) as client:
+                np.testing.assert_array_equal(client.infer("scale", {"x": x})["y"], x * 3)
+        assert [_executions(r.url) for r in (a, b)] == [1, 0]
+        assert (_l2(a.metrics_url)["hits"], _l2(b.metrics_url)["hits"]) == (2, 2)
+    finally:
+        store.close()
+
+
 @pytest.mark.slow
 def test_three_cli_replicas_share_one_redis_and_lose_no_request_when_it_dies(
     tmp_path: Path, redis_server: RedisServer
