@@ -176,17 +176,13 @@ class ModelVersion:
         key = key or self._cache.key(self.name, self.version, request.inputs, outputs)
         looked_up = time.monotonic_ns()
         shared = self._cache.shared
-        found = None if shared is None else [False]  # the shared level answered
-        arrays, outcome = await self._cache.get_or_compute(
-            key,
-            self.name,
-            (lambda: self._batcher.submit(request, outputs))
-            if shared is None or found is None
-            else (lambda: self._through_shared(shared, key, request, outputs, found)),
-            request.deadline,
-            self._generation,
-        )
-        if outcome == "hit" or (found is not None and found[0]):
+        found = [False]  # whether the shared level answered
+        if shared is None:
+            compute = lambda: self._batcher.submit(request, outputs)  # noqa: E731
+        else:
+            compute = lambda: self._through_shared(shared, key, request, outputs, found)  # noqa: E731
+        arrays, outcome = await self._cache.get_or_compute(key, self.name, compute, request.deadline, self._generation)
+        if outcome == "hit" or found[0]:
             self.stats.cache_hit_served(time.monotonic_ns() - start, self._rows(arrays))
         elif outcome == "join":
             self.stats.cache_miss.add(looked_up - start)
