@@ -9,10 +9,15 @@ with every call (e.g. the ``triton-grpc-protocol-<key>`` a server's restricted p
 A URL that starts with ``http://`` or ``https://`` speaks the KServe v2 REST protocol instead (tensors
 as Triton's binary tensor data, both ways), with the same methods, results and errors
 (``rapidserve.clients._http_api``); ``https://`` is TLS with the same options.
+
+Several gRPC servers (replicas), as ``"host1:8001,host2:8001"`` or a list, are called in turn: each call
+goes to the next server, as gRPC's ``round_robin`` policy does, so statistics and model control reach one
+replica each (use one client per server for those); ``AsyncClient`` keeps a stream per server.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,7 +28,7 @@ import numpy as np
 from rapidserve import protos
 from rapidserve.clients._http_api import AsyncHttpApi, HttpApi, is_http_url
 from rapidserve.clients._multiplexer import Multiplexer, grpc_error
-from rapidserve.clients.connection import channel, check_headers, tls
+from rapidserve.clients.connection import channel, check_headers, servers, tls
 from rapidserve.clients.types import Arrays, InferenceServerError, ModelMetadata
 from rapidserve.common import codec
 from rapidserve.common.types import ParamValue, TensorSpec
@@ -92,7 +97,7 @@ class Client:
 
     def __init__(
         self,
-        url: str = "localhost:8001",
+        url: str | Sequence[str] = "localhost:8001",
         *,
         timeout_s: float | None = None,
         max_message_bytes: int = INT32_MAX,
@@ -107,14 +112,16 @@ class Client:
         self._tls = tls(ssl, root_certificates, private_key, certificate_chain, ssl_target_name)
         self._metadata = check_headers(headers) or None
         self._timeout_s = timeout_s
+        urls = servers(url)
         self._http = (
-            HttpApi(url, self._tls, self._metadata or (), timeout_s, max_message_bytes, binary_data)
-            if is_http_url(url)
+            HttpApi(urls[0], self._tls, self._metadata or (), timeout_s, max_message_bytes, binary_data)
+            if is_http_url(urls[0])
             else _grpc_only(binary_data)
         )
         if self._http is None:
-            self._channel = channel(url, self._tls, _channel_options(max_message_bytes))
-            self._stubs = _stubs(self._channel)
+            self._channels = [channel(u, self._tls, _channel_options(max_message_bytes)) for u in urls]
+            self._stubs = [_stubs(c) for c in self._channels]
+            self._turn = itertools.count()  # call i goes to server i mod n
 
     def __enter__(self) -> Client:
         return self
@@ -126,11 +133,12 @@ class Client:
         if self._http is not None:
             self._http.close()
         else:
-            self._channel.close()
+            for grpc_channel in self._channels:
+                grpc_channel.close()
 
     def _call(self, rpc: str, request: Any, timeout_s: float | None = None) -> Any:
         try:
-            return self._stubs[rpc](
+            return self._stubs[next(self._turn) % len(self._stubs)][rpc](
                 request, timeout=timeout_s if timeout_s is not None else self._timeout_s, metadata=self._metadata
             )
         except grpc.RpcError as exc:
@@ -228,7 +236,7 @@ class AsyncClient:
 
     def __init__(
         self,
-        url: str = "localhost:8001",
+        url: str | Sequence[str] = "localhost:8001",
         *,
         timeout_s: float | None = None,
         streaming: bool = True,
@@ -244,16 +252,18 @@ class AsyncClient:
         self._tls = tls(ssl, root_certificates, private_key, certificate_chain, ssl_target_name)
         self._metadata = check_headers(headers) or None
         self._timeout_s = timeout_s
+        urls = servers(url)
         self._http = (
-            AsyncHttpApi(url, self._tls, self._metadata or (), timeout_s, max_message_bytes, binary_data)
-            if is_http_url(url)
+            AsyncHttpApi(urls[0], self._tls, self._metadata or (), timeout_s, max_message_bytes, binary_data)
+            if is_http_url(urls[0])
             else _grpc_only(binary_data)
         )
         if self._http is None:
-            self._channel = channel(url, self._tls, _channel_options(max_message_bytes), aio=True)
-            self._stubs = _stubs(self._channel)
+            self._channels = [channel(u, self._tls, _channel_options(max_message_bytes), aio=True) for u in urls]
+            self._stubs = [_stubs(c) for c in self._channels]
+            self._turn = itertools.count()  # call i goes to server i mod n
         self._streaming = streaming
-        self._stream: Multiplexer | None = None
+        self._streams: list[Multiplexer | None] = [None] * len(urls)  # one per server, opened when first used
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -265,13 +275,15 @@ class AsyncClient:
         if self._http is not None:
             await self._http.close()
             return
-        if self._stream is not None:
-            await self._stream.close()
-        await self._channel.close()
+        for stream in self._streams:
+            if stream is not None:
+                await stream.close()
+        for grpc_channel in self._channels:
+            await grpc_channel.close()
 
     async def _call(self, rpc: str, request: Any, timeout_s: float | None = None) -> Any:
         try:
-            return await self._stubs[rpc](
+            return await self._stubs[next(self._turn) % len(self._stubs)][rpc](
                 request, timeout=timeout_s if timeout_s is not None else self._timeout_s, metadata=self._metadata
             )
         except grpc.RpcError as exc:
@@ -299,10 +311,13 @@ class AsyncClient:
         if timeout is not None and "timeout" not in request.parameters:
             # a stream has no per-message deadline: the server reads this one as the request's
             request.parameters["timeout"].int64_param = max(int(timeout * 1e6), 1)
-        if self._stream is None or self._stream.broken:
-            self._stream = Multiplexer(self._stubs["ModelStreamInfer"], self._metadata, self._tls)
+        server = next(self._turn) % len(self._stubs)
+        stream = self._streams[server]
+        if stream is None or stream.broken:
+            stub = self._stubs[server]["ModelStreamInfer"]
+            stream = self._streams[server] = Multiplexer(stub, self._metadata, self._tls)
         try:
-            return codec.decode_response(await self._stream.send(request, timeout))
+            return codec.decode_response(await stream.send(request, timeout))
         except InferenceServerError as exc:
             if exc.code != grpc.StatusCode.UNIMPLEMENTED:
                 raise

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import re
 import ssl as _ssl
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ __all__ = [
     "hint",
     "http_ssl_context",
     "parse_header",
+    "servers",
     "ssl_context",
     "tls",
 ]
@@ -150,6 +151,17 @@ def check_headers(headers: Mapping[str, str] | Iterable[tuple[str, str]] | None)
             raise ValueError(f"the value of header '{key}' must be printable ASCII text")
         checked.append((key, value))
     return tuple(checked)
+
+
+def servers(url: str | Sequence[str]) -> list[str]:
+    """The servers a client calls in turn: ``url`` is one, several separated by commas, or a list.
+    Several must be gRPC addresses (HOST:PORT): the HTTP clients speak to one server."""
+    urls = [u.strip() for u in url.split(",")] if isinstance(url, str) else [u.strip() for u in url]
+    if not urls or not all(urls):
+        raise ValueError(f"an empty server address in {url!r}")
+    if len(urls) > 1 and any(u.startswith(("http://", "https://")) for u in urls):
+        raise ValueError(f"several servers ({', '.join(urls)}): gRPC addresses (HOST:PORT) only")
+    return urls
 
 
 def channel(url: str, tls: Tls | None, options: list[tuple[str, Any]], *, aio: bool = False) -> Any:

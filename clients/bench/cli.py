@@ -86,7 +86,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model")
     parser.add_argument(
         "--url", help="the server: HOST:PORT (default localhost:8001, or localhost:8000 with --protocol http) or "
-        "an http:// or https:// URL"
+        "an http:// or https:// URL; over gRPC, several servers (replicas) as HOST:PORT,HOST:PORT,... share the "
+        "load round-robin, request by request"
     )  # fmt: skip
     parser.add_argument(
         "--protocol", choices=("grpc", "http"), help="gRPC (HTTP/2) or the HTTP/REST endpoint over HTTP/1.1 "
@@ -139,8 +140,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _resolve_url(args: argparse.Namespace) -> str:
     """The URL to load, with its protocol settled: ``--protocol http`` makes a bare HOST:PORT an http://
-    URL (https:// with TLS options); an http(s):// URL with ``--protocol grpc`` is a usage error."""
+    URL (https:// with TLS options); an http(s):// URL with ``--protocol grpc`` is a usage error. Several
+    comma-separated gRPC servers stay a comma-separated list, with no empty entry."""
     url = args.url or ("localhost:8000" if args.protocol == "http" else "localhost:8001")
+    if "," in url:
+        servers = [part.strip() for part in url.split(",")]
+        if not all(servers):
+            raise ValueError(f"--url {url}: an empty entry in the list of servers")
+        if args.protocol == "http" or any(s.startswith(("http://", "https://")) for s in servers):
+            raise ValueError("several servers in --url: over gRPC only (HOST:PORT,HOST:PORT,...)")
+        return ",".join(servers)
     is_http = url.startswith(("http://", "https://"))
     if args.protocol == "grpc" and is_http:
         raise ValueError(f"--protocol grpc with the URL {url}: give HOST:PORT")
@@ -171,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
             endpoint = parse_url(url)
             headers = tuple(options["headers"].items())
             target = HttpTarget(endpoint.authority, endpoint.prefix, headers, timeout_us(args.timeout_s))
-        with Client(url, timeout_s=30, **options) as client:
+        with Client(url.split(",")[0], timeout_s=30, **options) as client:  # replicas serve the same models
             batches, batch_size = _inputs(client, args)
     except Exception as exc:
         print(f"error: {exc}", file=sys.stderr)

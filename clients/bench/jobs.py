@@ -1,6 +1,7 @@
 """One load point of ``rapidserve bench``: its connections, transport and payloads in one process, or
 split across worker processes that start together and whose windows are added up. Over gRPC (HTTP/2,
-``transports``) or over HTTP/1.1 (``http_transport``), with the same load loops and statistics."""
+``transports``) or over HTTP/1.1 (``http_transport``), with the same load loops and statistics. Over gRPC
+the load may be spread round-robin over several servers (replicas), request by request."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ import multiprocessing
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
@@ -21,7 +22,7 @@ from rapidserve.clients._http1 import Http1Connection
 from rapidserve.clients._rest import parse_url
 from rapidserve.clients.bench.http_transport import HttpUnary
 from rapidserve.clients.bench.payloads import HttpTarget, Payloads
-from rapidserve.clients.bench.transports import Streams, Unary, close_all
+from rapidserve.clients.bench.transports import RoundRobin, Streams, Transport, Unary, close_all
 from rapidserve.clients.connection import Headers, Tls, http_ssl_context
 from rapidserve.clients.loadgen import LoadPoint, Measurement, Window, closed_loop, open_loop, summarize
 
@@ -30,7 +31,7 @@ __all__ = ["CONTEXTS_PER_CONNECTION", "Job", "connection_count", "measure"]
 
 @dataclass
 class Job:
-    url: str
+    url: str  # one server, or (gRPC) several separated by commas, loaded round-robin
     model: str
     version: str
     batches: list[dict[str, np.ndarray[Any, Any]]]
@@ -49,12 +50,6 @@ class Job:
     tls: Tls | None = None
     headers: Headers = ()
     http: HttpTarget | None = None  # set: the URL is http(s):// and requests go over HTTP/1.1
-
-
-class _Transport(Protocol):
-    async def send(self, payload: bytes, index: int) -> str: ...
-
-    async def close(self) -> None: ...
 
 
 CONTEXTS_PER_CONNECTION = 6  # perf_analyzer's clients share one gRPC connection per 6 (seen with `ss`)
@@ -84,23 +79,34 @@ async def _run_job(job: Job) -> LoadPoint:
         return await _drive(job, payloads, transport)
     context = job.tls.ssl_context() if job.tls is not None else None
     hostname = job.tls.target_name if job.tls is not None else None
-
-    def connect() -> Awaitable[Connection]:
-        return Connection.open(job.url, ssl=context, server_hostname=hostname, headers=job.headers)
-
-    connections = [await connect() for _ in range(connection_count(job))]
+    urls = job.url.split(",")
+    # each server gets its share of the connections and streams (at least one of each)
+    per_server = math.ceil(connection_count(job) / len(urls))
+    streams = max(1, math.ceil(job.level / 2)) if job.mode == "concurrency" else 16  # 2 in flight each
+    connections: list[Connection] = []
+    servers: list[tuple[list[Connection], Callable[[], Awaitable[Connection]]]] = []
     try:
+        for url in urls:
+
+            def connect(url: str = url) -> Awaitable[Connection]:
+                return Connection.open(url, ssl=context, server_hostname=hostname, headers=job.headers)
+
+            own = [await connect() for _ in range(per_server)]
+            connections += own
+            servers.append((own, connect))
         await asyncio.sleep(max(job.start_at - time.time(), 0))
-        streams = max(1, math.ceil(job.level / 2)) if job.mode == "concurrency" else 16  # 2 in flight each
-        transport: _Transport = (
-            await Streams.open(connections, streams) if job.streaming else Unary(connections, connect, job.timeout_s)
-        )
-        return await _drive(job, payloads, transport)
+        transports: list[Transport] = [
+            await Streams.open(own, math.ceil(streams / len(urls)))
+            if job.streaming
+            else Unary(own, connect, job.timeout_s)
+            for own, connect in servers
+        ]
+        return await _drive(job, payloads, transports[0] if len(transports) == 1 else RoundRobin(transports))
     finally:
         await close_all(connections)
 
 
-async def _drive(job: Job, payloads: Payloads, transport: _Transport) -> LoadPoint:
+async def _drive(job: Job, payloads: Payloads, transport: Transport) -> LoadPoint:
     """The load loop of ``job`` over ``transport``, which is closed at the end."""
     get = payloads.get
     transport_send = transport.send

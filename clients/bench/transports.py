@@ -1,6 +1,7 @@
 """How ``rapidserve bench`` sends a serialized request: unary calls spread over connections (reconnecting
 after the server closes one), or ModelStreamInfer streams with answers matched by request id. Each
-``send`` returns the call's status name ("OK" or a gRPC code name); answers are not decoded.
+``send`` returns the call's status name ("OK" or a gRPC code name); answers are not decoded. With several
+servers, ``RoundRobin`` gives each its own transport and sends request i to server i mod n.
 """
 
 from __future__ import annotations
@@ -10,15 +11,39 @@ import contextlib
 import itertools
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Protocol
 
 import grpc
 
 from rapidserve import protos
 from rapidserve.clients._h2grpc import Connection, Reply
 
-__all__ = ["Streams", "Unary", "close_all"]
+__all__ = ["RoundRobin", "Streams", "Transport", "Unary", "close_all"]
 
 _CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+
+
+class Transport(Protocol):
+    async def send(self, payload: bytes, index: int) -> str: ...
+
+    async def close(self) -> None: ...
+
+
+class RoundRobin:
+    """Request i to server i mod n, each server over its own transport (its own connections or streams),
+    so that every server gets the same share of the load, request by request. A server's transport sees
+    its requests numbered 0, 1, 2, ... as if it were the only one."""
+
+    def __init__(self, transports: Sequence[Transport]) -> None:
+        self._transports = list(transports)
+
+    async def send(self, payload: bytes, index: int) -> str:
+        count = len(self._transports)
+        return await self._transports[index % count].send(payload, index // count)
+
+    async def close(self) -> None:
+        for transport in self._transports:
+            await transport.close()
 
 
 class Unary:
