@@ -34,12 +34,13 @@ def free_port() -> int:
 
 
 class Prometheus:
-    def __init__(self, target: str, workdir: Path) -> None:
+    def __init__(self, target: str | list[str], workdir: Path) -> None:
         assert PROMETHEUS is not None
         config = workdir / "prometheus.yml"
+        targets = json.dumps([target] if isinstance(target, str) else target)  # (a YAML flow sequence)
         config.write_text(
             "global:\n  scrape_interval: 1s\n"
-            f"scrape_configs:\n  - job_name: rapidserve\n    static_configs:\n      - targets: ['{target}']\n"
+            f"scrape_configs:\n  - job_name: rapidserve\n    static_configs:\n      - targets: {targets}\n"
         )
         self.url = f"http://127.0.0.1:{free_port()}"
         self.proc = subprocess.Popen(
