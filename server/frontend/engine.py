@@ -91,6 +91,7 @@ class EngineServer:
             log.info("Prometheus metrics at http://%s/metrics", host_port(metrics_host, self.metrics_port))
         await self.manager.start()
         self._push_table()
+        await self.synced()  # every front end answers ready from here on, as one process would
         if self.manager.ready:
             log.info("server ready")
         else:
