@@ -94,8 +94,8 @@ def add_arguments(serve: argparse.ArgumentParser) -> None:
                        "redis://HOST:PORT/DB, rediss:// for TLS, a password as redis://:PASSWORD@HOST (needs the "
                        "redis extra)")  # fmt: skip
     _number(serve, "cache-redis-ttl-secs", int, 300, "seconds an answer stays in the Redis cache level")
-    _number(serve, "cache-redis-timeout-ms", float, 5, "the longest a request waits for Redis; slower, and it is "
-            "computed instead (errors are counted and Redis is skipped for a while)")  # fmt: skip
+    _number(serve, "cache-redis-timeout-ms", float, 5, "the longest a request waits for Redis, then it computes "
+            "(counted as an error); Redis failing (refused, reset, 1 s without a reply) is skipped for a while")  # fmt: skip
     serve.add_argument(
         "--log-level",
         type=choice(*LOG_LEVELS, upper=True),

@@ -1,16 +1,21 @@
 """The prediction cache's second level: answers kept in Redis, shared by every replica that names it.
 
 The in-process LRU (``cache.PredictionCache``) stays the first level; this one is asked only by the
-leader of a miss (so single-flight still holds within a replica), and never fails a request: an
-error or a timeout (``timeout_s``) is counted, and Redis is skipped for a while (``BACKOFF_S``,
-doubling up to ``BACKOFF_MAX_S`` while errors continue) instead of paying the timeout on every request;
-then a connection attempt in the background (never in a request's way: a TLS handshake may take
-longer than a request may wait) lets requests use it again.
+leader of a miss (so single-flight still holds within a replica), and never fails a request:
+
+- A request waits for Redis at most ``timeout_s``, then computes; the late reply is counted as an error,
+  but its command is not cancelled (that would drop a connection that is fine: on a busy event loop a
+  prompt reply can wait behind other work for longer than the timeout).
+- Commands under way are bounded by the pool's size; past it a request does not ask (counted too).
+- An error of Redis itself (refused, reset, the pool's 1 s socket timeout) is counted and makes every
+  request skip Redis for a while (``BACKOFF_S``, doubling up to ``BACKOFF_MAX_S`` while errors go on);
+  then a connection attempt in the background (never in a request's way: a TLS handshake may take
+  longer than a request may wait) lets requests use it again.
 
 Keys: ``rapidserve:{model}:gen`` holds the model's generation, a counter a replica INCRs when it
 loads the model once started (a reload; a replica's start shares what the others stored). An answer
 lives at ``rapidserve:{model}:<version>:<generation>:<xxh3-128 key>`` with a TTL. A lookup reads
-the generation and the entry under the generation it last saw, in one pipelined round trip: when the
+the generation and the entry under the generation it last saw, in one MGET (one hash slot): when the
 generation moved (a reload on any replica), the entry is not used and the new generation is used
 from then on, so no replica reads answers from before a reload out of Redis. (Each replica's own
 LRU keeps what it computed itself. Replicas sharing a Redis must serve the same files for a model's
@@ -179,7 +184,7 @@ class SharedCache:
         self.url = url
         self.ttl_s = ttl_s
         self.timeout_s = timeout_s
-        self.max_connections = max_connections
+        self.max_connections = max_connections  # also the most commands under way at once
         self.stats = SharedStats()
         self._prefix = prefix
         self._client: Any = None
@@ -187,7 +192,8 @@ class SharedCache:
         self._unbumped: set[str] = set()  # models whose reload could not be told: skipped until it is
         self._skip_until = 0.0
         self._backoff_s = BACKOFF_S
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._commands: set[asyncio.Task[Any]] = set()  # under way: lookups, stores, generation bumps
+        self._late: set[asyncio.Task[Any]] = set()  # commands whose caller stopped waiting (counted then)
         self._ready = False  # connected: requests use Redis (until an error)
         self._probe: asyncio.Task[None] | None = None
 
@@ -223,7 +229,7 @@ class SharedCache:
             self._failed("connecting", exc)
         else:
             self._ready = True
-            self._succeeded()
+            self._backoff_s = BACKOFF_S
 
     def _available(self) -> bool:
         """Whether requests may use Redis now. After an error they do not, until a connection attempt
@@ -235,6 +241,7 @@ class SharedCache:
         return False
 
     def _failed(self, what: str, error: BaseException | None) -> None:
+        """Count an error; one of Redis itself (``error``) also makes requests skip it for a while."""
         self.stats.errors += 1
         now = time.monotonic()
         if error is None:
@@ -247,8 +254,50 @@ class SharedCache:
             self._skip_until = now + self._backoff_s
             self._backoff_s = min(self._backoff_s * 2, BACKOFF_MAX_S)
 
-    def _succeeded(self) -> None:
-        self._backoff_s = BACKOFF_S
+    def _command(self, what: str, call: Any) -> asyncio.Task[Any] | None:
+        """Run one Redis command (``call``, a coroutine) in the background, or None (counted) when as many
+        as the pool has connections are under way already: Redis is slow, and more would only queue.
+
+        A caller that stops waiting never cancels a command: cancelling one in flight drops its
+        connection, and a reply that was merely waiting behind a busy event loop would then cost a new
+        connection too. Only the command's own failure (an error, or the pool's socket timeout) is
+        Redis failing, and makes requests skip it."""
+        if len(self._commands) >= self.max_connections:
+            call.close()
+            self.stats.errors += 1
+            return None
+        task = asyncio.get_running_loop().create_task(call)
+        self._commands.add(task)
+        task.add_done_callback(lambda done: self._ended(what, done))
+        return task
+
+    def _ended(self, what: str, task: asyncio.Task[Any]) -> None:
+        self._commands.discard(task)
+        counted = task in self._late
+        self._late.discard(task)
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is None:
+            self._backoff_s = BACKOFF_S
+            return
+        if counted:  # (its caller counted it when it stopped waiting: one error per command)
+            self.stats.errors -= 1
+        self._failed(what, error)
+
+    async def _ask(self, what: str, call: Any, timeout_s: float) -> Any:
+        """``call``'s result within ``timeout_s``; raises LookupError (the error counted) otherwise."""
+        task = self._command(what, call)
+        if task is None:
+            raise LookupError(what)
+        done, _ = await asyncio.wait((task,), timeout=timeout_s)
+        if not done:  # late: counted now; the command itself goes on (see _command)
+            self._late.add(task)
+            self.stats.errors += 1
+            raise LookupError(what)
+        if task.cancelled() or task.exception() is not None:
+            raise LookupError(what)  # (counted, and backed off, by _ended)
+        return task.result()
 
     async def bump(self, model: str) -> None:
         """A new generation of ``model`` (it was reloaded here): answers stored before are served by no
@@ -257,12 +306,11 @@ class SharedCache:
         await self._tell(model, GENERATION_TIMEOUT_S)
 
     async def _tell(self, model: str, timeout_s: float) -> bool:
+        what = f"the new generation of model '{model}'"
         try:
-            generation = int(await asyncio.wait_for(self._redis().incr(self._generation_key(model)), timeout_s))
-        except Exception as exc:  # any failure of the network peer: degrade, never fail
-            self._failed(f"the new generation of model '{model}'", exc)
+            generation = int(await self._ask(what, self._redis().incr(self._generation_key(model)), timeout_s))
+        except LookupError:
             return False
-        self._succeeded()
         self._unbumped.discard(model)
         self._generations[model] = generation
         return True
@@ -275,16 +323,17 @@ class SharedCache:
         if model in self._unbumped and not await self._tell(model, self.timeout_s):
             return None, None
         expected = self._generations.get(model, 0)
+        # One command for both keys (they share a hash slot: {model}): the generation, and the entry under
+        # the generation this replica last saw.
+        names = (self._generation_key(model), self._entry_key(model, version, expected, key))
         try:
-            pipe = self._redis().pipeline(transaction=False)
-            pipe.get(self._generation_key(model))
-            pipe.get(self._entry_key(model, version, expected, key))
-            seen, value = await asyncio.wait_for(pipe.execute(), self.timeout_s)
+            seen, value = await self._ask("a lookup", self._redis().mget(names), self.timeout_s)
             generation = int(seen or 0)
-        except Exception as exc:
-            self._failed("a lookup", exc)
+        except LookupError:
             return None, None
-        self._succeeded()
+        except ValueError as exc:  # (a generation that is not a number: not ours)
+            self._failed(f"the generation of model '{model}' is not a number: {exc}", None)
+            return None, None
         if generation != expected:  # a reload somewhere: what was stored under the old one is not used
             self._generations[model] = generation
             value = None
@@ -305,31 +354,21 @@ class SharedCache:
         if not self._available():
             return
         data = encode_answer(arrays)
-        if len(data) > MAX_VALUE_BYTES:
-            return
-        task = asyncio.get_running_loop().create_task(self._set(self._entry_key(model, version, generation, key), data))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _set(self, name: str, data: bytes) -> None:
-        try:
-            await asyncio.wait_for(self._redis().set(name, data, ex=self.ttl_s), self.timeout_s)
-        except Exception as exc:
-            self._failed("a store", exc)
-        else:
-            self._succeeded()
+        if len(data) <= MAX_VALUE_BYTES:
+            name = self._entry_key(model, version, generation, key)
+            self._command("a store", self._redis().set(name, data, ex=self.ttl_s))
 
     async def drain(self) -> None:
-        """Wait for the stores under way (they run in the background)."""
-        await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        """Wait for the commands under way (stores run in the background, late lookups finish there)."""
+        await asyncio.gather(*list(self._commands), return_exceptions=True)
 
     async def close(self) -> None:
         if self._probe is not None:
             self._probe.cancel()
             await asyncio.gather(self._probe, return_exceptions=True)
-        for task in list(self._tasks):
+        for task in list(self._commands):
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._commands, return_exceptions=True)
         if self._client is not None:
             await self._client.aclose()
             self._client = None

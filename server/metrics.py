@@ -266,7 +266,8 @@ def _shared_families(cache: dict[str, float]) -> Iterator[Metric]:
     )
     yield CounterMetricFamily(
         "rapidserve_cache_l2_errors",
-        "Errors and timeouts talking to the shared (Redis) cache level, and stored values that did not decode.",
+        "Lookups and stores of the shared (Redis) cache level that failed, came too late or were not sent "
+        "(too many under way), and stored values that did not decode.",
         cache["l2_errors"],
     )
 

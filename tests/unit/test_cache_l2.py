@@ -7,6 +7,7 @@ import asyncio
 import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -195,23 +196,65 @@ async def test_a_redis_that_goes_away_is_counted_and_skipped_for_a_while(redis_s
         again.stop()
 
 
+def _connections_received(admin: Any) -> int:
+    return int(admin.info("stats")["total_connections_received"])
+
+
 @needs_redis
-async def test_a_slow_redis_costs_a_request_the_timeout_once_then_is_skipped(redis_server: RedisServer) -> None:
+async def test_a_late_reply_costs_its_request_the_timeout_but_neither_the_connection_nor_redis(
+    redis_server: RedisServer,
+) -> None:
+    """A reply later than the timeout (Redis paused here; a busy event loop does the same to a prompt
+    reply) is counted and its request computes, but the command runs to its end: its connection is
+    kept, and the next requests still use Redis."""
     import redis
 
     cache = SharedCache(redis_server.url, timeout_s=0.05)
     admin = redis.Redis.from_url(redis_server.url)
     try:
         assert await cache.ready()
-        admin.execute_command("CLIENT", "PAUSE", "4000", "ALL")  # every client's commands wait 4 s
+        cache.put("m", 1, KEY, 0, ARRAYS)
+        await cache.drain()
+        connections = _connections_received(admin)
+        admin.execute_command("CLIENT", "PAUSE", "400", "ALL")  # shorter than the pool's 1 s socket timeout
+        assert await cache.get("m", 1, KEY) == (None, None)  # late: computed instead
+        assert cache.stats.errors == 1
+        await cache.drain()  # the command itself ends once the pause does
+        assert cache.stats.errors == 1
+        value, generation = await cache.get("m", 1, KEY)
+        assert value is not None and generation == 0
+        assert cache.stats.hits == 1 and cache.stats.errors == 1
+        assert _connections_received(admin) == connections  # no connection was dropped and made again
+    finally:
+        admin.close()
+        await cache.close()
+
+
+@needs_redis
+async def test_a_redis_that_stops_answering_bounds_every_request_and_then_is_skipped(
+    redis_server: RedisServer,
+) -> None:
+    import redis
+
+    cache = SharedCache(redis_server.url, timeout_s=0.05, max_connections=2)
+    admin = redis.Redis.from_url(redis_server.url)
+    try:
+        assert await cache.ready()
+        admin.execute_command("CLIENT", "PAUSE", "4000", "ALL")  # longer than the pool's 1 s socket timeout
         loop = asyncio.get_running_loop()
         started = loop.time()
+        for _ in range(2):
+            assert await cache.get("m", 1, KEY) == (None, None)
+        assert loop.time() - started < 1  # each waited the timeout, not for Redis
+        assert cache.stats.errors == 2 and len(cache._commands) == 2
+        cache.put("m", 1, KEY, 0, ARRAYS)  # as many commands under way as connections: not asked
         assert await cache.get("m", 1, KEY) == (None, None)
-        assert loop.time() - started < 2  # bounded by the timeout, not by Redis
-        assert cache.stats.errors == 1
+        assert cache.stats.errors == 4 and len(cache._commands) == 2
+        await cache.drain()  # the two commands fail at the socket timeout: Redis itself is failing
+        assert cache.stats.errors == 4  # one per request, the late ones not counted again
         assert await cache.get("m", 1, KEY) == (None, None)
-        assert cache.stats.errors == 1  # skipped: not asked again within the backoff
-        assert cache._skip_until - loop.time() <= BACKOFF_S
+        assert cache.stats.errors == 4  # skipped: not asked within the backoff
+        assert 0 < cache._skip_until - loop.time() <= BACKOFF_S
     finally:
         admin.close()  # (the pause ends with the server, killed after the test)
         await cache.close()
