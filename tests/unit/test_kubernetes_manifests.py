@@ -36,6 +36,9 @@ KSERVE = REPO / "deploy" / "kserve"
 SERVICEMONITOR_SCHEMA = REPO / "tests" / "data" / "servicemonitor-v1.schema.json"
 # the newest Kubernetes release whose schemas kubernetes-validate ships (its version number follows it)
 KUBERNETES_VERSION = "1.37.0"
+# (model format, version, priority) that KServe's own runtimes select automatically for the v2 protocol
+# (kserve-tritonserver's onnx; its other formats are ones this runtime does not select automatically)
+KSERVE_AUTO_SELECTED = [("onnx", "1", 1)]
 
 KUSTOMIZATIONS = sorted(p.parent for p in KUBERNETES.rglob("kustomization.yaml"))
 KUSTOMIZATION_IDS = [str(p.relative_to(KUBERNETES)) for p in KUSTOMIZATIONS]
@@ -48,7 +51,7 @@ MERGE_KEYS = {
     "volumes": "name",
     "env": "name",
     "volumeMounts": "mountPath",
-    "ports": "containerPort",
+    "ports": ("containerPort", "port"),  # a container's ports, a Service's
 }
 
 
@@ -68,7 +71,8 @@ def merge(base: Any, patch: Any, field: str = "") -> Any:
                 out[key] = merge(base.get(key), value, key) if key in base else copy.deepcopy(value)
         return out
     if isinstance(base, list) and isinstance(patch, list) and field in MERGE_KEYS:
-        key = MERGE_KEYS[field]
+        keys = MERGE_KEYS[field] if isinstance(MERGE_KEYS[field], tuple) else (MERGE_KEYS[field],)
+        key = next(k for k in keys if all(k in item for item in base + patch))
         changes = {item[key]: item for item in patch}
         merged = [merge(old, changes[old[key]]) if old[key] in changes else old for old in base]
         known = {old[key] for old in base}
@@ -259,6 +263,11 @@ def test_the_container_follows_the_cli(
     assert resources["requests"]["cpu"] == resources["limits"]["cpu"]
     assert resources["requests"]["memory"] == resources["limits"]["memory"]
     assert settings.frontends == math.ceil(cpu_cores(resources["limits"]["cpu"]))
+    # the Services say which ports speak TLS (meshes and gateways choose their protocol by it)
+    protocols = {p["targetPort"]: p.get("appProtocol") for s in of_kind(rendered, "Service") for p in s["spec"]["ports"]}
+    for port, tls in (("grpc", settings.tls), ("http", settings.http_tls), ("metrics", None)):
+        plain = "kubernetes.io/h2c" if port == "grpc" else "http"
+        assert protocols[port] == ("https" if tls is not None else plain), f"the {port} port's appProtocol"
     # TLS and access keys cover both ports, or the other one is a way around them
     assert (settings.tls is None) == (settings.http_tls is None)
     assert {p for group in settings.restricted_protocols for p in group[0]} == {
@@ -338,7 +347,7 @@ def test_the_autoscaler_scales_on_an_exported_metric(rendered: list[dict[str, An
     deployment = one(of_kind(rendered, "Deployment"))
     assert hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
     assert "replicas" not in deployment["spec"], "the autoscaler owns the replica count"
-    assert hpa["spec"]["minReplicas"] >= 2, "with one pod the disruption budget blocks every drain"
+    assert hpa["spec"]["minReplicas"] >= 2, "one pod would leave no one serving while it is evicted or restarted"
     by_type = {m["type"]: m for m in hpa["spec"]["metrics"]}
     assert by_type["Resource"]["resource"]["name"] == "cpu", "CPU is the fallback when the custom metric is absent"
     _, container = server_container(rendered)
@@ -370,6 +379,12 @@ def test_the_kserve_runtime_follows_the_cli(tmp_path: Path, monkeypatch: pytest.
         "KServe's storage initializer fills /mnt/models"
     )
     assert settings.http_port == 8080, "KServe routes HTTP to 8080"
+    # KServe refuses (admission webhook) two auto-selected runtimes of one format, version and protocol
+    # at the same priority; its own Triton runtime selects onnx version 1 at priority 1 on v2 and grpc-v2
+    for name, version, priority in KSERVE_AUTO_SELECTED:
+        clash = formats.get(name, {})
+        if clash.get("autoSelect") and clash.get("version") == version:
+            assert clash.get("priority") not in (None, priority), f"{name} clashes with KServe's own runtime"
     assert int(spec["annotations"]["prometheus.kserve.io/port"]) == settings.metrics_port
     assert spec["annotations"]["prometheus.kserve.io/path"] == "/metrics"
     for path in sorted(KSERVE.glob("inferenceservice*.yaml")):
