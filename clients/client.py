@@ -281,9 +281,12 @@ class AsyncClient:
         for grpc_channel in self._channels:
             await grpc_channel.close()
 
-    async def _call(self, rpc: str, request: Any, timeout_s: float | None = None) -> Any:
+    async def _call(self, rpc: str, request: Any, timeout_s: float | None = None, server: int | None = None) -> Any:
+        """``rpc`` on ``server`` (an index), by default the next server in turn."""
+        if server is None:
+            server = next(self._turn) % len(self._stubs)
         try:
-            return await self._stubs[next(self._turn) % len(self._stubs)][rpc](
+            return await self._stubs[server][rpc](
                 request, timeout=timeout_s if timeout_s is not None else self._timeout_s, metadata=self._metadata
             )
         except grpc.RpcError as exc:
@@ -324,7 +327,7 @@ class AsyncClient:
         self._streaming = False  # the server has no ModelStreamInfer: unary from now on
         if timeout is not None and (parameters or {}).get("timeout") is None:
             del request.parameters["timeout"]
-        return codec.decode_response(await self._call("ModelInfer", request, timeout))
+        return codec.decode_response(await self._call("ModelInfer", request, timeout, server))  # (its turn still)
 
     async def is_server_live(self) -> bool:
         if self._http is not None:

@@ -264,10 +264,12 @@ def test_the_container_follows_the_cli(
     assert resources["requests"]["memory"] == resources["limits"]["memory"]
     assert settings.frontends == math.ceil(cpu_cores(resources["limits"]["cpu"]))
     # the Services say which ports speak TLS (meshes and gateways choose their protocol by it)
-    protocols = {p["targetPort"]: p.get("appProtocol") for s in of_kind(rendered, "Service") for p in s["spec"]["ports"]}
-    for port, tls in (("grpc", settings.tls), ("http", settings.http_tls), ("metrics", None)):
-        plain = "kubernetes.io/h2c" if port == "grpc" else "http"
-        assert protocols[port] == ("https" if tls is not None else plain), f"the {port} port's appProtocol"
+    tls_of = {"grpc": settings.tls, "http": settings.http_tls, "metrics": None}
+    for service in of_kind(rendered, "Service"):
+        for port in service["spec"]["ports"]:
+            plain = "kubernetes.io/h2c" if port["targetPort"] == "grpc" else "http"
+            wanted = "https" if tls_of[port["targetPort"]] is not None else plain
+            assert port.get("appProtocol") == wanted, f"{service['metadata']['name']}: {port['name']}'s appProtocol"
     # TLS and access keys cover both ports, or the other one is a way around them
     assert (settings.tls is None) == (settings.http_tls is None)
     assert {p for group in settings.restricted_protocols for p in group[0]} == {

@@ -154,3 +154,47 @@ def test_clients_call_the_servers_in_turn(tmp_path: Path, serve: Any, as_list: b
     assert (_successes(a.url), _successes(b.url)) == (5, 5)  # one stream per server, requests in turn
     asyncio.run(infer_async(streaming=False))
     assert (_successes(a.url), _successes(b.url)) == (8, 8)
+
+
+async def _unary_only_server(answered: list[str]) -> tuple[Any, str]:
+    """A server with ModelInfer alone (ModelStreamInfer is UNIMPLEMENTED), appending its name per call;
+    it echoes no tensors, so its answers decode to no outputs."""
+    import grpc
+
+    from rapidserve import protos
+
+    server = grpc.aio.server()
+    port = server.add_insecure_port("127.0.0.1:0")
+    url = f"127.0.0.1:{port}"
+
+    async def model_infer(request: Any, context: Any) -> Any:
+        answered.append(url)
+        return protos.ModelInferResponse(model_name=request.model_name, id=request.id)
+
+    handler = grpc.unary_unary_rpc_method_handler(
+        model_infer,
+        request_deserializer=protos.ModelInferRequest.FromString,
+        response_serializer=protos.ModelInferResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(protos.SERVICE_NAME, {"ModelInfer": handler}),)
+    )
+    await server.start()
+    return server, url
+
+
+def test_a_stream_refused_by_a_server_is_retried_unary_on_that_same_server() -> None:
+    async def scenario() -> list[str]:
+        answered: list[str] = []
+        (a, url_a), (b, url_b) = await _unary_only_server(answered), await _unary_only_server(answered)
+        try:
+            async with AsyncClient([url_a, url_b], streaming=True) as client:
+                for _ in range(3):
+                    await client.infer("m", {"x": np.zeros((1, 2), np.float32)})
+        finally:
+            await a.stop(None)
+            await b.stop(None)
+        return [("a" if url == url_a else "b") for url in answered]
+
+    # the first call's stream goes to a and is refused: its unary retry goes to a too, then b, a in turn
+    assert asyncio.run(scenario()) == ["a", "b", "a"]
