@@ -180,7 +180,7 @@ def test_three_cli_replicas_share_one_redis_and_lose_no_request_when_it_dies(
         with Client(urls[1]) as client:
             np.testing.assert_array_equal(client.infer("scale", {"x": z})["y"], z * 3)
         assert [_executions(url) for url in urls] == [2, 0, 1]  # (B's statistics are its new version's)
-        _round_robin_while_redis_dies(urls, redis_server)
+        _round_robin_while_redis_dies(urls, [replica.metrics_url() for replica in replicas], redis_server)
     finally:
         for replica in replicas:
             replica.stop()
@@ -196,9 +196,11 @@ def _wait_for_stored(redis_server: RedisServer, count: int) -> None:
         store.close()
 
 
-def _round_robin_while_redis_dies(urls: list[str], redis_server: RedisServer) -> None:
+def _round_robin_while_redis_dies(urls: list[str], metrics_urls: list[str], redis_server: RedisServer) -> None:
     """Four clients send 400 requests (a quarter of them repeats) across the replicas in turn; Redis is
-    killed after the first 100 answers. Every request must be answered correctly."""
+    killed after the first 100 answers. Every request must be answered correctly, and every replica
+    must have met the dead Redis (counted) while answering them."""
+    errors_before = [_l2(url)["errors"] for url in metrics_urls]
     answered = threading.Condition()
     done: list[int] = []
     errors: list[BaseException] = []
@@ -226,8 +228,12 @@ def _round_robin_while_redis_dies(urls: list[str], redis_server: RedisServer) ->
         thread.start()
     with answered:
         assert answered.wait_for(lambda: len(done) >= 100 or errors, timeout=120)
-    redis_server.stop()
+        redis_server.stop()
+        answered_when_killed = len(done)
     for thread in threads:
         thread.join(120)
     assert not errors, errors[:3]
     assert len(done) == 400
+    assert answered_when_killed < 400, "every request was answered before Redis died: nothing was tested"
+    errors_after = [_l2(url)["errors"] for url in metrics_urls]
+    assert all(after > before for before, after in zip(errors_before, errors_after, strict=True)), errors_after

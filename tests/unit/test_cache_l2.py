@@ -260,6 +260,44 @@ async def test_a_redis_that_stops_answering_bounds_every_request_and_then_is_ski
         await cache.close()
 
 
+@needs_redis
+async def test_tls_and_a_password_come_from_the_url(tmp_path: Path) -> None:
+    """A Redis that speaks only TLS and wants a password: the URL carries both (rediss://, the CA as
+    ssl_ca_certs, :password@). A wrong password, plaintext, or an untrusted certificate is refused:
+    counted, never raised."""
+    from certs import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    server = RedisServer(tmp_path, tls=pki, password="s3cret-word").start()
+    caches = {
+        "right": SharedCache(server.url, timeout_s=2.0),
+        "wrong password": SharedCache(server.url.replace("s3cret-word", "guess"), timeout_s=2.0),
+        "plaintext": SharedCache(f"redis://:s3cret-word@127.0.0.1:{server.port}/0", timeout_s=2.0),
+        "untrusted": SharedCache(server.url.split("?")[0], timeout_s=2.0),
+    }
+    try:
+        right = caches["right"]
+        assert await right.ready()
+        _, generation = await right.get("m", 1, KEY)
+        assert generation == 0
+        right.put("m", 1, KEY, generation, ARRAYS)
+        await right.drain()
+        value, _ = await right.get("m", 1, KEY)
+        assert value is not None
+        for name, array in decode_answer(value, EXPECTED).items():
+            np.testing.assert_array_equal(array, ARRAYS[name])
+        assert right.stats.errors == 0
+        for name in ("wrong password", "plaintext", "untrusted"):
+            cache = caches[name]
+            assert not await cache.ready(), name
+            assert cache.stats.errors == 1, name
+            assert await cache.get("m", 1, KEY) == (None, None)
+    finally:
+        for cache in caches.values():
+            await cache.close()
+        server.stop()
+
+
 async def test_a_peer_that_never_answers_is_never_used() -> None:
     """Connecting happens in the background: no request waits for it, and requests skip Redis until then."""
     held: list[asyncio.StreamWriter] = []
