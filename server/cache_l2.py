@@ -6,7 +6,8 @@ leader of a miss (so single-flight still holds within a replica), and never fail
 - A request waits for Redis at most ``timeout_s``, then computes; the late reply is counted as an error,
   but its command is not cancelled (that would drop a connection that is fine: on a busy event loop a
   prompt reply can wait behind other work for longer than the timeout).
-- Commands under way are bounded by the pool's size; past it a request does not ask (counted too).
+- The commands of one turn of the event loop (lookups, stores) go out as one pipeline: one round trip.
+  Round trips under way are bounded by the pool's size; past it the commands are not sent (counted).
 - An error of Redis itself (refused, reset, the pool's 1 s socket timeout) is counted and makes every
   request skip Redis for a while (``BACKOFF_S``, doubling up to ``BACKOFF_MAX_S`` while errors go on);
   then a connection attempt in the background (never in a request's way: a TLS handshake may take
@@ -66,6 +67,17 @@ BACKOFF_MAX_S = 8.0
 GENERATION_TIMEOUT_S = 1.0  # a load's generation bump, and connecting, may take longer than a lookup
 WARM_CONNECTIONS = 4  # connections opened in the background before requests use Redis
 MAX_VALUE_BYTES = 16 * 2**20  # larger answers are not shared (nor read back)
+
+
+_FAILED = object()  # the reply of a command that failed or was not sent (counted where that happened)
+
+
+@dataclass(slots=True)
+class _Command:
+    what: str  # for the log: "a lookup", "a store", ...
+    args: tuple[Any, ...]
+    reply: asyncio.Future[Any]  # the reply, or _FAILED; never an exception (a store's is never read)
+    late: bool = False  # its caller stopped waiting and counted it
 
 
 @dataclass(slots=True)
@@ -192,8 +204,9 @@ class SharedCache:
         self._unbumped: set[str] = set()  # models whose reload could not be told: skipped until it is
         self._skip_until = 0.0
         self._backoff_s = BACKOFF_S
-        self._commands: set[asyncio.Task[Any]] = set()  # under way: lookups, stores, generation bumps
-        self._late: set[asyncio.Task[Any]] = set()  # commands whose caller stopped waiting (counted then)
+        self._queued: list[_Command] = []  # commands of this turn of the event loop, sent at its end
+        self._pipelines: set[asyncio.Task[None]] = set()  # round trips under way
+        self._closed = False
         self._ready = False  # connected: requests use Redis (until an error)
         self._probe: asyncio.Task[None] | None = None
 
@@ -240,9 +253,11 @@ class SharedCache:
             self.start()
         return False
 
-    def _failed(self, what: str, error: BaseException | None) -> None:
-        """Count an error; one of Redis itself (``error``) also makes requests skip it for a while."""
-        self.stats.errors += 1
+    def _failed(self, what: str, error: BaseException | None, counted: bool = False) -> None:
+        """Count an error (unless the caller has); one of Redis itself (``error``) also makes requests
+        skip it for a while."""
+        if not counted:
+            self.stats.errors += 1
         now = time.monotonic()
         if error is None:
             log.warning("shared cache: %s", what)
@@ -254,50 +269,68 @@ class SharedCache:
             self._skip_until = now + self._backoff_s
             self._backoff_s = min(self._backoff_s * 2, BACKOFF_MAX_S)
 
-    def _command(self, what: str, call: Any) -> asyncio.Task[Any] | None:
-        """Run one Redis command (``call``, a coroutine) in the background, or None (counted) when as many
-        as the pool has connections are under way already: Redis is slow, and more would only queue.
+    def _command(self, what: str, *args: Any) -> _Command:
+        """Queue one Redis command. Every command queued in one turn of the event loop goes out in one
+        pipeline: one round trip on one connection, however many requests asked."""
+        loop = asyncio.get_running_loop()
+        command = _Command(what, args, loop.create_future())
+        self._queued.append(command)
+        if len(self._queued) == 1:
+            loop.call_soon(self._flush)
+        return command
 
-        A caller that stops waiting never cancels a command: cancelling one in flight drops its
-        connection, and a reply that was merely waiting behind a busy event loop would then cost a new
-        connection too. Only the command's own failure (an error, or the pool's socket timeout) is
-        Redis failing, and makes requests skip it."""
-        if len(self._commands) >= self.max_connections:
-            call.close()
-            self.stats.errors += 1
-            return None
-        task = asyncio.get_running_loop().create_task(call)
-        self._commands.add(task)
-        task.add_done_callback(lambda done: self._ended(what, done))
-        return task
-
-    def _ended(self, what: str, task: asyncio.Task[Any]) -> None:
-        self._commands.discard(task)
-        counted = task in self._late
-        self._late.discard(task)
-        if task.cancelled():
+    def _flush(self) -> None:
+        batch, self._queued = self._queued, []
+        if self._closed or len(self._pipelines) >= self.max_connections:
+            # as many round trips under way as the pool has connections: Redis is slow, more would queue
+            self.stats.errors += len(batch)
+            for command in batch:
+                command.reply.set_result(_FAILED)
             return
-        error = task.exception()
-        if error is None:
-            self._backoff_s = BACKOFF_S
-            return
-        if counted:  # (its caller counted it when it stopped waiting: one error per command)
-            self.stats.errors -= 1
-        self._failed(what, error)
+        task = asyncio.get_running_loop().create_task(self._send(batch))
+        self._pipelines.add(task)
+        task.add_done_callback(self._pipelines.discard)
 
-    async def _ask(self, what: str, call: Any, timeout_s: float) -> Any:
-        """``call``'s result within ``timeout_s``; raises LookupError (the error counted) otherwise."""
-        task = self._command(what, call)
-        if task is None:
-            raise LookupError(what)
-        done, _ = await asyncio.wait((task,), timeout=timeout_s)
-        if not done:  # late: counted now; the command itself goes on (see _command)
-            self._late.add(task)
+    async def _send(self, batch: list[_Command]) -> None:
+        """One round trip for ``batch``. Never cancelled by a caller that stops waiting: cancelling a
+        command in flight drops its connection, and a reply that was merely waiting behind a busy event
+        loop would then cost a new connection too. Only Redis failing (an error, the pool's socket
+        timeout) makes requests skip it."""
+        pipe = self._redis().pipeline(transaction=False)
+        for command in batch:
+            pipe.execute_command(*command.args)
+        try:
+            replies = await pipe.execute(raise_on_error=False)
+        except BaseException as exc:
+            if not isinstance(exc, asyncio.CancelledError):  # (cancelled: closing)
+                self.stats.errors += sum(not command.late for command in batch)
+                self._failed(batch[0].what if len(batch) == 1 else f"{len(batch)} commands", exc, counted=True)
+            for command in batch:
+                command.reply.set_result(_FAILED)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return
+        self._backoff_s = BACKOFF_S
+        for command, reply in zip(batch, replies, strict=True):
+            if isinstance(reply, Exception):  # this command's own error (a key of another type...)
+                if not command.late:
+                    self.stats.errors += 1
+                self._failed(f"{command.what}: {reply}", None, counted=True)
+                reply = _FAILED
+            command.reply.set_result(reply)
+
+    async def _ask(self, what: str, timeout_s: float, *args: Any) -> Any:
+        """The reply to one command within ``timeout_s``; raises LookupError (the error counted) otherwise."""
+        command = self._command(what, *args)
+        done, _ = await asyncio.wait((command.reply,), timeout=timeout_s)
+        if not done:  # late: counted now; the command itself goes on (see _send)
+            command.late = True
             self.stats.errors += 1
             raise LookupError(what)
-        if task.cancelled() or task.exception() is not None:
-            raise LookupError(what)  # (counted, and backed off, by _ended)
-        return task.result()
+        reply = command.reply.result()
+        if reply is _FAILED:
+            raise LookupError(what)  # (counted, and backed off, where it failed)
+        return reply
 
     async def bump(self, model: str) -> None:
         """A new generation of ``model`` (it was reloaded here): answers stored before are served by no
@@ -308,7 +341,7 @@ class SharedCache:
     async def _tell(self, model: str, timeout_s: float) -> bool:
         what = f"the new generation of model '{model}'"
         try:
-            generation = int(await self._ask(what, self._redis().incr(self._generation_key(model)), timeout_s))
+            generation = int(await self._ask(what, timeout_s, "INCR", self._generation_key(model)))
         except LookupError:
             return False
         self._unbumped.discard(model)
@@ -327,7 +360,7 @@ class SharedCache:
         # the generation this replica last saw.
         names = (self._generation_key(model), self._entry_key(model, version, expected, key))
         try:
-            seen, value = await self._ask("a lookup", self._redis().mget(names), self.timeout_s)
+            seen, value = await self._ask("a lookup", self.timeout_s, "MGET", *names)
             generation = int(seen or 0)
         except LookupError:
             return None, None
@@ -356,19 +389,22 @@ class SharedCache:
         data = encode_answer(arrays)
         if len(data) <= MAX_VALUE_BYTES:
             name = self._entry_key(model, version, generation, key)
-            self._command("a store", self._redis().set(name, data, ex=self.ttl_s))
+            self._command("a store", "SET", name, data, "EX", self.ttl_s)
 
     async def drain(self) -> None:
         """Wait for the commands under way (stores run in the background, late lookups finish there)."""
-        await asyncio.gather(*list(self._commands), return_exceptions=True)
+        while self._queued or self._pipelines:
+            await asyncio.sleep(0)  # (the queued ones are sent at the end of this turn of the loop)
+            await asyncio.gather(*list(self._pipelines), return_exceptions=True)
 
     async def close(self) -> None:
         if self._probe is not None:
             self._probe.cancel()
             await asyncio.gather(self._probe, return_exceptions=True)
-        for task in list(self._commands):
+        self._closed = True
+        for task in list(self._pipelines):
             task.cancel()
-        await asyncio.gather(*self._commands, return_exceptions=True)
+        await asyncio.gather(*self._pipelines, return_exceptions=True)
         if self._client is not None:
             await self._client.aclose()
             self._client = None

@@ -156,6 +156,7 @@ def test_three_cli_replicas_share_one_redis_and_lose_no_request_when_it_dies(
              "--cache-redis", redis_server.url, "--cache-redis-timeout-ms", "2000")  # fmt: skip
     replicas = [RemoteServer(*flags) for _ in range(3)]
     try:
+        metrics_urls = [replica.metrics_url() for replica in replicas]  # (logged before "server ready")
         for replica in replicas:
             replica.wait_for_line("server ready")
         urls = [replica.url for replica in replicas]
@@ -180,7 +181,7 @@ def test_three_cli_replicas_share_one_redis_and_lose_no_request_when_it_dies(
         with Client(urls[1]) as client:
             np.testing.assert_array_equal(client.infer("scale", {"x": z})["y"], z * 3)
         assert [_executions(url) for url in urls] == [2, 0, 1]  # (B's statistics are its new version's)
-        _round_robin_while_redis_dies(urls, [replica.metrics_url() for replica in replicas], redis_server)
+        _round_robin_while_redis_dies(urls, metrics_urls, redis_server)
     finally:
         for replica in replicas:
             replica.stop()

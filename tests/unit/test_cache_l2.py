@@ -196,6 +196,27 @@ async def test_a_redis_that_goes_away_is_counted_and_skipped_for_a_while(redis_s
         again.stop()
 
 
+@needs_redis
+async def test_requests_that_ask_together_share_one_round_trip(redis_server: RedisServer) -> None:
+    """Sixteen lookups and stores at once through a pool of one connection: all are answered, since
+    what one turn of the event loop asks goes out as one pipeline (one at a time would refuse the rest)."""
+    cache = SharedCache(redis_server.url, timeout_s=2.0, max_connections=1)
+    try:
+        assert await cache.ready()
+        keys = [bytes([i]) * 16 for i in range(16)]
+        for key in keys[::2]:
+            cache.put("m", 1, key, 0, ARRAYS)
+        await cache.drain()
+        answers = await asyncio.gather(*(cache.get("m", 1, key) for key in keys))
+        assert [value is not None for value, _ in answers] == [i % 2 == 0 for i in range(16)]
+        for value, generation in answers[::2]:
+            assert generation == 0 and value is not None
+            assert decode_answer(value, EXPECTED).keys() == ARRAYS.keys()
+        assert (cache.stats.hits, cache.stats.misses, cache.stats.errors) == (8, 8, 0)
+    finally:
+        await cache.close()
+
+
 def _connections_received(admin: Any) -> int:
     return int(admin.info("stats")["total_connections_received"])
 
@@ -246,10 +267,10 @@ async def test_a_redis_that_stops_answering_bounds_every_request_and_then_is_ski
         for _ in range(2):
             assert await cache.get("m", 1, KEY) == (None, None)
         assert loop.time() - started < 1  # each waited the timeout, not for Redis
-        assert cache.stats.errors == 2 and len(cache._commands) == 2
+        assert cache.stats.errors == 2 and len(cache._pipelines) == 2
         cache.put("m", 1, KEY, 0, ARRAYS)  # as many commands under way as connections: not asked
         assert await cache.get("m", 1, KEY) == (None, None)
-        assert cache.stats.errors == 4 and len(cache._commands) == 2
+        assert cache.stats.errors == 4 and len(cache._pipelines) == 2
         await cache.drain()  # the two commands fail at the socket timeout: Redis itself is failing
         assert cache.stats.errors == 4  # one per request, the late ones not counted again
         assert await cache.get("m", 1, KEY) == (None, None)
