@@ -42,6 +42,20 @@ class Multiplexer:
         self._tls = security
         self._reader = asyncio.create_task(self._read())
         self._broken: InferenceServerError | None = None
+        self._answered = False
+
+    @property
+    def status_lost(self) -> bool:
+        """Whether the stream ended before any answer with the status grpc.aio puts in place of the
+        server's when a request is written as the server ends the stream (a server that refuses the
+        stream at once, e.g. without an access key, races with the first write): the real status is
+        unknown, and a unary call would tell it."""
+        return (
+            not self._answered
+            and self._broken is not None
+            and self._broken.code == grpc.StatusCode.INTERNAL
+            and self._broken.message == "Internal error from Core"
+        )
 
     @property
     def broken(self) -> bool:
@@ -62,6 +76,7 @@ class Multiplexer:
             raise InferenceServerError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded") from None
         finally:
             self._waiting.pop(wire_id, None)
+            request.id = caller_id  # (a caller may send the request again, unary)
         if response.error_message:
             params = response.infer_response.parameters
             code = params["grpc_code"].int64_param if "grpc_code" in params else None  # Triton sends none
@@ -77,6 +92,7 @@ class Multiplexer:
     async def _read(self) -> None:
         try:
             async for response in self._call:
+                self._answered = True
                 future = self._waiting.get(response.infer_response.id)
                 if future is not None and not future.done():
                     future.set_result(response)

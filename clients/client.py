@@ -322,9 +322,10 @@ class AsyncClient:
         try:
             return codec.decode_response(await stream.send(request, timeout))
         except InferenceServerError as exc:
-            if exc.code != grpc.StatusCode.UNIMPLEMENTED:
+            if exc.code == grpc.StatusCode.UNIMPLEMENTED:
+                self._streaming = False  # the server has no ModelStreamInfer: unary from now on
+            elif not stream.status_lost:  # (lost: the server ended the stream at once, say why unary)
                 raise
-        self._streaming = False  # the server has no ModelStreamInfer: unary from now on
         if timeout is not None and (parameters or {}).get("timeout") is None:
             del request.parameters["timeout"]
         return codec.decode_response(await self._call("ModelInfer", request, timeout, server))  # (its turn still)

@@ -168,6 +168,7 @@ async def _unary_only_server(answered: list[str]) -> tuple[Any, str]:
     url = f"127.0.0.1:{port}"
 
     async def model_infer(request: Any, context: Any) -> Any:
+        assert request.id == "mine", "the caller's request id"
         answered.append(url)
         return protos.ModelInferResponse(model_name=request.model_name, id=request.id)
 
@@ -190,7 +191,7 @@ def test_a_stream_refused_by_a_server_is_retried_unary_on_that_same_server() -> 
         try:
             async with AsyncClient([url_a, url_b], streaming=True) as client:
                 for _ in range(3):
-                    await client.infer("m", {"x": np.zeros((1, 2), np.float32)})
+                    await client.infer("m", {"x": np.zeros((1, 2), np.float32)}, request_id="mine")
         finally:
             await a.stop(None)
             await b.stop(None)
