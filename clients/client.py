@@ -17,6 +17,7 @@ replica each (use one client per server for those); ``AsyncClient`` keeps a stre
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -319,15 +320,24 @@ class AsyncClient:
         if stream is None or stream.broken:
             stub = self._stubs[server]["ModelStreamInfer"]
             stream = self._streams[server] = Multiplexer(stub, self._metadata, self._tls)
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
         try:
             return codec.decode_response(await stream.send(request, timeout))
         except InferenceServerError as exc:
             if exc.code == grpc.StatusCode.UNIMPLEMENTED:
                 self._streaming = False  # the server has no ModelStreamInfer: unary from now on
-            elif not stream.status_lost:  # (lost: the server ended the stream at once, say why unary)
+            elif not stream.status_lost:
                 raise
-        if timeout is not None and (parameters or {}).get("timeout") is None:
-            del request.parameters["timeout"]
+            # Lost: the stream ended at once, before any answer, and grpc.aio hid the server's status.
+            # Asked again unary, on the same server, within what is left of the timeout (a request the
+            # server did read before ending the stream may run twice: inference has no side effects).
+        if deadline is not None:
+            timeout = deadline - loop.time()
+            if timeout <= 0:
+                raise InferenceServerError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+            if (parameters or {}).get("timeout") is None:
+                del request.parameters["timeout"]
         return codec.decode_response(await self._call("ModelInfer", request, timeout, server))  # (its turn still)
 
     async def is_server_live(self) -> bool:

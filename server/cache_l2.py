@@ -16,7 +16,7 @@ leader of a miss (so single-flight still holds within a replica), and never fail
 Keys: ``rapidserve:{model}:gen`` holds the model's generation, a counter a replica INCRs when it
 loads the model once started (a reload; a replica's start shares what the others stored). An answer
 lives at ``rapidserve:{model}:<version>:<generation>:<xxh3-128 key>`` with a TTL. A lookup reads
-the generation and the entry under the generation it last saw, in one MGET (one hash slot): when the
+the generation and the entry under the generation it last saw, in one round trip: when the
 generation moved (a reload on any replica), the entry is not used and the new generation is used
 from then on, so no replica reads answers from before a reload out of Redis. (Each replica's own
 LRU keeps what it computed itself. Replicas sharing a Redis must serve the same files for a model's
@@ -67,6 +67,7 @@ BACKOFF_MAX_S = 8.0
 GENERATION_TIMEOUT_S = 1.0  # a load's generation bump, and connecting, may take longer than a lookup
 WARM_CONNECTIONS = 4  # connections opened in the background before requests use Redis
 MAX_VALUE_BYTES = 16 * 2**20  # larger answers are not shared (nor read back)
+GENERATION_DIGITS = 20  # a generation is read back to this length at most (an int64 has 19 digits)
 
 
 _FAILED = object()  # the reply of a command that failed or was not sent (counted where that happened)
@@ -78,6 +79,7 @@ class _Command:
     args: tuple[Any, ...]
     reply: asyncio.Future[Any]  # the reply, or _FAILED; never an exception (a store's is never read)
     late: bool = False  # its caller stopped waiting and counted it
+    counts: bool = True  # an error of its own (False: a part of a lookup that another part counts for)
 
 
 @dataclass(slots=True)
@@ -155,15 +157,15 @@ def _tensor(name: str, datatype: str, shape: tuple[int, ...], data: memoryview, 
 
 def redis_client(url: str, timeout_s: float, max_connections: int) -> Any:
     """A ``redis.asyncio`` client for ``url`` (``redis://``, ``rediss://`` for TLS, a password as
-    ``redis://:password@host``), with a bounded pool. Connects on first use; each call's own bound is
-    the caller's ``asyncio.wait_for``, the socket's timeouts only a backstop."""
+    ``redis://:password@host``), with a bounded pool. Connects on first use. A request's wait is bounded
+    by ``SharedCache`` (which never cancels a command); the socket's timeouts say when Redis failed."""
     try:
         import redis.asyncio as aioredis
     except ImportError as exc:
         raise RuntimeError('--cache-redis needs redis-py: pip install "rapidserve[redis]"') from exc
     if not url.startswith(("redis://", "rediss://", "unix://")):
         raise ValueError(f"--cache-redis must be a redis://, rediss:// or unix:// URL, not {url.split(':')[0]!r}")
-    # A request past the pool's size waits for a connection (within its timeout) rather than failing.
+    # (SharedCache keeps at most max_connections round trips under way: none waits for a connection.)
     pool = aioredis.BlockingConnectionPool.from_url(
         url,
         max_connections=max_connections,
@@ -206,6 +208,7 @@ class SharedCache:
         self._backoff_s = BACKOFF_S
         self._queued: list[_Command] = []  # commands of this turn of the event loop, sent at its end
         self._pipelines: set[asyncio.Task[None]] = set()  # round trips under way
+        self._telling: dict[str, _Command] = {}  # per model, the generation increment under way
         self._closed = False
         self._ready = False  # connected: requests use Redis (until an error)
         self._probe: asyncio.Task[None] | None = None
@@ -223,12 +226,12 @@ class SharedCache:
 
     def start(self) -> None:
         """Connect in the background: a connection's set-up (TLS) may take longer than a request may wait."""
-        if self._probe is None or self._probe.done():
+        if not self._closed and (self._probe is None or self._probe.done()):
             self._probe = asyncio.get_running_loop().create_task(self._connect())
 
     async def ready(self) -> bool:
         """Whether requests use Redis, once a connection attempt under way (or started now) has ended."""
-        if not self._ready:
+        if not self._ready and not self._closed:
             self.start()
             assert self._probe is not None
             await asyncio.shield(self._probe)
@@ -241,7 +244,7 @@ class SharedCache:
         except Exception as exc:
             self._failed("connecting", exc)
         else:
-            self._ready = True
+            self._ready = not self._closed
             self._backoff_s = BACKOFF_S
 
     def _available(self) -> bool:
@@ -269,11 +272,11 @@ class SharedCache:
             self._skip_until = now + self._backoff_s
             self._backoff_s = min(self._backoff_s * 2, BACKOFF_MAX_S)
 
-    def _command(self, what: str, *args: Any) -> _Command:
+    def _command(self, what: str, *args: Any, counts: bool = True) -> _Command:
         """Queue one Redis command. Every command queued in one turn of the event loop goes out in one
         pipeline: one round trip on one connection, however many requests asked."""
         loop = asyncio.get_running_loop()
-        command = _Command(what, args, loop.create_future())
+        command = _Command(what, args, loop.create_future(), counts=counts)
         self._queued.append(command)
         if len(self._queued) == 1:
             loop.call_soon(self._flush)
@@ -283,70 +286,88 @@ class SharedCache:
         batch, self._queued = self._queued, []
         if self._closed or len(self._pipelines) >= self.max_connections:
             # as many round trips under way as the pool has connections: Redis is slow, more would queue
-            self.stats.errors += len(batch)
-            for command in batch:
-                command.reply.set_result(_FAILED)
+            self._give_up(batch)
             return
         task = asyncio.get_running_loop().create_task(self._send(batch))
         self._pipelines.add(task)
         task.add_done_callback(self._pipelines.discard)
 
+    def _give_up(self, batch: list[_Command]) -> None:
+        """Count ``batch`` as failed (each command once) and answer its waiters."""
+        self.stats.errors += sum(command.counts and not command.late for command in batch)
+        for command in batch:
+            if not command.reply.done():
+                command.reply.set_result(_FAILED)
+
     async def _send(self, batch: list[_Command]) -> None:
         """One round trip for ``batch``. Never cancelled by a caller that stops waiting: cancelling a
         command in flight drops its connection, and a reply that was merely waiting behind a busy event
         loop would then cost a new connection too. Only Redis failing (an error, the pool's socket
-        timeout) makes requests skip it."""
-        pipe = self._redis().pipeline(transaction=False)
-        for command in batch:
-            pipe.execute_command(*command.args)
+        timeout) makes requests skip it; any round trip that succeeds resets the backoff."""
         try:
-            replies = await pipe.execute(raise_on_error=False)
-        except BaseException as exc:
-            if not isinstance(exc, asyncio.CancelledError):  # (cancelled: closing)
-                self.stats.errors += sum(not command.late for command in batch)
-                self._failed(batch[0].what if len(batch) == 1 else f"{len(batch)} commands", exc, counted=True)
+            pipe = self._redis().pipeline(transaction=False)
             for command in batch:
-                command.reply.set_result(_FAILED)
-            if isinstance(exc, asyncio.CancelledError):
-                raise
+                pipe.execute_command(*command.args)
+            replies = await pipe.execute(raise_on_error=False)
+        except asyncio.CancelledError:  # (closing)
+            self._give_up(batch)
+            raise
+        except Exception as exc:
+            self._give_up(batch)
+            self._failed(batch[0].what if len(batch) == 1 else f"{len(batch)} commands", exc, counted=True)
             return
         self._backoff_s = BACKOFF_S
         for command, reply in zip(batch, replies, strict=True):
             if isinstance(reply, Exception):  # this command's own error (a key of another type...)
-                if not command.late:
-                    self.stats.errors += 1
-                self._failed(f"{command.what}: {reply}", None, counted=True)
+                self._failed(f"{command.what}: {reply}", None, counted=command.late or not command.counts)
                 reply = _FAILED
             command.reply.set_result(reply)
 
-    async def _ask(self, what: str, timeout_s: float, *args: Any) -> Any:
-        """The reply to one command within ``timeout_s``; raises LookupError (the error counted) otherwise."""
-        command = self._command(what, *args)
-        done, _ = await asyncio.wait((command.reply,), timeout=timeout_s)
-        if not done:  # late: counted now; the command itself goes on (see _send)
-            command.late = True
+    async def _wait(self, what: str, timeout_s: float, *commands: _Command) -> list[Any]:
+        """The replies to ``commands`` within ``timeout_s``; raises LookupError (counted) otherwise."""
+        replies = [command.reply for command in commands]
+        _, pending = await asyncio.wait(replies, timeout=timeout_s)
+        if pending:  # late: counted now; the commands themselves go on (see _send)
+            for command in commands:
+                command.late = True
             self.stats.errors += 1
             raise LookupError(what)
-        reply = command.reply.result()
-        if reply is _FAILED:
+        if any(reply.result() is _FAILED for reply in replies):
             raise LookupError(what)  # (counted, and backed off, where it failed)
-        return reply
+        return [reply.result() for reply in replies]
 
     async def bump(self, model: str) -> None:
         """A new generation of ``model`` (it was reloaded here): answers stored before are served by no
         replica. If Redis cannot be told, this replica skips Redis for the model until it can."""
         self._unbumped.add(model)
-        await self._tell(model, GENERATION_TIMEOUT_S)
+        await self._tell(model, GENERATION_TIMEOUT_S, again=True)
 
-    async def _tell(self, model: str, timeout_s: float) -> bool:
-        what = f"the new generation of model '{model}'"
+    async def _tell(self, model: str, timeout_s: float, again: bool = False) -> bool:
+        """Increment the model's generation (``again``: whether or not an increment is under way, as a
+        reload needs; else the lookups of a model whose reload was not told yet share one increment)."""
+        command = self._telling.get(model)
+        if command is None or again:
+            command = self._command(f"the new generation of model '{model}'", "INCR", self._generation_key(model))
+            self._telling[model] = command
+            command.reply.add_done_callback(lambda reply: self._told(model, command, reply.result()))
         try:
-            generation = int(await self._ask(what, timeout_s, "INCR", self._generation_key(model)))
+            await self._wait(command.what, timeout_s, command)
         except LookupError:
             return False
-        self._unbumped.discard(model)
-        self._generations[model] = generation
         return True
+
+    def _told(self, model: str, command: _Command, generation: Any) -> None:
+        """An increment's reply, even one that came after its requests stopped waiting."""
+        if self._telling.get(model) is command:
+            del self._telling[model]
+            if generation is not _FAILED:
+                self._unbumped.discard(model)
+        if generation is not _FAILED:
+            self._seen(model, int(generation))
+
+    def _seen(self, model: str, generation: int) -> None:
+        # (replies may come back out of order from different connections: the generation never goes back)
+        self._generations[model] = max(generation, self._generations.get(model, 0))
 
     async def get(self, model: str, version: int, key: bytes) -> tuple[bytes | None, int | None]:
         """(the stored answer or None, the generation to store a computed answer under, or None when
@@ -356,11 +377,17 @@ class SharedCache:
         if model in self._unbumped and not await self._tell(model, self.timeout_s):
             return None, None
         expected = self._generations.get(model, 0)
-        # One command for both keys (they share a hash slot: {model}): the generation, and the entry under
-        # the generation this replica last saw.
-        names = (self._generation_key(model), self._entry_key(model, version, expected, key))
+        # One round trip (the two commands are sent in one pipeline): the generation, and the entry under
+        # the generation this replica last saw, each read at most to the size an answer may have, so a
+        # value that is not ours costs no more memory than one of ours.
+        generation_key = self._generation_key(model)
+        entry_key = self._entry_key(model, version, expected, key)
+        commands = (
+            self._command("a lookup", "GETRANGE", generation_key, 0, GENERATION_DIGITS - 1, counts=False),
+            self._command("a lookup", "GETRANGE", entry_key, 0, MAX_VALUE_BYTES),
+        )
         try:
-            seen, value = await self._ask("a lookup", self.timeout_s, "MGET", *names)
+            seen, value = await self._wait("a lookup", self.timeout_s, *commands)
             generation = int(seen or 0)
         except LookupError:
             return None, None
@@ -368,12 +395,12 @@ class SharedCache:
             self._failed(f"the generation of model '{model}' is not a number: {exc}", None)
             return None, None
         if generation != expected:  # a reload somewhere: what was stored under the old one is not used
-            self._generations[model] = generation
+            self._seen(model, generation)
             value = None
-        if value is None:
+        if not value:  # (GETRANGE reads a missing key as empty; an answer never is)
             self.stats.misses += 1
-        else:
-            self.stats.hits += 1
+            return None, generation
+        self.stats.hits += 1
         return value, generation
 
     def bad_value(self, model: str, error: Exception) -> None:
@@ -398,10 +425,12 @@ class SharedCache:
             await asyncio.gather(*list(self._pipelines), return_exceptions=True)
 
     async def close(self) -> None:
+        """Stop using Redis: commands under way or queued fail (counted), and nothing connects again."""
+        self._closed = True
+        self._ready = False
         if self._probe is not None:
             self._probe.cancel()
             await asyncio.gather(self._probe, return_exceptions=True)
-        self._closed = True
         for task in list(self._pipelines):
             task.cancel()
         await asyncio.gather(*self._pipelines, return_exceptions=True)

@@ -319,6 +319,77 @@ async def test_tls_and_a_password_come_from_the_url(tmp_path: Path) -> None:
         server.stop()
 
 
+@needs_redis
+async def test_a_reload_told_late_raises_the_generation_once(redis_server: RedisServer) -> None:
+    """A model whose reload Redis has not been told yet: its lookups share one increment, whose reply,
+    however late, is taken up (a late increment still happens in Redis: sending one per lookup would
+    move the generation on every request, and every replica's answers of the model with it)."""
+    import redis
+
+    cache = SharedCache(redis_server.url, timeout_s=0.05)
+    admin = redis.Redis.from_url(redis_server.url)
+    try:
+        assert await cache.ready()
+        cache._unbumped.add("m")  # as after a reload that Redis did not hear of
+        admin.execute_command("CLIENT", "PAUSE", "400", "ALL")
+        assert await cache.get("m", 1, KEY) == (None, None)
+        assert await asyncio.gather(*(cache.get("m", 1, KEY) for _ in range(5))) == [(None, None)] * 5
+        assert await cache.get("m", 1, KEY) == (None, None)
+        assert cache.stats.errors == 7  # each request that gave up
+        await cache.drain()
+        assert int(admin.get("rapidserve:{m}:gen")) == 1
+        value, generation = await cache.get("m", 1, KEY)  # told: Redis is used for the model again
+        assert value is None and generation == 1
+        assert cache.stats.errors == 7 and cache.stats.misses == 1
+    finally:
+        admin.close()
+        await cache.close()
+
+
+@needs_redis
+async def test_a_value_larger_than_any_answer_is_not_read_whole(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis is a network peer: a value under an answer's key larger than an answer may be is read only
+    to that size (and then refused as a bad value), never whole into memory."""
+    import redis
+
+    from rapidserve.server import cache_l2
+
+    monkeypatch.setattr(cache_l2, "MAX_VALUE_BYTES", 4096)
+    cache = SharedCache(redis_server.url, timeout_s=2.0)
+    admin = redis.Redis.from_url(redis_server.url)
+    try:
+        assert await cache.ready()
+        admin.set(cache._entry_key("m", 1, 0, KEY), b"x" * 1_000_000)
+        sent = int(admin.info("stats")["total_net_output_bytes"])
+        value, generation = await cache.get("m", 1, KEY)
+        assert generation == 0 and value is not None and len(value) == 4097
+        assert int(admin.info("stats")["total_net_output_bytes"]) - sent < 100_000
+        with pytest.raises(ValueError, match="more than 4096"):
+            decode_answer(value, EXPECTED)
+    finally:
+        admin.close()
+        await cache.close()
+
+
+@needs_redis
+async def test_a_closed_cache_neither_asks_nor_connects_again(redis_server: RedisServer) -> None:
+    cache = SharedCache(redis_server.url, timeout_s=2.0)
+    assert await cache.ready()
+    cache.put("m", 1, KEY, 0, ARRAYS)  # queued, not sent yet: it fails with the close, counted
+    await cache.close()
+    assert cache.stats.errors == 1
+    cache._skip_until = 0.0  # (as if a backoff had passed)
+    for _ in range(3):
+        assert await cache.get("m", 1, KEY) == (None, None)
+        cache.put("m", 1, KEY, 0, ARRAYS)
+    assert not await cache.ready()
+    await cache.drain()
+    assert cache._client is None and (cache._probe is None or cache._probe.done())
+    assert cache.stats.errors == 1
+
+
 async def test_a_peer_that_never_answers_is_never_used() -> None:
     """Connecting happens in the background: no request waits for it, and requests skip Redis until then."""
     held: list[asyncio.StreamWriter] = []
