@@ -156,8 +156,9 @@ def test_dockerfile_serves_as_a_non_root_user_with_a_health_check() -> None:
 def test_every_yaml_file_under_deploy_parses() -> None:
     files = sorted([*DEPLOY.rglob("*.yml"), *DEPLOY.rglob("*.yaml")])
     assert len(files) >= 4, files
-    for path in files:
-        assert isinstance(load_yaml(path), dict), path
+    for path in files:  # (a file may hold several objects, as kubectl reads them)
+        documents = [doc for doc in yaml.safe_load_all(path.read_text(encoding="utf-8")) if doc is not None]
+        assert documents and all(isinstance(doc, dict) for doc in documents), path
 
 
 def test_compose_runs_the_three_services_from_the_repository_dockerfile() -> None:
