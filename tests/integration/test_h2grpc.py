@@ -123,7 +123,7 @@ def test_a_server_that_stops_ends_calls_unavailable(tmp_path: Path) -> None:
 
     from rapidserve.server.settings import ServerSettings
 
-    write_model(tmp_path, "slow", slow_graph())  # tens of ms a call
+    write_model(tmp_path, "slow", slow_graph())  # a few ms a call: 50 queued take longer than the 50 ms wait
     server = ServerThread(
         ServerSettings(model_repositories=(tmp_path,), host="127.0.0.1", grpc_port=0, metrics_port=0, http_port=0)
     )

@@ -204,7 +204,7 @@ def deadline_passes_in_the_queue(server: Any, url: str, server_counts: bool) -> 
     may give up before its body has reached the server (a loaded machine), so only the gRPC run checks
     the server's count."""
     model = server.server.manager.get("slow")
-    x = {"x": np.ones((1, 256, 256), np.float32)}  # tens of ms a call
+    x = {"x": np.ones((1, 256, 256), np.float32)}  # a few ms a call; the long one, 8 on one thread, ~80 ms
     long = {"x": np.ones((8, 256, 256), np.float32)}
     before = model_failures(server)
     with Client(server.url) as blocker_client, ThreadPoolExecutor(1) as pool:

@@ -147,7 +147,7 @@ def _histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float:
 def test_latency_percentiles_agree_with_what_a_client_measured(tmp_path: Path, serve) -> None:
     from testmodels import slow_graph, write_model
 
-    write_model(tmp_path, "slow", slow_graph(), "max_batch_size: 1")  # tens of ms: the RPC is a small part
+    write_model(tmp_path, "slow", slow_graph(repeats=400), "max_batch_size: 1")  # ~40 ms: the RPC is a small part
     server = serve(tmp_path)
     x = np.ones((1, 256, 256), np.float32)
     measured = []
@@ -169,7 +169,7 @@ def test_latency_percentiles_agree_with_what_a_client_measured(tmp_path: Path, s
         client_q = float(np.quantile(measured, q))
         # Each request's server time is at most what its client measured (which adds the RPC), so each
         # server quantile is at most the client's: the histogram's within the client's bucket, the
-        # window's (1% accurate) within 2%. The RPC is a small part of these tens of milliseconds, so
+        # window's (1% accurate) within 2%. The RPC is a small part of these ~40 milliseconds, so
         # the server's figures are more than half the client's even on a loaded machine: a unit or
         # bucket error would be far off either bound.
         upper = next(b for b in bounds if b >= client_q)
