@@ -374,6 +374,30 @@ async def test_a_value_larger_than_any_answer_is_not_read_whole(
 
 
 @needs_redis
+@pytest.mark.parametrize("wrong", ["generation", "entry", "both"])
+async def test_a_key_of_another_type_is_one_error_per_lookup(redis_server: RedisServer, wrong: str) -> None:
+    """Redis answers a read of a key that holds a list with an error reply: the lookup is a miss that
+    cannot be stored, counted once as an error whichever of its two reads was refused."""
+    import redis
+
+    cache = SharedCache(redis_server.url, timeout_s=2.0)
+    admin = redis.Redis.from_url(redis_server.url)
+    try:
+        assert await cache.ready()
+        if wrong in ("generation", "both"):
+            admin.rpush(cache._generation_key("m"), b"x")
+        if wrong in ("entry", "both"):
+            admin.rpush(cache._entry_key("m", 1, 0, KEY), b"x")
+        for lookups in (1, 2, 3):
+            assert await cache.get("m", 1, KEY) == (None, None)
+            assert (cache.stats.hits, cache.stats.misses, cache.stats.errors) == (0, 0, lookups)
+        assert await cache.ready()  # an error reply is the key's, not Redis failing: Redis stays in use
+    finally:
+        admin.close()
+        await cache.close()
+
+
+@needs_redis
 async def test_a_closed_cache_neither_asks_nor_connects_again(redis_server: RedisServer) -> None:
     cache = SharedCache(redis_server.url, timeout_s=2.0)
     assert await cache.ready()
