@@ -52,6 +52,7 @@ class FrontendHandler:
         self._answers = answers
         self._tasks: set[asyncio.Task[Any]] = set()
         self._started: dict[int, tuple[Any, Any]] = {}  # requests in a batcher, by the front end's number
+        self._left: set[int] = set()  # those of them running when their client left
 
     def handle(self, message: tuple[Any, ...]) -> None:
         kind = message[0]
@@ -113,16 +114,21 @@ class FrontendHandler:
             self._error(seq, exc)
 
     def _cancel(self, seq: int) -> None:
-        """The client left: its request leaves the queue if it is still there (a running one finishes,
-        as its inputs are in use; a cached model's request finishes too, and fills the cache)."""
+        """The client left: its request leaves the queue if it is still there. A running one finishes, as
+        its inputs are in use, and is then counted as cancelled, as in a front end's own process. (A cached
+        model's request finishes too, fills the cache, and is counted as served.)"""
         entry = self._started.get(seq)
         if entry is not None:
             model, started = entry
-            model.withdraw(started)
+            if not model.withdraw(started):
+                self._left.add(seq)
 
     def _finished(self, seq: int, model: Any, started: Any) -> None:
         self._started.pop(seq, None)
         try:
+            if seq in self._left:
+                self._left.discard(seq)
+                model.finish(started, asyncio.CancelledError())  # counts it, and raises
             self._answer(seq, model.finish(started))
         except (Exception, asyncio.CancelledError) as exc:
             self._error(seq, exc)

@@ -230,6 +230,38 @@ def test_a_queued_call_that_is_cancelled_or_times_out_counts_under_its_reason(tm
         assert client.model_statistics("slow").model_stats[0].inference_stats.fail.count == 1
 
 
+def test_a_running_call_that_is_cancelled_counts_as_cancelled_not_as_a_success(tmp_path: Path, serve) -> None:
+    """The model runs a request whose client has left to the end (its inputs are in use), and then counts
+    it as cancelled, with any number of front ends."""
+    import grpc
+    from testmodels import slow_graph, write_model
+
+    from rapidserve import protos
+    from rapidserve.common import codec
+
+    write_model(tmp_path, "slow", slow_graph(repeats=400), "max_batch_size: 8")
+    server = serve(tmp_path)
+    labels = {"model": "slow", "version": "1"}
+    big = np.ones((8, 256, 256), np.float32)  # about half a second of work
+    with Client(server.url) as client, grpc.insecure_channel(server.url) as channel:
+        client.infer("slow", {"x": big[:1]})  # connect and warm up: one success
+        infer = channel.unary_unary(
+            protos.method_path("ModelInfer"),
+            request_serializer=lambda m: m.SerializeToString(),
+            response_deserializer=protos.ModelInferResponse.FromString,
+        )
+        call = infer.future(codec.encode_request("slow", {"x": big}))
+        _wait_for(server.metrics_url, "rapidserve_executions_in_flight", 1, **labels)
+        assert call.cancel()
+        _wait_for(server.metrics_url, "rapidserve_request_failure_total", 1, **labels, reason="cancelled")
+        _wait_for(server.metrics_url, "rapidserve_executions_in_flight", 0, **labels)
+        samples = scrape(server.metrics_url)
+        assert value(samples, "rapidserve_request_success_total", **labels) == 1
+        stats = client.model_statistics("slow").model_stats[0]
+        assert (stats.inference_stats.success.count, stats.inference_stats.fail.count) == (1, 1)
+        np.testing.assert_array_equal(client.infer("slow", {"x": big[:2]})["y"], big[:2])  # and it goes on
+
+
 SINGLE_FLIGHT = """max_batch_size: 2
 dynamic_batching { max_queue_delay_microseconds: 60000000 }
 response_cache { enable: true }
