@@ -57,8 +57,9 @@ def build_workload_repository(repo: Path) -> Path:
     write_model(repo, "scale", scale_graph("scale", INT64, 3), batching)
     write_model(repo, "cached", scale_graph("cached", INT64, 3), batching + "response_cache { enable: true }\n")
     slow = "max_batch_size: 1\n" + ONE_THREAD + "dynamic_batching { default_queue_policy { %s } }\n"
-    write_model(repo, "slow_full", slow_graph(rows=64), slow % "max_queue_size: 1")
-    write_model(repo, "slow_timeout", slow_graph(rows=64), slow % "default_timeout_microseconds: 2000")
+    # ~10 ms a call: 6 calls sent together overlap, so the queue of 1 fills and a 2 ms wait times out
+    write_model(repo, "slow_full", slow_graph(rows=64, repeats=400), slow % "max_queue_size: 1")
+    write_model(repo, "slow_timeout", slow_graph(rows=64, repeats=400), slow % "default_timeout_microseconds: 2000")
     write_reshape_model(repo)
     return repo
 

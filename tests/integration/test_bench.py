@@ -110,4 +110,5 @@ def test_two_worker_processes_add_up(server, tmp_path: Path) -> None:
     assert main(["bench", "scale", "--url", server.url, "--request-rate", "200", "--workers", "2", *FAST,
                  "--out", str(out)]) == 0  # fmt: skip
     (row,) = rows(out)
-    assert 160 < row["requests_per_s"] < 240 and row["errors"] == {}
+    # the floor is half the offered rate, as above (a loaded machine answers late, not never)
+    assert 100 < row["requests_per_s"] < 240 and row["errors"] == {}

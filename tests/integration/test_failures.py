@@ -26,7 +26,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_model(
         repo,
         "slow",
-        slow_graph(),
+        slow_graph(repeats=400),  # tens of ms a call on one thread: 12 at once outlast a 50 ms deadline
         'max_batch_size: 4\nparameters { key: "intra_op_thread_count" value: { string_value: "1" } }',
     )
     return repo

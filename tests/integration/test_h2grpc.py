@@ -123,7 +123,7 @@ def test_a_server_that_stops_ends_calls_unavailable(tmp_path: Path) -> None:
 
     from rapidserve.server.settings import ServerSettings
 
-    write_model(tmp_path, "slow", slow_graph())  # a few ms a call: 50 queued take longer than the 50 ms wait
+    write_model(tmp_path, "slow", slow_graph(repeats=400))  # tens of ms a call: 50 take seconds
     server = ServerThread(
         ServerSettings(model_repositories=(tmp_path,), host="127.0.0.1", grpc_port=0, metrics_port=0, http_port=0)
     )
@@ -134,7 +134,9 @@ def test_a_server_that_stops_ends_calls_unavailable(tmp_path: Path) -> None:
         connection = await Connection.open(server.url)
         first = await connection.unary(INFER, request("slow", x=x))
         pending = [asyncio.create_task(connection.unary(INFER, request("slow", x=x))) for _ in range(50)]
-        await asyncio.sleep(0.05)
+        model = server.server.manager.get("slow")
+        while not model.pending_requests:  # (until some are queued behind the running one)
+            await asyncio.sleep(0.005)
         await asyncio.get_running_loop().run_in_executor(None, server.stop, 0)
         replies = await asyncio.wait_for(asyncio.gather(*pending), 30)
         after = await asyncio.wait_for(connection.unary(INFER, request("slow", x=x)), 30)

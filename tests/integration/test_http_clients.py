@@ -192,7 +192,7 @@ def test_a_call_past_its_deadline_is_deadline_exceeded_and_a_timeout_on_the_serv
         "max_batch_size: 8\ndynamic_batching { default_queue_policy { allow_timeout_override: true } }\n"
         'parameters { key: "intra_op_thread_count" value: { string_value: "1" } }\n'
     )
-    write_model(tmp_path, "slow", slow_graph(), config)
+    write_model(tmp_path, "slow", slow_graph(repeats=400), config)  # one call alone outlasts the 50 ms timeout
     server = serve(tmp_path)
     deadline_passes_in_the_queue(server, http_url(server), server_counts=False)
     deadline_passes_in_the_queue(server, server.url, server_counts=True)
@@ -204,7 +204,7 @@ def deadline_passes_in_the_queue(server: Any, url: str, server_counts: bool) -> 
     may give up before its body has reached the server (a loaded machine), so only the gRPC run checks
     the server's count."""
     model = server.server.manager.get("slow")
-    x = {"x": np.ones((1, 256, 256), np.float32)}  # a few ms a call; the long one, 8 on one thread, ~80 ms
+    x = {"x": np.ones((1, 256, 256), np.float32)}  # tens of ms a call on one thread; the long one, 8 times that
     long = {"x": np.ones((8, 256, 256), np.float32)}
     before = model_failures(server)
     with Client(server.url) as blocker_client, ThreadPoolExecutor(1) as pool:

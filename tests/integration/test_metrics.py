@@ -196,10 +196,10 @@ def test_a_queued_call_that_is_cancelled_or_times_out_counts_under_its_reason(tm
     from rapidserve import protos
     from rapidserve.common import codec
 
-    write_model(tmp_path, "slow", slow_graph(repeats=400), "max_batch_size: 8")  # one instance: B waits behind A
+    write_model(tmp_path, "slow", slow_graph(repeats=1000), "max_batch_size: 8")  # one instance: B waits behind A
     server = serve(tmp_path)
     labels = {"model": "slow", "version": "1"}
-    big = np.ones((8, 256, 256), np.float32)  # about half a second of work
+    big = np.ones((8, 256, 256), np.float32)  # over half a second of work: time for the scrapes below
     with Client(server.url) as client, grpc.insecure_channel(server.url) as channel:
         grpc.channel_ready_future(channel).result(timeout=10)
         client.infer("slow", {"x": big[:1]})  # connect and warm up
@@ -239,10 +239,10 @@ def test_a_running_call_that_is_cancelled_counts_as_cancelled_not_as_a_success(t
     from rapidserve import protos
     from rapidserve.common import codec
 
-    write_model(tmp_path, "slow", slow_graph(repeats=400), "max_batch_size: 8")
+    write_model(tmp_path, "slow", slow_graph(repeats=1000), "max_batch_size: 8")
     server = serve(tmp_path)
     labels = {"model": "slow", "version": "1"}
-    big = np.ones((8, 256, 256), np.float32)  # about half a second of work
+    big = np.ones((8, 256, 256), np.float32)  # over half a second of work: time for the scrapes below
     with Client(server.url) as client, grpc.insecure_channel(server.url) as channel:
         client.infer("slow", {"x": big[:1]})  # connect and warm up: one success
         infer = channel.unary_unary(

@@ -118,7 +118,7 @@ def test_reload_keeps_serving_and_lets_in_flight_requests_finish(tmp_path: Path,
     write_model(
         tmp_path,
         "slow",
-        slow_graph(),
+        slow_graph(repeats=200),  # ~30 ms a call on one thread: the 45 calls outlast both reloads
         'max_batch_size: 4\nparameters { key: "intra_op_thread_count" value: { string_value: "1" } }',
     )
     server = serve(tmp_path, model_control_mode="explicit", load_models=("*",))
@@ -274,7 +274,7 @@ def test_health_follows_readiness_after_loads_and_unloads(tmp_path: Path, serve)
 
 def test_a_load_whose_caller_gives_up_still_completes(tmp_path: Path, serve) -> None:
     config = """max_batch_size: 4
-model_warmup [ { name: "w" batch_size: 1 count: 150 inputs { key: "x" value: { data_type: TYPE_FP32 dims: [256, 256] zero_data: true } } } ]"""
+model_warmup [ { name: "w" batch_size: 1 count: 400 inputs { key: "x" value: { data_type: TYPE_FP32 dims: [256, 256] zero_data: true } } } ]"""
     write_model(tmp_path, "slow", slow_graph(), config)
     server = serve(tmp_path, model_control_mode="explicit")
     with Client(server.url) as client:

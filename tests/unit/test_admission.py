@@ -104,6 +104,7 @@ async def test_a_waiting_call_gives_up_at_its_deadline_and_leaves_no_reservation
         await admission.read(late.receive, size_of, time.monotonic() + 0.05)
     assert not late.receiving.is_set()
     patient = Admission(budget_bytes=80 * MB, max_message_bytes=20 * MB, read_timeout_s=0.05)
+    patient._sweep_s = 0.5  # the held reads are cut off later than the third one's wait ends, however busy
     slow_too = [Sender(MB), Sender(MB)]
     holding = [asyncio.create_task(patient.read(s.receive, size_of, None)) for s in slow_too]
     await asyncio.wait_for(asyncio.gather(*(s.receiving.wait() for s in slow_too)), 5)

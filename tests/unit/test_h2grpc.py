@@ -481,7 +481,7 @@ def test_calls_waiting_for_a_stream_slot_end_when_the_server_goes_away() -> None
         async with Peer(script, {h2grpc.SETTINGS_MAX_CONCURRENT_STREAMS: 1}) as peer:
             connection = await Connection.open(peer.url)
             calls = [asyncio.create_task(connection.unary(METHOD, b"q")) for _ in range(4)]
-            await asyncio.sleep(0.3)
+            await asyncio.wait_for(asyncio.wait(calls[1:]), 10)  # GOAWAY ends the three that wait
             waiting = [c for c in calls[1:] if c.done()]
             connection.close()  # ends call 1, which the server kept (it is <= GOAWAY's last id)
             return [c.result() for c in waiting] + [await calls[0]]
