@@ -71,16 +71,15 @@ GENERATION_DIGITS = 20  # a generation is read back to this length at most (an i
 
 
 _FAILED = object()  # the reply of a command that failed or was not sent (counted where that happened)
-_REFUSED = object()  # an error reply to a command that does not count: its waiter counts it
 
 
 @dataclass(slots=True)
 class _Command:
     what: str  # for the log: "a lookup", "a store", ...
     args: tuple[Any, ...]
-    reply: asyncio.Future[Any]  # the reply, _FAILED or _REFUSED; never an exception (a store's is never read)
+    reply: asyncio.Future[Any]  # the reply, or _FAILED; never an exception (a store's is never read)
     late: bool = False  # its caller stopped waiting and counted it
-    counts: bool = True  # an error of its own (False: a part of a lookup, which counts once for all its parts)
+    counts: bool = True  # a failed round trip counts it (False: a part of a lookup that another part counts for)
 
 
 @dataclass(slots=True)
@@ -319,9 +318,9 @@ class SharedCache:
             return
         self._backoff_s = BACKOFF_S
         for command, reply in zip(batch, replies, strict=True):
-            if isinstance(reply, Exception):  # this command's own error (a key of another type...)
-                self._failed(f"{command.what}: {reply}", None, counted=command.late or not command.counts)
-                reply = _FAILED if command.counts or command.late else _REFUSED
+            if isinstance(reply, Exception):  # this command's own error (a key of another type...): each counts
+                self._failed(f"{command.what}: {reply}", None, counted=command.late)
+                reply = _FAILED
             command.reply.set_result(reply)
 
     async def _wait(self, what: str, timeout_s: float, *commands: _Command) -> list[Any]:
@@ -333,13 +332,9 @@ class SharedCache:
                 command.late = True
             self.stats.errors += 1
             raise LookupError(what)
-        results = [reply.result() for reply in replies]
-        if any(result is _FAILED for result in results):
+        if any(reply.result() is _FAILED for reply in replies):
             raise LookupError(what)  # (counted, and backed off, where it failed)
-        if any(result is _REFUSED for result in results):
-            self.stats.errors += 1
-            raise LookupError(what)
-        return results
+        return [reply.result() for reply in replies]
 
     async def bump(self, model: str) -> None:
         """A new generation of ``model`` (it was reloaded here): answers stored before are served by no
