@@ -158,6 +158,7 @@ class DynamicBatcher:
         self._deadline_timer: asyncio.TimerHandle | None = None
         self._seq = itertools.count()
         self._running = 0
+        self._left: set[asyncio.Future[Arrays]] = set()  # running requests whose caller left (see withdraw)
         self._infer_s: float | None = None  # moving average of engine time per batch
         self._inline = False
         self._fast_bytes = 0  # the largest batch, in input bytes, measured to run under inline_below_s
@@ -213,16 +214,21 @@ class DynamicBatcher:
         return item.future
 
     def withdraw(self, future: asyncio.Future[Arrays]) -> bool:
-        """Cancel a request still waiting in the queue, so that it never runs; False once it has been
-        dispatched (it then finishes as a running request does, and its inputs stay in use until then)."""
+        """The caller of a request left. A request still waiting in the queue is cancelled, so that it
+        never runs. Once dispatched (False), its future is resolved when the run ends, as its inputs stay
+        in use until then, but it is no longer counted among the requests the run answered (as one
+        whose future was cancelled is not)."""
         for queue in self._queues.levels:
             for item in queue:
                 if item.future is future:
                     if item.dispatched:
-                        return False
+                        break
                     future.cancel()
                     self._left_queue(item)
                     return True
+        if not future.done():
+            self._left.add(future)
+            future.add_done_callback(self._left.discard)
         return False
 
     def _left_queue(self, item: _Pending) -> None:
@@ -528,8 +534,9 @@ class DynamicBatcher:
                     rows = {name: outputs[name] for name in item.outputs}
                 else:
                     rows = {name: outputs[name][offset : offset + item.size] for name in item.outputs}
+                if item.future not in self._left:
+                    delivered.append(item)
                 item.future.set_result(rows)
-                delivered.append(item)
             offset += item.size
         return delivered
 
@@ -548,8 +555,9 @@ class DynamicBatcher:
                     error = errors[id(answer)] = self._isolation.caller_error(answer)
                 item.future.set_exception(error)
             else:
+                if item.future not in self._left:
+                    delivered.append(item)
                 item.future.set_result({name: answer[name] for name in item.outputs})
-                delivered.append(item)
         return delivered
 
     @staticmethod

@@ -112,7 +112,8 @@ class ModelVersion:
     def start(self, request: InferRequest) -> Started:
         """Validate and queue a request of a model without the cache; ``finish`` turns it into its response
         once ``future`` is done. The stream calls the two without a coroutine; ``infer`` awaits between them.
-        A request is counted in the statistics by these two only (or, with the cache, by ``infer``)."""
+        A request is counted in the statistics by these two only (or by ``withdraw``, or with the cache by
+        ``infer``)."""
         assert self._cache is None
         start = time.monotonic_ns()
         try:
@@ -125,8 +126,13 @@ class ModelVersion:
             raise
 
     def withdraw(self, started: Started) -> bool:
-        """Cancel a started request if it is still queued (its client left); False if it already runs."""
-        return self._batcher.withdraw(started.future)
+        """Its client left: a started request still queued is cancelled (and counted by ``finish``). One
+        that runs already (False) is counted as cancelled now; its future is resolved when the run ends,
+        and ``finish`` must not be called for it then."""
+        if self._batcher.withdraw(started.future):
+            return True
+        self._failed(asyncio.CancelledError(), started.deadline, started.start_ns)
+        return False
 
     def finish(self, started: Started, error: BaseException | None = None) -> InferResponse:
         """The response of a started request whose future is done; ``error``, what waiting for it raised

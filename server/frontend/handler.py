@@ -114,9 +114,10 @@ class FrontendHandler:
             self._error(seq, exc)
 
     def _cancel(self, seq: int) -> None:
-        """The client left: its request leaves the queue if it is still there. A running one finishes, as
-        its inputs are in use, and is then counted as cancelled, as in a front end's own process. (A cached
-        model's request finishes too, fills the cache, and is counted as served.)"""
+        """The client left: its request is counted as cancelled now, as in a front end's own process, and
+        leaves the queue if it is still there. A running one finishes, as its inputs are in use, and its
+        answer is dropped. (A cached model's request finishes too, fills the cache, and is counted as
+        served.)"""
         entry = self._started.get(seq)
         if entry is not None:
             model, started = entry
@@ -125,10 +126,11 @@ class FrontendHandler:
 
     def _finished(self, seq: int, model: Any, started: Any) -> None:
         self._started.pop(seq, None)
+        if seq in self._left:  # (counted when its client left)
+            self._left.discard(seq)
+            self._error(seq, asyncio.CancelledError())  # the front end frees its inputs' block now
+            return
         try:
-            if seq in self._left:
-                self._left.discard(seq)
-                model.finish(started, asyncio.CancelledError())  # counts it, and raises
             self._answer(seq, model.finish(started))
         except (Exception, asyncio.CancelledError) as exc:
             self._error(seq, exc)

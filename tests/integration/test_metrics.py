@@ -8,6 +8,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -230,36 +231,74 @@ def test_a_queued_call_that_is_cancelled_or_times_out_counts_under_its_reason(tm
         assert client.model_statistics("slow").model_stats[0].inference_stats.fail.count == 1
 
 
-def test_a_running_call_that_is_cancelled_counts_as_cancelled_not_as_a_success(tmp_path: Path, serve) -> None:
-    """The model runs a request whose client has left to the end (its inputs are in use), and then counts
-    it as cancelled, with any number of front ends."""
+HELD = "rapidserve_test_held"  # a module the test registers; the model below reaches it by import
+# x FP32 [batch, 4] -> y = x; a batch holding a negative input waits in execute until the test releases it
+HELD_MODEL = f"""
+    import triton_python_backend_utils as pb_utils
+    import {HELD} as held
+
+
+    class TritonPythonModel:
+        def execute(self, requests):
+            inputs = [pb_utils.get_input_tensor_by_name(r, "x").as_numpy() for r in requests]
+            if min(x.min() for x in inputs) < 0:
+                held.entered.set()
+                held.release.wait(60)
+            return [pb_utils.InferenceResponse([pb_utils.Tensor("y", x)]) for x in inputs]
+"""
+
+
+@pytest.fixture
+def held() -> Iterator[Any]:
+    import sys
+    import threading
+    import types
+
+    module = types.ModuleType(HELD)
+    module.entered, module.release = threading.Event(), threading.Event()  # type: ignore[attr-defined]
+    sys.modules[HELD] = module
+    yield module
+    module.release.set()  # type: ignore[attr-defined]
+    del sys.modules[HELD]
+
+
+def test_a_running_call_that_is_cancelled_counts_as_cancelled_when_its_client_leaves(
+    tmp_path: Path, serve, held: Any
+) -> None:
+    """The model runs a request whose client has left to the end (its inputs are in use); it is counted
+    as cancelled when the client leaves, and in neither the successes nor their queue and compute times,
+    with any number of front ends."""
     import grpc
-    from testmodels import slow_graph, write_model
+    from testmodels import write_python_model
 
     from rapidserve import protos
     from rapidserve.common import codec
 
-    write_model(tmp_path, "slow", slow_graph(repeats=1000), "max_batch_size: 8")
+    io = 'input [{ name: "x" data_type: TYPE_FP32 dims: [4] }]\noutput [{ name: "y" data_type: TYPE_FP32 dims: [4] }]\n'
+    write_python_model(tmp_path, "held", HELD_MODEL, f"max_batch_size: 8\n{io}")
     server = serve(tmp_path)
-    labels = {"model": "slow", "version": "1"}
-    big = np.ones((8, 256, 256), np.float32)  # over half a second of work: time for the scrapes below
+    labels = {"model": "held", "version": "1"}
     with Client(server.url) as client, grpc.insecure_channel(server.url) as channel:
-        client.infer("slow", {"x": big[:1]})  # connect and warm up: one success
+        np.testing.assert_array_equal(client.infer("held", {"x": np.ones((1, 4), np.float32)})["y"], 1)  # one success
         infer = channel.unary_unary(
             protos.method_path("ModelInfer"),
             request_serializer=lambda m: m.SerializeToString(),
             response_deserializer=protos.ModelInferResponse.FromString,
         )
-        call = infer.future(codec.encode_request("slow", {"x": big}))
-        _wait_for(server.metrics_url, "rapidserve_executions_in_flight", 1, **labels)
+        call = infer.future(codec.encode_request("held", {"x": -np.ones((1, 4), np.float32)}), timeout=120)
+        assert held.entered.wait(30), "the request never reached the model"
         assert call.cancel()
         _wait_for(server.metrics_url, "rapidserve_request_failure_total", 1, **labels, reason="cancelled")
+        assert value(scrape(server.metrics_url), "rapidserve_executions_in_flight", **labels) == 1  # still held
+        held.release.set()
         _wait_for(server.metrics_url, "rapidserve_executions_in_flight", 0, **labels)
+        np.testing.assert_array_equal(client.infer("held", {"x": np.full((2, 4), 3, np.float32)})["y"], 3)
         samples = scrape(server.metrics_url)
-        assert value(samples, "rapidserve_request_success_total", **labels) == 1
-        stats = client.model_statistics("slow").model_stats[0]
-        assert (stats.inference_stats.success.count, stats.inference_stats.fail.count) == (1, 1)
-        np.testing.assert_array_equal(client.infer("slow", {"x": big[:2]})["y"], big[:2])  # and it goes on
+        assert value(samples, "rapidserve_request_success_total", **labels) == 2
+        assert value(samples, "rapidserve_request_failure_total", **labels, reason="timeout") == 0
+        stats = client.model_statistics("held").model_stats[0].inference_stats
+        assert (stats.success.count, stats.fail.count) == (2, 1)
+        assert stats.queue.count == stats.compute_infer.count == 2  # the successes' times only
 
 
 SINGLE_FLIGHT = """max_batch_size: 2
