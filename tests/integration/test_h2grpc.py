@@ -135,8 +135,11 @@ def test_a_server_that_stops_ends_calls_unavailable(tmp_path: Path) -> None:
         first = await connection.unary(INFER, request("slow", x=x))
         pending = [asyncio.create_task(connection.unary(INFER, request("slow", x=x))) for _ in range(50)]
         model = server.server.manager.get("slow")
-        while not model.pending_requests:  # (until some are queued behind the running one)
-            await asyncio.sleep(0.005)
+        async def queued() -> None:  # (until some are queued behind the running one)
+            while not model.pending_requests:
+                await asyncio.sleep(0.005)
+
+        await asyncio.wait_for(queued(), 30)
         await asyncio.get_running_loop().run_in_executor(None, server.stop, 0)
         replies = await asyncio.wait_for(asyncio.gather(*pending), 30)
         after = await asyncio.wait_for(connection.unary(INFER, request("slow", x=x)), 30)
