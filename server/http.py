@@ -166,17 +166,27 @@ class HttpServer:
             self._ssl.load_verify_locations(tls.root_cert)
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        """Every request, counted as one call at the HTTP edge: ok when answered below 400."""
-        start, ok = time.perf_counter(), False
+        """Every request, counted as one call at the HTTP edge once its answer is ready, before it is
+        sent (a client holding its answer finds it counted): ok when answered below 400."""
+        start, counted = time.perf_counter(), False
         api = self._api.api_of(request.method, request.path)
+
+        def count(status: int) -> None:
+            nonlocal counted
+            if not counted:
+                counted = True
+                self._api.stats.record_call("http", api or "other", status < 400, time.perf_counter() - start)
+
         try:
-            response = await self._dispatch(request, api)
-            ok = response.status < 400
+            response = await self._dispatch(request, api, count)
+            count(response.status)
             return response
         finally:
-            self._api.stats.record_call("http", api or "other", ok, time.perf_counter() - start)
+            count(500)  # raised or cancelled before an answer: a failed call
 
-    async def _dispatch(self, request: web.BaseRequest, api: str | None) -> web.StreamResponse:
+    async def _dispatch(
+        self, request: web.BaseRequest, api: str | None, count: Callable[[int], None]
+    ) -> web.StreamResponse:
         if self._server is not None:
             self._server.served(request.protocol)
         if self._draining and api not in ANSWERED_WHILE_DRAINING:
@@ -198,13 +208,15 @@ class HttpServer:
         self._inflight += 1
         self._idle.clear()
         try:
-            return await self._serve(request, api, limit, _reservation(api, limit, declared, json_part))
+            return await self._serve(request, api, limit, _reservation(api, limit, declared, json_part), count)
         finally:
             self._inflight -= 1
             if self._inflight == 0:
                 self._idle.set()
 
-    async def _serve(self, request: web.BaseRequest, api: str | None, limit: int, reserve: int) -> web.StreamResponse:
+    async def _serve(
+        self, request: web.BaseRequest, api: str | None, limit: int, reserve: int, count: Callable[[int], None]
+    ) -> web.StreamResponse:
         admission = self._admission_of(api) if request.body_exists else None
         held = 0
         try:
@@ -243,6 +255,7 @@ class HttpServer:
         del answer
         if self._draining:
             response.force_close()
+        count(response.status)
         await self._write(request, response)
         return response
 

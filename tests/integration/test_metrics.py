@@ -3,6 +3,7 @@ what clients measured."""
 
 from __future__ import annotations
 
+import json
 import math
 import time
 import urllib.error
@@ -341,6 +342,45 @@ def test_identical_requests_in_flight_together_compute_once_and_count_as_joins(t
         stats = client.model_statistics("once").model_stats[0]
     assert stats.execution_count == 1 and [(b.batch_size, b.compute_infer.count) for b in stats.batch_stats] == [(2, 1)]
     assert stats.inference_stats.success.count == 5 and stats.inference_stats.cache_hit.count == 0
+
+
+@pytest.mark.frontends(1)  # (the check wraps the HTTP edge in this process: a front end is another one)
+def test_an_http_call_is_counted_before_its_answer_is_sent(tmp_path: Path, serve, monkeypatch) -> None:
+    """A client that has its answer and then scrapes must find its call counted: the HTTP edge counts
+    a call when its answer is ready, not after it is written (which left the last call of a run
+    uncounted for a moment after its client had it)."""
+    from onnx import TensorProto
+    from testmodels import scale_graph, write_model
+
+    from rapidserve.server.http import HttpServer
+
+    seen: list[tuple[int, dict[tuple[str, str, bool], int]]] = []
+    write = HttpServer._write
+
+    async def counting_write(self: HttpServer, request: Any, response: Any) -> None:
+        seen.append((response.status, dict(self._api.stats.calls)))
+        await write(self, request, response)
+
+    monkeypatch.setattr(HttpServer, "_write", counting_write)
+    write_model(tmp_path, "scale", scale_graph("scale", TensorProto.FLOAT, 2.0), "max_batch_size: 8")
+    server = serve(tmp_path)
+    body = json.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [0, 1, 2, 3]}]})
+    calls = [
+        ("/v2/models/scale/infer", body, 200, ("http", "inference", True)),
+        ("/v2/models/missing/infer", body, 404, ("http", "inference", False)),
+        ("/v2/nowhere", None, 404, ("http", "other", False)),
+    ]
+    for path, data, status, key in calls:
+        seen.clear()
+        request = urllib.request.Request(f"http://{server.http_url}{path}", data=data and data.encode())
+        try:
+            with urllib.request.urlopen(request, timeout=30) as answer:
+                assert answer.status == status
+        except urllib.error.HTTPError as exc:
+            assert exc.code == status
+        [(written, counted)] = seen
+        assert written == status
+        assert counted.get(key, 0) == 1, f"{path}: not counted when its answer was written ({counted})"
 
 
 def test_calls_are_counted_by_protocol_endpoint_and_outcome(tmp_path: Path, serve) -> None:
