@@ -14,7 +14,7 @@ import contextlib
 import inspect
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -84,11 +84,13 @@ def endpoint_of(rpc: str) -> str:
     return protocol_of(f"/{protos.SERVICE_NAME}/{rpc}") or "other"
 
 
-def recorded(
-    handler: grpc.RpcMethodHandler, record: Callable[[str, str, bool, float], None], endpoint: str
-) -> grpc.RpcMethodHandler:
-    """``handler`` with each call reported as ``record("grpc", endpoint, ok, seconds)`` once answered:
-    ok unless it ended with an error status, was cancelled or raised."""
+Record = Callable[[str, str, bool, float], None]  # (protocol, endpoint, ok, seconds)
+
+
+def recorded(handler: grpc.RpcMethodHandler, record: Record, endpoint: str) -> grpc.RpcMethodHandler:
+    """``handler`` with each call reported as ``record("grpc", endpoint, ok, seconds)`` before its
+    status is sent (a client holding its answer finds it counted): ok unless it ended with an error
+    status, was cancelled or raised."""
     clock = time.perf_counter
     options = {
         "request_deserializer": handler.request_deserializer,
@@ -101,33 +103,57 @@ def recorded(
     if not response_streaming:
 
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            start, ok = clock(), False
+            call = _Recorded(context, record, endpoint, clock())
             try:
-                answer = behavior(request, context)
+                answer = behavior(request, call)
                 del request  # the method lets go of its request once decoded
                 result = await answer
-                ok = True
+                call.count(ok=True)
                 return result
             finally:
-                record("grpc", endpoint, ok, clock() - start)
+                call.count(ok=False)
 
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(unary, **options)
         return grpc.stream_unary_rpc_method_handler(unary, **options)
 
     async def streaming(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        start, ok = clock(), False
+        call = _Recorded(context, record, endpoint, clock())
         try:
-            async with contextlib.aclosing(behavior(request, context)) as answers:
+            async with contextlib.aclosing(behavior(request, call)) as answers:
                 async for answer in answers:
                     yield answer
-            ok = True
+            call.count(ok=True)
         finally:
-            record("grpc", endpoint, ok, clock() - start)
+            call.count(ok=False)
 
     if handler.unary_stream is not None:
         return grpc.unary_stream_rpc_method_handler(streaming, **options)
     return grpc.stream_stream_rpc_method_handler(streaming, **options)
+
+
+class _Recorded:
+    """A call's context, counted once: by ``abort`` before it sends the error status (gRPC sends it
+    before the handler resumes), else when the handler ends. Everything else is the context's own."""
+
+    __slots__ = ("_context", "_counted", "_endpoint", "_record", "_start")
+
+    def __init__(self, context: grpc.aio.ServicerContext, record: Record, endpoint: str, start: float) -> None:
+        self._context, self._record, self._endpoint, self._start = context, record, endpoint, start
+        self._counted = False
+
+    def count(self, ok: bool) -> None:
+        if not self._counted:
+            self._counted = True
+            self._record("grpc", self._endpoint, ok, time.perf_counter() - self._start)
+
+    async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = ()) -> NoReturn:
+        self.count(ok=False)
+        await self._context.abort(code, details, trailing_metadata)
+        raise AssertionError("abort returned")  # (it raises)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
 
 
 def health_handler(servicer: HealthService, admission: Admission | None) -> grpc.GenericRpcHandler:

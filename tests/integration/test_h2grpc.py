@@ -135,6 +135,7 @@ def test_a_server_that_stops_ends_calls_unavailable(tmp_path: Path) -> None:
         first = await connection.unary(INFER, request("slow", x=x))
         pending = [asyncio.create_task(connection.unary(INFER, request("slow", x=x))) for _ in range(50)]
         model = server.server.manager.get("slow")
+
         async def queued() -> None:  # (until some are queued behind the running one)
             while not model.pending_requests:
                 await asyncio.sleep(0.005)

@@ -383,6 +383,51 @@ def test_an_http_call_is_counted_before_its_answer_is_sent(tmp_path: Path, serve
         assert counted.get(key, 0) == 1, f"{path}: not counted when its answer was written ({counted})"
 
 
+@pytest.mark.frontends(1)  # (the check reaches into the server's event loop: a front end is another process)
+def test_a_failed_grpc_call_is_counted_before_its_status_is_sent(tmp_path: Path, serve, monkeypatch) -> None:
+    """gRPC sends an error status from ``abort`` before the handler resumes: the call must be counted
+    before that, or its client can have the error while the call is not counted. The server's event
+    loop is held from the moment the status goes out, and the count is read while it is held."""
+    import asyncio
+    import threading
+
+    from onnx import TensorProto
+    from testmodels import scale_graph, write_model
+    from tritonclient.utils import InferenceServerException
+
+    from rapidserve.server import servicer
+
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        held.set()
+        release.wait(30)
+
+    message_of = servicer.message_of
+
+    def holding_message_of(error: Any) -> str:  # (evaluated just before abort sends the status)
+        asyncio.get_running_loop().call_soon(hold)
+        return message_of(error)
+
+    monkeypatch.setattr(servicer, "message_of", holding_message_of)
+    write_model(tmp_path, "scale", scale_graph("scale", TensorProto.FLOAT, 2.0), "max_batch_size: 8")
+    server = serve(tmp_path)
+    calls = server.server.stats.calls
+    request = tc.InferInput("x", [1, 4], "FP32")
+    request.set_data_from_numpy(np.zeros((1, 4), np.float32))
+    client = tc.InferenceServerClient(server.url)
+    try:
+        with pytest.raises(InferenceServerException, match="missing"):
+            client.infer("missing", [request], client_timeout=20)
+        assert held.is_set()
+        counted = calls.get(("grpc", "inference", False), 0)
+        release.set()
+        assert counted == 1, "the client had its error before the call was counted"
+    finally:
+        release.set()
+        client.close()
+
+
 def test_calls_are_counted_by_protocol_endpoint_and_outcome(tmp_path: Path, serve) -> None:
     """The same kinds of calls over gRPC and HTTP, some failing: each edge counts exactly what its clients
     sent, and the durations it records fit inside what the clients measured."""
