@@ -152,6 +152,9 @@ class _Recorded:
         await self._context.abort(code, details, trailing_metadata)
         raise AssertionError("abort returned")  # (it raises)
 
+    async def abort_with_status(self, status: Any) -> NoReturn:
+        await self.abort(status.code, status.details, status.trailing_metadata)
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._context, name)
 

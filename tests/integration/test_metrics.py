@@ -419,7 +419,7 @@ def test_a_failed_grpc_call_is_counted_before_its_status_is_sent(tmp_path: Path,
     try:
         with pytest.raises(InferenceServerException, match="missing"):
             client.infer("missing", [request], client_timeout=20)
-        assert held.is_set()
+        assert held.wait(10), "the event loop was not held after the status was sent"
         counted = calls.get(("grpc", "inference", False), 0)
         release.set()
         assert counted == 1, "the client had its error before the call was counted"
