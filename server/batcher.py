@@ -24,7 +24,7 @@ import heapq
 import itertools
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -159,6 +159,7 @@ class DynamicBatcher:
         self._seq = itertools.count()
         self._running = 0
         self._left: set[asyncio.Future[Arrays]] = set()  # running requests whose caller left (see withdraw)
+        self._runs: dict[int, tuple[list[_Pending], list[Callable[[], None]]]] = {}  # in threads (see when_released)
         self._infer_s: float | None = None  # moving average of engine time per batch
         self._inline = False
         self._fast_bytes = 0  # the largest batch, in input bytes, measured to run under inline_below_s
@@ -230,6 +231,15 @@ class DynamicBatcher:
             self._left.add(future)
             future.add_done_callback(self._left.discard)
         return False
+
+    def when_released(self, request: InferRequest, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once no run reads ``request``'s inputs: at once unless a run under way holds
+        it (a request whose caller left is never taken from the queue), else when that run ends."""
+        for batch, waiting in self._runs.values():
+            if any(item.request is request for item in batch):
+                waiting.append(callback)
+                return
+        callback()
 
     def _left_queue(self, item: _Pending) -> None:
         """A queued request finished before it ran (cancelled, or its deadline passed)."""
@@ -444,6 +454,7 @@ class DynamicBatcher:
                 result = exc
             self._finish(instance, batch, now, result, nbytes, redispatch=False)  # _dispatch's loop goes on
             return
+        self._runs[id(batch)] = (batch, [])
         work = self._executor.submit(self._run, instance, inputs, outputs)
         loop = self._loop
         work.add_done_callback(
@@ -455,7 +466,12 @@ class DynamicBatcher:
             result = done.result()
         except Exception as exc:
             result = exc
-        self._finish(instance, batch, started, result, nbytes, redispatch=True)
+        _, released = self._runs.pop(id(batch))
+        try:
+            self._finish(instance, batch, started, result, nbytes, redispatch=True)
+        finally:
+            for callback in released:  # (after delivery: outputs may be views of inputs)
+                callback()
 
     def _finish(
         self, instance: Instance, batch: list[_Pending], started: float, result: Any, nbytes: int, redispatch: bool

@@ -134,6 +134,11 @@ class ModelVersion:
         self._failed(asyncio.CancelledError(), started.deadline, started.start_ns)
         return False
 
+    def when_released(self, request: InferRequest, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once no run of this version reads ``request``'s inputs (now, or when the run
+        that holds it ends)."""
+        self._batcher.when_released(request, callback)
+
     def finish(self, started: Started, error: BaseException | None = None) -> InferResponse:
         """The response of a started request whose future is done; ``error``, what waiting for it raised
         instead (the caller was cancelled), is counted and raised, as a failed or cancelled future is."""

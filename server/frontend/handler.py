@@ -53,6 +53,7 @@ class FrontendHandler:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._started: dict[int, tuple[Any, Any]] = {}  # requests in a batcher, by the front end's number
         self._left: set[int] = set()  # those of them running when their client left
+        self._in_cache: dict[int, asyncio.Task[None]] = {}  # cached models' requests, by the same number
 
     def handle(self, message: tuple[Any, ...]) -> None:
         kind = message[0]
@@ -96,7 +97,8 @@ class FrontendHandler:
             name, asked, views(self._requests, headers), outputs, request_id, parameters, deadline, checked=same
         )
         if model.caches:
-            self._spawn(self._cached(seq, model, request, key if same else None))
+            task = self._in_cache[seq] = asyncio.create_task(self._cached(seq, model, request, key if same else None))
+            task.add_done_callback(lambda _: self._in_cache.pop(seq, None))  # (the table holds it until then)
             return
         try:
             started = model.start(request)
@@ -110,14 +112,22 @@ class FrontendHandler:
         try:
             response = await model.infer(request, key)
             self._answer(seq, response)
-        except (Exception, asyncio.CancelledError) as exc:
+        except asyncio.CancelledError:  # its client left (the model counted it): the front end frees
+            left = asyncio.CancelledError()  # its inputs once no run reads them
+            model.when_released(request, lambda: self._error(seq, left))
+        except Exception as exc:
             self._error(seq, exc)
 
     def _cancel(self, seq: int) -> None:
         """The client left: its request is counted as cancelled now, as in a front end's own process, and
         leaves the queue if it is still there. A running one finishes, as its inputs are in use, and its
-        answer is dropped. (A cached model's request finishes too, fills the cache, and is counted as
-        served.)"""
+        answer is dropped. A cached model's request is cancelled as its caller would be in one process
+        (its computation with it, if it led one), on the next turn of the loop: by then its task has
+        started, so it answers the front end in any case."""
+        task = self._in_cache.get(seq)
+        if task is not None:
+            asyncio.get_running_loop().call_soon(task.cancel)
+            return
         entry = self._started.get(seq)
         if entry is not None:
             model, started = entry

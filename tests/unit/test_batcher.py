@@ -387,6 +387,33 @@ async def test_close_returns_when_only_cancelled_requests_are_left_queued() -> N
     assert (await running)["y"][0, 0] == 0 and [float(b[0, 0]) for b in engine.batches] == [0.0]
 
 
+async def test_a_cancelled_request_is_released_once_no_run_reads_its_inputs() -> None:
+    """``when_released``: at once for a request that never ran, or that left the queue before its run;
+    for one in a run under way, only when that run ends, and after its batch is delivered."""
+    engine = FakeEngine()
+    batcher = make(engine, max_batch_size=1)
+    never = request(9)
+    released: list[str] = []
+    batcher.when_released(never, lambda: released.append("never queued"))
+    assert released == ["never queued"]
+    engine.hold()
+    running_request, queued_request = request(0), request(1)
+    running = asyncio.ensure_future(batcher.submit(running_request, ["y"]))
+    await wait_started(engine)
+    queued = asyncio.ensure_future(batcher.submit(queued_request, ["y"]))
+    await asyncio.sleep(0)
+    running.cancel()
+    queued.cancel()
+    await asyncio.gather(running, queued, return_exceptions=True)
+    batcher.when_released(running_request, lambda: released.append("ran"))
+    batcher.when_released(queued_request, lambda: released.append("queued"))
+    assert released == ["never queued", "queued"]  # the running one's inputs are still in use
+    engine.release()
+    await asyncio.wait_for(batcher.close(), 5)
+    assert released == ["never queued", "queued", "ran"]
+    assert [float(b[0, 0]) for b in engine.batches] == [0.0]  # the queued one never ran
+
+
 async def test_fast_models_run_on_the_event_loop_and_slow_ones_in_a_worker_thread() -> None:
     fast = FakeEngine()
     batcher = make(fast, inline_below_s=0.05)
