@@ -470,7 +470,7 @@ class DynamicBatcher:
         try:
             self._finish(instance, batch, started, result, nbytes, redispatch=True)
         finally:
-            for callback in released:  # (after delivery: outputs may be views of inputs)
+            for callback in released:  # (once the run's futures are resolved)
                 callback()
 
     def _finish(

@@ -204,17 +204,17 @@ class PredictionCache:
                 break
             self.stats.joins += 1
             timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-            try:
-                return await asyncio.wait_for(asyncio.shield(pending), timeout), "join"
-            except asyncio.TimeoutError:
-                raise DeadlineExceeded(
-                    f"the deadline passed while waiting for an identical request to model '{model}'"
-                ) from None
-            except asyncio.CancelledError:
-                if not pending.cancelled():
-                    raise  # this caller was cancelled
-            except (DeadlineExceeded, Overloaded, Unavailable):
-                pass  # the leader's own failure: try again, possibly as the new leader
+            done, _ = await asyncio.wait((pending,), timeout=timeout)  # (raises this caller's cancellation only)
+            if not done:
+                raise DeadlineExceeded(f"the deadline passed while waiting for an identical request to model '{model}'")
+            if pending.cancelled():
+                continue  # the leader's caller left: try again, possibly as the new leader
+            error = pending.exception()
+            if error is None:
+                return pending.result(), "join"
+            if not isinstance(error, (DeadlineExceeded, Overloaded, Unavailable)):
+                raise error
+            # the leader's own failure: try again, possibly as the new leader
         self.stats.misses += 1
         generation = self.generation(model)
         future: asyncio.Future[Arrays] = asyncio.get_running_loop().create_future()

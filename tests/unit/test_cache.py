@@ -157,6 +157,28 @@ async def test_joiners_get_answers_of_their_own_not_views_of_the_leaders_inputs(
         np.testing.assert_array_equal(answer["y"], np.arange(32, dtype=np.float32))
 
 
+async def test_a_joiner_cancelled_together_with_its_leader_is_cancelled_too() -> None:
+    """Two callers of one computation whose clients left at once: the joiner's own cancellation must
+    not be taken for its leader's (which would make it lead a new computation, and count as served)."""
+    cache = PredictionCache(1 << 20)
+    runs: list[int] = []
+
+    async def compute() -> dict[str, np.ndarray]:
+        runs.append(1)
+        await asyncio.sleep(3600)
+        return arrays(1)
+
+    leader = asyncio.ensure_future(cache.get_or_compute(b"k" * 16, "m", compute))
+    await asyncio.sleep(0)
+    joiner = asyncio.ensure_future(cache.get_or_compute(b"k" * 16, "m", compute))
+    await asyncio.sleep(0)
+    leader.cancel()  # (in the same turn: the leader's step runs first and cancels the shared future)
+    joiner.cancel()
+    results = await asyncio.wait_for(asyncio.gather(leader, joiner, return_exceptions=True), 5)
+    assert [type(result) for result in results] == [asyncio.CancelledError, asyncio.CancelledError]
+    assert runs == [1] and cache.stats.joins == 1
+
+
 def test_the_key_from_wire_bytes_equals_the_key_from_decoded_arrays() -> None:
     from rapidserve.common.codec import encode_request
     from rapidserve.server import codec
