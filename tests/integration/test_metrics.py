@@ -263,20 +263,32 @@ def held() -> Iterator[Any]:
     del sys.modules[HELD]
 
 
+@pytest.mark.parametrize("cached", [False, True], ids=["uncached", "cached"])
 def test_a_running_call_that_is_cancelled_counts_as_cancelled_when_its_client_leaves(
-    tmp_path: Path, serve, held: Any
+    tmp_path: Path, serve, held: Any, frontends: int, monkeypatch, cached: bool
 ) -> None:
     """The model runs a request whose client has left to the end (its inputs are in use); it is counted
     as cancelled when the client leaves, and in neither the successes nor their queue and compute times,
-    with any number of front ends."""
+    with any number of front ends, with the cache or without. With front ends, the engine tells the front
+    end that the request's inputs are free (its answer to it) only once the run that reads them has ended."""
     import grpc
     from testmodels import write_python_model
 
     from rapidserve import protos
     from rapidserve.common import codec
+    from rapidserve.server.frontend.handler import FrontendHandler
 
+    answered_when_released: list[bool] = []  # for each error answer of the engine: was the run over?
+    error = FrontendHandler._error
+
+    def recording_error(self: FrontendHandler, seq: int, exc: BaseException) -> None:
+        answered_when_released.append(held.release.is_set())
+        error(self, seq, exc)
+
+    monkeypatch.setattr(FrontendHandler, "_error", recording_error)
     io = 'input [{ name: "x" data_type: TYPE_FP32 dims: [4] }]\noutput [{ name: "y" data_type: TYPE_FP32 dims: [4] }]\n'
-    write_python_model(tmp_path, "held", HELD_MODEL, f"max_batch_size: 8\n{io}")
+    cache = "response_cache { enable: true }\n" if cached else ""
+    write_python_model(tmp_path, "held", HELD_MODEL, f"max_batch_size: 8\n{cache}{io}")
     server = serve(tmp_path)
     labels = {"model": "held", "version": "1"}
     with Client(server.url) as client, grpc.insecure_channel(server.url) as channel:
@@ -297,53 +309,6 @@ def test_a_running_call_that_is_cancelled_counts_as_cancelled_when_its_client_le
         samples = scrape(server.metrics_url)
         assert value(samples, "rapidserve_request_success_total", **labels) == 2
         assert value(samples, "rapidserve_request_failure_total", **labels, reason="timeout") == 0
-        stats = client.model_statistics("held").model_stats[0].inference_stats
-        assert (stats.success.count, stats.fail.count) == (2, 1)
-        assert stats.queue.count == stats.compute_infer.count == 2  # the successes' times only
-
-
-def test_a_running_cached_call_that_is_cancelled_counts_as_cancelled_and_keeps_its_inputs(
-    tmp_path: Path, serve, held: Any, frontends: int, monkeypatch
-) -> None:
-    """A cached model's request is cancelled when its client leaves, as an uncached one is, with any
-    number of front ends. With front ends, the engine tells the front end that its inputs are free
-    (its answer to the request) only once the run that reads them has ended."""
-    import grpc
-    from testmodels import write_python_model
-
-    from rapidserve import protos
-    from rapidserve.common import codec
-    from rapidserve.server.frontend.handler import FrontendHandler
-
-    answered_when_released: list[bool] = []  # for each error answer of the engine: was the run over?
-    error = FrontendHandler._error
-
-    def recording_error(self: FrontendHandler, seq: int, exc: BaseException) -> None:
-        answered_when_released.append(held.release.is_set())
-        error(self, seq, exc)
-
-    monkeypatch.setattr(FrontendHandler, "_error", recording_error)
-    io = 'input [{ name: "x" data_type: TYPE_FP32 dims: [4] }]\noutput [{ name: "y" data_type: TYPE_FP32 dims: [4] }]\n'
-    write_python_model(tmp_path, "held", HELD_MODEL, f"max_batch_size: 8\nresponse_cache {{ enable: true }}\n{io}")
-    server = serve(tmp_path)
-    labels = {"model": "held", "version": "1"}
-    with Client(server.url) as client, grpc.insecure_channel(server.url) as channel:
-        np.testing.assert_array_equal(client.infer("held", {"x": np.ones((1, 4), np.float32)})["y"], 1)
-        infer = channel.unary_unary(
-            protos.method_path("ModelInfer"),
-            request_serializer=lambda m: m.SerializeToString(),
-            response_deserializer=protos.ModelInferResponse.FromString,
-        )
-        call = infer.future(codec.encode_request("held", {"x": -np.ones((1, 4), np.float32)}), timeout=120)
-        assert held.entered.wait(30), "the request never reached the model"
-        assert call.cancel()
-        _wait_for(server.metrics_url, "rapidserve_request_failure_total", 1, **labels, reason="cancelled")
-        assert value(scrape(server.metrics_url), "rapidserve_executions_in_flight", **labels) == 1  # still held
-        held.release.set()
-        _wait_for(server.metrics_url, "rapidserve_executions_in_flight", 0, **labels)
-        np.testing.assert_array_equal(client.infer("held", {"x": np.full((2, 4), 3, np.float32)})["y"], 3)
-        samples = scrape(server.metrics_url)
-        assert value(samples, "rapidserve_request_success_total", **labels) == 2
         stats = client.model_statistics("held").model_stats[0].inference_stats
         assert (stats.success.count, stats.fail.count, stats.cache_hit.count) == (2, 1, 0)
         assert stats.queue.count == stats.compute_infer.count == 2  # the successes' times only
